@@ -1,0 +1,3 @@
+from excise.cli import main
+
+main()

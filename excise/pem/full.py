@@ -1,0 +1,517 @@
+"""The operators on full fine-tunes, streamed: ``θ = θ_base + op(θ_1 − θ_base, …, θ_K − θ_base)``.
+
+Ext-Sub (arXiv 2308.08090, DESIGN.md §1) and the other registry operators act on the
+*task vectors* ``τ_k = θ_k − θ_base`` of full fine-tunes exactly as they act on LoRA
+deltas: each tensor's task vector is wrapped as a :class:`~excise.pem.delta.RowDelta`
+and handed to the operator's own per-module kernel (``_ext_sub_module``, …). Rows are
+what DESIGN.md §1 projects: a 2-D weight's rows (output neurons), a 1-D tensor as one
+row, a higher-rank tensor as ``(shape[0], -1)``. SKU's knowledge negation
+``θo − λ(θh − θo)`` (arXiv 2402.10058, DESIGN.md §2) is ``negate`` here.
+
+Nothing holds a whole model: tensors are read by name through a name → shard index
+with ``safe_open`` (a ``.bin`` shard only through ``torch.load(weights_only=True)``),
+one shard open per model, in row blocks, and the result is written shard by shard in
+the base's layout. Every operator is row-local, so a block of rows gives the same
+result as the whole tensor; peak memory is one output shard plus a few blocks.
+
+The kernels compute on numpy float64 blocks, like every operator; torch is imported
+only when this runs, because full models are mostly bf16 (which numpy lacks) and
+legacy ``.bin`` shards need ``torch.load``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from safetensors import safe_open
+
+from excise import __version__
+from excise.errors import ConfigError, ModelLoadError
+from excise.pem.delta import Module, RowDelta
+from excise.pem.io import PROVENANCE_FILE, _first_line, _sha256, atomic_output_dir, check_output_dir
+from excise.pem.ops.add import _add_module
+from excise.pem.ops.base import check_finite
+from excise.pem.ops.compose import _compose_module, _lams
+from excise.pem.ops.ext_sub import _ext_sub_module
+from excise.pem.ops.scale import _scale_module
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["apply_full"]
+
+# Rows per block are chosen so that one float64 block stays near 32 MiB.
+_BLOCK_ELEMENTS = 1 << 22
+_ST_INDEX, _ST_SINGLE = "model.safetensors.index.json", "model.safetensors"
+_BIN_INDEX, _BIN_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
+# Files of a model folder that are not copied into the output: weights in any format
+# (they would contradict the result), indexes, and documents about another model.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+_NOT_COPIED = (PROVENANCE_FILE, "README.md")
+# The dtypes computed on (safetensors code → torch name); other floats (float8…) are
+# refused, integer and bool buffers are copied from the base.
+_FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+_REQUIRED = object()
+
+
+# ----------------------------------------------------------------------------- operations
+
+
+def _number(name: str) -> Callable[[Any, int], float]:
+    def check(value: Any, n_models: int) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        return check_finite(name, value)
+
+    return check
+
+
+def _lams_param(value: Any, n_models: int) -> list[float]:
+    values = [value] if isinstance(value, int | float) else value
+    if not isinstance(values, list | tuple) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in values
+    ):
+        raise ConfigError(f"lams must be a number or a list of numbers, got {value!r}")
+    return _lams(list(values), n_models - 1)
+
+
+def _flag(value: Any, n_models: int) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"sequential must be true or false, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class _FullOperation:
+    """How one registry operator runs on full fine-tunes.
+
+    Attributes:
+        roles: what each fine-tuned model is, in order; with ``variadic`` the last
+            role repeats (compose's anti-experts).
+        variadic: accept any number of models ≥ ``len(roles)``.
+        params: parameter name → (default or ``_REQUIRED``, check(value, n_models)).
+        kernel: the operator's per-module kernel on the task vectors' rows.
+    """
+
+    roles: tuple[str, ...]
+    variadic: bool
+    params: dict[str, tuple[Any, Callable[[Any, int], Any]]]
+    kernel: Callable[[list[RowDelta], dict[str, Any]], Module | None]
+
+
+# name → kernel adapter; the names and defaults are those of excise.pem.ops.OPERATORS.
+_OPERATIONS: dict[str, _FullOperation] = {
+    "ext_sub": _FullOperation(
+        ("expert", "anti-expert"),
+        False,
+        {"lam": (1.0, _number("lam"))},
+        lambda t, p: _ext_sub_module(t[0], t[1], p["lam"]),
+    ),
+    "compose": _FullOperation(
+        ("expert", "anti-expert"),
+        True,
+        {"lams": (1.0, _lams_param), "sequential": (False, _flag)},
+        lambda t, p: _compose_module(list(t), p["lams"], p["sequential"]),
+    ),
+    "subtract": _FullOperation(
+        ("a", "b"),
+        False,
+        {"lam": (1.0, _number("lam"))},
+        lambda t, p: _add_module(t[0], t[1], -p["lam"]),
+    ),
+    "add": _FullOperation(
+        ("a", "b"),
+        False,
+        {"weight": (1.0, _number("weight"))},
+        lambda t, p: _add_module(t[0], t[1], p["weight"]),
+    ),
+    "scale": _FullOperation(
+        ("fine-tune",),
+        False,
+        {"weight": (_REQUIRED, _number("weight"))},
+        lambda t, p: _scale_module(t[0], p["weight"]),
+    ),
+    "negate": _FullOperation(
+        ("fine-tune",),
+        False,
+        {"lam": (1.0, _number("lam"))},
+        lambda t, p: _scale_module(t[0], -p["lam"]),  # SKU: θo − λ(θh − θo)
+    ),
+}
+
+
+def _resolve(operation: str, n_models: int, params: dict[str, Any]) -> tuple[str, _FullOperation, dict]:
+    name = operation.replace("-", "_")
+    spec = _OPERATIONS.get(name)
+    if spec is None:
+        raise ConfigError(f"unknown operator {operation!r}; choose one of {', '.join(_OPERATIONS)}")
+    n_roles = len(spec.roles)
+    if n_models < n_roles or (n_models > n_roles and not spec.variadic):
+        need = f"at least {n_roles}" if spec.variadic else str(n_roles)
+        roles = ", ".join(spec.roles) + (", …" if spec.variadic else "")
+        raise ConfigError(
+            f"{name} needs {need} fine-tuned model(s) besides the base ({roles}), got {n_models}"
+        )
+    unknown = sorted(set(params) - set(spec.params))
+    if unknown:
+        raise ConfigError(f"{name} takes {', '.join(spec.params)}; unknown parameter(s) {', '.join(unknown)}")
+    resolved = {}
+    for key, (default, check) in spec.params.items():
+        if key not in params and default is _REQUIRED:
+            raise ConfigError(f"{name} needs the parameter {key}")
+        resolved[key] = check(params.get(key, default), n_models)
+    return name, spec, resolved
+
+
+def _role(spec: _FullOperation, i: int, n_models: int) -> str:
+    if spec.variadic and i >= len(spec.roles) - 1 and n_models > len(spec.roles):
+        return f"{spec.roles[-1]} {i - len(spec.roles) + 2}"
+    return spec.roles[i]
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class _TensorInfo:
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str | None  # torch dtype name computed on; None: a buffer copied from the base as is
+
+
+class _Weights:
+    """A model folder's tensors, read lazily by name; at most one shard open at a time."""
+
+    def __init__(self, folder: Path, role: str) -> None:
+        self.folder, self.role = folder, role
+        if not folder.exists():
+            raise ModelLoadError(f"{role} model folder not found: {folder}")
+        if not folder.is_dir():
+            raise ModelLoadError(f"{role} model {folder} is a file; expected a folder from save_pretrained")
+        self.fingerprint, shards = self._layout()
+        self.tensors: dict[str, _TensorInfo] = {}
+        for shard, names in shards.items():
+            header = self._header(shard)
+            for name in header if names is None else names:
+                if name not in header:
+                    raise ModelLoadError(
+                        f"{self.fingerprint}: lists tensor {name} in {shard.name}, which lacks it "
+                        "(incomplete download? fetch the model again)"
+                    )
+                self.tensors[name] = header[name]
+        self.shards = list(shards)
+        self._open: tuple[Path, Any] | None = None
+
+    def _layout(self) -> tuple[Path, dict[Path, list[str] | None]]:
+        """The file to fingerprint, and each shard with the names it holds (None: all)."""
+        for index_name, single in ((_ST_INDEX, _ST_SINGLE), (_BIN_INDEX, _BIN_SINGLE)):
+            if (self.folder / index_name).is_file():
+                return self.folder / index_name, self._read_index(self.folder / index_name)
+            if (self.folder / single).is_file():
+                return self.folder / single, {self.folder / single: None}
+        adapter = (self.folder / "adapter_config.json").is_file()
+        hint = " (a PEFT adapter: run the operator on adapters, without --base)" if adapter else ""
+        raise ModelLoadError(
+            f"{self.role} model {self.folder}: no {_ST_SINGLE}, {_ST_INDEX}, {_BIN_SINGLE} or {_BIN_INDEX}"
+            f"{hint}; save the full model with save_pretrained"
+        )
+
+    def _read_index(self, index: Path) -> dict[Path, list[str] | None]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            raise ModelLoadError(
+                f"{index}: not a valid shard index (needs a weight_map: name → file)"
+            ) from None
+        shards: dict[Path, list[str] | None] = {}
+        for name, file in sorted(weight_map.items(), key=lambda kv: (kv[1], kv[0])):
+            shard = self.folder / file
+            if shard not in shards:
+                if not shard.is_file():
+                    raise ModelLoadError(f"{index}: shard {file} is missing (incomplete download? fetch it)")
+                shards[shard] = []
+            shards[shard].append(name)  # type: ignore[union-attr]
+        return shards
+
+    def _header(self, shard: Path) -> dict[str, _TensorInfo]:
+        """Names, shapes and dtypes of one shard, without reading its data."""
+        if shard.suffix == ".safetensors":
+            with self._reading(shard):
+                f = safe_open(str(shard), framework="pt")
+                slices = {name: f.get_slice(name) for name in f.keys()}  # noqa: SIM118 (no __iter__)
+                return {
+                    name: _TensorInfo(shard, tuple(s.get_shape()), _compute_dtype(shard, name, s.get_dtype()))
+                    for name, s in slices.items()
+                }
+        codes = {v: k for k, v in _FLOAT_DTYPES.items()}
+        infos = {}
+        for name, t in self._load_bin(shard).items():
+            dtype = str(t.dtype).removeprefix("torch.")
+            code = codes.get(dtype, "F?" if t.is_floating_point() or t.is_complex() else dtype)
+            infos[name] = _TensorInfo(shard, tuple(t.shape), _compute_dtype(shard, name, code))
+        return infos
+
+    def _load_bin(self, shard: Path) -> dict[str, torch.Tensor]:
+        import torch
+
+        with self._reading(shard):
+            try:  # mmap keeps the shard on disk; files saved before torch 1.6 cannot be mapped
+                state = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                state = torch.load(shard, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ModelLoadError(f"{shard}: expected a flat dict of tensors")
+        return state
+
+    @contextmanager
+    def _reading(self, shard: Path, name: str | None = None) -> Iterator[None]:
+        """Turn any failure to read a shard into a one-line :class:`ModelLoadError`."""
+        try:
+            yield
+        except ModelLoadError:
+            raise
+        except Exception as e:  # safetensors, zip and pickle each raise their own types
+            what = f"tensor {name} of " if name else ""
+            raise ModelLoadError(
+                f"cannot read {what}the {self.role} model file {shard}, corrupt or unreadable "
+                f"({_first_line(e)}): fetch it again"
+            ) from None
+
+    def _handle(self, shard: Path) -> Any:
+        if self._open is None or self._open[0] != shard:
+            self._open = None  # drop the previous shard (and its mapping) before opening the next
+            if shard.suffix == ".safetensors":
+                with self._reading(shard):
+                    self._open = (shard, safe_open(str(shard), framework="pt"))
+            else:
+                self._open = (shard, self._load_bin(shard))
+        return self._open[1]
+
+    def rows(self, name: str, start: int, stop: int, dim: int) -> np.ndarray:
+        """Rows ``start:stop`` of tensor ``name`` seen as ``(rows, dim)``, as float64."""
+        import torch
+
+        info = self.tensors[name]
+        handle = self._handle(info.file)
+        with self._reading(info.file, name):
+            if isinstance(handle, dict):  # a .bin shard
+                t = handle[name] if len(info.shape) < 2 else handle[name][start:stop]
+            else:
+                t = handle.get_tensor(name) if len(info.shape) < 2 else handle.get_slice(name)[start:stop]
+            # A fresh float64 copy: the kernels then never touch a mapped file.
+            t64 = t.to(torch.float64, copy=True).reshape(-1, dim)  # (stop - start, dim)
+        rows = t64.numpy()
+        if not np.isfinite(rows).all():
+            raise ModelLoadError(f"{info.file}: tensor {name} of the {self.role} contains NaN or Inf values")
+        return rows
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The whole tensor ``name`` in its own dtype."""
+        info = self.tensors[name]
+        handle = self._handle(info.file)
+        with self._reading(info.file, name):
+            return handle[name].clone() if isinstance(handle, dict) else handle.get_tensor(name)
+
+    def release(self) -> None:
+        self._open = None
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "role": self.role,
+            "path": str(self.folder.resolve()),
+            "hashed": self.fingerprint.name,
+            "sha256": _sha256(self.fingerprint),
+        }
+
+
+def _compute_dtype(shard: Path, name: str, code: str) -> str | None:
+    """The dtype computed on for a safetensors dtype code; None for buffers copied as they are."""
+    if code in _FLOAT_DTYPES:
+        return _FLOAT_DTYPES[code]
+    if code.startswith(("F", "BF", "C")):
+        raise ModelLoadError(
+            f"{shard}: tensor {name} is {code}, not bf16/fp16/fp32/fp64 (a quantised checkpoint?); "
+            "dequantise the model first"
+        )
+    return None
+
+
+def _check_compatible(base: _Weights, models: list[_Weights]) -> None:
+    """Same tensors, same shapes: checked on the headers, before any data is read."""
+    for m in models:
+        for name, info in base.tensors.items():
+            if info.dtype is None:
+                continue  # integer buffers are copied from the base
+            other = m.tensors.get(name)
+            if other is None:
+                raise ModelLoadError(
+                    f"tensor {name} of the base {base.folder} is missing from the {m.role} {m.folder}: "
+                    "use the base it was fine-tuned from (same architecture, same tied embeddings)"
+                )
+            if other.dtype is None:
+                raise ModelLoadError(f"{other.file}: tensor {name} is not floating point as in the base")
+            if other.shape != info.shape:
+                raise ModelLoadError(
+                    f"tensor {name} has shape {info.shape} in the base {base.folder} but {other.shape} "
+                    f"in the {m.role} {m.folder}: it is a fine-tune of another base model"
+                )
+        extra = sorted(m.tensors.keys() - base.tensors.keys())
+        if extra:
+            raise ModelLoadError(
+                f"the {m.role} {m.folder} has {len(extra)} tensor(s) that the base {base.folder} lacks "
+                f"(e.g. {extra[0]}): use the base it was fine-tuned from (an untied lm_head shows up here)"
+            )
+
+
+# ----------------------------------------------------------------------------- computing
+
+
+def _combine_tensor(
+    name: str, base: _Weights, models: list[_Weights], spec: _FullOperation, params: dict[str, Any]
+) -> torch.Tensor:
+    """One tensor of the result, ``θ_base + op(τ_1, …, τ_K)``, in the base's dtype."""
+    import torch
+
+    info = base.tensors[name]
+    n = math.prod(info.shape)
+    if info.dtype is None or n == 0:
+        return base.tensor(name)
+    n_rows = info.shape[0] if len(info.shape) >= 2 else 1  # a 1-D tensor is one row
+    dim = n // n_rows
+    out = torch.empty(info.shape, dtype=getattr(torch, info.dtype))
+    out_rows = out.view(n_rows, dim)  # (rows, dim)
+    step = max(1, _BLOCK_ELEMENTS // dim)
+    for start in range(0, n_rows, step):
+        stop = min(n_rows, start + step)
+        theta0 = base.rows(name, start, stop, dim)  # (block, dim)
+        taus = []
+        for m in models:
+            tau = m.rows(name, start, stop, dim)  # (block, dim)
+            tau -= theta0
+            taus.append(RowDelta(tau, tau.shape))
+        delta = spec.kernel(taus, params)
+        assert isinstance(delta, RowDelta), "kernels return dense rows for dense inputs"
+        block = torch.from_numpy(theta0 + delta.rows).to(out.dtype)  # (block, dim)
+        if not torch.isfinite(block).all():
+            raise ConfigError(f"tensor {name}: the result overflows {info.dtype}; use a smaller weight")
+        out_rows[start:stop] = block
+    return out
+
+
+def _shard_names(n: int) -> list[str]:
+    if n == 1:
+        return [_ST_SINGLE]
+    return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def _copy_side_files(sources: list[Path], tmp: Path) -> None:
+    """Config, tokenizer, chat template…: the base's, overlaid with the first fine-tune's."""
+    for folder in sources:
+        for f in sorted(folder.iterdir()):
+            if (
+                f.is_file()
+                and not f.name.startswith(".")
+                and not f.name.endswith((*_WEIGHT_SUFFIXES, ".index.json"))
+                and f.name not in _NOT_COPIED
+            ):
+                shutil.copyfile(f, tmp / f.name)
+
+
+def apply_full(
+    operation: str,
+    base: str | Path,
+    models: Sequence[str | Path],
+    out: str | Path,
+    *,
+    params: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Apply a registry operator to full fine-tunes: ``θ_base + op(θ_1 − θ_base, …)``.
+
+    Streams tensor by tensor in row blocks; holds one output shard plus a few blocks.
+
+    Args:
+        operation: ``ext_sub`` (models: expert, anti-expert; params ``lam``),
+            ``compose`` (expert, anti-experts…; ``lams``, ``sequential``), ``subtract``
+            (a, b; ``lam``), ``add`` (a, b; ``weight``), ``scale`` (one; ``weight``) or
+            ``negate`` (one; ``lam``: SKU's ``θo − λ(θh − θo)``). ``-`` may stand for ``_``.
+        base: folder of the base model θ_base: ``model.safetensors``, a sharded
+            ``model.safetensors.index.json``, or the ``pytorch_model.bin`` equivalents.
+        models: folders of the fine-tuned models, same architecture as ``base``.
+        out: output folder: the result in the base's dtypes and shard layout
+            (safetensors), the base's config and tokenizer files overlaid with the
+            first model's, and ``excise.json`` provenance. Written atomically.
+        params: the operator's parameters; missing ones take the registry defaults.
+        overwrite: replace a non-empty ``out``.
+        progress: show a progress bar over tensors.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        ConfigError: unknown operator, wrong number of models, bad or non-finite
+            parameter, ``out`` not empty (without ``overwrite``) or one of the inputs,
+            a result that overflows the base's dtype.
+        ModelLoadError: a folder or weights file missing, corrupt or unreadable; a
+            tensor missing, extra or of another shape in a fine-tune; NaN/Inf weights.
+    """
+    name, spec, params = _resolve(operation, len(models), dict(params or {}))
+    out = check_output_dir(out, overwrite=overwrite)
+    inputs = [Path(base), *(Path(m) for m in models)]
+    if any(out.resolve() == p.resolve() for p in inputs):
+        raise ConfigError(f"output {out} is one of the input models; write the result elsewhere")
+    theta0 = _Weights(inputs[0], "base")
+    thetas = [_Weights(p, _role(spec, i, len(models))) for i, p in enumerate(inputs[1:])]
+    _check_compatible(theta0, thetas)
+
+    # Not at module level: `excise ops` on adapters never pays for torch or tqdm.
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    provenance = {
+        "excise_version": __version__,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "operation": name,
+        "mode": "full",
+        "params": params,
+        "base": theta0.provenance(),
+        "inputs": [m.provenance() for m in thetas],
+    }
+    metadata = {"format": "pt", "excise": json.dumps(provenance)}
+    weight_map: dict[str, str] = {}
+    total_size = 0
+    with (
+        atomic_output_dir(out, overwrite=overwrite) as tmp,
+        tqdm(total=len(theta0.tensors), desc=name, unit="tensor", disable=not progress) as bar,
+    ):
+        for shard, out_name in zip(theta0.shards, _shard_names(len(theta0.shards)), strict=True):
+            result = {}
+            for tensor_name in (n for n, info in theta0.tensors.items() if info.file == shard):
+                result[tensor_name] = _combine_tensor(tensor_name, theta0, thetas, spec, params)
+                bar.update()
+            save_file(result, str(tmp / out_name), metadata=metadata)
+            weight_map.update(dict.fromkeys(result, out_name))
+            total_size += sum(t.numel() * t.element_size() for t in result.values())
+            del result  # one output shard in memory at a time
+            for w in (theta0, *thetas):
+                w.release()
+        if len(theta0.shards) > 1:
+            index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / _ST_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        _copy_side_files(inputs[:2], tmp)
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    return out

@@ -1,0 +1,416 @@
+"""PEFT adapter folders in and out — the only code that reads ``adapter_config.json``.
+
+Reading folds ``lora_alpha``, rsLoRA, ``rank_pattern`` and ``alpha_pattern`` into
+each module's scale exactly as PEFT's ``LoraLayer.update_layer`` does, so operators
+see only :class:`~excise.pem.delta.LowRankDelta` / :class:`~excise.pem.delta.RowDelta`.
+Weights are read with ``safe_open`` into numpy; a legacy ``adapter_model.bin`` only
+with ``torch.load(weights_only=True)`` (never unpickling arbitrary objects). numpy has
+no bfloat16, so bf16 files go through torch, imported only then.
+
+Writing produces a folder that ``PeftModel.from_pretrained`` loads unchanged: every
+module's scale is folded into ``B`` and its rank declared through ``rank_pattern`` /
+``alpha_pattern`` (alpha = rank, so PEFT's scale is 1). The folder is filled beside
+the target and renamed into place, so a failure never leaves a half-written output.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from excise import __version__
+from excise.errors import AdapterError, ConfigError
+from excise.pem.delta import Adapter, LowRankDelta, RowDelta
+
+__all__ = [
+    "ADAPTER_CONFIG",
+    "PROVENANCE_FILE",
+    "atomic_output_dir",
+    "check_output_dir",
+    "load_adapter",
+    "save_adapter",
+]
+
+ADAPTER_CONFIG = "adapter_config.json"
+PROVENANCE_FILE = "excise.json"
+_SAFETENSORS = "adapter_model.safetensors"
+_BIN = "adapter_model.bin"
+_PREFIX = "base_model.model."
+_SUPPORTED = ("LORA", "IA3", "PREFIX_TUNING")
+# `<module>.lora_A.weight`, or `<module>.lora_A.<adapter name>.weight` as saved raw.
+_LORA_KEY = re.compile(r"^(?P<name>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+_IA3_KEY = re.compile(r"^(?P<name>.+)\.ia3_l(?:\.[^.]+)?$")
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def load_adapter(path: str | Path) -> Adapter:
+    """Read and validate a PEFT adapter folder (LoRA, (IA)³ or prefix tuning).
+
+    Args:
+        path: folder holding ``adapter_config.json`` and ``adapter_model.safetensors``
+            (or a legacy ``adapter_model.bin``).
+
+    Returns:
+        The adapter, each module as its effective delta.
+
+    Raises:
+        AdapterError: missing folder or file, unreadable config or weights, an
+            unsupported adapter type or tensor, ranks that disagree with the config,
+            or NaN/Inf weights.
+    """
+    folder = Path(path)
+    if not folder.exists():
+        raise AdapterError(f"adapter folder not found: {folder}")
+    if not folder.is_dir():
+        raise AdapterError(f"{folder} is a file; expected a PEFT adapter folder")
+    config = _read_config(folder)
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type not in _SUPPORTED:
+        raise AdapterError(
+            f"{folder}: peft_type {config.get('peft_type')!r} is not supported "
+            f"(supported: {', '.join(_SUPPORTED)})"
+        )
+    weights_file, tensors, dtype = _read_tensors(folder)
+    for key, tensor in tensors.items():
+        if np.issubdtype(tensor.dtype, np.floating) and not np.isfinite(tensor).all():
+            raise AdapterError(f"{weights_file}: tensor {key} contains NaN or Inf values")
+    reader = {"LORA": _read_lora, "IA3": _read_ia3, "PREFIX_TUNING": _read_prefix}[peft_type]
+    modules = reader(config, tensors, weights_file)
+    if not modules:
+        raise AdapterError(f"{weights_file}: holds no {peft_type} weights")
+    source = {
+        "path": str(folder.resolve()),
+        "peft_type": peft_type,
+        "weights": weights_file.name,
+        "sha256": _sha256(weights_file),
+        "dtype": dtype,
+    }
+    return Adapter(peft_type, config, modules, source, dtype)
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    config_file = folder / ADAPTER_CONFIG
+    if not config_file.is_file():
+        raise AdapterError(f"{folder}: no {ADAPTER_CONFIG} (is this a PEFT adapter folder?)")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{config_file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{config_file}: expected a JSON object")
+    return config
+
+
+def _read_tensors(folder: Path) -> tuple[Path, dict[str, np.ndarray], str]:
+    """The weights as numpy arrays (bf16 upcast to float32) and the file's dtype name."""
+    st, binary = folder / _SAFETENSORS, folder / _BIN
+    if st.is_file():
+        try:
+            return (st, *_read_safetensors(st))
+        except AdapterError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise AdapterError(f"{st}: corrupt or unreadable safetensors file ({_first_line(e)})") from None
+    if binary.is_file():
+        return (binary, *_read_bin(binary))
+    raise AdapterError(f"{folder}: no {_SAFETENSORS} or {_BIN}")
+
+
+def _read_safetensors(file: Path) -> tuple[dict[str, np.ndarray], str]:
+    with safe_open(str(file), framework="np") as f:
+        keys = list(f.keys())
+        if not keys:
+            raise AdapterError(f"{file}: holds no tensors")
+        if any(f.get_slice(k).get_dtype() == "BF16" for k in keys):
+            return _read_safetensors_bf16(file), "bfloat16"
+        tensors = {k: f.get_tensor(k) for k in keys}
+    return tensors, str(tensors[keys[0]].dtype)
+
+
+def _read_safetensors_bf16(file: Path) -> dict[str, np.ndarray]:
+    import torch  # numpy has no bfloat16
+
+    with safe_open(str(file), framework="pt") as f:
+        return {k: _to_numpy(f.get_tensor(k), torch) for k in f.keys()}  # noqa: SIM118
+
+
+def _read_bin(file: Path) -> tuple[dict[str, np.ndarray], str]:
+    import torch
+
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip or weights_only refusals
+        raise AdapterError(f"{file}: unreadable or unsafe .bin file ({_first_line(e)})") from None
+    if (
+        not state
+        or not isinstance(state, dict)
+        or not all(isinstance(v, torch.Tensor) for v in state.values())
+    ):
+        raise AdapterError(f"{file}: expected a non-empty flat dict of tensors")
+    dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    return {k: _to_numpy(v, torch) for k, v in state.items()}, dtype
+
+
+def _to_numpy(t, torch) -> np.ndarray:
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _pattern_value(patterns: dict[str, Any] | None, name: str, default: Any) -> Any:
+    """PEFT's ``get_pattern_key``: the first pattern ``k`` with ``(.*\\.)?(k)$`` matching."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _lora_scale(config: dict[str, Any], name: str, rank: int) -> float:
+    alpha = _pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", 8))
+    if config.get("use_rslora"):
+        return float(alpha) / math.sqrt(rank)
+    return float(alpha) / rank
+
+
+def _read_lora(config: dict[str, Any], tensors: dict[str, np.ndarray], file: Path) -> dict[str, LowRankDelta]:
+    if config.get("use_dora"):
+        raise AdapterError(f"{file}: DoRA adapters (use_dora) are not supported")
+    factors: dict[str, dict[str, np.ndarray]] = {}
+    for key, tensor in tensors.items():
+        match = _LORA_KEY.match(key.removeprefix(_PREFIX))
+        if match is None:
+            raise AdapterError(
+                f"{file}: tensor {key} is not supported (only LoRA on linear layers; "
+                "DoRA, embedding LoRA, LoRA bias and modules_to_save are not)"
+            )
+        factors.setdefault(match["name"], {})[match["which"]] = tensor
+    modules: dict[str, LowRankDelta] = {}
+    for name, pair in factors.items():
+        if set(pair) != {"A", "B"}:
+            missing = "lora_B" if "B" not in pair else "lora_A"
+            raise AdapterError(f"{file}: module {name} has no {missing} weight")
+        A, B = pair["A"], pair["B"]
+        if A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0]:
+            raise AdapterError(
+                f"{file}: module {name} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, "
+                "which do not form B @ A"
+            )
+        rank = int(_pattern_value(config.get("rank_pattern"), name, config.get("r", 8)))
+        if rank != A.shape[0]:
+            raise AdapterError(
+                f"{file}: module {name} has rank {A.shape[0]} but {ADAPTER_CONFIG} says r={rank}"
+            )
+        modules[name] = LowRankDelta(B, A, _lora_scale(config, name, rank))
+    return modules
+
+
+def _read_ia3(config: dict[str, Any], tensors: dict[str, np.ndarray], file: Path) -> dict[str, RowDelta]:
+    modules: dict[str, RowDelta] = {}
+    for key, tensor in tensors.items():
+        match = _IA3_KEY.match(key.removeprefix(_PREFIX))
+        if match is None:
+            raise AdapterError(f"{file}: tensor {key} is not an (IA)³ vector (ia3_l)")
+        # The operators act on l − 1, one vector per module (DESIGN.md §1).
+        delta = tensor.astype(np.float64) - 1.0
+        modules[match["name"]] = RowDelta(delta.reshape(1, -1), tuple(tensor.shape))
+    return modules
+
+
+def _read_prefix(config: dict[str, Any], tensors: dict[str, np.ndarray], file: Path) -> dict[str, RowDelta]:
+    if set(tensors) != {"prompt_embeddings"}:
+        raise AdapterError(f"{file}: expected one tensor prompt_embeddings, found {sorted(tensors)}")
+    emb = tensors["prompt_embeddings"]
+    try:
+        tokens, layers, heads, dim = (
+            int(config["num_virtual_tokens"]),
+            int(config["num_layers"]),
+            int(config["num_attention_heads"]),
+            int(config["token_dim"]),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise AdapterError(f"{file.parent / ADAPTER_CONFIG}: prefix-tuning config lacks {e}") from None
+    if dim % heads or emb.shape != (tokens, layers * 2 * dim):
+        raise AdapterError(
+            f"{file}: prompt_embeddings has shape {tuple(emb.shape)}, expected "
+            f"({tokens}, {layers * 2 * dim}) with token_dim divisible by num_attention_heads"
+        )
+    # One row per (virtual token, layer, key/value, head) vector, as the published code.
+    rows = emb.reshape(-1, dim // heads)  # (tokens · layers · 2 · heads, head_dim)
+    return {"prompt_embeddings": RowDelta(rows, tuple(emb.shape))}
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with file.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def check_output_dir(out: str | Path, *, overwrite: bool = False) -> Path:
+    """Refuse an existing, non-empty output folder unless ``overwrite``; call before work.
+
+    Raises:
+        ConfigError: the path is a file, or a non-empty folder and not ``overwrite``.
+    """
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise ConfigError(f"output {out} exists and is a file")
+        if any(out.iterdir()) and not overwrite:
+            raise ConfigError(f"output folder {out} exists and is not empty (pass --overwrite to replace it)")
+    return out
+
+
+class atomic_output_dir:  # noqa: N801 (used as a context manager, reads like a function)
+    """Context manager: yields a temp folder beside ``out``, renamed to ``out`` on success.
+
+    On any exception the temp folder is removed and ``out`` is left as it was.
+    """
+
+    def __init__(self, out: str | Path, *, overwrite: bool = False) -> None:
+        self.out = check_output_dir(out, overwrite=overwrite)
+        self.tmp = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
+
+    def __enter__(self) -> Path:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.out.exists():
+            shutil.rmtree(self.out)
+        os.replace(self.tmp, self.out)
+
+
+def save_adapter(
+    adapter: Adapter, out: str | Path, *, overwrite: bool = False, dtype: str | None = None
+) -> Path:
+    """Write an adapter as a PEFT folder that ``PeftModel.from_pretrained`` loads.
+
+    Args:
+        adapter: the adapter to write (float64 modules are cast once, here).
+        out: target folder; created atomically.
+        overwrite: replace a non-empty ``out``.
+        dtype: weight dtype name (``float32``, ``float16``, ``bfloat16``…); defaults to
+            the dtype of the first input adapter.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        ConfigError: ``out`` exists and is not empty, and not ``overwrite``.
+    """
+    dtype = dtype or adapter.dtype
+    writer = {"LORA": _lora_state, "IA3": _ia3_state, "PREFIX_TUNING": _prefix_state}[adapter.peft_type]
+    provenance = {
+        "excise_version": __version__,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        **adapter.source,
+    }
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        tensors, config = writer(adapter)
+        _write_safetensors(
+            tensors, tmp / _SAFETENSORS, dtype, {"format": "pt", "excise": json.dumps(provenance)}
+        )
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    return Path(out)
+
+
+def _write_safetensors(
+    tensors: dict[str, np.ndarray], file: Path, dtype: str, metadata: dict[str, str]
+) -> None:
+    """Cast each array to ``dtype`` (one array at a time) and write the file."""
+    if dtype == "bfloat16":
+        import torch  # numpy has no bfloat16
+        from safetensors.torch import save_file as save_torch
+
+        cast = {
+            k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)).bfloat16()
+            for k, v in tensors.items()
+        }
+        save_torch(cast, str(file), metadata=metadata)
+        return
+    for key in tensors:
+        tensors[key] = np.ascontiguousarray(tensors[key], dtype=np.dtype(dtype))
+    save_file(tensors, str(file), metadata=metadata)
+
+
+def _lora_state(adapter: Adapter) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    tensors: dict[str, np.ndarray] = {}
+    ranks: dict[str, int] = {}
+    for name, m in adapter.modules.items():
+        assert isinstance(m, LowRankDelta)
+        folded = m.folded()  # scale into B, so PEFT's scale must be exactly 1
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = folded.A  # (r, in)
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = folded.B  # (out, r)
+        ranks[name] = folded.rank
+    default = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {name: r for name, r in ranks.items() if r != default}
+    config = dict(adapter.config)
+    config.update(
+        r=default,
+        lora_alpha=default,  # alpha = r ⇒ scale 1; the real scale lives in B
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        use_rslora=False,
+        use_dora=False,
+        target_modules=sorted(ranks),  # exact names: the modules of the result, no more
+        layers_to_transform=None,
+        layers_pattern=None,
+        exclude_modules=None,
+        modules_to_save=None,
+        inference_mode=True,
+    )
+    return tensors, config
+
+
+def _ia3_state(adapter: Adapter) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    tensors = {}
+    for name, m in adapter.modules.items():
+        assert isinstance(m, RowDelta)
+        tensors[f"{_PREFIX}{name}.ia3_l"] = m.tensor() + 1.0
+    config = dict(adapter.config)
+    config.update(
+        target_modules=sorted(adapter.modules),
+        # PEFT stores a feed-forward vector as (1, in), any other as (out, 1).
+        feedforward_modules=sorted(
+            n for n, m in adapter.modules.items() if m.shape[0] == 1 and len(m.shape) == 2
+        ),
+        modules_to_save=None,
+        inference_mode=True,
+    )
+    return tensors, config
+
+
+def _prefix_state(adapter: Adapter) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    m = adapter.modules["prompt_embeddings"]
+    assert isinstance(m, RowDelta)
+    config = dict(adapter.config)
+    config["inference_mode"] = True
+    return {"prompt_embeddings": m.tensor()}, config

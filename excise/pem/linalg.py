@@ -1,0 +1,154 @@
+"""Row-wise maths shared by the operators (DESIGN.md §1), on the low-rank form.
+
+Every operator in ``pem/ops`` produces, per module, a *row-weighted sum* of its
+inputs, ``W_i = Σ_k c_{k,i} W_{k,i}``. For LoRA inputs that is an exact LoRA of rank
+``Σ_k r_k``::
+
+    W = [diag(c_1) s_1 B_1, …, diag(c_K) s_K B_K] · [A_1; …; A_K]
+
+so nothing here forms a dense ``(out, in)`` delta. Row norms and dot products come
+from ``r×r`` Gram matrices: ``|W_i|² = s² B_i (A Aᵀ) B_iᵀ``. All scalars are float64.
+
+A closed form worth knowing (derived from DESIGN.md §1). With ``cos_i = p_i/(a_i b_i)``,
+``σ_i² = 2(1 + cos_i)`` and ``k_i = b_i (1 + cos_i)/σ_i``, hence ``k_i/σ_i = b_i/2``
+exactly and::
+
+    d_i = W2_i − (k_i/σ_i)(n1_i + n2_i) = (b_i/2)(n2_i − n1_i)
+    α_i = 1 + λ b_i/(2 a_i)          β_i = −λ/2
+
+The deficiency is half the difference of the unit rows, scaled by ``|W2_i|``. The
+coefficients need only the two row norms; the formula is continuous at the
+antiparallel case (``n1 = −n2`` gives ``d = W2``, as DESIGN.md requires) and avoids
+the cancellation in ``σ`` that makes the published per-row loop unstable there.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from excise.pem.delta import LowRankDelta, Module, RowDelta
+
+__all__ = [
+    "ext_sub_coefficients",
+    "ext_sub_rows_reference",
+    "row_combine",
+    "row_dots",
+    "row_norms",
+]
+
+_F64 = np.float64
+# Rounding bound for a quadratic form x G xᵀ in float64, as a multiple of eps·|x|²·tr(G).
+_GRAM_RTOL = 64 * np.finfo(_F64).eps
+
+
+def _f64(x: np.ndarray) -> np.ndarray:
+    return x.astype(_F64, copy=False)
+
+
+def row_norms(m: Module) -> np.ndarray:
+    """Per-row Euclidean norm of a module's effective delta, float64, shape ``(rows,)``.
+
+    For a LoRA the norm comes from the Gram matrix ``A Aᵀ``. Rows whose squared norm
+    is below the float64 rounding bound of that quadratic form are returned as exact
+    zeros, so a row of ``B`` in the null space of ``Aᵀ`` is recognised as a zero row.
+    """
+    if isinstance(m, RowDelta):
+        return np.linalg.norm(_f64(m.rows), axis=1)  # (rows,)
+    B, A = _f64(m.B), _f64(m.A)  # (out, r), (r, in)
+    G = A @ A.T  # (r, r)
+    sq = (m.scale**2) * np.einsum("ij,ij->i", B @ G, B)  # (out,)
+    tol = _GRAM_RTOL * (m.scale**2) * np.einsum("ij,ij->i", B, B) * np.trace(G)  # (out,)
+    return np.sqrt(np.where(sq > tol, sq, 0.0))
+
+
+def row_dots(m1: Module, m2: Module) -> np.ndarray:
+    """Per-row dot product ``W1_i · W2_i`` of two modules' deltas, float64, ``(rows,)``."""
+    if isinstance(m1, RowDelta) and isinstance(m2, RowDelta):
+        return np.einsum("ij,ij->i", _f64(m1.rows), _f64(m2.rows))  # (rows,)
+    assert isinstance(m1, LowRankDelta) and isinstance(m2, LowRankDelta)
+    G12 = _f64(m1.A) @ _f64(m2.A).T  # (r1, r2)
+    return m1.scale * m2.scale * np.einsum("ij,ij->i", _f64(m1.B) @ G12, _f64(m2.B))  # (out,)
+
+
+def row_combine(terms: list[tuple[np.ndarray | float, Module]]) -> Module:
+    """``W = Σ_k diag(c_k) W_k`` for modules of one kind; exact and rank-additive.
+
+    Args:
+        terms: pairs ``(c_k, W_k)``; ``c_k`` is a scalar or a ``(rows,)`` array.
+
+    Returns:
+        A :class:`LowRankDelta` of rank ``Σ r_k`` with scale 1 — ``B`` in float64,
+        ``A`` the inputs' ``A`` stacked unchanged (nothing multiplies it) — or a
+        float64 :class:`RowDelta` when the inputs are dense rows.
+    """
+    first = terms[0][1]
+    if isinstance(first, RowDelta):
+        rows = sum(_as_column(c, first.rows.shape[0]) * _f64(m.rows) for c, m in terms)
+        return RowDelta(rows, first.shape)  # (rows, dim)
+    blocks_B, blocks_A = [], []
+    for c, m in terms:
+        assert isinstance(m, LowRankDelta)
+        blocks_B.append(_as_column(c, m.B.shape[0]) * (m.scale * _f64(m.B)))  # (out, r_k)
+        blocks_A.append(m.A)  # (r_k, in)
+    A = blocks_A[0] if len(blocks_A) == 1 else np.concatenate(blocks_A, axis=0)  # (Σ r_k, in)
+    return LowRankDelta(np.concatenate(blocks_B, axis=1), A, 1.0)  # B (out, Σ r_k)
+
+
+def _as_column(c: np.ndarray | float, n: int) -> np.ndarray | float:
+    if isinstance(c, np.ndarray):
+        assert c.shape == (n,), f"coefficient shape {c.shape} != ({n},)"
+        return _f64(c)[:, None]  # (rows, 1)
+    return float(c)
+
+
+def ext_sub_coefficients(a: np.ndarray, b: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
+    """Row coefficients of Ext-Sub, ``W_i = α_i W1_i + β_i W2_i`` (DESIGN.md §1).
+
+    Uses the closed form ``α_i = 1 + λ b_i/(2 a_i)``, ``β_i = −λ/2`` (module docstring).
+    Degenerate rows are defined, never NaN: ``W2_i = 0`` or ``W1_i = 0`` means nothing
+    is removed (``α_i = 1, β_i = 0``); ``n1_i = −n2_i`` needs no special case.
+
+    Args:
+        a: ``(rows,)`` norms of the expert rows, float64.
+        b: ``(rows,)`` norms of the anti-expert rows, float64.
+        lam: the subtraction weight λ.
+
+    Returns:
+        ``(alpha, beta)``, each ``(rows,)`` float64.
+    """
+    active = (a > 0) & (b > 0)  # (rows,)
+    safe_a = np.where(active, a, 1.0)
+    alpha = np.where(active, 1.0 + lam * b / (2.0 * safe_a), 1.0)  # (rows,)
+    beta = np.where(active, -lam / 2.0, 0.0)  # (rows,)
+    return alpha, beta
+
+
+def ext_sub_rows_reference(W1: np.ndarray, W2: np.ndarray, lam: float) -> np.ndarray:
+    """Ext-Sub on dense rows, written like the published algorithm (reference only).
+
+    ``n = W/|W|``, ``c = (n1 + n2)/|n1 + n2|``, ``g = (W2·c) c``, ``d = W2 − g``,
+    ``W = W1 − λ d`` — vectorised over rows, in float64. Degenerate rows follow
+    DESIGN.md §1 (the published code returns NaN there): ``W1_i = 0`` or ``W2_i = 0``
+    removes nothing; ``n1_i = −n2_i`` makes the whole ``W2_i`` the deficiency.
+
+    Args:
+        W1: ``(rows, dim)`` expert rows.
+        W2: ``(rows, dim)`` anti-expert rows.
+        lam: the subtraction weight λ.
+
+    Returns:
+        ``(rows, dim)`` float64 result.
+    """
+    W1, W2 = _f64(W1), _f64(W2)
+    a = np.linalg.norm(W1, axis=1, keepdims=True)  # (rows, 1)
+    b = np.linalg.norm(W2, axis=1, keepdims=True)  # (rows, 1)
+    n1 = W1 / np.where(a > 0, a, 1.0)  # (rows, dim)
+    n2 = W2 / np.where(b > 0, b, 1.0)  # (rows, dim)
+    common = n1 + n2  # (rows, dim)
+    sigma = np.linalg.norm(common, axis=1, keepdims=True)  # (rows, 1)
+    antiparallel = sigma <= 1e-12
+    c = common / np.where(antiparallel, 1.0, sigma)  # (rows, dim)
+    g = np.einsum("ij,ij->i", W2, c)[:, None] * c  # (rows, dim)
+    d = np.where(antiparallel, W2, W2 - g)  # (rows, dim)
+    d = np.where((a > 0) & (b > 0), d, 0.0)
+    return W1 - lam * d

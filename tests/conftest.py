@@ -1,0 +1,93 @@
+"""Shared fixtures: fixed seeds, tiny adapters on disk and a tiny random Llama."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    random.seed(0)
+    torch.manual_seed(0)
+
+
+def tiny_llama_config():
+    """A 2-layer Llama small enough that a forward pass takes milliseconds."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+
+
+@pytest.fixture
+def tiny_llama():
+    """A freshly initialised tiny Llama in eval mode (fp32)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_llama_config()).eval()
+
+
+# ----------------------------------------------------------------------------- adapters
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from excise.pem.delta import Adapter, LowRankDelta, RowDelta  # noqa: E402
+
+
+def random_lora(
+    shapes: dict[str, tuple[int, int]],
+    rank: int | dict[str, int] = 4,
+    *,
+    scale: float = 2.0,
+    seed: int = 0,
+) -> Adapter:
+    """An in-memory LoRA adapter with random factors (no zero rows unless made so)."""
+    rng = np.random.default_rng(seed)
+    modules = {}
+    for name, (n_out, n_in) in shapes.items():
+        r = rank[name] if isinstance(rank, dict) else rank
+        modules[name] = LowRankDelta(rng.standard_normal((n_out, r)), rng.standard_normal((r, n_in)), scale)
+    return Adapter("LORA", {"peft_type": "LORA", "r": 4, "lora_alpha": 8}, modules, {"path": f"seed{seed}"})
+
+
+def random_rows(
+    shapes: dict[str, tuple[int, ...]], row_dim: int | None = None, *, seed: int = 0, peft_type: str = "IA3"
+) -> Adapter:
+    """An in-memory adapter of dense rows ((IA)³-like: one row per module, or rows of row_dim)."""
+    rng = np.random.default_rng(seed)
+    modules = {}
+    for name, shape in shapes.items():
+        values = rng.standard_normal(shape)
+        rows = values.reshape(1, -1) if row_dim is None else values.reshape(-1, row_dim)
+        modules[name] = RowDelta(rows, tuple(shape))
+    return Adapter(peft_type, {"peft_type": peft_type}, modules, {"path": f"seed{seed}"})
+
+
+def write_peft_lora(folder: Path, model, *, seed: int, **lora_kwargs) -> Path:
+    """Train-free PEFT LoRA: random non-zero A and B on ``model`` (mutated), saved to ``folder``."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(init_lora_weights=False, **lora_kwargs)
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+def adapter_json(folder: Path) -> dict:
+    return json.loads((folder / "adapter_config.json").read_text())
