@@ -91,3 +91,47 @@ def write_peft_lora(folder: Path, model, *, seed: int, **lora_kwargs) -> Path:
 
 def adapter_json(folder: Path) -> dict:
     return json.loads((folder / "adapter_config.json").read_text())
+
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def tiny_tokenizer():
+    """A character-level ChatML tokenizer built in memory (no hub): 104 ids < 128.
+
+    Each printable ASCII character is one token (anything else is ``<unk>``), and the
+    ChatML markers are special tokens, so it fits :func:`tiny_llama_config`'s vocab.
+    """
+    import string
+
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {tok: i for i, tok in enumerate(specials + list(string.printable))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=specials[1:],
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_llama):
+    """A folder holding the tiny Llama and the tiny tokenizer, loadable by spec."""
+    folder = tmp_path / "tiny-llama"
+    tiny_llama.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder

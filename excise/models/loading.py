@@ -230,9 +230,7 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
 
     _log.warning("converting %s to a Hugging Face folder at %s (once)", gguf, target)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-        )
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except ImportError as err:
         raise ModelLoadError(f"reading {gguf.name} needs the 'gguf' package: pip install gguf") from err

@@ -57,8 +57,8 @@ _BIN_INDEX, _BIN_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
 # (they would contradict the result), indexes, and documents about another model.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 _NOT_COPIED = (PROVENANCE_FILE, "README.md")
-# The dtypes computed on (safetensors code → torch name); other floats (float8…) are
-# refused, integer and bool buffers are copied from the base.
+# The dtypes computed on (safetensors code → torch name). Other floating dtypes (float8…)
+# are refused; integer and bool buffers are copied from the base.
 _FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 _REQUIRED = object()
 
@@ -120,7 +120,7 @@ _OPERATIONS: dict[str, _FullOperation] = {
         ("expert", "anti-expert"),
         True,
         {"lams": (1.0, _lams_param), "sequential": (False, _flag)},
-        lambda t, p: _compose_module(list(t), p["lams"], p["sequential"]),
+        lambda t, p: _compose_module(t, p["lams"], p["sequential"]),
     ),
     "subtract": _FullOperation(
         ("a", "b"),
@@ -250,16 +250,19 @@ class _Weights:
             with self._reading(shard):
                 f = safe_open(str(shard), framework="pt")
                 slices = {name: f.get_slice(name) for name in f.keys()}  # noqa: SIM118 (no __iter__)
-                return {
-                    name: _TensorInfo(shard, tuple(s.get_shape()), _compute_dtype(shard, name, s.get_dtype()))
-                    for name, s in slices.items()
-                }
-        codes = {v: k for k, v in _FLOAT_DTYPES.items()}
+                infos = {}
+                for name, s in slices.items():
+                    code = s.get_dtype()
+                    dtype = _FLOAT_DTYPES.get(code, code)
+                    floating = code.startswith(("F", "BF", "C"))
+                    infos[name] = _TensorInfo(
+                        shard, tuple(s.get_shape()), _compute_dtype(shard, name, dtype, floating)
+                    )
+                return infos
         infos = {}
         for name, t in self._load_bin(shard).items():
-            dtype = str(t.dtype).removeprefix("torch.")
-            code = codes.get(dtype, "F?" if t.is_floating_point() or t.is_complex() else dtype)
-            infos[name] = _TensorInfo(shard, tuple(t.shape), _compute_dtype(shard, name, code))
+            dtype, floating = str(t.dtype).removeprefix("torch."), t.is_floating_point() or t.is_complex()
+            infos[name] = _TensorInfo(shard, tuple(t.shape), _compute_dtype(shard, name, dtype, floating))
         return infos
 
     def _load_bin(self, shard: Path) -> dict[str, torch.Tensor]:
@@ -337,13 +340,13 @@ class _Weights:
         }
 
 
-def _compute_dtype(shard: Path, name: str, code: str) -> str | None:
-    """The dtype computed on for a safetensors dtype code; None for buffers copied as they are."""
-    if code in _FLOAT_DTYPES:
-        return _FLOAT_DTYPES[code]
-    if code.startswith(("F", "BF", "C")):
+def _compute_dtype(shard: Path, name: str, dtype: str, floating: bool) -> str | None:
+    """``dtype`` if excise computes on it; None for integer buffers, copied as they are."""
+    if dtype in _FLOAT_DTYPES.values():
+        return dtype
+    if floating:
         raise ModelLoadError(
-            f"{shard}: tensor {name} is {code}, not bf16/fp16/fp32/fp64 (a quantised checkpoint?); "
+            f"{shard}: tensor {name} is {dtype}, not bf16/fp16/fp32/fp64 (a quantised checkpoint?); "
             "dequantise the model first"
         )
     return None
