@@ -218,8 +218,9 @@ def test_inspect_writes_json_and_png(pair, tmp_path):
 def test_ops_does_not_import_torch_or_transformers(pair, tmp_path):
     e, a = pair
     code = (
-        "import sys; from excise.cli import main; sys.argv = ['excise', 'ops', 'ext-sub', '--expert', sys.argv[1], "
-        "'--anti-expert', sys.argv[2], '--out', sys.argv[3]]\n"
+        "import sys; from excise.cli import main\n"
+        "sys.argv = ['excise', 'ops', 'ext-sub', '--expert', sys.argv[1], '--anti-expert', sys.argv[2], "
+        "'--out', sys.argv[3]]\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
         "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
     )

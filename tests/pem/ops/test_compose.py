@@ -36,7 +36,9 @@ def test_parallel_is_expert_minus_sum_of_deficiencies(adapters):
     out = compose(expert, *antis, lams=lams)
     for name in SHAPES:
         W1 = expert.modules[name].dense()
-        expected = W1 - sum(lam * _deficiency(W1, a.modules[name].dense()) for lam, a in zip(lams, antis))
+        expected = W1 - sum(
+            lam * _deficiency(W1, a.modules[name].dense()) for lam, a in zip(lams, antis, strict=True)
+        )
         assert out.modules[name].rank == 3 + 1 + 2 + 4
         np.testing.assert_allclose(out.modules[name].dense(), expected, atol=1e-9)
         np.testing.assert_allclose(

@@ -19,7 +19,10 @@ CALLS = {
         3,
         {"lams": [0.5, 1.5]},
         lambda W, p: (
-            W[0] + sum(ext_sub_rows_reference(W[0], Wk, lam) - W[0] for Wk, lam in zip(W[1:], p["lams"]))
+            W[0]
+            + sum(
+                ext_sub_rows_reference(W[0], Wk, lam) - W[0] for Wk, lam in zip(W[1:], p["lams"], strict=True)
+            )
         ),
     ),
     "subtract": (2, {"lam": 0.7}, lambda W, p: W[0] - p["lam"] * W[1]),
