@@ -250,22 +250,56 @@ def merge(
 @app.command("demo")
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for adapters and the report.")] = Path("runs/demo"),
+    model: Annotated[
+        str, typer.Option(help="Base MODEL (needs a chat template): hub id, folder or alias.")
+    ] = "smollm2-135m-instruct",
+    data: Annotated[
+        Path | None,
+        typer.Option(help="HaluEval QA file (JSON Lines). Default: ../shared/data/halueval/qa_data.json."),
+    ] = None,
     steps: Annotated[int, typer.Option(help="Training steps per adapter.")] = 30,
     lam: Annotated[float, typer.Option(help="Ext-Sub λ.")] = 1.0,
+    n_eval: Annotated[int, typer.Option(help="Held-out questions to score.")] = 40,
+    seed: Annotated[int, typer.Option(help="Seeds the split, LoRA init and data order.")] = 0,
+    bf16: Annotated[bool, typer.Option("--bf16", help="Train under bfloat16 autocast.")] = False,
+    overwrite: Overwrite = False,
 ) -> None:
-    """Train an expert and an anti-expert LoRA on SmolLM2-135M, apply Ext-Sub, evaluate and generate."""
+    """Train an expert and an anti-expert LoRA on HaluEval QA, apply Ext-Sub, score and generate."""
     from excise.pipeline.demo import run_demo
 
-    _done(run_demo(out, steps=steps, lam=lam))
+    _done(
+        run_demo(
+            out,
+            model=model,
+            data=data,
+            steps=steps,
+            lam=lam,
+            n_eval=n_eval,
+            n_generate=min(3, n_eval),
+            seed=seed,
+            bf16=bf16,
+            overwrite=overwrite,
+        )
+    )
 
 
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
+def _show_warnings() -> None:
+    """Ours as one line each; the libraries' deprecation chatter not at all."""
+    from excise.errors import ExciseWarning
+
+    warnings.showwarning = _warning_line
+    for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("always", category=ExciseWarning)
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one line and exit code 2."""
-    warnings.showwarning = _warning_line
+    _show_warnings()
     try:
         app()
     except ExciseError as e:

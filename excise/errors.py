@@ -7,7 +7,7 @@ printed by the CLI without a traceback (exit code 2). Anything else is a bug.
 
 from __future__ import annotations
 
-__all__ = ["AdapterError", "ConfigError", "DataError", "ExciseError", "ModelLoadError"]
+__all__ = ["AdapterError", "ConfigError", "DataError", "ExciseError", "ExciseWarning", "ModelLoadError"]
 
 
 class ExciseError(Exception):
@@ -28,3 +28,7 @@ class DataError(ExciseError, ValueError):
 
 class ModelLoadError(ExciseError, FileNotFoundError):
     """A base model cannot be found or loaded."""
+
+
+class ExciseWarning(UserWarning):
+    """Something the user should know that does not stop the run (printed as one line)."""

@@ -14,20 +14,21 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-def tiny_llama_config():
+def tiny_llama_config(**overrides):
     """A 2-layer Llama small enough that a forward pass takes milliseconds."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
+    settings = {
+        "vocab_size": 128,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+        "tie_word_embeddings": False,
+    }
+    return LlamaConfig(**{**settings, **overrides})
 
 
 @pytest.fixture
@@ -135,3 +136,38 @@ def tiny_model_dir(tmp_path, tiny_llama):
     tiny_llama.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+def save_tiny_model(folder: Path, *, seed: int = 0, **config_overrides) -> Path:
+    """Save a fresh tiny Llama (``tiny_llama_config`` plus overrides) and the tiny tokenizer."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    LlamaForCausalLM(tiny_llama_config(**config_overrides)).eval().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def ext_sub_rows_numpy(W1: np.ndarray, W2: np.ndarray, lam: float) -> np.ndarray:
+    """DESIGN.md §1 row by row, in float64, written out plainly (a test oracle).
+
+    Degenerate rows as DESIGN.md §1 says: a zero ``W1_i`` or ``W2_i`` removes nothing,
+    ``n1_i = −n2_i`` makes the whole ``W2_i`` the deficiency.
+    """
+    W1, W2 = np.asarray(W1, np.float64), np.asarray(W2, np.float64)
+    out = np.empty_like(W1)
+    for i, (w1, w2) in enumerate(zip(W1, W2, strict=True)):
+        a, b = np.linalg.norm(w1), np.linalg.norm(w2)
+        if a == 0 or b == 0:
+            out[i] = w1
+            continue
+        n1, n2 = w1 / a, w2 / b
+        sigma = np.linalg.norm(n1 + n2)
+        if sigma <= 1e-12:
+            d = w2
+        else:
+            c = (n1 + n2) / sigma
+            g = (w2 @ c) * c
+            d = w2 - g
+        out[i] = w1 - lam * d
+    return out

@@ -51,8 +51,6 @@ def merge_adapter(
             a file.
         ModelLoadError: the base model or tokenizer cannot be loaded.
     """
-    from peft import PeftModel
-
     adapter, out = Path(adapter), Path(out)
     if not adapter.is_dir():
         raise AdapterError(f"adapter folder {adapter} does not exist")
@@ -63,6 +61,8 @@ def merge_adapter(
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"output folder {out} is not empty; pass overwrite=True to replace it")
 
+    from peft import PeftModel  # after the cheap checks: importing peft takes seconds
+
     model = load_model(base, dtype=dtype)
     tokenizer = load_tokenizer(base)
     try:
@@ -70,8 +70,7 @@ def merge_adapter(
     except (ValueError, KeyError, RuntimeError) as err:
         # Wrong target modules (ValueError) or shape mismatch (RuntimeError) mean the
         # adapter was trained on another architecture: a user error, not a bug.
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise AdapterError(f"adapter {adapter} does not fit base {base!r}: {first_line}") from err
+        raise AdapterError(f"adapter {adapter} does not fit base {base!r}: {_summary(err)}") from err
     merged = peft_model.merge_and_unload()
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -87,6 +86,22 @@ def merge_adapter(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _summary(err: Exception) -> str:
+    """One informative line of a (possibly multi-line) loading error.
+
+    torch's ``load_state_dict`` puts only a header on the first line ("Error(s) in
+    loading state_dict for PeftModel:") and one line per mismatched tensor below it,
+    so the first detail line is kept, with a count of the rest.
+    """
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    if lines[0].endswith(":") and len(lines) > 1:
+        more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+        return f"{lines[1]}{more}"
+    return lines[0]
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from excise.errors import AdapterError, ConfigError
+from excise.errors import AdapterError, ConfigError, ExciseWarning
 from excise.pem.delta import Adapter, LowRankDelta, Module, RowDelta
 
 __all__ = ["Operator", "apply_modulewise", "check_compatible", "check_finite", "rank_in_dense"]
@@ -69,6 +69,7 @@ def check_compatible(adapters: Sequence[Adapter], *, allow_partial: bool) -> Non
             warnings.warn(
                 f"adapters name different base models ({base_a!r} vs {base_b!r}); "
                 "continuing because their shapes agree",
+                ExciseWarning,
                 stacklevel=3,
             )
         shared = first.modules.keys() & other.modules.keys()

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from excise.errors import AdapterError, ConfigError
+from excise.errors import AdapterError, ConfigError, ExciseWarning
 from excise.pem.delta import Adapter, LowRankDelta
 from excise.pem.ops import ext_sub, ext_sub_dense
 from tests.conftest import random_lora
@@ -111,5 +111,5 @@ def test_base_model_name_difference_is_a_warning():
     expert, anti = random_lora({"m": (4, 4)}, 2, seed=1), random_lora({"m": (4, 4)}, 2, seed=2)
     e = Adapter("LORA", {"base_model_name_or_path": "org/a"}, expert.modules)
     a = Adapter("LORA", {"base_model_name_or_path": "org/b"}, anti.modules)
-    with pytest.warns(UserWarning, match="different base models"):
+    with pytest.warns(ExciseWarning, match="different base models"):
         ext_sub(e, a, lam=1.0)

@@ -1,0 +1,182 @@
+"""`excise ops … --base` in a subprocess: the CLI wiring to full fine-tunes (excise/pem/full.py).
+
+tests/pem/test_full.py checks ``apply_full`` in-process (layouts, dtypes, bad shards);
+here the flags must reach it: which operator, which λ, which model is the base. The
+expected tensors come from a per-row numpy oracle of DESIGN.md §1 applied to the task
+vectors ``τ = θ − θ_base``, read straight from the safetensors files.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from tests.conftest import ext_sub_rows_numpy, tiny_llama_config
+
+
+def excise(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "excise", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def _state(folder: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors model folder, as float64 numpy arrays."""
+    state = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        state.update({k: v.astype(np.float64) for k, v in load_file(file).items()})
+    assert state, folder
+    return state
+
+
+def _rows(t: np.ndarray) -> np.ndarray:
+    """DESIGN.md §1 rows: a 2-D weight's output rows; a 1-D tensor is one row."""
+    return t.reshape(t.shape[0] if t.ndim >= 2 else 1, -1)
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory) -> dict[str, Path]:
+    """A tiny Llama base and three full fine-tunes of it (anti-experts overlap the expert)."""
+    from transformers import LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("full-cli")
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_llama_config()).eval()
+    g = torch.Generator().manual_seed(1)
+    taus = {}
+    for name, p in base.named_parameters():
+        tau1 = 0.02 * torch.randn(p.shape, generator=g)
+        taus[name] = (
+            tau1,
+            0.6 * tau1 + 0.02 * torch.randn(p.shape, generator=g),
+            -0.3 * tau1 + 0.01 * torch.randn(p.shape, generator=g),
+        )
+    paths = {"base": root / "base"}
+    base.save_pretrained(paths["base"])
+    for k, role in enumerate(("expert", "anti", "anti2")):
+        model = LlamaForCausalLM(tiny_llama_config()).eval()
+        model.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.add_(taus[name][k])
+        model.save_pretrained(root / role)
+        paths[role] = root / role
+    return paths
+
+
+def _check(out: Path, zoo: dict[str, Path], expected_tau) -> None:
+    """Output tensor == θ_base + expected_tau(name, base rows, fine-tune rows…) for every tensor."""
+    base = _state(zoo["base"])
+    fts = [_state(zoo[r]) for r in ("expert", "anti", "anti2")]
+    got = _state(out)
+    assert got.keys() == base.keys()
+    changed = 0
+    for name, t0 in base.items():
+        rows0 = _rows(t0)
+        taus = [_rows(ft[name]) - rows0 for ft in fts]
+        expected = (rows0 + expected_tau(*taus)).reshape(t0.shape)
+        np.testing.assert_allclose(got[name], expected, rtol=1e-5, atol=1e-6, err_msg=name)
+        changed += not np.allclose(got[name], fts[0][name], rtol=0, atol=1e-6)
+    assert changed == len(base)  # every tensor moved away from the expert: the op really ran
+    # The base's config travels with the weights, so the output is a loadable model folder.
+    assert json.loads((out / "config.json").read_text()) == json.loads(
+        (zoo["base"] / "config.json").read_text()
+    )
+
+
+def test_ext_sub_with_base(zoo, tmp_path):
+    out = tmp_path / "out"
+    result = excise(
+        "ops", "ext-sub", "--base", str(zoo["base"]), "--expert", str(zoo["expert"]),
+        "--anti-expert", str(zoo["anti"]), "--lam", "0.7", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {out}" in result.stdout
+    _check(out, zoo, lambda t1, t2, _: ext_sub_rows_numpy(t1, t2, 0.7))
+    provenance = json.loads((out / "excise.json").read_text())
+    assert provenance["operation"] == "ext_sub" and provenance["params"] == {"lam": 0.7}
+
+
+def test_compose_with_base(zoo, tmp_path):
+    """Two anti-experts, one λ each: θ+ − Σ λ_k d_k, each d_k extracted against the expert."""
+    out = tmp_path / "out"
+    result = excise(
+        "ops", "ext-sub", "--base", str(zoo["base"]), "--expert", str(zoo["expert"]),
+        "--anti-expert", str(zoo["anti"]), "--anti-expert", str(zoo["anti2"]),
+        "--lam", "1", "--lam", "0.5", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+    def compose(t1, t2, t3):
+        return ext_sub_rows_numpy(t1, t2, 1.0) + ext_sub_rows_numpy(t1, t3, 0.5) - t1
+
+    _check(out, zoo, compose)
+
+
+def test_negate_with_base(zoo, tmp_path):
+    """SKU's negation θ_base − λ(θ − θ_base)."""
+    out = tmp_path / "out"
+    result = excise(
+        "ops", "negate", "--base", str(zoo["base"]), "--adapter", str(zoo["expert"]),
+        "--lam", "0.5", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    _check(out, zoo, lambda t1, *_: -0.5 * t1)
+    base, ft, got = _state(zoo["base"]), _state(zoo["expert"]), _state(out)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    np.testing.assert_allclose(got[name], base[name] - 0.5 * (ft[name] - base[name]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["missing base", "file as model", "adapter as model", "non-finite lam"])
+def test_bad_input_with_base(zoo, tmp_path, case):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    base, expert = str(zoo["base"]), str(zoo["expert"])
+    args, message = {
+        "missing base": (["negate", "--adapter", expert, "--base", str(tmp_path / "nope")], "not found"),
+        "file as model": (
+            ["ext-sub", "--base", base, "--expert", expert, "--anti-expert", f"{expert}/config.json"],
+            "is a file",
+        ),
+        "adapter as model": (["negate", "--base", base, "--adapter", str(adapter)], "without --base"),
+        "non-finite lam": (["negate", "--adapter", expert, "--base", base, "--lam", "nan"], "finite"),
+    }[case]
+    out = tmp_path / "out"
+    result = excise("ops", *args, "--out", str(out))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert message in lines[0] and "Traceback" not in result.stderr, result.stderr
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_dense_is_refused_with_base(zoo, tmp_path):
+    """--dense is for adapters only: a usage error (click's boxed message), still exit 2."""
+    out = tmp_path / "out"
+    args = ["--adapter", str(zoo["expert"]), "--base", str(zoo["base"]), "--dense", "--out", str(out)]
+    result = excise("ops", "negate", *args)
+    assert result.returncode == 2 and "--dense" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_existing_output_needs_overwrite(zoo, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    args = ["ops", "negate", "--base", str(zoo["base"]), "--adapter", str(zoo["expert"]), "--out", str(out)]
+    refused = excise(*args)
+    assert refused.returncode == 2 and "--overwrite" in refused.stderr, refused.stderr
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    replaced = excise(*args, "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
