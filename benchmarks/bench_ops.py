@@ -21,16 +21,17 @@ Commands::
 
 from __future__ import annotations
 
-import os
+from excise.runtime import configure_process
 
-# As excise/cli.py: OpenBLAS's thread pool makes the many small products of the
-# low-rank operators 100-1000x slower on few cores. Must be set before numpy loads.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# The process settings of the `excise` CLI (excise/runtime.py), so the in-process
+# timings below match what `excise ops` does. Must run before numpy loads.
+configure_process()
 
 import argparse
 import cProfile
 import datetime as dt
 import json
+import os
 import platform
 import pstats
 import shutil

@@ -7,13 +7,11 @@ one line to stderr and exit 2; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import os
+from excise.runtime import configure_process
 
-# The operators multiply many small (r×r, r×in) matrices. On few-core machines
-# OpenBLAS's thread pool makes each such product 100–1000× slower (measured 132 ms vs
-# 0.11 ms for a 16×4096 Gram on 2 cores), so the CLI pins BLAS to one thread unless the
-# user chose otherwise. Must run before numpy is imported.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# One BLAS thread and a malloc that keeps freed blocks (see excise/runtime.py): the
+# operators are 2–10× faster so. Must run before numpy is imported.
+configure_process()
 
 import json
 import sys

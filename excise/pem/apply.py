@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from excise.pem.io import check_output_dir, load_adapter, save_adapter
+from excise.pem.delta import Adapter
+from excise.pem.io import check_output_dir, file_sha256, load_adapter, save_adapter
 from excise.pem.ops.registry import get_operator
 
 __all__ = ["apply_operator"]
@@ -43,9 +45,19 @@ def apply_operator(
     """
     operator = get_operator(name)
     check_output_dir(out, overwrite=overwrite)  # fail before reading anything
-    adapters = [load_adapter(path) for path in inputs]
+    adapters = [load_adapter(path, checksum=False) for path in inputs]
     fn = operator.dense_fn if dense else operator.fn
     if len(adapters) > 1:
         params = {**params, "allow_partial": allow_partial}
-    result = fn(*adapters, **params)
+    # The inputs' checksums (for the provenance record) are computed while the
+    # operator runs: hashing reads as many bytes as loading, and hashlib releases the GIL.
+    with ThreadPoolExecutor(max_workers=len(adapters)) as pool:
+        digests = [pool.submit(file_sha256, _weights_path(a)) for a in adapters]
+        result = fn(*adapters, **params)
+        for adapter, digest in zip(adapters, digests, strict=True):
+            adapter.source["sha256"] = digest.result()  # the dicts the result's source refers to
     return save_adapter(result, out, overwrite=overwrite)
+
+
+def _weights_path(adapter: Adapter) -> Path:
+    return Path(adapter.source["path"]) / adapter.source["weights"]

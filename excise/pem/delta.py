@@ -56,6 +56,8 @@ class LowRankDelta:
 
     def folded(self, dtype: np.dtype | type = np.float64) -> LowRankDelta:
         """The same delta with ``scale`` folded into ``B`` (scale 1); ``A`` is kept as is."""
+        if self.scale == 1.0 and self.B.dtype == dtype:
+            return self
         return LowRankDelta(self.scale * self.B.astype(dtype), self.A, 1.0)
 
 

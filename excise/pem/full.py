@@ -37,7 +37,7 @@ from safetensors import safe_open
 from excise import __version__
 from excise.errors import ConfigError, ModelLoadError
 from excise.pem.delta import Module, RowDelta
-from excise.pem.io import PROVENANCE_FILE, _first_line, _sha256, atomic_output_dir, check_output_dir
+from excise.pem.io import PROVENANCE_FILE, _first_line, atomic_output_dir, check_output_dir, file_sha256
 from excise.pem.ops.add import _add_module
 from excise.pem.ops.base import check_finite
 from excise.pem.ops.compose import _compose_module, _lams
@@ -336,7 +336,7 @@ class _Weights:
             "role": self.role,
             "path": str(self.folder.resolve()),
             "hashed": self.fingerprint.name,
-            "sha256": _sha256(self.fingerprint),
+            "sha256": file_sha256(self.fingerprint),
         }
 
 

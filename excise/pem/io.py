@@ -24,6 +24,7 @@ import re
 import shutil
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ __all__ = [
     "PROVENANCE_FILE",
     "atomic_output_dir",
     "check_output_dir",
+    "file_sha256",
     "load_adapter",
     "save_adapter",
 ]
@@ -58,12 +60,14 @@ _IA3_KEY = re.compile(r"^(?P<name>.+)\.ia3_l(?:\.[^.]+)?$")
 # ----------------------------------------------------------------------------- reading
 
 
-def load_adapter(path: str | Path) -> Adapter:
+def load_adapter(path: str | Path, *, checksum: bool = True) -> Adapter:
     """Read and validate a PEFT adapter folder (LoRA, (IA)³ or prefix tuning).
 
     Args:
         path: folder holding ``adapter_config.json`` and ``adapter_model.safetensors``
             (or a legacy ``adapter_model.bin``).
+        checksum: record the weights file's SHA-256 in ``source["sha256"]``; without
+            it the entry is ``None`` for the caller to fill (see :func:`file_sha256`).
 
     Returns:
         The adapter, each module as its effective delta.
@@ -85,19 +89,25 @@ def load_adapter(path: str | Path) -> Adapter:
             f"{folder}: peft_type {config.get('peft_type')!r} is not supported "
             f"(supported: {', '.join(_SUPPORTED)})"
         )
-    weights_file, tensors, dtype = _read_tensors(folder)
-    for key, tensor in tensors.items():
-        if np.issubdtype(tensor.dtype, np.floating) and not np.isfinite(tensor).all():
-            raise AdapterError(f"{weights_file}: tensor {key} contains NaN or Inf values")
-    reader = {"LORA": _read_lora, "IA3": _read_ia3, "PREFIX_TUNING": _read_prefix}[peft_type]
-    modules = reader(config, tensors, weights_file)
-    if not modules:
-        raise AdapterError(f"{weights_file}: holds no {peft_type} weights")
+    weights_file = _weights_file(folder)
+    # The checksum for the provenance record is computed beside the parsing (hashlib
+    # releases the GIL), so it costs no wall time on a machine with two cores.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        digest = pool.submit(file_sha256, weights_file) if checksum else None
+        tensors, dtype = _read_tensors(weights_file)
+        for key, tensor in tensors.items():
+            if np.issubdtype(tensor.dtype, np.floating) and not np.isfinite(tensor).all():
+                raise AdapterError(f"{weights_file}: tensor {key} contains NaN or Inf values")
+        reader = {"LORA": _read_lora, "IA3": _read_ia3, "PREFIX_TUNING": _read_prefix}[peft_type]
+        modules = reader(config, tensors, weights_file)
+        if not modules:
+            raise AdapterError(f"{weights_file}: holds no {peft_type} weights")
+        sha256 = digest.result() if digest is not None else None
     source = {
         "path": str(folder.resolve()),
         "peft_type": peft_type,
         "weights": weights_file.name,
-        "sha256": _sha256(weights_file),
+        "sha256": sha256,
         "dtype": dtype,
     }
     return Adapter(peft_type, config, modules, source, dtype)
@@ -116,19 +126,24 @@ def _read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def _read_tensors(folder: Path) -> tuple[Path, dict[str, np.ndarray], str]:
-    """The weights as numpy arrays (bf16 upcast to float32) and the file's dtype name."""
-    st, binary = folder / _SAFETENSORS, folder / _BIN
-    if st.is_file():
-        try:
-            return (st, *_read_safetensors(st))
-        except AdapterError:
-            raise
-        except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise AdapterError(f"{st}: corrupt or unreadable safetensors file ({_first_line(e)})") from None
-    if binary.is_file():
-        return (binary, *_read_bin(binary))
+def _weights_file(folder: Path) -> Path:
+    """``adapter_model.safetensors``, else the legacy ``adapter_model.bin``."""
+    for name in (_SAFETENSORS, _BIN):
+        if (folder / name).is_file():
+            return folder / name
     raise AdapterError(f"{folder}: no {_SAFETENSORS} or {_BIN}")
+
+
+def _read_tensors(file: Path) -> tuple[dict[str, np.ndarray], str]:
+    """The weights as numpy arrays (bf16 upcast to float32) and the file's dtype name."""
+    if file.name == _BIN:
+        return _read_bin(file)
+    try:
+        return _read_safetensors(file)
+    except AdapterError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise AdapterError(f"{file}: corrupt or unreadable safetensors file ({_first_line(e)})") from None
 
 
 def _read_safetensors(file: Path) -> tuple[dict[str, np.ndarray], str]:
@@ -252,9 +267,10 @@ def _read_prefix(config: dict[str, Any], tensors: dict[str, np.ndarray], file: P
     return {"prompt_embeddings": RowDelta(rows, tuple(emb.shape))}
 
 
-def _sha256(file: Path) -> str:
+def file_sha256(file: str | Path) -> str:
+    """SHA-256 of a file, read in 4 MiB chunks (hashlib releases the GIL meanwhile)."""
     digest = hashlib.sha256()
-    with file.open("rb") as f:
+    with Path(file).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()

@@ -29,6 +29,7 @@ import numpy as np
 from excise.pem.delta import LowRankDelta, Module, RowDelta
 
 __all__ = [
+    "as_float64",
     "ext_sub_coefficients",
     "ext_sub_rows_reference",
     "row_combine",
@@ -57,8 +58,19 @@ def row_norms(m: Module) -> np.ndarray:
     B, A = _f64(m.B), _f64(m.A)  # (out, r), (r, in)
     G = A @ A.T  # (r, r)
     sq = (m.scale**2) * np.einsum("ij,ij->i", B @ G, B)  # (out,)
-    tol = _GRAM_RTOL * (m.scale**2) * np.einsum("ij,ij->i", B, B) * np.trace(G)  # (out,)
+    tol = _GRAM_RTOL * (m.scale**2) * np.trace(G) * np.einsum("ij,ij->i", B, B)  # (out,)
     return np.sqrt(np.where(sq > tol, sq, 0.0))
+
+
+def as_float64(m: Module) -> Module:
+    """The module with ``B`` (or the rows) in float64, converted once for several uses.
+
+    ``A`` is kept as it is: it only enters Gram matrices (converted there, ``r×in``)
+    and the result's stacked ``A`` unchanged.
+    """
+    if isinstance(m, RowDelta):
+        return RowDelta(_f64(m.rows), m.shape)
+    return LowRankDelta(_f64(m.B), m.A, m.scale)
 
 
 def row_dots(m1: Module, m2: Module) -> np.ndarray:
@@ -85,13 +97,18 @@ def row_combine(terms: list[tuple[np.ndarray | float, Module]]) -> Module:
     if isinstance(first, RowDelta):
         rows = sum(_as_column(c, first.rows.shape[0]) * _f64(m.rows) for c, m in terms)
         return RowDelta(rows, first.shape)  # (rows, dim)
-    blocks_B, blocks_A = [], []
+    n_rows = first.B.shape[0]
+    B = np.empty((n_rows, sum(m.rank for _, m in terms)), dtype=_F64)  # (out, Σ r_k)
+    start = 0
     for c, m in terms:
         assert isinstance(m, LowRankDelta)
-        blocks_B.append(_as_column(c, m.B.shape[0]) * (m.scale * _f64(m.B)))  # (out, r_k)
-        blocks_A.append(m.A)  # (r_k, in)
+        coef = _as_column(c, n_rows)
+        # One pass per block, written in place: diag(c_k) s_k B_k.
+        np.multiply(m.B, coef * m.scale, out=B[:, start : start + m.rank])  # (out, r_k)
+        start += m.rank
+    blocks_A = [m.A for _, m in terms]  # (r_k, in) each
     A = blocks_A[0] if len(blocks_A) == 1 else np.concatenate(blocks_A, axis=0)  # (Σ r_k, in)
-    return LowRankDelta(np.concatenate(blocks_B, axis=1), A, 1.0)  # B (out, Σ r_k)
+    return LowRankDelta(B, A, 1.0)
 
 
 def _as_column(c: np.ndarray | float, n: int) -> np.ndarray | float:

@@ -286,3 +286,25 @@ def test_output_is_atomic(lora_pair, tmp_path, monkeypatch):
         save_adapter(adapter, tmp_path / "fresh")
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temp folder, no half output
     assert (out / "adapter_model.safetensors").exists()  # the old output survived
+
+
+def test_provenance_records_operation_inputs_and_checksums(lora_pair, tmp_path):
+    import hashlib
+
+    from excise.pem.apply import apply_operator
+
+    expert, anti = lora_pair
+    out = apply_operator("ext-sub", [expert, anti], tmp_path / "out", params={"lam": 0.5})
+    record = json.loads((out / pem_io.PROVENANCE_FILE).read_text())
+    with safe_open(str(out / "adapter_model.safetensors"), framework="np") as f:
+        embedded = json.loads(f.metadata()["excise"])
+    assert embedded == record
+    assert record["operation"] == "ext_sub"
+    assert record["params"] == {"lam": 0.5}
+    for entry, folder in zip(record["inputs"], (expert, anti), strict=True):
+        weights = folder / "adapter_model.safetensors"
+        assert entry["path"] == str(folder.resolve())
+        assert entry["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    # load_adapter on its own computes the same checksum; checksum=False leaves it to the caller.
+    assert load_adapter(expert).source["sha256"] == record["inputs"][0]["sha256"]
+    assert load_adapter(expert, checksum=False).source["sha256"] is None

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,17 +109,28 @@ def apply_modulewise(
     names: dict[str, None] = {}
     for adapter in adapters:
         names.update(dict.fromkeys(adapter.modules))
-    modules: dict[str, Module] = {}
-    for name in names:
-        out = kernel([a.modules.get(name) for a in adapters])
-        if out is not None:
-            modules[name] = out
+    inputs = [[a.modules.get(name) for a in adapters] for name in names]
+    workers = _workers(len(inputs))
+    if workers > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            outputs = list(pool.map(kernel, inputs))
+    else:
+        outputs = [kernel(ms) for ms in inputs]
+    modules = {name: out for name, out in zip(names, outputs, strict=True) if out is not None}
     source = {
         "operation": operation,
         "params": params,
         "inputs": [a.source for a in adapters],
     }
     return Adapter(adapters[0].peft_type, adapters[0].config, modules, source, adapters[0].dtype)
+
+
+def _workers(n_modules: int) -> int:
+    """Modules run in parallel threads (numpy releases the GIL in its kernels) when BLAS
+    is single-threaded, as the CLI sets it; otherwise BLAS's own threads would compete."""
+    if os.environ.get("OPENBLAS_NUM_THREADS") != "1":
+        return 1
+    return max(1, min(n_modules, os.cpu_count() or 1, 8))
 
 
 def rank_in_dense(W: np.ndarray, like: Module) -> Module:

@@ -19,7 +19,7 @@ NaN on zero rows and, for (IA)³, subtracts ``W2`` with weight 1 whatever λ is.
 from __future__ import annotations
 
 from excise.pem.delta import Adapter, Module
-from excise.pem.linalg import ext_sub_coefficients, ext_sub_rows_reference, row_combine, row_norms
+from excise.pem.linalg import as_float64, ext_sub_coefficients, ext_sub_rows_reference, row_combine, row_norms
 from excise.pem.ops.base import apply_modulewise, check_finite, rank_in_dense
 
 __all__ = ["ext_sub", "ext_sub_dense"]
@@ -31,6 +31,7 @@ def _ext_sub_module(expert: Module | None, anti_expert: Module | None, lam: floa
         return None
     if anti_expert is None:
         return row_combine([(1.0, expert)])
+    expert, anti_expert = as_float64(expert), as_float64(anti_expert)  # B read by norms and combine
     alpha, beta = ext_sub_coefficients(row_norms(expert), row_norms(anti_expert), lam)  # (out,)
     return row_combine([(alpha, expert), (beta, anti_expert)])
 
