@@ -1,6 +1,7 @@
 """Parameter-efficient modules: reading, the low-rank representation, operators.
 
-Tensors only: imports torch, safetensors and the standard library (STYLE.md rule 1).
+Tensors only: imports numpy, safetensors and the standard library at module level
+(STYLE.md rule 1); torch only when a file needs it (bf16, legacy ``.bin``).
 """
 
 from excise.pem.delta import Adapter, LowRankDelta, Module, RowDelta
