@@ -10,7 +10,7 @@ and generates a few answers. It stands in for the real trainers and evaluation u
     python -c "from pathlib import Path; from excise.pipeline.demo import run_demo; \
 run_demo(Path('runs/demo'))"
 
-About 4 minutes on 2 CPU cores with SmolLM2-135M-Instruct (plus ~40 s once, the first
+About 12 minutes on 2 CPU cores with SmolLM2-135M-Instruct (plus ~40 s once, the first
 time, to convert the GGUF model).
 """
 
