@@ -301,6 +301,7 @@ def test_provenance_records_operation_inputs_and_checksums(lora_pair, tmp_path):
     assert embedded == record
     assert record["operation"] == "ext_sub"
     assert record["params"] == {"lam": 0.5}
+    assert record["allow_partial"] is False
     for entry, folder in zip(record["inputs"], (expert, anti), strict=True):
         weights = folder / "adapter_model.safetensors"
         assert entry["path"] == str(folder.resolve())

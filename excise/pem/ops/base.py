@@ -120,6 +120,7 @@ def apply_modulewise(
     source = {
         "operation": operation,
         "params": params,
+        "allow_partial": allow_partial,
         "inputs": [a.source for a in adapters],
     }
     return Adapter(adapters[0].peft_type, adapters[0].config, modules, source, adapters[0].dtype)
