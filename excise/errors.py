@@ -7,7 +7,15 @@ printed by the CLI without a traceback (exit code 2). Anything else is a bug.
 
 from __future__ import annotations
 
-__all__ = ["AdapterError", "ConfigError", "DataError", "ExciseError", "ExciseWarning", "ModelLoadError"]
+__all__ = [
+    "AdapterError",
+    "ConfigError",
+    "DataError",
+    "ExciseError",
+    "ExciseWarning",
+    "ModelLoadError",
+    "first_line",
+]
 
 
 class ExciseError(Exception):
@@ -32,3 +40,9 @@ class ModelLoadError(ExciseError, FileNotFoundError):
 
 class ExciseWarning(UserWarning):
     """Something the user should know that does not stop the run (printed as one line)."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none), for one-line errors."""
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from excise.errors import ModelLoadError
+from excise.errors import ModelLoadError, first_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -173,11 +173,10 @@ def load_tokenizer(spec: str, *, padding_side: str = "right") -> PreTrainedToken
 
 def _load_error(spec: str, source: str, what: str, err: Exception) -> ModelLoadError:
     """A one-line ModelLoadError for a failed ``from_pretrained``."""
-    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if Path(source).is_dir():
-        return ModelLoadError(f"cannot load {what} from folder {source!r}: {first_line}")
+        return ModelLoadError(f"cannot load {what} from folder {source!r}: {first_line(err)}")
     return ModelLoadError(
-        f"cannot load {what} {spec!r} from the Hugging Face hub ({first_line}); "
+        f"cannot load {what} {spec!r} from the Hugging Face hub ({first_line(err)}); "
         f"pass a local model folder or the offline alias {next(iter(ALIASES))!r}"
     )
 
@@ -235,8 +234,7 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
     except ImportError as err:
         raise ModelLoadError(f"reading {gguf.name} needs the 'gguf' package: pip install gguf") from err
     except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelLoadError(f"cannot convert GGUF file {gguf}: {first_line}") from err
+        raise ModelLoadError(f"cannot convert GGUF file {gguf}: {first_line(err)}") from err
     # The weights are already dequantised; without this the saved config still says
     # "gguf" and every later load would look for the .gguf file.
     if getattr(model, "hf_quantizer", None) is not None:

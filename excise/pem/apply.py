@@ -7,7 +7,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from excise.pem.delta import Adapter
 from excise.pem.io import check_output_dir, file_sha256, load_adapter, save_adapter
 from excise.pem.ops.registry import get_operator
 
@@ -51,13 +50,10 @@ def apply_operator(
         params = {**params, "allow_partial": allow_partial}
     # The inputs' checksums (for the provenance record) are computed while the
     # operator runs: hashing reads as many bytes as loading, and hashlib releases the GIL.
-    with ThreadPoolExecutor(max_workers=len(adapters)) as pool:
-        digests = [pool.submit(file_sha256, _weights_path(a)) for a in adapters]
+    files = [Path(a.source["path"]) / a.source["weights"] for a in adapters]
+    with ThreadPoolExecutor(max_workers=len(files)) as pool:
+        digests = [pool.submit(file_sha256, file) for file in files]
         result = fn(*adapters, **params)
-        for adapter, digest in zip(adapters, digests, strict=True):
-            adapter.source["sha256"] = digest.result()  # the dicts the result's source refers to
+        for entry, digest in zip(result.source["inputs"], digests, strict=True):
+            entry["sha256"] = digest.result()
     return save_adapter(result, out, overwrite=overwrite)
-
-
-def _weights_path(adapter: Adapter) -> Path:
-    return Path(adapter.source["path"]) / adapter.source["weights"]

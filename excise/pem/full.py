@@ -35,9 +35,9 @@ import numpy as np
 from safetensors import safe_open
 
 from excise import __version__
-from excise.errors import ConfigError, ModelLoadError
+from excise.errors import ConfigError, ModelLoadError, first_line
 from excise.pem.delta import Module, RowDelta
-from excise.pem.io import PROVENANCE_FILE, _first_line, atomic_output_dir, check_output_dir, file_sha256
+from excise.pem.io import PROVENANCE_FILE, atomic_output_dir, check_output_dir, file_sha256
 from excise.pem.ops.add import _add_module
 from excise.pem.ops.base import check_finite
 from excise.pem.ops.compose import _compose_module, _lams
@@ -290,7 +290,7 @@ class _Weights:
             what = f"tensor {name} of " if name else ""
             raise ModelLoadError(
                 f"cannot read {what}the {self.role} model file {shard}, corrupt or unreadable "
-                f"({_first_line(e)}): fetch it again"
+                f"({first_line(e)}): fetch it again"
             ) from None
 
     def _handle(self, shard: Path) -> Any:

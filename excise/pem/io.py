@@ -24,7 +24,6 @@ import re
 import shutil
 import uuid
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from excise import __version__
-from excise.errors import AdapterError, ConfigError
+from excise.errors import AdapterError, ConfigError, first_line
 from excise.pem.delta import Adapter, LowRankDelta, RowDelta
 
 __all__ = [
@@ -90,24 +89,19 @@ def load_adapter(path: str | Path, *, checksum: bool = True) -> Adapter:
             f"(supported: {', '.join(_SUPPORTED)})"
         )
     weights_file = _weights_file(folder)
-    # The checksum for the provenance record is computed beside the parsing (hashlib
-    # releases the GIL), so it costs no wall time on a machine with two cores.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        digest = pool.submit(file_sha256, weights_file) if checksum else None
-        tensors, dtype = _read_tensors(weights_file)
-        for key, tensor in tensors.items():
-            if np.issubdtype(tensor.dtype, np.floating) and not np.isfinite(tensor).all():
-                raise AdapterError(f"{weights_file}: tensor {key} contains NaN or Inf values")
-        reader = {"LORA": _read_lora, "IA3": _read_ia3, "PREFIX_TUNING": _read_prefix}[peft_type]
-        modules = reader(config, tensors, weights_file)
-        if not modules:
-            raise AdapterError(f"{weights_file}: holds no {peft_type} weights")
-        sha256 = digest.result() if digest is not None else None
+    tensors, dtype = _read_tensors(weights_file)
+    for key, tensor in tensors.items():
+        if np.issubdtype(tensor.dtype, np.floating) and not np.isfinite(tensor).all():
+            raise AdapterError(f"{weights_file}: tensor {key} contains NaN or Inf values")
+    reader = {"LORA": _read_lora, "IA3": _read_ia3, "PREFIX_TUNING": _read_prefix}[peft_type]
+    modules = reader(config, tensors, weights_file)
+    if not modules:
+        raise AdapterError(f"{weights_file}: holds no {peft_type} weights")
     source = {
         "path": str(folder.resolve()),
         "peft_type": peft_type,
         "weights": weights_file.name,
-        "sha256": sha256,
+        "sha256": file_sha256(weights_file) if checksum else None,
         "dtype": dtype,
     }
     return Adapter(peft_type, config, modules, source, dtype)
@@ -143,7 +137,7 @@ def _read_tensors(file: Path) -> tuple[dict[str, np.ndarray], str]:
     except AdapterError:
         raise
     except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise AdapterError(f"{file}: corrupt or unreadable safetensors file ({_first_line(e)})") from None
+        raise AdapterError(f"{file}: corrupt or unreadable safetensors file ({first_line(e)})") from None
 
 
 def _read_safetensors(file: Path) -> tuple[dict[str, np.ndarray], str]:
@@ -170,7 +164,7 @@ def _read_bin(file: Path) -> tuple[dict[str, np.ndarray], str]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip or weights_only refusals
-        raise AdapterError(f"{file}: unreadable or unsafe .bin file ({_first_line(e)})") from None
+        raise AdapterError(f"{file}: unreadable or unsafe .bin file ({first_line(e)})") from None
     if (
         not state
         or not isinstance(state, dict)
@@ -274,11 +268,6 @@ def file_sha256(file: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
 
 
 # ----------------------------------------------------------------------------- writing
