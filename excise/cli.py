@@ -21,6 +21,10 @@ from typing import Annotated
 
 import typer
 
+from excise.commands import data as data_commands
+from excise.commands import evaluate as eval_commands
+from excise.commands import train as train_commands
+from excise.commands.common import Overwrite, done
 from excise.errors import ExciseError
 
 app = typer.Typer(
@@ -33,6 +37,9 @@ ops_app = typer.Typer(
     help="Exact, rank-additive operators on PEFT adapters (LoRA, (IA)³, prefix).", no_args_is_help=True
 )
 app.add_typer(ops_app, name="ops")
+app.add_typer(train_commands.app, name="train")
+app.add_typer(eval_commands.app, name="eval")
+app.add_typer(data_commands.app, name="data")
 
 Dir = Annotated[Path, typer.Option(help="PEFT adapter folder.", show_default=False)]
 Out = Annotated[Path, typer.Option("--out", help="Output folder (written atomically).", show_default=False)]
@@ -43,7 +50,6 @@ Partial = Annotated[
     bool,
     typer.Option("--allow-partial", help="Combine adapters whose target modules differ (shared ones only)."),
 ]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")]
 Base = Annotated[
     str | None,
     typer.Option(
@@ -53,10 +59,6 @@ Base = Annotated[
         show_default=False,
     ),
 ]
-
-
-def _done(out: Path) -> None:
-    typer.echo(f"wrote {out}")
 
 
 def _run_op(
@@ -76,11 +78,11 @@ def _run_op(
         from excise.models import resolve_model
         from excise.pem.full import apply_full
 
-        _done(apply_full(name, Path(resolve_model(base)), inputs, out, params=params, overwrite=overwrite))
+        done(apply_full(name, Path(resolve_model(base)), inputs, out, params=params, overwrite=overwrite))
         return
     from excise.pem.apply import apply_operator
 
-    _done(
+    done(
         apply_operator(
             name, inputs, out, params=params, dense=dense, allow_partial=partial, overwrite=overwrite
         )
@@ -225,9 +227,9 @@ def inspect(
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(report, indent=2) + "\n")
-        _done(json_out)
+        done(json_out)
     if plot is not None:
-        _done(plot_diagnostics(report, plot))
+        done(plot_diagnostics(report, plot))
 
 
 @app.command("merge")
@@ -242,7 +244,7 @@ def merge(
     """Merge an adapter into its base model and save a plain transformers model."""
     from excise.models.merge import merge_adapter
 
-    _done(merge_adapter(base, adapter, out, overwrite=overwrite))
+    done(merge_adapter(base, adapter, out, overwrite=overwrite))
 
 
 @app.command("demo")
@@ -265,7 +267,7 @@ def demo(
     """Train an expert and an anti-expert LoRA on HaluEval QA, apply Ext-Sub, score and generate."""
     from excise.pipeline.demo import run_demo
 
-    _done(
+    done(
         run_demo(
             out,
             model=model,

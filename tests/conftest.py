@@ -129,6 +129,12 @@ def tiny_tokenizer():
     return tokenizer
 
 
+@pytest.fixture(name="chat_tokenizer")
+def _chat_tokenizer():
+    """The tiny character-level ChatML tokenizer (:func:`tiny_tokenizer`) as a fixture."""
+    return tiny_tokenizer()
+
+
 @pytest.fixture
 def tiny_model_dir(tmp_path, tiny_llama):
     """A folder holding the tiny Llama and the tiny tokenizer, loadable by spec."""

@@ -14,7 +14,9 @@ STDLIB = set(sys.stdlib_module_names) | {"__future__"}
 EXCISE_ALLOWED = {
     "pem": ("excise.pem", "excise.errors"),
     "models": ("excise.models", "excise.errors"),
-    "data": ("excise.data", "excise.errors"),
+    "data": ("excise.data", "excise.models", "excise.errors"),
+    "train": ("excise.train", "excise.data", "excise.models", "excise.pem", "excise.errors"),
+    "evaluate": ("excise.evaluate", "excise.data", "excise.models", "excise.errors"),
 }
 # pem/ is tensors only, and numpy replaces torch there (excise/pem/delta.py says why).
 THIRD_PARTY_ALLOWED = {"pem": ("numpy", "safetensors")}

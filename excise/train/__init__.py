@@ -1,0 +1,1 @@
+"""Training of parameter-efficient modules: SFT (expert / anti-expert), SKU, unlearning baselines."""
