@@ -23,7 +23,9 @@ import typer
 
 from excise.commands import data as data_commands
 from excise.commands import evaluate as eval_commands
+from excise.commands import judge as _judge_commands  # noqa: F401 - registers on `eval`
 from excise.commands import train as train_commands
+from excise.commands import unlearn as _unlearn_commands  # noqa: F401 - registers on `train`
 from excise.commands.common import Overwrite, done
 from excise.errors import ExciseError
 
