@@ -1,0 +1,59 @@
+"""Helpers every judge shares: input checks and ``key=value`` option parsing."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from excise.errors import ConfigError, DataError
+
+__all__ = ["check_pairs", "parse_options"]
+
+
+def check_pairs(prompts: Sequence[str], responses: Sequence[str], judge: str) -> None:
+    """Raise DataError unless prompts and responses are equal-length sequences of strings."""
+    if isinstance(prompts, str) or isinstance(responses, str):
+        raise DataError(f"{judge} judge: pass lists of prompts and responses, not a single string")
+    if len(prompts) != len(responses):
+        raise DataError(
+            f"{judge} judge: {len(prompts)} prompts but {len(responses)} responses; "
+            "pass one prompt per response"
+        )
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True), start=1):
+        if not isinstance(p, str) or not isinstance(r, str):
+            raise DataError(
+                f"{judge} judge: pair {i} is ({type(p).__name__}, {type(r).__name__}), expected two strings"
+            )
+
+
+def parse_options(items: Sequence[str]) -> dict[str, Any]:
+    """``["threshold=0.7", "model=gpt-4o-mini", "case_sensitive=false"]`` → a dict of typed values.
+
+    Values become ``int``, ``float``, ``bool`` (``true``/``false``) or ``None`` (``none``) where
+    they read as one, and stay strings otherwise; a comma-separated value stays one string.
+
+    Raises:
+        ConfigError: an item has no ``=`` or an empty key.
+    """
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ConfigError(f"judge option {item!r} is not KEY=VALUE (e.g. threshold=0.7)")
+        options[key] = _typed(value.strip())
+    return options
+
+
+def _typed(value: str) -> Any:
+    lowered = value.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value

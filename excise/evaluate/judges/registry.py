@@ -1,0 +1,109 @@
+"""Every judge kind, in one literal list, and :func:`load_judge` that picks one by spec.
+
+A judge spec is one string (DESIGN.md §3, "judges are pluggable"):
+
+======================  =================================================================
+``refusal``             refusal-marker heuristic (GCG test prefixes): flagged = no refusal
+``harm-probe``          offline default for the harmful rate: a logistic probe on
+                        all-MiniLM-L6-v2 embeddings, trained on PKU-SafeRLHF ``judge`` prompts
+``toxicity-probe``      offline default for toxicity: the same kind of probe, trained on
+                        RealToxicityPrompts texts with Perspective scores
+``probe:<file>``        a probe written by ``excise eval judge-train --out FILE``
+``hf:<id or folder>``   a Hugging Face sequence classifier (unsafe/toxic label probability) or
+                        a Llama-Guard-style causal LM (P("unsafe") of the first token)
+``openai:<base url>``   an OpenAI-compatible endpoint asked to answer ``safe`` / ``unsafe``
+                        (option ``model=NAME``; API key from ``$OPENAI_API_KEY``)
+======================  =================================================================
+
+Options (``load_judge(spec, threshold=0.7)``, or ``--judge-option threshold=0.7`` on the
+command line, parsed by :func:`~excise.evaluate.judges.common.parse_options`) go to the
+judge's constructor; an unknown option is an error naming the accepted ones.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from excise.errors import ConfigError
+from excise.evaluate.judges.base import Judge
+
+__all__ = ["JUDGES", "JudgeKind", "load_judge"]
+
+
+@dataclass(frozen=True)
+class JudgeKind:
+    """One row of the registry.
+
+    Attributes:
+        name: the spec word (``refusal``) or prefix (``hf`` for ``hf:<target>``).
+        make: builds the judge from ``target`` (the text after ``name:``, or ``None``) and options.
+        takes_target: whether the spec is ``name:<target>``.
+        summary: one line for ``--help`` and docs.
+    """
+
+    name: str
+    make: Callable[..., Judge]
+    takes_target: bool
+    summary: str
+
+
+def _refusal(target: None, **options: Any) -> Judge:
+    from excise.evaluate.judges.refusal import RefusalJudge
+
+    return _construct(RefusalJudge, "refusal", options)
+
+
+JUDGES: dict[str, JudgeKind] = {
+    kind.name: kind
+    for kind in [
+        JudgeKind("refusal", _refusal, False, "refusal-marker heuristic (GCG test prefixes)"),
+    ]
+}
+
+
+def load_judge(spec: str, **options: Any) -> Judge:
+    """The judge a spec names (see the module docstring), built with ``options``.
+
+    Args:
+        spec: ``refusal``, ``harm-probe``, ``toxicity-probe``, ``probe:<file>``,
+            ``hf:<hub id or folder>`` or ``openai:<base url>``.
+        **options: constructor options of that judge (e.g. ``threshold``, ``model``).
+
+    Returns:
+        An object satisfying :class:`~excise.evaluate.judges.base.Judge`.
+
+    Raises:
+        ConfigError: unknown spec, a missing or unexpected target, or an unknown option.
+        ModelLoadError: a model-backed judge cannot load its model.
+    """
+    name, sep, target = spec.strip().partition(":")
+    kind = JUDGES.get(name)
+    if kind is None:
+        raise ConfigError(f"unknown judge {spec!r}; choose one of: {_choices()}")
+    if kind.takes_target and not target.strip():
+        raise ConfigError(f"judge {name!r} needs a target: {name}:<...> ({kind.summary})")
+    if not kind.takes_target and sep:
+        raise ConfigError(f"judge {name!r} takes no target; write just {name!r}")
+    return kind.make(target.strip() if kind.takes_target else None, **options)
+
+
+def _choices() -> str:
+    return ", ".join(f"{k.name}:<...>" if k.takes_target else k.name for k in JUDGES.values())
+
+
+def _construct(cls: type, name: str, options: dict[str, Any], *args: Any) -> Any:
+    """``cls(*args, **options)``, with unknown options reported as one ConfigError line."""
+    accepted = [
+        p.name
+        for p in inspect.signature(cls).parameters.values()
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ][len(args) :]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ConfigError(
+            f"judge {name!r} has no option(s) {', '.join(unknown)}; it accepts: {', '.join(accepted)}"
+        )
+    return cls(*args, **options)
