@@ -1,0 +1,155 @@
+"""SKU and baseline losses (excise/train/losses.py) against plain reference loops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from excise.train.losses import (
+    adapter_disabled_reference,
+    frozen_model_reference,
+    gradient_ascent_loss,
+    guided_distortion_loss,
+    kl_to_reference_loss,
+    preservation_divergence_loss,
+    random_disassociation_loss,
+    response_logits,
+    sequence_nll,
+)
+from tests.conftest import tiny_llama_config
+
+# Two rows, (prompt, response) lengths (4, 5) and (3, 2).
+ROWS = [([11, 12, 13, 14], [21, 22, 23, 24, 25]), ([31, 32, 33], [41, 42])]
+
+
+def _batch(padding_side: str = "left") -> dict[str, torch.Tensor]:
+    """A hand-collated batch: labels = ids on response tokens, -100 elsewhere."""
+    T = max(len(p) + len(r) for p, r in ROWS)
+    ids = torch.zeros((len(ROWS), T), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, (p, r) in enumerate(ROWS):
+        n = len(p) + len(r)
+        s = T - n if padding_side == "left" else 0
+        ids[i, s : s + n] = torch.tensor(p + r)
+        mask[i, s : s + n] = 1
+        labels[i, s + len(p) : s + n] = torch.tensor(r)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _row_logits(model, prompt, response) -> torch.Tensor:
+    """Logits predicting each response token, from the row alone (no padding at all)."""
+    ids = torch.tensor([prompt + response])
+    logits = model(input_ids=ids).logits[0].float()  # (n, V)
+    return logits[len(prompt) - 1 : -1]  # (len(response), V)
+
+
+def _reference_nll(model) -> torch.Tensor:
+    per_row = [F.cross_entropy(_row_logits(model, p, r), torch.tensor(r)) for p, r in ROWS]
+    return torch.stack(per_row).mean()
+
+
+def _reference_kl(ref_model, model) -> torch.Tensor:
+    per_row = []
+    for p, r in ROWS:
+        lp = F.log_softmax(_row_logits(ref_model, p, r), -1)
+        lq = F.log_softmax(_row_logits(model, p, r), -1)
+        per_row.append((lp.exp() * (lp - lq)).sum(-1).mean())
+    return torch.stack(per_row).mean()
+
+
+@pytest.fixture
+def lora_model(tiny_llama):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(tiny_llama, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+
+
+def _perturb_lora(model) -> None:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_response_logits_select_exactly_the_response_predictions(tiny_llama, padding_side):
+    logits, targets, rows = response_logits(tiny_llama, _batch(padding_side))
+    expected = torch.cat([_row_logits(tiny_llama, p, r) for p, r in ROWS])
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    assert targets.tolist() == [t for _, r in ROWS for t in r]
+    assert rows.tolist() == [0] * 5 + [1] * 2
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_cross_entropy_terms_average_per_response_then_over_rows(tiny_llama, padding_side):
+    batch = _batch(padding_side)
+    expected = _reference_nll(tiny_llama)
+    torch.testing.assert_close(sequence_nll(tiny_llama, batch), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(guided_distortion_loss(tiny_llama, batch), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(random_disassociation_loss(tiny_llama, batch), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gradient_ascent_loss(tiny_llama, batch), -expected, atol=1e-5, rtol=1e-5)
+    # Per-row weighting differs from the token mean when responses differ in length.
+    token_mean = torch.cat(
+        [F.cross_entropy(_row_logits(tiny_llama, p, r), torch.tensor(r), reduction="none") for p, r in ROWS]
+    ).mean()
+    assert not torch.isclose(expected, token_mean)
+
+
+def test_pd_is_exactly_zero_at_step_zero(lora_model):
+    loss = preservation_divergence_loss(lora_model, _batch())
+    assert loss.item() == 0.0  # LoRA B = 0: the adapter is a no-op, bit for bit
+
+
+def test_pd_reference_is_the_adapter_disabled_model_and_no_copy_is_made(lora_model, monkeypatch):
+    from transformers import LlamaForCausalLM, PreTrainedModel
+
+    torch.manual_seed(0)
+    untouched = LlamaForCausalLM(tiny_llama_config()).eval()  # the same weights as tiny_llama, no LoRA
+    _perturb_lora(lora_model)
+    batch = _batch()
+    created = []
+    monkeypatch.setattr(PreTrainedModel, "__init__", lambda *a, **k: created.append(1))
+    monkeypatch.setattr("copy.deepcopy", lambda *a, **k: created.append(1))
+    ref_logits = adapter_disabled_reference(lora_model)(batch)
+    loss = preservation_divergence_loss(lora_model, batch)
+    assert not created  # no second model was constructed or copied
+    expected_ref = torch.cat([_row_logits(untouched, p, r) for p, r in ROWS])
+    torch.testing.assert_close(ref_logits, expected_ref, atol=1e-5, rtol=1e-5)
+    assert not ref_logits.requires_grad
+    # The loss is −KL(p_base ‖ p_adapted), computed row by row without padding.
+    per_row = []
+    for p, r in ROWS:
+        with lora_model.disable_adapter():
+            lp = F.log_softmax(_row_logits(lora_model, p, r), -1)
+        lq = F.log_softmax(_row_logits(lora_model, p, r), -1)
+        per_row.append((lp.exp() * (lp - lq)).sum(-1).mean())
+    expected_kl = torch.stack(per_row).mean()
+    assert expected_kl > 1e-4
+    torch.testing.assert_close(loss, -expected_kl, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(kl_to_reference_loss(lora_model, batch), expected_kl, atol=1e-5, rtol=1e-4)
+
+
+def test_pd_gradient_reaches_only_the_adapter_and_flows_from_the_adapted_branch(lora_model):
+    _perturb_lora(lora_model)
+    preservation_divergence_loss(lora_model, _batch()).backward()
+    grads = {n: p.grad for n, p in lora_model.named_parameters() if p.requires_grad}
+    assert grads and all("lora_" in n for n in grads)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_frozen_model_reference_equals_the_separate_model(tiny_llama):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(1)
+    other = LlamaForCausalLM(tiny_llama_config()).eval()
+    loss = preservation_divergence_loss(tiny_llama, _batch("right"), frozen_model_reference(other))
+    torch.testing.assert_close(loss, -_reference_kl(other, tiny_llama), atol=1e-5, rtol=1e-4)
+
+
+def test_a_batch_without_response_tokens_is_refused(tiny_llama):
+    batch = _batch()
+    batch["labels"].fill_(-100)
+    with pytest.raises(ValueError, match="no response tokens"):
+        sequence_nll(tiny_llama, batch)
