@@ -39,7 +39,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812 (the PyTorch convention)
 
 __all__ = [
     "IGNORE_INDEX",
@@ -166,7 +166,9 @@ def _kl_reference_to_model(model: Any, batch: Batch, reference: Reference | None
     return _mean_per_row(token_kl, rows, batch["labels"].shape[0])
 
 
-def preservation_divergence_loss(model: Any, batch: Batch, reference: Reference | None = None) -> torch.Tensor:
+def preservation_divergence_loss(
+    model: Any, batch: Batch, reference: Reference | None = None
+) -> torch.Tensor:
     """``L_PD = −KL(p_θo ‖ p_θh)`` on normal (prompt, answer) data.
 
     Args:

@@ -67,7 +67,9 @@ class MismatchSampler:
         own = self._own.get(key, [])
         available = self.n - len(own)
         if available < self.k:
-            raise DataError(f"prompt {key[:60]!r} has only {available} response(s) of other prompts, K={self.k}")
+            raise DataError(
+                f"prompt {key[:60]!r} has only {available} response(s) of other prompts, K={self.k}"
+            )
         return [self._skip_own(j, own) for j in rng.sample(range(available), self.k)]
 
     @staticmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812 (the PyTorch convention)
 
 from excise.train.losses import (
     adapter_disabled_reference,
