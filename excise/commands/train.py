@@ -2,9 +2,109 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+from excise.commands.common import Overwrite, done
 
 app = typer.Typer(
     help="Train adapters: expert / anti-expert SFT, SKU harmful-knowledge acquisition, unlearning baselines.",
     no_args_is_help=True,
 )
+
+_FORMAT_HELP = (
+    "Loader and side: instruction (instruction/input/output), paired-expert / paired-anti (HaluEval "
+    "question with right_answer / hallucinated_answer), harmful / safe (PKU-SafeRLHF response[1] / "
+    "response[0], HH-RLHF rejected / chosen), text (plain text)."
+)
+
+
+@app.command("sft")
+def sft(
+    base: Annotated[
+        str, typer.Option(help="Base MODEL: alias (smollm2-135m-instruct), folder, .gguf or hub id.")
+    ],
+    data: Annotated[str, typer.Option(help="DATA: .json/.jsonl/.csv file, dataset folder or hub id.")],
+    out: Annotated[Path, typer.Option(help="Output adapter folder (written atomically).")],
+    format: Annotated[str, typer.Option("--format", help=_FORMAT_HELP)] = "instruction",
+    field: Annotated[
+        list[str] | None,
+        typer.Option(help="Map a role to a column, NAME=COLUMN (repeatable), e.g. prompt=question, input=."),
+    ] = None,
+    template: Annotated[
+        str | None,
+        typer.Option(
+            help="Prompt template: chat, alpaca, tulu, question-answer, plain. [default: chat; text: plain]"
+        ),
+    ] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt (chat) or first paragraph.")] = None,
+    split: Annotated[
+        str, typer.Option(help="Prompt-hash split side to train on: train (60%), judge, eval, or all.")
+    ] = "train",
+    limit: Annotated[int | None, typer.Option(help="Read only the first N rows.")] = None,
+    max_examples: Annotated[int | None, typer.Option(help="Train on at most N examples.")] = None,
+    max_length: Annotated[int, typer.Option(help="Max tokens per example; longer responses are cut.")] = 512,
+    full: Annotated[bool, typer.Option("--full", help="Train all weights instead of a LoRA.")] = False,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank r.")] = 8,
+    lora_alpha: Annotated[
+        float, typer.Option(help="LoRA alpha (scale alpha/r, or alpha/sqrt(r) with --rslora).")
+    ] = 16.0,
+    lora_dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.05,
+    target_modules: Annotated[
+        str, typer.Option(help="Comma-separated module names to adapt, or all-linear.")
+    ] = "q_proj,v_proj",
+    rslora: Annotated[bool, typer.Option("--rslora", help="Rank-stabilised LoRA scaling.")] = False,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps. [default: 100 unless --epochs]")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Passes over the data, instead of --steps.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Examples per micro-batch (per process).")] = 4,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches accumulated per optimizer step.")] = 1,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 2e-4,
+    schedule: Annotated[
+        str, typer.Option(help="LR schedule after warm-up: constant, linear, cosine.")
+    ] = "linear",
+    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 0,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
+    max_grad_norm: Annotated[float, typer.Option(help="Clip the gradient norm (0: no clipping).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seeds the LoRA init, data order and dropout.")] = 0,
+    bf16: Annotated[
+        bool,
+        typer.Option(
+            "--bf16",
+            help="bfloat16 autocast (weights stay float32). On GPUs only where supported; on CPU it "
+            "works everywhere but is faster only on CPUs with bf16 instructions.",
+        ),
+    ] = False,
+    save_every: Annotated[
+        int | None, typer.Option(help="Checkpoint every N steps into OUT/checkpoints.")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the newest checkpoint in OUT (none: start).")
+    ] = False,
+    overwrite: Overwrite = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Fine-tune a LoRA (expert or anti-expert) on (prompt, response) data; the loss covers responses only.
+
+    Writes a PEFT adapter, loss_log.json and train_config.json into OUT. Several processes:
+    accelerate launch --num_processes N -m excise train sft ...
+    """
+    from excise.data import parse_field_mapping
+    from excise.train.sft import SftConfig, run
+
+    cfg = SftConfig(
+        base=base, data=data, out=out, format=format, fields=parse_field_mapping(field or []),
+        template=template, system=system, split=split, limit=limit, max_examples=max_examples,
+        max_length=max_length, full=full, lora_r=lora_r, lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout, target_modules=tuple(t.strip() for t in target_modules.split(",")),
+        rslora=rslora, steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+        schedule=schedule, warmup_steps=warmup_steps, weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm or None, seed=seed, bf16=bf16, save_every=save_every,
+        resume=resume, overwrite=overwrite,
+    )  # fmt: skip
+    report = run(cfg, progress=progress)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        done(report.out)

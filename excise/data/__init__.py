@@ -1,14 +1,62 @@
 """Dataset loaders and prompt formatting: a hub id or a local file (DESIGN.md §4, ``data/``)."""
 
+from excise.data.examples import (
+    HARMFUL_QA_FIELDS,
+    INSTRUCTION_FIELDS,
+    PAIRED_QA_FIELDS,
+    TEXT_FIELDS,
+    Example,
+    load_harmful_qa,
+    load_instructions,
+    load_paired_qa,
+    load_texts,
+    parse_field_mapping,
+    parse_hh_transcript,
+    select_split,
+)
+from excise.data.formatting import (
+    IGNORE_INDEX,
+    TEMPLATES,
+    Encoded,
+    Template,
+    collate,
+    encode,
+    encode_examples,
+    encode_prompt,
+    get_template,
+    pad_id_of,
+)
 from excise.data.records import load_records, parse_hub_spec, require_fields
 from excise.data.splits import STANDARD_SPLITS, assign_split, prompt_key, split_by_prompt
 
 __all__ = [
+    "HARMFUL_QA_FIELDS",
+    "IGNORE_INDEX",
+    "INSTRUCTION_FIELDS",
+    "PAIRED_QA_FIELDS",
     "STANDARD_SPLITS",
+    "TEMPLATES",
+    "TEXT_FIELDS",
+    "Encoded",
+    "Example",
+    "Template",
     "assign_split",
+    "collate",
+    "encode",
+    "encode_examples",
+    "encode_prompt",
+    "get_template",
+    "load_harmful_qa",
+    "load_instructions",
+    "load_paired_qa",
     "load_records",
+    "load_texts",
+    "pad_id_of",
+    "parse_field_mapping",
+    "parse_hh_transcript",
     "parse_hub_spec",
     "prompt_key",
     "require_fields",
+    "select_split",
     "split_by_prompt",
 ]

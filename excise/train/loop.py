@@ -1,0 +1,532 @@
+"""The training loop every trainer shares: SFT, SKU acquisition, unlearning baselines.
+
+Contract (what a recipe passes to :func:`train`):
+
+- ``model``: any ``torch.nn.Module`` whose trainable parameters (``requires_grad``) are what
+  is trained and checkpointed: a PEFT model (only the adapter trains) or a full model.
+- ``micro_batch(i) -> batch``: the ``i``-th *global* micro-batch, a **deterministic function
+  of ``i``** (use per-epoch permutations seeded by ``(seed, epoch)``, never a shared
+  iterator). The batch is opaque to the loop — a dict of tensors, or a dict of such dicts
+  (SKU: harmful, random-mismatched, normal) — the loop only moves its tensors to the device.
+  At optimizer step ``s`` with ``G`` accumulation steps and ``W`` processes, process ``p``
+  reads micro-batches ``i = s·G·W + g·W + p`` for ``g < G``: the processes split the data,
+  and one process with ``G·W`` accumulation steps sees exactly the same micro-batches.
+- ``loss_fn(model, batch) -> (loss, terms)``: the scalar to minimise for one micro-batch and
+  named floats to log (SKU: each of its three losses; GA: the NLL it raises). The step's
+  gradient is the mean over its ``G·W`` micro-batches (accumulated, then all-reduced).
+- ``save(model, folder)``: writes the final result into ``folder`` (``model.save_pretrained``).
+
+What the loop guarantees:
+
+- **Exact resume.** Before each micro-batch torch's global RNG is reseeded from
+  ``(settings.seed, i)``, so dropout masks depend on the micro-batch index only, not on
+  the process or on what ran before. A checkpoint (``out/checkpoints/step-N``: trainable
+  weights, optimizer, scheduler, RNG states, the loss log) plus the deterministic
+  ``micro_batch`` make ``resume=True`` give the same weights as an uninterrupted run; it
+  refuses a checkpoint made with other settings.
+- **Atomic output.** Checkpoints are written to a temp folder and renamed; the final folder
+  (``save``'s files, ``loss_log.json``, ``train_config.json``) is built beside ``out`` and
+  renamed onto it, so ``out`` never holds half a result. A non-empty ``out`` is refused
+  unless ``overwrite`` (or ``resume`` with checkpoints of an unfinished run).
+- **Logs.** A progress bar shows the running loss and the logged terms; ``loss_log.json``
+  has one record per step: ``step``, ``lr``, ``loss``, each term, ``tokens`` (the sum of
+  every ``attention_mask`` in the step's batches, all processes) and ``seconds``.
+- **Devices and processes** through accelerate: the model goes to the accelerator's
+  device and is wrapped for data parallelism under ``accelerate launch``; only the main
+  process writes. bf16 is autocast (weights stay float32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from excise.errors import ConfigError
+
+__all__ = ["SCHEDULES", "TrainReport", "TrainSettings", "train"]
+
+SCHEDULES = ("constant", "linear", "cosine")
+_HF_SCHEDULE = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+CHECKPOINTS = "checkpoints"
+LOSS_LOG = "loss_log.json"
+TRAIN_CONFIG = "train_config.json"
+# Settings a resumed run may change: they do not touch the weights.
+_FREE_ON_RESUME = ("save_every", "keep_checkpoints", "log_every")
+
+LossFn = Callable[[Any, Any], tuple[torch.Tensor, Mapping[str, float]]]
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Optimisation settings (AdamW).
+
+    Attributes:
+        steps: optimizer steps; or None and ``epochs``.
+        epochs: passes over the data (needs ``micro_batches_per_epoch`` in :func:`train`).
+        batch_size: examples per micro-batch per process (read by the recipe's ``micro_batch``).
+        grad_accum: micro-batches accumulated per optimizer step, per process.
+        lr: peak learning rate.
+        schedule: ``constant``, ``linear`` (decay to 0) or ``cosine``, after ``warmup_steps``
+            of linear warm-up from 0.
+        warmup_steps: warm-up steps.
+        weight_decay: AdamW's decoupled weight decay.
+        max_grad_norm: clip the gradient's global norm to this (None: no clipping).
+        seed: seeds the data order (through the recipe) and every micro-batch's dropout.
+        bf16: bfloat16 autocast for forward and backward (weights and optimizer stay float32).
+        save_every: write a checkpoint every this many steps (None: none).
+        keep_checkpoints: newest checkpoints kept on disk.
+        log_every: refresh the progress bar every this many steps (the log keeps every step).
+    """
+
+    steps: int | None = 100
+    epochs: float | None = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4
+    schedule: str = "linear"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    bf16: bool = False
+    save_every: int | None = None
+    keep_checkpoints: int = 2
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        if (self.steps is None) == (self.epochs is None):
+            raise ConfigError("give either steps or epochs, not both and not neither")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"steps must be at least 1, got {self.steps}")
+        if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise ConfigError(f"epochs must be positive, got {self.epochs}")
+        for name in ("batch_size", "grad_accum", "keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ConfigError("warmup_steps and weight_decay must not be negative")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ConfigError(f"max_grad_norm must be positive (or None), got {self.max_grad_norm}")
+        if self.save_every is not None and self.save_every < 1:
+            raise ConfigError(f"save_every must be at least 1, got {self.save_every}")
+
+    def total_steps(self, micro_batches_per_epoch: int | None, num_processes: int = 1) -> int:
+        """Optimizer steps to run: ``steps``, or ``epochs`` worth of global micro-batches."""
+        if self.steps is not None:
+            return self.steps
+        if not micro_batches_per_epoch:
+            raise ConfigError("training by epochs needs the number of micro-batches per epoch")
+        per_step = self.grad_accum * num_processes
+        return max(1, math.ceil(self.epochs * micro_batches_per_epoch / per_step))
+
+
+@dataclass
+class TrainReport:
+    """What :func:`train` did.
+
+    Attributes:
+        out: the final folder.
+        steps: optimizer steps in total (resumed ones included).
+        resumed_from: the checkpoint step it resumed from, or None.
+        log: one record per step (see the module docstring).
+        seconds: wall time of this call.
+        peak_rss_mb: the process's peak resident memory (MiB).
+    """
+
+    out: Path
+    steps: int
+    resumed_from: int | None
+    log: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+
+
+def train(
+    model: Any,
+    micro_batch: Callable[[int], Any],
+    loss_fn: LossFn,
+    settings: TrainSettings,
+    out_dir: str | Path,
+    *,
+    save: Callable[[Any, Path], None],
+    resume: bool = False,
+    overwrite: bool = False,
+    micro_batches_per_epoch: int | None = None,
+    config: Mapping[str, Any] | None = None,
+    accelerator: Any = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> TrainReport:
+    """Train ``model`` and write the result to ``out_dir`` (see the module docstring).
+
+    Args:
+        model: the module to train (its ``requires_grad`` parameters train).
+        micro_batch: global micro-batch index → batch (deterministic).
+        loss_fn: ``(model, batch) -> (loss, terms)``.
+        settings: optimisation settings.
+        out_dir: final folder; checkpoints go to ``out_dir/checkpoints`` meanwhile.
+        save: writes the trained model into a folder.
+        resume: continue from the newest checkpoint in ``out_dir`` (none: start afresh).
+        overwrite: replace a non-empty ``out_dir``.
+        micro_batches_per_epoch: global micro-batches in one pass over the data (for ``epochs``).
+        config: the recipe's own settings, written to ``train_config.json`` and checked on resume.
+        accelerator: an ``accelerate.Accelerator``; a new one if None.
+        progress: show a progress bar (main process only).
+        desc: the progress bar's label.
+
+    Returns:
+        A :class:`TrainReport`.
+
+    Raises:
+        ConfigError: bad settings, a non-empty ``out_dir``, no trainable parameter, or a
+            checkpoint made with other settings.
+    """
+    from accelerate import Accelerator
+
+    started = time.perf_counter()
+    accelerator = accelerator or Accelerator()
+    out = Path(out_dir)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    total = settings.total_steps(micro_batches_per_epoch, world)
+    fingerprint = _fingerprint(settings, config, world, total)
+    checkpoint = _prepare_out_dir(out, resume=resume, overwrite=overwrite)
+    accelerator.wait_for_everyone()  # every process has checked before the main one writes
+    if overwrite and checkpoint is None and out.is_dir() and accelerator.is_main_process:
+        shutil.rmtree(out)  # asked to replace it: stale checkpoints must not mix with this run's
+    accelerator.wait_for_everyone()
+    if settings.bf16 and accelerator.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("this GPU has no bfloat16 support; train without --bf16")
+
+    model = accelerator.prepare_model(model)
+    raw = accelerator.unwrap_model(model)
+    params = [p for p in raw.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the model has no trainable parameter")
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = _scheduler(optimizer, settings, total)
+
+    log: list[dict[str, float]] = []
+    start_step = 0
+    if checkpoint is not None:
+        start_step, log = _load_checkpoint(checkpoint, raw, optimizer, scheduler, fingerprint)
+        if start_step > total:
+            raise ConfigError(f"checkpoint {checkpoint} is past the {total} steps of this run")
+
+    bar = tqdm(
+        total=total,
+        initial=start_step,
+        desc=desc,
+        unit="step",
+        disable=not (progress and accelerator.is_main_process),
+    )
+    running: float | None = None
+    for step in range(start_step, total):
+        t0 = time.perf_counter()
+        lr = scheduler.get_last_lr()[0]
+        model.train()
+        loss_sum, terms_sum, tokens = torch.zeros((), device=accelerator.device), {}, 0
+        for g in range(settings.grad_accum):
+            index = (step * settings.grad_accum + g) * world + rank
+            torch.manual_seed(_micro_seed(settings.seed, index))  # dropout depends on `index` only
+            batch = _to_device(micro_batch(index), accelerator.device)
+            tokens += _count_tokens(batch)
+            last = g == settings.grad_accum - 1
+            with contextlib.ExitStack() as stack:
+                if not last:
+                    stack.enter_context(accelerator.no_sync(model))  # all-reduce once per step
+                with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=settings.bf16):
+                    loss, terms = loss_fn(model, batch)
+                accelerator.backward(loss / settings.grad_accum)
+            loss_sum += loss.detach().float()
+            for name, value in terms.items():
+                terms_sum[name] = terms_sum.get(name, 0.0) + float(value)
+        if settings.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(params, settings.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        record = _step_record(
+            accelerator,
+            step + 1,
+            lr,
+            loss_sum,
+            terms_sum,
+            tokens,
+            settings.grad_accum,
+            time.perf_counter() - t0,
+        )
+        log.append(record)
+        running = record["loss"] if running is None else 0.9 * running + 0.1 * record["loss"]
+        bar.update(1)
+        if (step + 1) % settings.log_every == 0 or step + 1 == total:
+            shown = {k: v for k, v in record.items() if k not in ("step", "tokens", "seconds", "lr")}
+            bar.set_postfix({"running": f"{running:.4f}", **{k: f"{v:.4f}" for k, v in shown.items()}})
+        if settings.save_every and (step + 1) % settings.save_every == 0 and step + 1 < total:
+            if accelerator.is_main_process:
+                _save_checkpoint(out, step + 1, raw, optimizer, scheduler, log, fingerprint, settings)
+            accelerator.wait_for_everyone()
+    bar.close()
+
+    report = TrainReport(
+        out=out,
+        steps=total,
+        resumed_from=start_step or None,
+        log=log,
+        seconds=round(time.perf_counter() - started, 3),
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    )
+    if accelerator.is_main_process:
+        _write_final(out, raw, save, report, fingerprint)
+    accelerator.wait_for_everyone()
+    return report
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _micro_seed(seed: int, index: int) -> int:
+    return (seed * 1_000_003 + index) % (2**63 - 1)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors anywhere in nested dicts / lists / tuples moved to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _count_tokens(batch: Any) -> int:
+    """The sum of every ``attention_mask`` in a (nested) batch: the tokens the step read."""
+    if isinstance(batch, Mapping):
+        total = 0
+        for key, value in batch.items():
+            if key == "attention_mask" and isinstance(value, torch.Tensor):
+                total += int(value.sum())
+            else:
+                total += _count_tokens(value)
+        return total
+    if isinstance(batch, (list, tuple)):
+        return sum(_count_tokens(v) for v in batch)
+    return 0
+
+
+def _step_record(
+    accelerator: Any,
+    step: int,
+    lr: float,
+    loss_sum: torch.Tensor,
+    terms_sum: dict[str, float],
+    tokens: int,
+    grad_accum: int,
+    seconds: float,
+) -> dict[str, float]:
+    """One loss-log record; means over the step's micro-batches on all processes."""
+    names = sorted(terms_sum)
+    values = (
+        torch.tensor(
+            [float(loss_sum), *(terms_sum[n] for n in names)], dtype=torch.float64, device=accelerator.device
+        )
+        / grad_accum
+    )
+    counts = torch.tensor([tokens], dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        values = accelerator.reduce(values, reduction="mean")
+        counts = accelerator.reduce(counts, reduction="sum")
+    means = values.tolist()
+    record: dict[str, float] = {"step": step, "lr": lr, "loss": means[0]}
+    record |= dict(zip(names, means[1:], strict=True))
+    record |= {"tokens": int(counts.item()), "seconds": round(seconds, 4)}
+    return record
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, settings: TrainSettings, total: int) -> Any:
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        _HF_SCHEDULE[settings.schedule],
+        optimizer,
+        num_warmup_steps=settings.warmup_steps,
+        num_training_steps=total,
+    )
+
+
+def _fingerprint(
+    settings: TrainSettings, config: Mapping[str, Any] | None, world: int, total: int
+) -> dict[str, Any]:
+    """Everything a resumed run must share with the one that made the checkpoint."""
+    shared = {k: v for k, v in asdict(settings).items() if k not in _FREE_ON_RESUME}
+    payload = {"settings": shared, "config": dict(config or {}), "processes": world, "total_steps": total}
+    return json.loads(json.dumps(payload, default=str))
+
+
+def _prepare_out_dir(out: Path, *, resume: bool, overwrite: bool) -> Path | None:
+    """Check ``out``; return the checkpoint to resume from, if any. Removes ``out`` on overwrite."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output {out} exists and is a file")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if resume and overwrite:
+        raise ConfigError("--resume continues a run and --overwrite replaces it: pass one of them")
+    if resume:
+        if [e for e in entries if e != CHECKPOINTS]:
+            raise ConfigError(
+                f"{out} holds a finished run or other files, not only {CHECKPOINTS}/; "
+                "nothing to resume (pass --overwrite instead of --resume to train again)"
+            )
+        return _latest_checkpoint(out)
+    if entries and not overwrite:
+        hint = " (an unfinished run: pass --resume to continue it)" if entries == [CHECKPOINTS] else ""
+        raise ConfigError(
+            f"output folder {out} exists and is not empty{hint}; pass --overwrite to replace it"
+        )
+    return None
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    folder = out / CHECKPOINTS
+    if not folder.is_dir():
+        return None
+    steps = [(int(p.name.split("-")[1]), p) for p in folder.glob("step-*") if p.name.split("-")[1].isdigit()]
+    return max(steps)[1] if steps else None
+
+
+def _save_checkpoint(
+    out: Path,
+    step: int,
+    raw: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    log: list[dict[str, float]],
+    fingerprint: dict[str, Any],
+    settings: TrainSettings,
+) -> Path:
+    """Write ``out/checkpoints/step-N`` atomically and drop all but the newest ``keep_checkpoints``."""
+    from safetensors.torch import save_file
+
+    folder = out / CHECKPOINTS
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"step-{step}"
+    tmp = folder / f".step-{step}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        weights = {n: p.detach().cpu().contiguous() for n, p in raw.named_parameters() if p.requires_grad}
+        save_file(weights, tmp / "trainable.safetensors")
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+            tmp / "state.pt",
+        )
+        state = {
+            "step": step,
+            "fingerprint": fingerprint,
+            "python_rng": _jsonable(random.getstate()),
+            "log": log,
+        }
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    done = sorted((int(p.name.split("-")[1]), p) for p in folder.glob("step-*"))
+    for _, old in done[: -settings.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _load_checkpoint(
+    folder: Path, raw: Any, optimizer: torch.optim.Optimizer, scheduler: Any, fingerprint: dict[str, Any]
+) -> tuple[int, list[dict[str, float]]]:
+    """Restore weights, optimizer, scheduler and RNG states; return (step, log so far)."""
+    from safetensors.torch import load_file
+
+    state = json.loads((folder / "trainer_state.json").read_text())
+    if state["fingerprint"] != fingerprint:
+        diff = _diff(state["fingerprint"], fingerprint)
+        raise ConfigError(
+            f"checkpoint {folder} was made with other settings ({diff}); "
+            "resume with the same settings, or pass --overwrite to start again"
+        )
+    weights = load_file(folder / "trainable.safetensors")
+    named = {n: p for n, p in raw.named_parameters() if p.requires_grad}
+    if set(weights) != set(named):
+        raise ConfigError(f"checkpoint {folder} does not hold this model's trainable parameters")
+    with torch.no_grad():
+        for name, p in named.items():
+            p.copy_(weights[name])
+    blob = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    torch.set_rng_state(blob["torch_rng"])
+    if blob["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(blob["cuda_rng"])
+    random.setstate(_tupled(state["python_rng"]))
+    return int(state["step"]), list(state["log"])
+
+
+def _write_final(
+    out: Path, raw: Any, save: Callable[[Any, Path], None], report: TrainReport, fp: dict
+) -> None:
+    """Build the final folder beside ``out``, then swap it in (checkpoints are dropped)."""
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        save(raw, tmp)
+        (tmp / LOSS_LOG).write_text(json.dumps(report.log, indent=1) + "\n")
+        summary = {
+            **fp,
+            "steps": report.steps,
+            "resumed_from": report.resumed_from,
+            "seconds": report.seconds,
+            "peak_rss_mb": report.peak_rss_mb,
+        }
+        (tmp / TRAIN_CONFIG).write_text(json.dumps(summary, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                return _diff(old.get(key), new.get(key), f"{prefix}{key}.")
+    return f"{prefix.rstrip('.')}: {old!r} then, {new!r} now"
+
+
+def _jsonable(value: Any) -> Any:
+    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _tupled(value: Any) -> Any:
+    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value

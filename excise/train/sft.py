@@ -1,0 +1,236 @@
+"""Supervised fine-tuning of a LoRA (or of all weights): the expert and the anti-expert.
+
+Ext-Sub (arXiv 2308.08090, DESIGN.md §1) trains both modules with this one recipe on
+different data: the expert on normal answers, the anti-expert on deficient ones (e.g.
+``--format paired-expert`` / ``paired-anti`` on HaluEval: same questions, right vs
+hallucinated answers). Read top to bottom: seed → data → model → adapter → loop → save.
+
+    excise train sft --base smollm2-135m-instruct \\
+        --data ../shared/data/halueval/qa_data.json --format paired-anti --out runs/anti
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from excise.data import (
+    Encoded,
+    Example,
+    collate,
+    encode_examples,
+    load_harmful_qa,
+    load_instructions,
+    load_paired_qa,
+    load_texts,
+    pad_id_of,
+    select_split,
+)
+from excise.models import load_model, load_tokenizer, resolve_model
+from excise.train.loop import TrainReport, TrainSettings, train
+from excise.train.lora import LoraSettings, attach_lora, unfreeze_all
+from excise.train.nll import response_nll
+
+__all__ = ["FORMATS", "SftConfig", "epoch_batches", "load_examples", "run", "sft_micro_batches"]
+
+
+def _instruction(spec: str, fields: dict[str, str], limit: int | None) -> list[Example]:
+    return load_instructions(spec, fields=fields, limit=limit)
+
+
+def _paired(side: int) -> Callable[[str, dict[str, str], int | None], list[Example]]:
+    return lambda spec, fields, limit: load_paired_qa(spec, fields=fields, limit=limit)[side]
+
+
+def _harmful(side: int) -> Callable[[str, dict[str, str], int | None], list[Example]]:
+    return lambda spec, fields, limit: load_harmful_qa(spec, fields=fields, limit=limit)[side]
+
+
+def _text(spec: str, fields: dict[str, str], limit: int | None) -> list[Example]:
+    return load_texts(spec, fields=fields, limit=limit)
+
+
+# --format NAME → loader returning the examples to train on.
+FORMATS: dict[str, Callable[[str, dict[str, str], int | None], list[Example]]] = {
+    "instruction": _instruction,
+    "paired-expert": _paired(0),
+    "paired-anti": _paired(1),
+    "harmful": _harmful(0),
+    "safe": _harmful(1),
+    "text": _text,
+}
+
+
+class SftConfig(BaseModel):
+    """Everything ``excise train sft`` takes; CLI flags are these fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base: str = Field(description="Base model: alias, local folder, .gguf file or hub id.")
+    data: str = Field(description="Data: local .json/.jsonl/.csv file, saved dataset folder or hub id.")
+    out: Path = Field(description="Output adapter folder (written atomically).")
+    format: Literal["instruction", "paired-expert", "paired-anti", "harmful", "safe", "text"] = Field(
+        "instruction", description="Which loader, and which side of paired data, to train on."
+    )
+    fields: dict[str, str] = Field(default_factory=dict, description="Role → column overrides.")
+    template: Literal["chat", "alpaca", "tulu", "question-answer", "plain"] | None = Field(
+        None, description="Prompt template; default chat (plain for --format text)."
+    )
+    system: str | None = Field(None, description="System prompt (chat template) or first paragraph.")
+    split: Literal["train", "judge", "eval", "all"] = Field(
+        "train", description="Side of the project-wide prompt split to train on (all: every row)."
+    )
+    limit: int | None = Field(None, ge=1, description="Read only the first rows of the data.")
+    max_examples: int | None = Field(None, ge=1, description="Train on at most this many examples.")
+    max_length: int = Field(512, ge=2, description="Tokens per example; longer responses are cut.")
+    full: bool = Field(False, description="Train every weight instead of a LoRA.")
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    rslora: bool = False
+    steps: int | None = Field(None, ge=1)
+    epochs: float | None = Field(None, gt=0)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    schedule: Literal["constant", "linear", "cosine"] = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 0
+    bf16: bool = False
+    save_every: int | None = Field(None, ge=1)
+    resume: bool = False
+    overwrite: bool = False
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> SftConfig:
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give --steps or --epochs, not both")
+        return self
+
+    def train_settings(self) -> TrainSettings:
+        steps = self.steps if self.steps is not None or self.epochs is not None else 100
+        return TrainSettings(
+            steps=steps, epochs=self.epochs, batch_size=self.batch_size, grad_accum=self.grad_accum,
+            lr=self.lr, schedule=self.schedule, warmup_steps=self.warmup_steps,
+            weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm, seed=self.seed,
+            bf16=self.bf16, save_every=self.save_every,
+        )  # fmt: skip
+
+    def lora_settings(self) -> LoraSettings:
+        return LoraSettings(
+            r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
+            target_modules=self.target_modules, rslora=self.rslora,
+        )  # fmt: skip
+
+    @property
+    def resolved_template(self) -> str:
+        return self.template or ("plain" if self.format == "text" else "chat")
+
+
+def load_examples(cfg: SftConfig) -> list[Example]:
+    """The examples ``cfg`` trains on: loaded, restricted to the split side, capped."""
+    examples = FORMATS[cfg.format](cfg.data, dict(cfg.fields), cfg.limit)
+    examples = select_split(examples, cfg.split)
+    return examples[: cfg.max_examples] if cfg.max_examples else examples
+
+
+def epoch_batches(n_items: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch's micro-batches of item indices: a permutation seeded by ``(seed, epoch)``.
+
+    The last partial batch is dropped (every micro-batch has ``batch_size`` items, so each
+    step's gradient weighs its examples alike); with fewer items than ``batch_size`` the
+    single batch holds them all.
+    """
+    order = list(range(n_items))
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    size = min(batch_size, n_items)
+    return [order[i : i + size] for i in range(0, n_items - size + 1, size)]
+
+
+def sft_micro_batches(
+    encoded: Sequence[Encoded], batch_size: int, pad_id: int, seed: int
+) -> tuple[Callable[[int], dict[str, torch.Tensor]], int]:
+    """``(micro_batch, per_epoch)``: micro-batch ``i`` is batch ``i % per_epoch`` of epoch ``i // per_epoch``.
+
+    Micro-batches are collated with left padding (:func:`excise.data.collate`).
+    """
+    per_epoch = len(epoch_batches(len(encoded), batch_size, seed, 0))
+    cache: dict[int, list[list[int]]] = {}
+
+    def micro_batch(i: int) -> dict[str, torch.Tensor]:
+        epoch, j = divmod(i, per_epoch)
+        if epoch not in cache:
+            cache.clear()
+            cache[epoch] = epoch_batches(len(encoded), batch_size, seed, epoch)
+        return collate([encoded[k] for k in cache[epoch][j]], pad_id)
+
+    return micro_batch, per_epoch
+
+
+def _save(model: Any, tokenizer: Any, folder: Path) -> None:
+    """The adapter (PEFT folder) or, for full training, the model and its tokenizer."""
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def run(cfg: SftConfig, *, progress: bool = True, accelerator: Any = None) -> TrainReport:
+    """Train one adapter as ``cfg`` says and write it to ``cfg.out``.
+
+    Writes a PEFT adapter folder (or, with ``full``, a model folder) plus ``loss_log.json``
+    and ``train_config.json``.
+
+    Raises:
+        ConfigError: bad settings, a non-empty ``out`` (without overwrite/resume), a LoRA
+            target that matches nothing, or a tokenizer without the chosen template.
+        DataError: the data is missing, malformed, or leaves no example to train on.
+        ModelLoadError: the base model cannot be loaded.
+    """
+    settings, lora = cfg.train_settings(), cfg.lora_settings()
+    torch.manual_seed(cfg.seed)
+
+    # Data: the split side, encoded once (prompt / response boundary exact, see excise.data).
+    tokenizer = load_tokenizer(cfg.base)
+    examples = load_examples(cfg)
+    encoded, dropped = encode_examples(
+        tokenizer, examples, cfg.resolved_template, system=cfg.system, max_length=cfg.max_length
+    )
+    micro_batch, per_epoch = sft_micro_batches(encoded, settings.batch_size, pad_id_of(tokenizer), cfg.seed)
+
+    # Model: fresh adapter, initialised from the seed (same init for expert and anti-expert).
+    model = load_model(cfg.base)
+    torch.manual_seed(cfg.seed)
+    model = unfreeze_all(model) if cfg.full else attach_lora(model, lora)
+
+    config = cfg.model_dump(mode="json", exclude={"resume", "overwrite"})
+    config |= {
+        "resolved_model": resolve_model(cfg.base),
+        "template": cfg.resolved_template,
+        "n_examples": len(encoded),
+        "n_dropped_too_long": dropped,
+        "n_truncated": sum(e.truncated for e in encoded),
+        "micro_batches_per_epoch": per_epoch,
+    }
+    return train(
+        model,
+        micro_batch,
+        lambda m, batch: (response_nll(m, batch), {}),
+        settings,
+        cfg.out,
+        save=lambda m, folder: _save(m, tokenizer if cfg.full else None, folder),
+        resume=cfg.resume,
+        overwrite=cfg.overwrite,
+        micro_batches_per_epoch=per_epoch,
+        config=config,
+        accelerator=accelerator,
+        progress=progress,
+        desc=f"sft {cfg.out.name}",
+    )
