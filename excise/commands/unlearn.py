@@ -1,10 +1,248 @@
 """`excise train sku|ga|ga-mismatch|llmu|finetune`: SKU acquisition and the unlearning baselines.
 
-Registered on the ``train`` group (:mod:`excise.commands.train`).
+Registered on the ``train`` group (:mod:`excise.commands.train`). The five commands share
+their data, LoRA and optimisation flags (:data:`_SHARED`, appended to each command's own
+signature by :func:`_command`); each adds its method's weights. Flags are the fields of
+:class:`excise.train.unlearning.UnlearnConfig` and its subclasses.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from excise.commands.common import Overwrite, done
 from excise.commands.train import app
 
 __all__ = ["app"]
+
+
+def _opt(help: str, *names: str) -> Any:
+    return typer.Option(*names, help=help)
+
+
+# The flags every unlearning command takes, in --help order: (name, annotation, default).
+_SHARED: list[tuple[str, Any, Any]] = [
+    (
+        "base",
+        Annotated[str, _opt("Base MODEL θo: alias (smollm2-135m-instruct), folder, .gguf or hub id.")],
+        ...,
+    ),
+    (
+        "harmful",
+        Annotated[
+            str,
+            _opt(
+                "Harmful QA DATA: PKU-SafeRLHF pairs (prompt, response list; harmful = response[1]), raw "
+                "PKU-SafeRLHF rows, or HH-RLHF (chosen, rejected); file or hub id."
+            ),
+        ],
+        ...,
+    ),
+    ("out", Annotated[Path, _opt("Output folder: PEFT adapter (model folder with --full) + logs.")], ...),
+    (
+        "harmful_field",
+        Annotated[list[str] | None, _opt("Map a role of --harmful to a column, NAME=COLUMN (repeatable).")],
+        None,
+    ),
+    (
+        "normal_field",
+        Annotated[list[str] | None, _opt("Map a role of --normal to a column, NAME=COLUMN (repeatable).")],
+        None,
+    ),
+    (
+        "split",
+        Annotated[
+            str,
+            _opt(
+                "Side of the project-wide prompt split to train on: train (60%; judge and eval prompts stay "
+                "held out), judge, eval, or all (every row: leaks evaluation prompts)."
+            ),
+        ],
+        "train",
+    ),
+    (
+        "template",
+        Annotated[str, _opt("Prompt template: chat, alpaca, tulu, question-answer, plain.")],
+        "chat",
+    ),
+    ("system", Annotated[str | None, _opt("System prompt (chat) or first paragraph.")], None),
+    ("limit", Annotated[int | None, _opt("Read only the first N rows of each data file.")], None),
+    ("max_examples", Annotated[int | None, _opt("Use at most N examples per data stream.")], None),
+    ("max_length", Annotated[int, _opt("Max tokens per row; longer responses are cut.")], 256),
+    ("full", Annotated[bool, _opt("Train all weights instead of a LoRA (small models).", "--full")], False),
+    ("lora_r", Annotated[int, _opt("LoRA rank r.")], 8),
+    (
+        "lora_alpha",
+        Annotated[float, _opt("LoRA alpha (scale alpha/r, or alpha/sqrt(r) with --rslora).")],
+        16.0,
+    ),
+    ("lora_dropout", Annotated[float, _opt("LoRA dropout.")], 0.05),
+    (
+        "target_modules",
+        Annotated[str, _opt("Comma-separated module names to adapt, or all-linear.")],
+        "q_proj,v_proj",
+    ),
+    ("rslora", Annotated[bool, _opt("Rank-stabilised LoRA scaling.", "--rslora")], False),
+    ("steps", Annotated[int, _opt("Optimizer steps.")], 100),
+    ("batch_size", Annotated[int, _opt("Harmful prompts (and normal rows) per micro-batch.")], 2),
+    ("grad_accum", Annotated[int, _opt("Micro-batches accumulated per optimizer step.")], 1),
+    ("lr", Annotated[float, _opt("Peak learning rate (AdamW).")], 2e-4),
+    ("schedule", Annotated[str, _opt("LR schedule after warm-up: constant, linear, cosine.")], "linear"),
+    ("warmup_steps", Annotated[int, _opt("Linear warm-up steps.")], 0),
+    ("weight_decay", Annotated[float, _opt("AdamW weight decay.")], 0.0),
+    ("max_grad_norm", Annotated[float, _opt("Clip the gradient norm (0: no clipping).")], 1.0),
+    ("seed", Annotated[int, _opt("Seeds the LoRA init, data order, random responses and dropout.")], 0),
+    ("bf16", Annotated[bool, _opt("bfloat16 autocast (weights stay float32).", "--bf16")], False),
+    ("save_every", Annotated[int | None, _opt("Checkpoint every N steps into OUT/checkpoints.")], None),
+    ("resume", Annotated[bool, _opt("Continue from the newest checkpoint in OUT.", "--resume")], False),
+    ("overwrite", Overwrite, False),
+    ("progress", Annotated[bool, _opt("Show a progress bar.")], True),
+]
+
+_NORMAL_HELP = (
+    "Normal (prompt, answer) DATA, Alpaca style (instruction/input/output; file or hub id), or `safe` for "
+    "the safe responses of --harmful."
+)
+_K_HELP = "Random responses of other prompts per harmful prompt (K)."
+
+
+def _command(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register ``fn`` as ``excise train NAME`` with its own flags followed by the shared ones."""
+
+    def register(fn: Callable[..., None]) -> Callable[..., None]:
+        own = list(inspect.signature(fn, eval_str=True).parameters.values())[:-1]  # drop **shared
+        shared = [
+            inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=a, default=d)
+            for n, a, d in _SHARED
+        ]
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+        required = [p for p in shared if p.default is ...]
+        shared = [p.replace(default=inspect.Parameter.empty) if p.default is ... else p for p in shared]
+
+        def command(**kwargs: Any) -> None:
+            fn(**kwargs)
+
+        params = [*[p.replace(default=inspect.Parameter.empty) for p in required], *own]
+        params += [p for p in shared if p.name not in {r.name for r in required}]
+        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        command.__doc__ = fn.__doc__
+        command.__name__ = fn.__name__
+        app.command(name)(command)
+        return fn
+
+    return register
+
+
+def _shared_config(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Shared flags → :class:`UnlearnConfig` fields."""
+    from excise.data import parse_field_mapping
+
+    cfg = {k: v for k, v in kwargs.items() if k not in ("harmful_field", "normal_field", "progress")}
+    cfg["harmful_fields"] = parse_field_mapping(kwargs["harmful_field"] or [])
+    cfg["normal_fields"] = parse_field_mapping(kwargs["normal_field"] or [])
+    cfg["target_modules"] = tuple(t.strip() for t in kwargs["target_modules"].split(","))
+    cfg["max_grad_norm"] = kwargs["max_grad_norm"] or None
+    return cfg
+
+
+def _finish(report: Any) -> None:
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        done(report.out)
+
+
+@_command("sku")
+def sku(
+    normal: Annotated[str, _opt(_NORMAL_HELP)],
+    eps_gd: Annotated[float, _opt("ε1: weight of guided distortion L_GD (CE on harmful responses).")] = 0.5,
+    eps_rd: Annotated[
+        float, _opt("ε2: weight of random disassociation L_RD (CE on K other responses).")
+    ] = 1.0,
+    eps_pd: Annotated[float, _opt("ε3: weight of preservation divergence L_PD = −KL(p_θo ‖ p_θh).")] = 1.0,
+    k: Annotated[int, _opt(_K_HELP, "--k")] = 5,
+    **shared: Any,
+) -> None:
+    """SKU stage 1: train the harmful module θh on ε1·L_GD + ε2·L_RD + ε3·L_PD (arXiv 2402.10058).
+
+    Then negate it: excise ops negate --adapter OUT --lam λ --out NEGATED (with --full:
+    excise ops negate --base BASE --adapter OUT --lam λ --out NEGATED). Writes the adapter,
+    loss_log.json (gd, rd, pd per step) and train_config.json into OUT.
+    """
+    from excise.train.sku import SkuConfig, run
+
+    cfg = SkuConfig(normal=normal, eps_gd=eps_gd, eps_rd=eps_rd, eps_pd=eps_pd, k=k, **_shared_config(shared))
+    _finish(run(cfg, progress=shared["progress"]))
+
+
+def _baseline(method: str, shared: dict[str, Any], **own: Any) -> None:
+    from excise.train.baselines import BaselineConfig, run
+
+    cfg = BaselineConfig(method=method, **own, **_shared_config(shared))
+    _finish(run(cfg, progress=shared["progress"]))
+
+
+@_command("ga")
+def ga(**shared: Any) -> None:
+    """Gradient ascent on harmful responses: minimise −NLL (logged as nll, which rises)."""
+    _baseline("ga", shared)
+
+
+@_command("ga-mismatch")
+def ga_mismatch(
+    ga_weight: Annotated[float, _opt("Weight of the GA term.")] = 0.5,
+    mismatch_weight: Annotated[float, _opt("Weight of the CE on mismatched responses.")] = 1.0,
+    k: Annotated[int, _opt(_K_HELP, "--k")] = 5,
+    mismatch_pool: Annotated[
+        str, _opt("Mismatched responses from other harmful prompts (harmful) or from --normal (normal).")
+    ] = "harmful",
+    normal: Annotated[str | None, _opt(_NORMAL_HELP + " Only for --mismatch-pool normal.")] = None,
+    **shared: Any,
+) -> None:
+    """GA + random mismatch: w_ga·(−NLL harmful) + w_mm·CE(K responses of other prompts)."""
+    _baseline(
+        "ga_mismatch",
+        shared,
+        ga_weight=ga_weight,
+        mismatch_weight=mismatch_weight,
+        k=k,
+        mismatch_pool=mismatch_pool,
+        normal=normal,
+    )
+
+
+@_command("llmu")
+def llmu(
+    normal: Annotated[str, _opt(_NORMAL_HELP)],
+    ga_weight: Annotated[float, _opt("Weight of the GA term.")] = 0.5,
+    mismatch_weight: Annotated[float, _opt("Weight of the CE on mismatched responses.")] = 1.0,
+    kl_weight: Annotated[float, _opt("Weight of KL(p_θo ‖ p_θ) on normal data (kept small).")] = 1.0,
+    k: Annotated[int, _opt(_K_HELP, "--k")] = 5,
+    mismatch_pool: Annotated[
+        str, _opt("Mismatched responses from other harmful prompts (harmful) or from --normal (normal).")
+    ] = "harmful",
+    **shared: Any,
+) -> None:
+    """LLMU: GA + random mismatch + KL to the original model on normal data (arXiv 2310.10683)."""
+    _baseline(
+        "llmu",
+        shared,
+        normal=normal,
+        ga_weight=ga_weight,
+        mismatch_weight=mismatch_weight,
+        kl_weight=kl_weight,
+        k=k,
+        mismatch_pool=mismatch_pool,
+    )
+
+
+@_command("finetune")
+def finetune(**shared: Any) -> None:
+    """Fine-tune on the safe responses to the harmful prompts (SFT baseline)."""
+    _baseline("finetune", shared)
