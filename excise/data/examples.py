@@ -23,13 +23,14 @@ Loaders and the datasets they were written against (``../shared/data/MANIFEST.md
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from excise.data.records import load_records
 from excise.data.splits import STANDARD_SPLITS, split_by_prompt
-from excise.errors import ConfigError, DataError
+from excise.errors import ConfigError, DataError, ExciseWarning
 
 __all__ = [
     "HARMFUL_QA_FIELDS",
@@ -299,19 +300,28 @@ def _hh_examples(
     rows: list[dict[str, Any]], columns: dict[str, str], spec: str
 ) -> tuple[list[Example], list[Example]]:
     _require(rows, [columns["chosen"], columns["rejected"]], spec)
-    harmful, safe = [], []
+    harmful, safe, malformed = [], [], []
     for i, row in enumerate(rows):
         try:
             h_history, h_prompt, h_response = parse_hh_transcript(str(row[columns["rejected"]]))
             s_history, s_prompt, s_response = parse_hh_transcript(str(row[columns["chosen"]]))
-        except DataError as err:
-            raise DataError(f"{spec}: row {i + 1}: {err}") from err
+        except DataError:
+            # HH-RLHF's harmless-base test split has 5 transcripts with two Assistant turns in a row.
+            malformed.append(i + 1)
+            continue
         if not h_response or not s_response:
-            continue  # HH-RLHF has a few empty final turns: nothing to learn from them
+            continue  # a few final turns are empty: nothing to learn from them
         harmful.append(Example(h_prompt, h_response, history=h_history, row=i))
         safe.append(Example(s_prompt, s_response, history=s_history, row=i))
     if not harmful:
-        raise DataError(f"{spec}: no transcript ends with a non-empty Assistant turn")
+        raise DataError(f"{spec}: no transcript ends with a Human turn and a non-empty Assistant turn")
+    if malformed:
+        shown = ", ".join(map(str, malformed[:5])) + (" …" if len(malformed) > 5 else "")
+        warnings.warn(
+            f"{spec}: skipped {len(malformed)} transcript(s) not ending Human, Assistant (rows {shown})",
+            ExciseWarning,
+            stacklevel=3,
+        )
     return harmful, safe
 
 
