@@ -72,9 +72,9 @@ def test_empty_value_is_missing(tmp_path):
 
 def test_bad_field_mapping_is_config_error(tmp_path):
     spec = _write(tmp_path / "a.json", [{"instruction": "x", "output": "y"}])
-    with pytest.raises(ConfigError, match="unknown field name.*answer.*known: prompt, input, response"):
+    with pytest.raises(ConfigError, match=r"unknown field name.*answer.*known: prompt, input, response"):
         load_instructions(spec, fields={"answer": "output"})
-    with pytest.raises(DataError, match="lacks field.*nope"):
+    with pytest.raises(DataError, match=r"lacks field.*nope"):
         load_instructions(spec, fields={"response": "nope"})
 
 
@@ -184,7 +184,7 @@ def test_hh_malformed_rows_skipped_with_a_warning(tmp_path):
 
 
 def test_harmful_unknown_layout(tmp_path):
-    with pytest.raises(DataError, match="not harmful-QA data.*the first row has: a, b"):
+    with pytest.raises(DataError, match=r"not harmful-QA data.*the first row has: a, b"):
         load_harmful_qa(_write(tmp_path / "x.json", [{"a": 1, "b": 2}]))
 
 
@@ -202,7 +202,7 @@ def test_texts_skip_blank_rows(tmp_path):
 def test_texts_errors(tmp_path):
     with pytest.raises(DataError, match="every row's 'text' is blank"):
         load_texts(_jsonl(tmp_path / "w.jsonl", [{"text": ""}, {"text": "  "}]))
-    with pytest.raises(DataError, match="no column 'body'.*--field text=COLUMN"):
+    with pytest.raises(DataError, match=r"no column 'body'.*--field text=COLUMN"):
         load_texts(_jsonl(tmp_path / "w.jsonl", [{"text": "a"}]), field="body")
 
 

@@ -47,10 +47,10 @@ def test_leading_specials_and_eos(family):
 @pytest.mark.parametrize("template", ["alpaca", "tulu", "question-answer", "plain"])
 def test_boundary_reads_back_as_prompt_then_response(family, template):
     """Decoding prompt_ids and response_ids gives the rendered prompt and exactly the response."""
-    name, tok = family
+    _name, tok = family
     for example in EXAMPLES:
         e = encode(tok, example, template)
-        prompt_text, response_text = TEMPLATES[template].render(tok, example, None)
+        prompt_text, _response_text = TEMPLATES[template].render(tok, example, None)
         decoded_prompt = tok.decode(e.prompt_ids, skip_special_tokens=True)
         decoded_response = tok.decode(e.response_ids, skip_special_tokens=True)
         assert decoded_prompt.strip() == prompt_text.strip()

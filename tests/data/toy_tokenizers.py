@@ -18,7 +18,7 @@ def llama_style():
 
     specials = ["<unk>", "<s>", "</s>"]
     letters = string.ascii_letters + string.digits
-    chars = sorted(set(string.printable) - set(string.whitespace)) + ["\n", "▁"]
+    chars = [*sorted(set(string.printable) - set(string.whitespace)), "\n", "▁"]
     vocab = {tok: i for i, tok in enumerate(specials + chars + ["▁" + c for c in letters])}
     merges = [("▁", c) for c in letters]
     backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
