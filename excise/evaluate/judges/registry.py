@@ -56,10 +56,52 @@ def _refusal(target: None, **options: Any) -> Judge:
     return _construct(RefusalJudge, "refusal", options)
 
 
+def _shipped_probe(name: str) -> Callable[..., Judge]:
+    def make(target: None, **options: Any) -> Judge:
+        from excise.evaluate.judges.probe import SHIPPED, ProbeJudge
+
+        return _construct(ProbeJudge, name, options, SHIPPED[name])
+
+    return make
+
+
+def _probe_file(target: str, **options: Any) -> Judge:
+    from excise.evaluate.judges.probe import ProbeJudge
+
+    return _construct(ProbeJudge, "probe", options, target)
+
+
+def _hf(target: str, **options: Any) -> Judge:
+    from excise.evaluate.judges.hf import load_hf_judge
+
+    return load_hf_judge(target, **options)
+
+
+def _openai(target: str, **options: Any) -> Judge:
+    from excise.evaluate.judges.endpoint import EndpointJudge
+
+    return _construct(EndpointJudge, "openai", options, target)
+
+
 JUDGES: dict[str, JudgeKind] = {
     kind.name: kind
     for kind in [
         JudgeKind("refusal", _refusal, False, "refusal-marker heuristic (GCG test prefixes)"),
+        JudgeKind(
+            "harm-probe",
+            _shipped_probe("harm-probe"),
+            False,
+            "offline harmful-response probe (MiniLM embeddings, PKU-SafeRLHF judge-side prompts)",
+        ),
+        JudgeKind(
+            "toxicity-probe",
+            _shipped_probe("toxicity-probe"),
+            False,
+            "offline toxicity probe (MiniLM embeddings, RealToxicityPrompts Perspective scores)",
+        ),
+        JudgeKind("probe", _probe_file, True, "a probe file written by `excise eval judge-train`"),
+        JudgeKind("hf", _hf, True, "Hugging Face sequence classifier or Llama-Guard-style causal LM"),
+        JudgeKind("openai", _openai, True, "OpenAI-compatible endpoint answering safe/unsafe (model=NAME)"),
     ]
 }
 
