@@ -93,6 +93,11 @@ def sft(
     from excise.data import parse_field_mapping
     from excise.train.sft import SftConfig, run
 
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # also the model-loading bars
+
     cfg = SftConfig(
         base=base, data=data, out=out, format=format, fields=parse_field_mapping(field or []),
         template=template, system=system, split=split, limit=limit, max_examples=max_examples,

@@ -202,7 +202,7 @@ def train(
     from accelerate import Accelerator
 
     started = time.perf_counter()
-    accelerator = accelerator or Accelerator()
+    accelerator = accelerator or Accelerator(cpu=_multi_process_cpu())
     out = Path(out_dir)
     world, rank = accelerator.num_processes, accelerator.process_index
     total = settings.total_steps(micro_batches_per_epoch, world)
@@ -301,6 +301,15 @@ def train(
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _multi_process_cpu() -> bool:
+    """Launched as several processes (``torchrun``, ``accelerate launch``) on a machine without CUDA.
+
+    accelerate then needs ``cpu=True`` to join the processes (gloo); without it each process
+    would train alone on the whole data.
+    """
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 def _micro_seed(seed: int, index: int) -> int:
