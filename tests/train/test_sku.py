@@ -160,8 +160,9 @@ def test_missing_normal_data_too_large_k_and_one_prompt_are_clear_errors(tmp_pat
 
 def test_full_parameter_sku_then_streamed_negation_is_theta_o_minus_lam_task_vector(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
+    from typer.testing import CliRunner
 
-    from excise.pem.full import apply_full
+    from excise.cli import app
 
     cfg = sku_config(tiny_model_dir, tmp_path, full=True, lr=1e-3, steps=2)
     run(cfg, progress=False)
@@ -170,9 +171,10 @@ def test_full_parameter_sku_then_streamed_negation_is_theta_o_minus_lam_task_vec
     assert json.loads((cfg.out / "train_config.json").read_text())["config"]["reference"] == "frozen-copy"
 
     lam = 0.7
-    negated = apply_full(
-        "negate", tiny_model_dir, [cfg.out], tmp_path / "negated", params={"lam": lam}, progress=False
-    )
+    negated = tmp_path / "negated"  # the documented command: excise ops negate --base BASE --adapter θh
+    args = ["ops", "negate", "--base", str(tiny_model_dir), "--adapter", str(cfg.out), "--lam", str(lam)]
+    result = CliRunner().invoke(app, [*args, "--out", str(negated)])
+    assert result.exit_code == 0, result.output
     theta_o = load_file(tiny_model_dir / "model.safetensors")
     theta_h = load_file(cfg.out / "model.safetensors")
     result = load_file(negated / "model.safetensors")
