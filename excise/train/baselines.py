@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, FiniteFloat, model_validator
 
 from excise.train.loop import TrainReport
 from excise.train.losses import gradient_ascent_loss, kl_to_reference_loss, sequence_nll
@@ -36,11 +36,11 @@ class BaselineConfig(UnlearnConfig):
     """Settings of one baseline: the shared ones, the method, and its weights."""
 
     method: Literal["ga", "ga_mismatch", "llmu", "finetune"] = Field(description="Which baseline.")
-    ga_weight: float | None = Field(
+    ga_weight: FiniteFloat | None = Field(
         None, description="Weight of the GA term (default: 1 for ga, 0.5 for ga_mismatch and llmu)."
     )
-    mismatch_weight: float = Field(1.0, description="Weight of the mismatch CE (ga_mismatch, llmu).")
-    kl_weight: float = Field(1.0, description="Weight of KL(p_θo ‖ p_θ) on normal data (llmu).")
+    mismatch_weight: FiniteFloat = Field(1.0, description="Weight of the mismatch CE (ga_mismatch, llmu).")
+    kl_weight: FiniteFloat = Field(1.0, description="Weight of KL(p_θo ‖ p_θ) on normal data (llmu).")
     mismatch_pool: Literal["harmful", "normal"] = Field(
         "harmful",
         description="Mismatched responses from other harmful prompts (as SKU's RD) or from the normal "

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, FiniteFloat
 
 from excise.train.loop import TrainReport
 from excise.train.losses import (
@@ -45,9 +45,9 @@ PAPER = "arXiv 2402.10058"
 class SkuConfig(UnlearnConfig):
     """``excise train sku``'s settings: the shared ones plus the three weights."""
 
-    eps_gd: float = Field(0.5, description="ε1, weight of guided distortion L_GD.")
-    eps_rd: float = Field(1.0, description="ε2, weight of random disassociation L_RD.")
-    eps_pd: float = Field(1.0, description="ε3, weight of preservation divergence L_PD = −KL(p_θo ‖ p_θh).")
+    eps_gd: FiniteFloat = Field(0.5, description="ε1, weight of guided distortion L_GD.")
+    eps_rd: FiniteFloat = Field(1.0, description="ε2, weight of random disassociation L_RD.")
+    eps_pd: FiniteFloat = Field(1.0, description="ε3, weight of preservation divergence −KL(p_θo ‖ p_θh).")
 
 
 def sku_terms(cfg: SkuConfig) -> list[Term]:
