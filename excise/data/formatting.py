@@ -207,7 +207,8 @@ def encode(
 
     Raises:
         ConfigError: unknown template, no chat template for ``chat``, or no EOS token.
-        DataError: the prompt alone leaves no room for one response token within ``max_length``.
+        DataError: the prompt alone leaves no room for one response token within ``max_length``,
+            or nothing precedes a single response token (no prompt, no BOS).
     """
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -216,6 +217,8 @@ def encode(
     _, response_text = tpl.render(tokenizer, example, system)
     prompt_ids = encode_prompt(tokenizer, example, template, system=system)
     response_ids = [*_continuation_ids(tokenizer, response_text), eos]
+    if not prompt_ids and len(response_ids) < 2:
+        raise DataError(f"row {example.row}: a one-token text with no BOS has no token to learn")
     if max_length is not None and len(prompt_ids) + len(response_ids) > max_length:
         room = max_length - len(prompt_ids)
         if room < 1:
@@ -235,7 +238,7 @@ def encode_examples(
     system: str | None = None,
     max_length: int | None = None,
 ) -> tuple[list[Encoded], int]:
-    """Encode all examples, dropping those whose prompt alone reaches ``max_length``.
+    """Encode all examples, dropping those :func:`encode` refuses (prompt too long, nothing to learn).
 
     Returns:
         ``(encoded, dropped)``: the encoded examples in input order and how many were dropped.

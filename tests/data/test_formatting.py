@@ -176,3 +176,33 @@ def test_collate_dtype_and_shapes():
     batch = collate([encode(opt_style(), x, "plain") for x in EXAMPLES], 1)
     assert {k: v.dtype for k, v in batch.items()} == dict.fromkeys(batch, torch.long)
     assert len({v.shape for v in batch.values()}) == 1
+
+
+def test_text_with_nothing_to_learn_is_dropped(chat_tokenizer):
+    """No BOS and a lone token: nothing predicts it, so the example is dropped, not trained on."""
+    kept, dropped = encode_examples(chat_tokenizer, [Example("", ""), Example("", "a")], "plain")
+    assert dropped == 1 and len(kept) == 1  # "a" stays: its EOS is predicted from "a"
+    assert collate(kept, 0)["labels"][0].tolist() == [IGNORE_INDEX, chat_tokenizer.eos_token_id]
+
+
+@pytest.mark.slow
+def test_smollm2_boundary_equals_joint_tokenization_on_halueval():
+    """The real tokenizer on 100 HaluEval questions: every template but ``plain`` (which has no
+    separator) tokenises prompt and response exactly as the joined text."""
+    from pathlib import Path
+
+    from excise.data import load_paired_qa
+    from excise.models import load_tokenizer
+
+    data = Path(__file__).resolve().parents[3] / "shared/data/halueval/qa_data.json"
+    if not data.is_file():
+        pytest.skip("../shared/data not present")
+    tok = load_tokenizer("smollm2-135m-instruct")
+    expert, _ = load_paired_qa(str(data), limit=100)
+    for template in ("chat", "alpaca", "tulu", "question-answer"):
+        for example in expert:
+            e = encode(tok, example, template)
+            prompt_text, response_text = TEMPLATES[template].render(tok, example, None)
+            joint = tok(prompt_text + response_text, add_special_tokens=False)["input_ids"]
+            assert joint == e.prompt_ids + e.response_ids[:-1], (template, example.row)
+            assert e.response_ids[-1] == tok.convert_tokens_to_ids("<|im_end|>")
