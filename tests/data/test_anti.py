@@ -51,8 +51,10 @@ def test_endpoint_rows_pair_both_answers_and_resume_and_cache_send_nothing_twice
         assert all(r["kind"] == "untruthful" and r["generator"] == f"{stub.url}#writer" for r in rows)
         assert rows[1]["input"] == "2 and 3" and rows[1]["output"] == "5"
         # The prompt sent is the documented template.
-        assert stub.requests[0]["messages"] == render(TEMPLATES["untruthful"], ROWS[0])
-        assert "### Input:\n2 and 3" in json.dumps(stub.requests) and stub.requests[0]["model"] == "writer"
+        sent = [r["messages"] for r in stub.requests]
+        assert all(render(TEMPLATES["untruthful"], row) in sent for row in ROWS)
+        assert "### Input:\n2 and 3" in render(TEMPLATES["untruthful"], ROWS[1])[1]["content"]
+        assert {r["model"] for r in stub.requests} == {"writer"}
 
         again = make_anti_data(source, out, _settings(stub.url, tmp_path), progress=False)
         assert (again.already_done, again.written) == (5, 0) and stub.count == 4  # resume: nothing sent
