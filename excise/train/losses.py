@@ -157,12 +157,18 @@ def frozen_model_reference(reference_model: Any) -> Reference:
 def _kl_reference_to_model(model: Any, batch: Batch, reference: Reference | None) -> torch.Tensor:
     """``KL(p_ref ‖ p_model)`` per response position, averaged per row then over rows."""
     reference = reference or adapter_disabled_reference(model)
-    ref_logits = reference(batch)  # (N, V), no grad
+    with torch.no_grad():
+        log_p_ref = reference(batch)  # (N, V) logits
+        log_p_ref -= log_p_ref.logsumexp(-1, keepdim=True)  # in place: log p_ref
+        p_ref = log_p_ref.exp()  # (N, V)
     logits, _, rows = response_logits(model, batch)  # (N, V)
-    log_p_model = F.log_softmax(logits, dim=-1)  # (N, V)
-    log_p_ref = F.log_softmax(ref_logits, dim=-1)  # (N, V)
-    # Σ_v p_ref · (log p_ref − log p_model), in log space: no 0·log 0 and no 1e-12 fudge.
-    token_kl = F.kl_div(log_p_model, log_p_ref, log_target=True, reduction="none").sum(-1)  # (N,)
+    # log p_ref − log p_model, written into log_p_ref's buffer: with p_ref and the logits
+    # that is all the graph keeps (3 × (N, V); F.kl_div on two log_softmax outputs keeps 5).
+    # Both log-probabilities are computed the same way, so it is exactly 0 where logits agree.
+    log_p_model = logits - logits.logsumexp(-1, keepdim=True)  # (N, V), freed after the next line
+    log_ratio = log_p_ref.sub_(log_p_model)  # (N, V)
+    del log_p_model
+    token_kl = torch.einsum("nv,nv->n", p_ref, log_ratio)  # (N,): Σ_v p_ref · log(p_ref / p_model)
     return _mean_per_row(token_kl, rows, batch["labels"].shape[0])
 
 
