@@ -222,7 +222,7 @@ def llmu(
     normal: Annotated[str, _opt(_NORMAL_HELP)],
     ga_weight: Annotated[float, _opt("Weight of the GA term.")] = 0.5,
     mismatch_weight: Annotated[float, _opt("Weight of the CE on mismatched responses.")] = 1.0,
-    kl_weight: Annotated[float, _opt("Weight of KL(p_θo ‖ p_θ) on normal data (kept small).")] = 1.0,
+    kl_weight: Annotated[float, _opt("Weight of KL(p_θo ‖ p_θ) on normal data (minimised).")] = 1.0,
     k: Annotated[int, _opt(_K_HELP, "--k")] = 5,
     mismatch_pool: Annotated[
         str, _opt("Mismatched responses from other harmful prompts (harmful) or from --normal (normal).")
