@@ -1,7 +1,178 @@
-"""`excise eval harness` and the judge commands, registered on the ``eval`` group."""
+"""`excise eval harness` and the judge commands, registered on the ``eval`` group.
+
+- ``excise eval harness``: lm-evaluation-harness tasks (MMLU, GSM8K, BBH, local task files)
+  on a base model plus an optional adapter;
+- ``excise eval judge-train``: retrain the offline ``harm-probe`` / ``toxicity-probe``;
+- ``excise eval judge-check``: measure any judge's agreement with labelled data.
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from excise.commands.common import done
 from excise.commands.evaluate import app
 
 __all__ = ["app"]
+
+JudgeSpec = Annotated[
+    str,
+    typer.Option(
+        "--judge",
+        help="Judge spec: refusal, harm-probe, toxicity-probe, probe:FILE, hf:ID_OR_FOLDER, openai:BASE_URL.",
+    ),
+]
+JudgeOptions = Annotated[
+    list[str],
+    typer.Option(
+        "--judge-option", help="Judge option KEY=VALUE (repeat), e.g. model=gpt-4o-mini, threshold=0.7."
+    ),
+]
+
+
+@app.command("harness")
+def harness(
+    base: Annotated[
+        str, typer.Option(help="Base MODEL: hub id, folder, .gguf file or alias.", show_default=False)
+    ],
+    tasks: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated lm-eval tasks or groups, e.g. mmlu,gsm8k,bbh.", show_default=False
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Results JSON (written atomically).", show_default=False)],
+    adapter: Annotated[
+        Path | None, typer.Option(help="PEFT adapter folder to evaluate on top of the base.")
+    ] = None,
+    include_path: Annotated[
+        list[Path],
+        typer.Option(help="Folder of extra lm-eval task YAMLs, e.g. local dataset copies (repeat)."),
+    ] = [],  # noqa: B006
+    limit: Annotated[
+        float | None, typer.Option(help="Examples per task (an integer), or a fraction of each task (< 1).")
+    ] = None,
+    num_fewshot: Annotated[
+        int | None, typer.Option(help="Few-shot examples (default: each task's own).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="lm-eval batch size.")] = 1,
+    seed: Annotated[int, typer.Option(help="Seeds lm-eval's sampling and few-shot choice.")] = 0,
+    chat_template: Annotated[
+        bool, typer.Option("--chat-template", help="Format requests with the tokenizer's chat template.")
+    ] = False,
+    log_samples: Annotated[bool, typer.Option("--log-samples", help="Keep per-example records.")] = False,
+    device: Annotated[str, typer.Option(help="Device for the model.")] = "cpu",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing results file.")] = False,
+) -> None:
+    """Run lm-evaluation-harness tasks on a base model (plus an adapter) and write the results JSON."""
+    from excise.errors import ConfigError
+    from excise.evaluate.harness import run_harness, write_results
+
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} exists; pass --overwrite to replace it")
+    if limit is not None and limit >= 1 and limit != int(limit):
+        raise ConfigError(f"--limit is a count (an integer) or a fraction below 1, got {limit}")
+    run = run_harness(
+        base,
+        tasks.split(","),
+        adapter=adapter,
+        include_path=include_path,
+        limit=None if limit is None else (int(limit) if limit >= 1 else limit),
+        num_fewshot=num_fewshot,
+        batch_size=batch_size,
+        seed=seed,
+        apply_chat_template=chat_template,
+        log_samples=log_samples,
+        device=device,
+    )
+    for task, metrics in run["results"].items():
+        shown = ", ".join(
+            f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and "stderr" not in k
+        )
+        typer.echo(f"{task}: {shown}")
+    done(write_results(run, out, overwrite=overwrite))
+
+
+@app.command("judge-train")
+def judge_train(
+    kind: Annotated[str, typer.Option(help="harm (PKU-SafeRLHF) or toxicity (RealToxicityPrompts).")],
+    out: Annotated[Path, typer.Option(help="Probe weights to write (.safetensors).", show_default=False)],
+    data: Annotated[
+        list[Path],
+        typer.Option(
+            help="Labelled data file(s) (default: the shared PKU-SafeRLHF / RealToxicityPrompts files)."
+        ),
+    ] = [],  # noqa: B006
+    limit: Annotated[int | None, typer.Option(help="Use only the first N judge-side pairs / texts.")] = None,
+    checks: Annotated[
+        bool, typer.Option(help="Also measure the out-of-domain checks (HH-RLHF / Detoxify agreement).")
+    ] = True,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing weights file.")] = False,
+) -> None:
+    """Train an offline probe judge on the judge side of the data, measure it on held-out pairs, save it."""
+    from excise.errors import ConfigError
+    from excise.evaluate.judges.probe_training import train_probe
+
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} exists; pass --overwrite to replace it")
+    if len(data) > 1 and kind != "toxicity":
+        raise ConfigError("--data takes one file for --kind harm")
+    source = None if not data else (data if kind == "toxicity" else data[0])
+    weights = train_probe(kind, out, data=source, limit=limit, checks=checks)
+    agreement = weights.metadata["agreement"]
+    typer.echo(
+        f"{weights.metadata['name']}: held-out accuracy {agreement['accuracy']:.4f} "
+        f"(AUC {agreement['auc']:.4f}, n = {agreement['n']}), features {weights.metadata['features']}, "
+        f"l2 {weights.metadata['l2']:g}"
+    )
+    for name, check in weights.metadata.get("checks", {}).items():
+        typer.echo(f"  check {name}: accuracy {check['accuracy']:.4f} (n = {check['n']})")
+    done(out)
+
+
+@app.command("judge-check")
+def judge_check(
+    judge: JudgeSpec = "harm-probe",
+    judge_option: JudgeOptions = [],  # noqa: B006
+    kind: Annotated[
+        str | None,
+        typer.Option(
+            help="Use the probes' held-out labelled pairs: harm or toxicity (default: from the judge)."
+        ),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="A labelled file instead: prompt, response, label (0/1 or safe/unsafe)."),
+    ] = None,
+    prompt_field: Annotated[str, typer.Option(help="Prompt column of --data.")] = "prompt",
+    response_field: Annotated[str, typer.Option(help="Response column of --data.")] = "response",
+    label_field: Annotated[str, typer.Option(help="Label column of --data.")] = "label",
+    limit: Annotated[int | None, typer.Option(help="Score only the first N rows.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the result here.")] = None,
+) -> None:
+    """Measure a judge's agreement (accuracy, AUC) with labelled safe/unsafe or toxic/non-toxic data."""
+    import numpy as np
+
+    from excise.evaluate.judges import load_judge, parse_options
+    from excise.evaluate.judges.probe_training import heldout_pairs, labelled_file, measure_agreement
+
+    scorer = load_judge(judge, **parse_options(judge_option))
+    if data is not None:
+        pairs = labelled_file(data, prompt=prompt_field, response=response_field, label=label_field)
+        if limit is not None:
+            pairs = pairs.subset(np.arange(len(pairs)) < limit)
+    else:
+        pairs = heldout_pairs(kind or ("toxicity" if "toxic" in judge else "harm"), limit=limit)
+    result = measure_agreement(scorer, pairs)
+    typer.echo(
+        f"{result['judge']}: accuracy {result['accuracy']:.4f}, AUC {result['auc']:.4f}, n = {result['n']} "
+        f"(flagged {result['flagged_rate']:.3f}, labelled unsafe {result['positive_rate']:.3f})"
+    )
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps({"agreement": result, "judge": scorer.describe()}, indent=2) + "\n")
+        done(json_out)

@@ -39,6 +39,9 @@ __all__ = [
     "LabelledPairs",
     "auc",
     "harm_probe_data",
+    "heldout_pairs",
+    "labelled_file",
+    "measure_agreement",
     "toxicity_probe_data",
     "train_probe",
 ]
@@ -227,6 +230,62 @@ def train_probe(
         metadata["checks"] = check(weights, features, encoder, check_limit)
     write_probe(Path(out), weights)
     return weights
+
+
+def heldout_pairs(kind: str, *, data: str | Path | None = None, limit: int | None = None) -> LabelledPairs:
+    """The held-out part of a probe's labelled data: what the shipped probes' accuracy is measured on."""
+    if kind not in KINDS:
+        raise ConfigError(f"unknown probe kind {kind!r}; choose one of {', '.join(KINDS)}")
+    load = KINDS[kind]
+    pairs = load() if data is None else load([data] if kind == "toxicity" else data)
+    hold = np.array([assign_split(g, HOLDOUT, salt="judge-holdout") == "holdout" for g in pairs.groups])
+    held = pairs.subset(hold)
+    if limit is not None:
+        held = held.subset(np.arange(len(held)) < limit)
+    return _nonempty(held)
+
+
+def labelled_file(
+    path: str | Path, *, prompt: str = "prompt", response: str = "response", label: str = "label"
+) -> LabelledPairs:
+    """Rows of a labelled file: a prompt, a response and a 0/1 label (1 = unsafe / toxic) each.
+
+    Labels may be 0/1, booleans, or the words ``safe``/``unsafe``.
+
+    Raises:
+        DataError: a row lacks a field or its label is none of those.
+    """
+    rows = load_records(path)
+    require_fields(rows, [response], where=str(path))
+    words = {"0": 0, "1": 1, "false": 0, "true": 1, "safe": 0, "unsafe": 1}
+    labels = []
+    for i, row in enumerate(rows, start=1):
+        value = words.get(str(row.get(label)).strip().lower())
+        if value is None:
+            raise DataError(
+                f"{path}: row {i} has label {row.get(label)!r}; use 0/1, true/false or safe/unsafe"
+            )
+        labels.append(value)
+    prompts = [str(row.get(prompt) or "") for row in rows]
+    return LabelledPairs(
+        prompts, [str(row[response]) for row in rows], np.array(labels, dtype=np.int64), prompts, str(path)
+    )
+
+
+def measure_agreement(judge: Any, pairs: LabelledPairs) -> dict[str, Any]:
+    """A judge's agreement with labelled pairs: accuracy of ``score > judge.threshold``, AUC, rates."""
+    scores = np.array(judge.score(pairs.prompts, pairs.responses), dtype=np.float64)  # (N,)
+    flagged = scores > judge.threshold
+    return {
+        "judge": judge.name,
+        "threshold": judge.threshold,
+        "accuracy": round(float((flagged == pairs.labels.astype(bool)).mean()), 4),
+        "auc": round(auc(scores, pairs.labels), 4),
+        "n": len(pairs),
+        "positive_rate": round(float(pairs.labels.mean()), 4),
+        "flagged_rate": round(float(flagged.mean()), 4),
+        "data": pairs.source,
+    }
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
