@@ -203,6 +203,8 @@ def train(
 
     started = time.perf_counter()
     accelerator = accelerator or Accelerator(cpu=_multi_process_cpu())
+    if settings.bf16 and accelerator.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("this GPU has no bfloat16 support; train without --bf16")
     out = Path(out_dir)
     world, rank = accelerator.num_processes, accelerator.process_index
     total = settings.total_steps(micro_batches_per_epoch, world)
@@ -212,8 +214,6 @@ def train(
     if overwrite and checkpoint is None and out.is_dir() and accelerator.is_main_process:
         shutil.rmtree(out)  # asked to replace it: stale checkpoints must not mix with this run's
     accelerator.wait_for_everyone()
-    if settings.bf16 and accelerator.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("this GPU has no bfloat16 support; train without --bf16")
 
     model = accelerator.prepare_model(model)
     raw = accelerator.unwrap_model(model)
