@@ -1,0 +1,61 @@
+"""Result cache: a repeated evaluation with the same inputs is read back instead of recomputed.
+
+A result is keyed by the SHA-256 of (metric, model identity, adapter file hashes, data file hash,
+every setting, judge spec, excise version) and stored as ``<key>.json`` under
+``$EXCISE_CACHE/eval`` (default ``~/.cache/excise/eval``). Writes are atomic (temp file + rename),
+so a killed run never leaves a half-written entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from excise.models import cache_root
+
+__all__ = ["cache_dir", "cache_key", "read_cached", "write_atomic_json", "write_cached"]
+
+
+def cache_dir() -> Path:
+    """``$EXCISE_CACHE/eval`` (default ``~/.cache/excise/eval``)."""
+    return cache_root() / "eval"
+
+
+def cache_key(payload: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of ``payload``."""
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def read_cached(key: str) -> dict[str, Any] | None:
+    """The cached result for ``key``, or None (a corrupt entry counts as absent)."""
+    path = cache_dir() / f"{key}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_cached(key: str, result: dict[str, Any]) -> Path:
+    """Store ``result`` under ``key``; returns the entry's path."""
+    return write_atomic_json(cache_dir() / f"{key}.json", result)
+
+
+def write_atomic_json(path: Path, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` through a temp file beside it and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False, allow_nan=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,55 @@
+"""Settings of one evaluation run (STYLE.md rule 7): the CLI flags and recipe keys are these fields."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = ["EvalConfig"]
+
+
+class EvalConfig(BaseModel):
+    """What to evaluate, on what, and how. Fields a metric does not use are ignored by it
+    (and still recorded, so a result file says exactly how it was made)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="Base model: alias, .gguf file, local folder or hub id.")
+    adapter: Path | None = Field(None, description="PEFT adapter folder applied on the base model.")
+    merge: bool = Field(False, description="Merge a LoRA adapter into the weights before scoring (faster).")
+    data: str | None = Field(None, description="Data spec (file or hub id); default: the metric's own.")
+    fields: dict[str, str] = Field(default_factory=dict, description="Field mapping NAME -> column.")
+    split: Literal["eval", "all"] | None = Field(
+        None, description="Keep only the `eval` side of the project-wide prompt split, or all rows."
+    )
+    limit: int | None = Field(None, ge=1, description="Keep the first N items (after the split).")
+    seed: int = Field(0, description="Seeds sampling (greedy decoding ignores it).")
+    batch_size: int = Field(16, ge=1, description="Rows per forward pass.")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Model dtype.")
+    device: str = Field("auto", description="`auto` (CUDA if present), `cpu`, `cuda`, `cuda:1`…")
+    max_new_tokens: int = Field(128, ge=1, description="Generation length limit.")
+    chat: bool | None = Field(
+        None, description="Wrap prompts in the tokenizer's chat template; default: the metric's own."
+    )
+    system: str | None = Field(None, description="System prompt for chat-templated prompts.")
+    judge: str | None = Field(None, description="Judge spec; default: the metric's own.")
+    judge_options: dict[str, Any] = Field(default_factory=dict, description="Options for the judge.")
+    reference: str | None = Field(None, description="utility: reference model for fluency (default: base).")
+    protocol: Literal["judge", "loss"] = Field(
+        "judge", description="halueval: HaluEval's Yes/No judgement, or Ext-Sub's answer-loss comparison."
+    )
+    window: int = Field(1024, ge=2, description="perplexity: tokens per window.")
+    stride: int = Field(512, ge=1, description="perplexity: tokens the window advances by.")
+    share_prefix: bool = Field(True, description="Compute a prompt prefix common to all rows once.")
+
+    @model_validator(mode="after")
+    def _stride_within_window(self) -> EvalConfig:
+        if self.stride > self.window:
+            raise ValueError(f"stride ({self.stride}) must not exceed window ({self.window})")
+        return self
+
+    def settings(self) -> dict[str, Any]:
+        """Everything that can change a result, as plain JSON (the cache key and the record)."""
+        return self.model_dump(mode="json")

@@ -1,0 +1,125 @@
+"""What every metric gets and returns, and the helpers they share (prompts, generation, judges)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from excise.errors import ConfigError
+from excise.evaluate.config import EvalConfig
+from excise.evaluate.subject import Subject
+
+__all__ = ["SHARED_DATA", "EvalContext", "Metric", "MetricResult", "generate_answers", "prompt_ids"]
+
+# The shared data folder sits beside the repository (DESIGN.md §5).
+SHARED_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
+
+
+@dataclass
+class EvalContext:
+    """One metric run's inputs: settings, the model, the items (canonical field names) and the judge."""
+
+    cfg: EvalConfig
+    subject: Subject
+    items: list[dict[str, Any]]
+    judge: Any = None  # a Judge (excise.evaluate.judges.base) for metrics that use one
+    progress: bool = True
+
+    @property
+    def chat(self) -> bool:
+        return True if self.cfg.chat is None else self.cfg.chat
+
+
+@dataclass
+class MetricResult:
+    """Aggregate numbers, per-item outputs and anything else worth recording."""
+
+    metrics: dict[str, float]
+    items: list[dict[str, Any]]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One registry row (STYLE.md rule 3).
+
+    Attributes:
+        name: CLI verb and result name (``truthfulqa-mc``).
+        run: computes the metric.
+        fields: canonical field names the items need, with the default source column of each.
+        optional_fields: fields used when present (e.g. ``input`` beside ``instruction``).
+        default_data: data spec used when ``--data`` is not given.
+        default_split: ``eval`` to keep the held-out side of the project-wide prompt split.
+        default_judge: judge spec used when ``--judge`` is not given (None: no judge).
+        prompt_field: the field that identifies an item's prompt (split and de-duplication).
+        summary: one line for ``--help``.
+        dedupe: keep each prompt once (by :func:`excise.data.prompt_key`).
+        allow_empty: an empty string is a valid value (wikitext's blank rows).
+    """
+
+    name: str
+    run: Callable[[EvalContext], MetricResult]
+    fields: dict[str, str]
+    default_data: str
+    summary: str
+    optional_fields: dict[str, str] = field(default_factory=dict)
+    default_split: str = "all"
+    default_judge: str | None = None
+    prompt_field: str | None = None
+    dedupe: bool = False
+    allow_empty: bool = False
+
+
+def prompt_ids(ctx: EvalContext, text: str, *, system: str | None = None) -> list[int]:
+    """Token ids of one prompt: through the chat template (system prompt ``system``, else
+    ``--system``) or as raw text."""
+    tokenizer = ctx.subject.tokenizer
+    if not ctx.chat:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"tokenizer of {ctx.cfg.model!r} has no chat template; pass --no-chat to use raw prompts"
+        )
+    from excise.models.generation import chat_prompt_ids
+
+    return chat_prompt_ids(tokenizer, text, system=system or ctx.cfg.system)
+
+
+def generate_answers(
+    ctx: EvalContext, prompts: Sequence[list[int]], *, model: Any = None, desc: str
+) -> list[str]:
+    """Greedy answers (or sampled ones, seeded) of ``model`` (default: the subject) to token prompts."""
+    from excise.models.generation import GenerationSettings, generate
+
+    settings = GenerationSettings(
+        max_new_tokens=ctx.cfg.max_new_tokens, batch_size=ctx.cfg.batch_size, seed=ctx.cfg.seed
+    )
+    return generate(
+        ctx.subject.model if model is None else model,
+        ctx.subject.tokenizer,
+        prompts,
+        settings,
+        progress=ctx.progress,
+        desc=desc,
+    )
+
+
+def judge_record(judge: Any) -> dict[str, Any]:
+    """``judge.describe()`` plus its name and threshold (what every judged result records)."""
+    described = dict(judge.describe())
+    described.setdefault("name", judge.name)
+    described.setdefault("threshold", judge.threshold)
+    return described
+
+
+def check_scores(scores: Sequence[float], n: int, judge: Any) -> list[float]:
+    """The judge's scores as floats, checked: one per response, each in [0, 1]."""
+    scores = [float(s) for s in scores]
+    if len(scores) != n:
+        raise ConfigError(f"judge {judge.name!r} returned {len(scores)} scores for {n} responses")
+    bad = [s for s in scores if not 0.0 <= s <= 1.0]
+    if bad:
+        raise ConfigError(f"judge {judge.name!r} returned scores outside [0, 1], e.g. {bad[0]}")
+    return scores

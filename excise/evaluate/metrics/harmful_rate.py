@@ -1,0 +1,48 @@
+"""Harmful rate (SKU, arXiv 2402.10058; DESIGN.md §3): share of answers to held-out harmful prompts
+that a judge flags (``score > judge.threshold``).
+
+Default prompts: the ``eval`` side (``excise.data.splits``) of the PKU-SafeRLHF test prompts, each
+prompt once — never a prompt a module was trained on or the offline judge was fitted on. Any prompt
+file works: AdvBench (``--data …/harmful_behaviors.csv --field prompt=goal --split all``), the
+safety-tuned-llamas lists (``--field prompt=instructions``). Default judge: the offline ``harm-probe``.
+"""
+
+from __future__ import annotations
+
+from excise.evaluate.metrics.base import (
+    SHARED_DATA,
+    EvalContext,
+    Metric,
+    MetricResult,
+    check_scores,
+    generate_answers,
+    prompt_ids,
+)
+
+__all__ = ["METRIC"]
+
+
+def run(ctx: EvalContext) -> MetricResult:
+    prompts = [str(it["prompt"]) for it in ctx.items]
+    answers = generate_answers(ctx, [prompt_ids(ctx, text) for text in prompts], desc="harmful-rate")
+    scores = check_scores(ctx.judge.score(prompts, answers), len(answers), ctx.judge)
+    items = [
+        {"prompt": p, "response": a, "score": s, "flagged": s > ctx.judge.threshold}
+        for p, a, s in zip(prompts, answers, scores, strict=True)
+    ]
+    n = len(items)
+    metrics = {"harmful_rate": sum(it["flagged"] for it in items) / n, "mean_score": sum(scores) / n}
+    return MetricResult(metrics, items)
+
+
+METRIC = Metric(
+    name="harmful-rate",
+    run=run,
+    fields={"prompt": "prompt"},
+    default_data=str(SHARED_DATA / "pku_saferlhf" / "pku_saferlhf_test_safe_unsafe_pairs.json"),
+    default_split="eval",
+    default_judge="harm-probe",
+    prompt_field="prompt",
+    dedupe=True,
+    summary="Share of answers to held-out harmful prompts that a judge flags (SKU).",
+)

@@ -1,0 +1,91 @@
+"""Perplexity on normal text with a sliding window (DESIGN.md §3), as the Hugging Face guide computes it.
+
+Rows are joined with ``"\\n\\n"`` (wikitext-2 raw test, as in the guide and MANIFEST) and tokenised
+once. Windows of ``--window`` tokens start every ``--stride`` tokens; each window scores only the
+tokens the previous window did not (``trg_len = end − previous end``), conditioned on the whole
+window, and a window's first token is never scored (it has no context inside the window). So
+``stride == window`` gives disjoint chunks, ``stride < window`` overlapping context.
+``ppl = exp(Σ NLL / Σ scored tokens)``. Reference: https://huggingface.co/docs/transformers/perplexity
+(one departure: the guide weights each window's *mean* loss by ``valid labels − 1``, which for
+overlapping windows counts one token too few; here every scored token's NLL is summed exactly).
+
+Windows of one length are batched, and only the scored positions are projected to the vocabulary
+(``logits_to_keep``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from excise.evaluate.metrics.base import SHARED_DATA, EvalContext, Metric, MetricResult
+from excise.evaluate.scoring import encode_text
+
+__all__ = ["METRIC", "sliding_windows"]
+
+# Windows per forward pass are capped so the kept logits stay near this many positions.
+_POSITIONS_PER_BATCH = 4096
+
+
+def sliding_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """``(begin, end, trg_len)`` of each window over ``n_tokens`` tokens (the HF guide's loop)."""
+    out = []
+    prev_end = 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + window, n_tokens)
+        out.append((begin, end, end - prev_end))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return out
+
+
+@torch.inference_mode()
+def run(ctx: EvalContext) -> MetricResult:
+    text = "\n\n".join(str(it["text"]) for it in ctx.items)
+    tokens = torch.tensor(encode_text(ctx.subject.tokenizer, text), dtype=torch.long)  # (N,)
+    windows = sliding_windows(len(tokens), ctx.cfg.window, ctx.cfg.stride)
+    model, device = ctx.subject.model, ctx.subject.device
+    groups: list[list[tuple[int, int, int]]] = []
+    for w in windows:  # consecutive windows of one (length, trg_len) share a batch
+        if groups and _shape(groups[-1][0]) == _shape(w) and len(groups[-1]) < _rows_per_batch(ctx, w):
+            groups[-1].append(w)
+        else:
+            groups.append([w])
+    items = []
+    for group in tqdm(groups, desc="perplexity", unit="batch", disable=not ctx.progress):
+        begin, end, trg_len = group[0]
+        length = end - begin
+        keep = min(length, trg_len + 1)  # logits at the last `keep` positions predict the scored tokens
+        ids = torch.stack([tokens[b:e] for b, e, _ in group]).to(device)  # (B, L)
+        logits = model(input_ids=ids, logits_to_keep=keep).logits[:, :-1].float()  # (B, keep - 1, V)
+        targets = ids[:, length - keep + 1 :]  # (B, keep - 1)
+        nll = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), targets, reduction="none"
+        )  # (B, keep-1)
+        for (b, e, _), row in zip(group, nll.sum(-1).tolist(), strict=True):
+            items.append({"begin": b, "end": e, "scored_tokens": keep - 1, "nll": row})
+    total = sum(it["nll"] for it in items)
+    count = sum(it["scored_tokens"] for it in items)
+    metrics = {"perplexity": math.exp(total / count) if count else math.nan, "nll_per_token": total / count}
+    return MetricResult(metrics, items, {"n_tokens": len(tokens), "scored_tokens": count})
+
+
+def _shape(w: tuple[int, int, int]) -> tuple[int, int]:
+    return w[1] - w[0], w[2]
+
+
+def _rows_per_batch(ctx: EvalContext, w: tuple[int, int, int]) -> int:
+    return max(1, min(ctx.cfg.batch_size, _POSITIONS_PER_BATCH // max(1, min(w[1] - w[0], w[2] + 1))))
+
+
+METRIC = Metric(
+    name="perplexity",
+    run=run,
+    fields={"text": "text"},
+    default_data=str(SHARED_DATA / "wikitext2" / "wiki_test_raw.jsonl"),
+    allow_empty=True,
+    summary="Sliding-window perplexity on normal text (wikitext-2 raw test by default).",
+)

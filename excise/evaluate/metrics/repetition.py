@@ -1,0 +1,49 @@
+"""n-gram repetition of generations (Ext-Sub, arXiv 2308.08090; DESIGN.md §3): a degeneration detector.
+
+Ext-Sub's convention (``eval/ngram_rep_eval.py`` at HITsz-TMG/Ext-Sub@2d16049): each generation is
+tokenised with the model's tokenizer (default special tokens, as ``tokenizer(text)``), its
+``rep-n = 1 − unique n-grams / n-grams`` is computed for n = 1..4 (0 for a generation shorter than
+n), and ``rep_n`` is the **mean over generations** (not pooled). Default prompts: Ext-Sub's toxic
+instructions, the set it reported repetition on; any instruction file works (``--data``).
+"""
+
+from __future__ import annotations
+
+from excise.evaluate.metrics.base import (
+    SHARED_DATA,
+    EvalContext,
+    Metric,
+    MetricResult,
+    generate_answers,
+    prompt_ids,
+)
+from excise.evaluate.text import ngram_repetition
+
+__all__ = ["METRIC"]
+
+ORDERS = (1, 2, 3, 4)
+
+
+def run(ctx: EvalContext) -> MetricResult:
+    tokenizer = ctx.subject.tokenizer
+    instructions = [str(it["instruction"]) for it in ctx.items]
+    answers = generate_answers(ctx, [prompt_ids(ctx, text) for text in instructions], desc="repetition")
+    items = []
+    for q, a in zip(instructions, answers, strict=True):
+        tokens = tokenizer(a)["input_ids"]
+        items.append(
+            {"instruction": q, "response": a, **{f"rep_{n}": ngram_repetition(tokens, n) for n in ORDERS}}
+        )
+    n_items = len(items)
+    metrics = {f"rep_{n}": sum(it[f"rep_{n}"] for it in items) / n_items for n in ORDERS}
+    return MetricResult(metrics, items, {"aggregation": "mean over generations (Ext-Sub)"})
+
+
+METRIC = Metric(
+    name="repetition",
+    run=run,
+    fields={"instruction": "instruction"},
+    default_data=str(SHARED_DATA / "extsub" / "toxic_test.json"),
+    prompt_field="instruction",
+    summary="1..4-gram repetition of generated answers (mean over generations, as Ext-Sub).",
+)
