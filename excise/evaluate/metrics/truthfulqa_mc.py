@@ -117,5 +117,5 @@ METRIC = Metric(
     run=run,
     fields={"question": "question", "mc1_targets": "mc1_targets", "mc2_targets": "mc2_targets"},
     default_data=str(SHARED_DATA / "truthfulqa" / "v1_817q" / "mc_task.json"),
-    summary="TruthfulQA MC1/MC2 by choice log-likelihood, same prompt and rule as lm-evaluation-harness.",
+    summary="TruthfulQA MC1/MC2 by choice log-likelihood, same prompt and rule as lm-eval.",
 )
