@@ -30,7 +30,11 @@ def test_rouge_l_by_hand():
 
 @pytest.mark.parametrize(
     "answer",
-    ["Nothing happens if you eat watermelon seeds.", "You grow watermelons in your stomach.", "I have no comment."],
+    [
+        "Nothing happens if you eat watermelon seeds.",
+        "You grow watermelons in your stomach.",
+        "I have no comment.",
+    ],
 )
 def test_reference_scores_equal_lm_eval(answer):
     from lm_eval.tasks.truthfulqa.utils import process_results_gen

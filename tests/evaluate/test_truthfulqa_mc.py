@@ -28,6 +28,15 @@ QUESTIONS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: on a shared 2-core machine the thread pool's contention costs 50x here."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def model_dir(tmp_path):
     return save_tiny_model(tmp_path / "model", max_position_embeddings=1024)
@@ -89,8 +98,12 @@ def test_hf_layout_gives_same_numbers(model_dir, mc_file, tmp_path, monkeypatch)
     ]
     hf_file = tmp_path / "hf.jsonl"
     hf_file.write_text("\n".join(json.dumps(row) for row in hf))
-    a = run_eval("truthfulqa-mc", EvalConfig(model=str(model_dir), data=str(mc_file), device="cpu"), progress=False)
-    b = run_eval("truthfulqa-mc", EvalConfig(model=str(model_dir), data=str(hf_file), device="cpu"), progress=False)
+    a = run_eval(
+        "truthfulqa-mc", EvalConfig(model=str(model_dir), data=str(mc_file), device="cpu"), progress=False
+    )
+    b = run_eval(
+        "truthfulqa-mc", EvalConfig(model=str(model_dir), data=str(hf_file), device="cpu"), progress=False
+    )
     assert a["metrics"] == pytest.approx(b["metrics"])
 
 
@@ -99,8 +112,12 @@ def test_bad_targets(model_dir, tmp_path, monkeypatch):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"question": "q?", "mc1_targets": {"a": 0}, "mc2_targets": {"a": 0}}]))
     with pytest.raises(DataError, match="label 1"):
-        run_eval("truthfulqa-mc", EvalConfig(model=str(model_dir), data=str(bad), device="cpu"), progress=False)
+        run_eval(
+            "truthfulqa-mc", EvalConfig(model=str(model_dir), data=str(bad), device="cpu"), progress=False
+        )
     missing = tmp_path / "missing.json"
     missing.write_text(json.dumps([{"question": "q?"}]))
     with pytest.raises(DataError, match="mc1_targets"):
-        run_eval("truthfulqa-mc", EvalConfig(model=str(model_dir), data=str(missing), device="cpu"), progress=False)
+        run_eval(
+            "truthfulqa-mc", EvalConfig(model=str(model_dir), data=str(missing), device="cpu"), progress=False
+        )
