@@ -229,7 +229,7 @@ def test_halueval_loss_protocol_by_hand(model_dir, tmp_path):
         prompt = chat_prompt_ids(tok, row["question"])
         nll = []
         for answer in (row["right_answer"], row["hallucinated_answer"]):
-            cont = tok.encode(answer, add_special_tokens=False) + [tok.eos_token_id]
+            cont = [*tok.encode(answer, add_special_tokens=False), tok.eos_token_id]
             with torch.no_grad():
                 lp = torch.log_softmax(model(torch.tensor([prompt + cont])).logits[0].double(), -1)
             nll.append(-sum(float(lp[len(prompt) - 1 + i, t]) for i, t in enumerate(cont)))
