@@ -9,7 +9,7 @@ beside every rate the probe produces. ``features`` in the metadata says what is 
 ``response`` (the response alone) or ``prompt+response`` (prompt, newline, response).
 
 The fitted model is plain L2-regularised logistic regression, minimised to convergence
-with full-batch L-BFGS in float64 (deterministic; tests check it against scikit-learn).
+with damped Newton steps in float64 (deterministic; tests check it against scikit-learn).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from excise.errors import ConfigError, DataError, ModelLoadError
 from excise.evaluate.judges.common import check_pairs
@@ -69,47 +68,60 @@ def probe_texts(prompts: Sequence[str], responses: Sequence[str], features: str)
 
 
 def fit_logistic(
-    X: np.ndarray, y: np.ndarray, *, l2: float = 1e-3, max_iter: int = 500
+    X: np.ndarray, y: np.ndarray, *, l2: float = 1e-3, max_iter: int = 100, tol: float = 1e-10
 ) -> tuple[np.ndarray, float]:
     """L2-regularised logistic regression: argmin mean BCE(σ(Xw + b), y) + l2/2·|w|².
+
+    Damped Newton steps in float64 (the objective is strictly convex for ``l2 > 0``): a few
+    dozen iterations reach the optimum to ``tol`` even on (nearly) separable data, where
+    first-order methods crawl.
 
     Args:
         X: features ``(N, D)``.
         y: labels ``(N,)`` in {0, 1}.
-        l2: ridge penalty on ``w`` (not on ``b``).
-        max_iter: L-BFGS iterations at most.
+        l2: ridge penalty on ``w`` (not on ``b``); must be positive.
+        max_iter: Newton iterations at most.
+        tol: stop when the gradient's largest entry is below it.
 
     Returns:
         ``(w (D,), b)`` as float64.
 
     Raises:
-        DataError: no rows, or only one class.
+        DataError: no rows, or only one class. ConfigError: ``l2`` not positive.
     """
     if len(X) == 0 or len(X) != len(y):
         raise DataError(f"cannot fit a probe on {len(X)} rows and {len(y)} labels")
     if len(np.unique(y)) < 2:
         raise DataError("cannot fit a probe on labels of one class only; the data needs safe and unsafe rows")
-    Xt = torch.as_tensor(X, dtype=torch.float64)  # (N, D)
-    yt = torch.as_tensor(y, dtype=torch.float64)  # (N,)
-    w = torch.zeros(X.shape[1], dtype=torch.float64, requires_grad=True)  # (D,)
-    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)  # (1,)
-    optimizer = torch.optim.LBFGS(
-        [w, b],
-        lr=1.0,
-        max_iter=max_iter,
-        tolerance_grad=1e-10,
-        tolerance_change=1e-14,
-        line_search_fn="strong_wolfe",
-    )
+    if not l2 > 0:
+        raise ConfigError(f"l2 must be positive, got {l2}")
+    N, D = X.shape
+    Z = np.hstack([np.asarray(X, np.float64), np.ones((N, 1))])  # (N, D + 1), last column: bias
+    y = np.asarray(y, np.float64)  # (N,)
+    ridge = np.full(D + 1, l2)  # (D + 1,)
+    ridge[-1] = 0.0  # the bias is not penalised
+    theta = np.zeros(D + 1)  # (D + 1,)
 
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(Xt @ w + b, yt) + 0.5 * l2 * (w @ w)
-        loss.backward()
-        return loss
+    def objective(t: np.ndarray) -> float:
+        z = Z @ t  # (N,)
+        return float(np.mean(np.logaddexp(0.0, z) - y * z) + 0.5 * np.sum(ridge * t * t))
 
-    optimizer.step(closure)
-    return w.detach().numpy().copy(), float(b.detach()[0])
+    loss = objective(theta)
+    for _ in range(max_iter):
+        p = 1.0 / (1.0 + np.exp(-(Z @ theta)))  # (N,)
+        grad = Z.T @ (p - y) / N + ridge * theta  # (D + 1,)
+        if np.max(np.abs(grad)) < tol:
+            break
+        hessian = (Z.T * (p * (1 - p) / N)) @ Z + np.diag(ridge) + 1e-12 * np.eye(D + 1)  # (D + 1, D + 1)
+        step = np.linalg.solve(hessian, grad)  # (D + 1,)
+        rate = 1.0
+        while rate > 1e-10:  # backtracking (Armijo) keeps every step a descent
+            candidate = objective(theta - rate * step)
+            if candidate <= loss - 1e-4 * rate * float(grad @ step):
+                break
+            rate *= 0.5
+        theta, loss = theta - rate * step, objective(theta - rate * step)
+    return theta[:-1].copy(), float(theta[-1])
 
 
 def write_probe(path: Path, weights: ProbeWeights) -> Path:
