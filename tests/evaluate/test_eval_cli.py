@@ -1,0 +1,81 @@
+"""`excise eval <metric>`: result file, cache message, one-line errors; command list = metric registry."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from excise.commands.evaluate import _COMMANDS
+from excise.evaluate.metrics import METRICS
+from tests.conftest import save_tiny_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: on a shared 2-core machine the thread pool's contention costs 50x here."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _main(monkeypatch, *args):
+    from excise.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["excise", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return exit_info.value.code
+
+
+def test_commands_are_the_registry():
+    assert {name: m.summary for name, m in METRICS.items()} == _COMMANDS
+
+
+def test_cli_writes_result_and_uses_cache(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("EXCISE_CACHE", str(tmp_path / "cache"))
+    model = save_tiny_model(tmp_path / "tiny")
+    data = tmp_path / "p.json"
+    data.write_text(json.dumps([{"text": "Hello there."}, {"text": "Bye now."}]))
+    out = tmp_path / "res" / "rep.json"
+    args = ["eval", "repetition", "--base", str(model), "--data", str(data), "--field", "instruction=text"]
+    args += ["--out", str(out), "--max-new-tokens", "4", "--device", "cpu"]
+    assert _main(monkeypatch, *args) == 0
+    record = json.loads(out.read_text())
+    assert record["metric"] == "repetition" and record["n_items"] == 2 and len(record["items"]) == 2
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert _main(monkeypatch, *args) == 0
+    assert "cache" in capsys.readouterr().err
+    assert not list(out.parent.glob(".*tmp"))  # no temp file left beside the result
+
+
+def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("EXCISE_CACHE", str(tmp_path / "cache"))
+    model = save_tiny_model(tmp_path / "tiny")
+    capsys.readouterr()  # drop the save's progress bar
+    out = tmp_path / "r.json"
+    code = _main(
+        monkeypatch, "eval", "repetition", "--base", str(model), "--field", "nonsense", "--out", str(out)
+    )
+    err = capsys.readouterr().err
+    assert (
+        code == 2
+        and err.startswith("error: --field 'nonsense' is not NAME=COLUMN")
+        and "Traceback" not in err
+    )
+    code = _main(
+        monkeypatch,
+        "eval",
+        "perplexity",
+        "--base",
+        str(model),
+        "--data",
+        str(tmp_path / "x.jsonl"),
+        "--out",
+        str(out),
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "not found" in err and not out.exists()
