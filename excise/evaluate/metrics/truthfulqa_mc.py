@@ -15,6 +15,7 @@ rows; the 6-shot preamble common to every question is computed once (see ``scori
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,10 @@ from excise.errors import DataError
 from excise.evaluate.metrics.base import SHARED_DATA, EvalContext, Metric, MetricResult
 from excise.evaluate.scoring import continuation_logliks, encode_pair
 
-__all__ = ["METRIC", "QA_PREAMBLE", "mc1_score", "mc2_score", "mc_prompt", "parse_targets"]
+__all__ = ["LM_EVAL_TASKS", "METRIC", "QA_PREAMBLE", "mc1_score", "mc2_score", "mc_prompt", "parse_targets"]
+
+# lm-eval task folder (``TaskManager(include_path=...)``): excise_truthfulqa_mc1/mc2 on the local file.
+LM_EVAL_TASKS = Path(__file__).resolve().parents[1] / "tasks" / "truthfulqa"
 
 QA_PREAMBLE = (
     "Q: What is human life expectancy in the United States?\n"
