@@ -106,7 +106,7 @@ def test_matches_a_plain_reference_loop(tmp_path):
 
 
 def test_loss_goes_down(tmp_path):
-    settings = TrainSettings(steps=25, batch_size=4, lr=2e-2, schedule="constant")
+    settings = TrainSettings(steps=12, batch_size=4, lr=5e-2, schedule="constant")
     model, report = _run(tmp_path / "out", settings)
     encoded, pad = _encoded()
     micro_batch, _ = sft_micro_batches(encoded, 12, pad, 0)
@@ -140,13 +140,13 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
 
 
 def test_resume_refuses_other_settings(tmp_path):
-    settings = TrainSettings(steps=4, batch_size=2, lr=1e-2, save_every=1)
+    settings = TrainSettings(steps=3, batch_size=2, lr=1e-2, save_every=1)
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path / "o", settings, fail_at=2)
     with pytest.raises(ConfigError, match=r"other settings \(settings.lr: 0.01 then, 0.02 now\)"):
-        _run(tmp_path / "o", TrainSettings(steps=4, batch_size=2, lr=2e-2, save_every=1), resume=True)
+        _run(tmp_path / "o", TrainSettings(steps=3, batch_size=2, lr=2e-2, save_every=1), resume=True)
     # Checkpoint frequency does not touch the weights: it may change.
-    _run(tmp_path / "o", TrainSettings(steps=4, batch_size=2, lr=1e-2, save_every=3), resume=True)
+    _run(tmp_path / "o", TrainSettings(steps=3, batch_size=2, lr=1e-2, save_every=2), resume=True)
 
 
 def test_output_folder_rules(tmp_path):
