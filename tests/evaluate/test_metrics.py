@@ -301,3 +301,28 @@ def test_field_mapping_and_eval_split(model_dir, tmp_path):
     record = run_eval("harmful-rate", cfg, judge=LengthJudge(), progress=False)
     expected = [r["goal"] for r in rows if assign_split(r["goal"]) == "eval"]
     assert [it["prompt"] for it in record["items"]] == expected
+
+
+def test_merged_adapter_scores_like_unmerged(model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(2)
+    peft_model = get_peft_model(
+        load_model(str(model_dir)),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    peft_model.save_pretrained(tmp_path / "adapter")
+    path = tmp_path / "text.jsonl"
+    path.write_text(json.dumps({"text": "Some normal text to score, twice over. " * 2}))
+    adapter = tmp_path / "adapter"
+    runs = {
+        merge: run_eval(
+            "perplexity",
+            _cfg(model_dir, path, adapter=adapter, merge=merge, window=32, stride=16),
+            progress=False,
+        )["metrics"]["perplexity"]
+        for merge in (False, True)
+    }
+    base = run_eval("perplexity", _cfg(model_dir, path, window=32, stride=16), progress=False)
+    assert runs[True] == pytest.approx(runs[False], rel=1e-4)
+    assert base["metrics"]["perplexity"] != pytest.approx(runs[False], rel=1e-4)  # the adapter matters
