@@ -72,8 +72,8 @@ def sft(
         bool,
         typer.Option(
             "--bf16",
-            help="bfloat16 autocast (weights stay float32). On GPUs only where supported; on CPU it "
-            "works everywhere but is faster only on CPUs with bf16 instructions.",
+            help="bfloat16 autocast (weights stay float32). GPUs: only where supported. CPUs: works "
+            "everywhere, but without bf16 instructions (AVX512-BF16, AMX) it is much slower than float32.",
         ),
     ] = False,
     save_every: Annotated[
