@@ -109,7 +109,7 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         if (self.steps is None) == (self.epochs is None):
-            raise ConfigError("give either steps or epochs, not both and not neither")
+            raise ConfigError("give either steps or epochs, not both nor neither (epochs: pass steps=None)")
         if self.steps is not None and self.steps < 1:
             raise ConfigError(f"steps must be at least 1, got {self.steps}")
         if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
