@@ -159,3 +159,22 @@ def test_dataset_fetch_errors_are_recognised():
     assert _is_dataset_error(ConnectionError("no route"))
     assert not _is_dataset_error(ValueError("a bug"))
     assert issubclass(DataError, ValueError)
+
+
+@pytest.mark.slow
+def test_cli_on_the_real_model_alias(setup, tmp_path, monkeypatch):
+    """`excise eval harness --base smollm2-135m-instruct` on the local task: the alias works end to end."""
+    from typer.testing import CliRunner
+
+    from excise.cli import app
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    _, _, _, tasks = setup
+    out = tmp_path / "smollm2.json"
+    args = ["eval", "harness", "--base", "smollm2-135m-instruct", "--tasks", "excise_tiny_mc"]
+    result = CliRunner().invoke(app, [*args, "--include-path", str(tasks), "--limit", "4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    saved = json.loads(out.read_text())
+    assert saved["excise"]["model"] == "smollm2-135m-instruct" and saved["excise"]["limit"] == 4
+    assert 0.0 <= saved["results"]["excise_tiny_mc"]["acc,none"] <= 1.0
+    assert "excise_tiny_mc: acc,none" in result.output and f"wrote {out}" in result.output
