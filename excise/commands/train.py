@@ -7,7 +7,25 @@ from typing import Annotated
 
 import typer
 
-from excise.commands.common import Overwrite, done
+from excise.commands.common import (
+    GradAccum,
+    LoraAlpha,
+    LoraDropout,
+    LoraR,
+    Lr,
+    MaxGradNorm,
+    Overwrite,
+    Progress,
+    Rslora,
+    SaveEvery,
+    Schedule,
+    System,
+    TargetModules,
+    WarmupSteps,
+    WeightDecay,
+    done,
+    module_names,
+)
 
 app = typer.Typer(
     help="Train adapters: expert / anti-expert SFT, SKU harmful-knowledge acquisition, unlearning baselines.",
@@ -39,7 +57,7 @@ def sft(
             help="Prompt template: chat, alpaca, tulu, question-answer, plain. [default: chat; text: plain]"
         ),
     ] = None,
-    system: Annotated[str | None, typer.Option(help="System prompt (chat) or first paragraph.")] = None,
+    system: System = None,
     split: Annotated[
         str, typer.Option(help="Prompt-hash split side to train on: train (60%), judge, eval, or all.")
     ] = "train",
@@ -47,26 +65,20 @@ def sft(
     max_examples: Annotated[int | None, typer.Option(help="Train on at most N examples.")] = None,
     max_length: Annotated[int, typer.Option(help="Max tokens per example; longer responses are cut.")] = 512,
     full: Annotated[bool, typer.Option("--full", help="Train all weights instead of a LoRA.")] = False,
-    lora_r: Annotated[int, typer.Option(help="LoRA rank r.")] = 8,
-    lora_alpha: Annotated[
-        float, typer.Option(help="LoRA alpha (scale alpha/r, or alpha/sqrt(r) with --rslora).")
-    ] = 16.0,
-    lora_dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.05,
-    target_modules: Annotated[
-        str, typer.Option(help="Comma-separated module names to adapt, or all-linear.")
-    ] = "q_proj,v_proj",
-    rslora: Annotated[bool, typer.Option("--rslora", help="Rank-stabilised LoRA scaling.")] = False,
+    lora_r: LoraR = 8,
+    lora_alpha: LoraAlpha = 16.0,
+    lora_dropout: LoraDropout = 0.05,
+    target_modules: TargetModules = "q_proj,v_proj",
+    rslora: Rslora = False,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps. [default: 100 unless --epochs]")] = None,
     epochs: Annotated[float | None, typer.Option(help="Passes over the data, instead of --steps.")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per micro-batch (per process).")] = 4,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches accumulated per optimizer step.")] = 1,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 2e-4,
-    schedule: Annotated[
-        str, typer.Option(help="LR schedule after warm-up: constant, linear, cosine.")
-    ] = "linear",
-    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 0,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
-    max_grad_norm: Annotated[float, typer.Option(help="Clip the gradient norm (0: no clipping).")] = 1.0,
+    grad_accum: GradAccum = 1,
+    lr: Lr = 2e-4,
+    schedule: Schedule = "linear",
+    warmup_steps: WarmupSteps = 0,
+    weight_decay: WeightDecay = 0.0,
+    max_grad_norm: MaxGradNorm = 1.0,
     seed: Annotated[int, typer.Option(help="Seeds the LoRA init, data order and dropout.")] = 0,
     bf16: Annotated[
         bool,
@@ -76,14 +88,12 @@ def sft(
             "everywhere, but without bf16 instructions (AVX512-BF16, AMX) it is much slower than float32.",
         ),
     ] = False,
-    save_every: Annotated[
-        int | None, typer.Option(help="Checkpoint every N steps into OUT/checkpoints.")
-    ] = None,
+    save_every: SaveEvery = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the newest checkpoint in OUT (none: start).")
     ] = False,
     overwrite: Overwrite = False,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    progress: Progress = True,
 ) -> None:
     """Fine-tune a LoRA (expert or anti-expert) on (prompt, response) data; the loss covers responses only.
 
@@ -102,7 +112,7 @@ def sft(
         base=base, data=data, out=out, format=format, fields=parse_field_mapping(field or []),
         template=template, system=system, split=split, limit=limit, max_examples=max_examples,
         max_length=max_length, full=full, lora_r=lora_r, lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout, target_modules=tuple(t.strip() for t in target_modules.split(",")),
+        lora_dropout=lora_dropout, target_modules=module_names(target_modules),
         rslora=rslora, steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         schedule=schedule, warmup_steps=warmup_steps, weight_decay=weight_decay,
         max_grad_norm=max_grad_norm or None, seed=seed, bf16=bf16, save_every=save_every,

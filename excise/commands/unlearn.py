@@ -15,7 +15,25 @@ from typing import Annotated, Any
 
 import typer
 
-from excise.commands.common import Overwrite, done
+from excise.commands.common import (
+    GradAccum,
+    LoraAlpha,
+    LoraDropout,
+    LoraR,
+    Lr,
+    MaxGradNorm,
+    Overwrite,
+    Progress,
+    Rslora,
+    SaveEvery,
+    Schedule,
+    System,
+    TargetModules,
+    WarmupSteps,
+    WeightDecay,
+    done,
+    module_names,
+)
 from excise.commands.train import app
 
 __all__ = ["app"]
@@ -70,38 +88,30 @@ _SHARED: list[tuple[str, Any, Any]] = [
         Annotated[str, _opt("Prompt template: chat, alpaca, tulu, question-answer, plain.")],
         "chat",
     ),
-    ("system", Annotated[str | None, _opt("System prompt (chat) or first paragraph.")], None),
+    ("system", System, None),
     ("limit", Annotated[int | None, _opt("Read only the first N rows of each data file.")], None),
     ("max_examples", Annotated[int | None, _opt("Use at most N examples per data stream.")], None),
     ("max_length", Annotated[int, _opt("Max tokens per row; longer responses are cut.")], 256),
     ("full", Annotated[bool, _opt("Train all weights instead of a LoRA (small models).", "--full")], False),
-    ("lora_r", Annotated[int, _opt("LoRA rank r.")], 8),
-    (
-        "lora_alpha",
-        Annotated[float, _opt("LoRA alpha (scale alpha/r, or alpha/sqrt(r) with --rslora).")],
-        16.0,
-    ),
-    ("lora_dropout", Annotated[float, _opt("LoRA dropout.")], 0.05),
-    (
-        "target_modules",
-        Annotated[str, _opt("Comma-separated module names to adapt, or all-linear.")],
-        "q_proj,v_proj",
-    ),
-    ("rslora", Annotated[bool, _opt("Rank-stabilised LoRA scaling.", "--rslora")], False),
+    ("lora_r", LoraR, 8),
+    ("lora_alpha", LoraAlpha, 16.0),
+    ("lora_dropout", LoraDropout, 0.05),
+    ("target_modules", TargetModules, "q_proj,v_proj"),
+    ("rslora", Rslora, False),
     ("steps", Annotated[int, _opt("Optimizer steps.")], 100),
     ("batch_size", Annotated[int, _opt("Harmful prompts (and normal rows) per micro-batch.")], 2),
-    ("grad_accum", Annotated[int, _opt("Micro-batches accumulated per optimizer step.")], 1),
-    ("lr", Annotated[float, _opt("Peak learning rate (AdamW).")], 2e-4),
-    ("schedule", Annotated[str, _opt("LR schedule after warm-up: constant, linear, cosine.")], "linear"),
-    ("warmup_steps", Annotated[int, _opt("Linear warm-up steps.")], 0),
-    ("weight_decay", Annotated[float, _opt("AdamW weight decay.")], 0.0),
-    ("max_grad_norm", Annotated[float, _opt("Clip the gradient norm (0: no clipping).")], 1.0),
+    ("grad_accum", GradAccum, 1),
+    ("lr", Lr, 2e-4),
+    ("schedule", Schedule, "linear"),
+    ("warmup_steps", WarmupSteps, 0),
+    ("weight_decay", WeightDecay, 0.0),
+    ("max_grad_norm", MaxGradNorm, 1.0),
     ("seed", Annotated[int, _opt("Seeds the LoRA init, data order, random responses and dropout.")], 0),
     ("bf16", Annotated[bool, _opt("bfloat16 autocast (weights stay float32).", "--bf16")], False),
-    ("save_every", Annotated[int | None, _opt("Checkpoint every N steps into OUT/checkpoints.")], None),
+    ("save_every", SaveEvery, None),
     ("resume", Annotated[bool, _opt("Continue from the newest checkpoint in OUT.", "--resume")], False),
     ("overwrite", Overwrite, False),
-    ("progress", Annotated[bool, _opt("Show a progress bar.")], True),
+    ("progress", Progress, True),
 ]
 
 _NORMAL_HELP = (
@@ -109,6 +119,15 @@ _NORMAL_HELP = (
     "the safe responses of --harmful."
 )
 _K_HELP = "Random responses of other prompts per harmful prompt (K)."
+
+# Method flags several commands share.
+_Normal = Annotated[str, _opt(_NORMAL_HELP)]
+_GaWeight = Annotated[float, _opt("Weight of the GA term.")]
+_MismatchWeight = Annotated[float, _opt("Weight of the CE on mismatched responses.")]
+_K = Annotated[int, _opt(_K_HELP, "--k")]
+_MismatchPool = Annotated[
+    str, _opt("Mismatched responses from other harmful prompts (harmful) or from --normal (normal).")
+]
 
 
 def _command(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -146,7 +165,7 @@ def _shared_config(kwargs: dict[str, Any]) -> dict[str, Any]:
     cfg = {k: v for k, v in kwargs.items() if k not in ("harmful_field", "normal_field", "progress")}
     cfg["harmful_fields"] = parse_field_mapping(kwargs["harmful_field"] or [])
     cfg["normal_fields"] = parse_field_mapping(kwargs["normal_field"] or [])
-    cfg["target_modules"] = tuple(t.strip() for t in kwargs["target_modules"].split(","))
+    cfg["target_modules"] = module_names(kwargs["target_modules"])
     cfg["max_grad_norm"] = kwargs["max_grad_norm"] or None
     return cfg
 
@@ -160,13 +179,13 @@ def _finish(report: Any) -> None:
 
 @_command("sku")
 def sku(
-    normal: Annotated[str, _opt(_NORMAL_HELP)],
+    normal: _Normal,
     eps_gd: Annotated[float, _opt("ε1: weight of guided distortion L_GD (CE on harmful responses).")] = 0.5,
     eps_rd: Annotated[
         float, _opt("ε2: weight of random disassociation L_RD (CE on K other responses).")
     ] = 1.0,
     eps_pd: Annotated[float, _opt("ε3: weight of preservation divergence L_PD = −KL(p_θo ‖ p_θh).")] = 1.0,
-    k: Annotated[int, _opt(_K_HELP, "--k")] = 5,
+    k: _K = 5,
     **shared: Any,
 ) -> None:
     """SKU stage 1: train the harmful module θh on ε1·L_GD + ε2·L_RD + ε3·L_PD (arXiv 2402.10058).
@@ -196,12 +215,10 @@ def ga(**shared: Any) -> None:
 
 @_command("ga-mismatch")
 def ga_mismatch(
-    ga_weight: Annotated[float, _opt("Weight of the GA term.")] = 0.5,
-    mismatch_weight: Annotated[float, _opt("Weight of the CE on mismatched responses.")] = 1.0,
-    k: Annotated[int, _opt(_K_HELP, "--k")] = 5,
-    mismatch_pool: Annotated[
-        str, _opt("Mismatched responses from other harmful prompts (harmful) or from --normal (normal).")
-    ] = "harmful",
+    ga_weight: _GaWeight = 0.5,
+    mismatch_weight: _MismatchWeight = 1.0,
+    k: _K = 5,
+    mismatch_pool: _MismatchPool = "harmful",
     normal: Annotated[str | None, _opt(_NORMAL_HELP + " Only for --mismatch-pool normal.")] = None,
     **shared: Any,
 ) -> None:
@@ -219,14 +236,12 @@ def ga_mismatch(
 
 @_command("llmu")
 def llmu(
-    normal: Annotated[str, _opt(_NORMAL_HELP)],
-    ga_weight: Annotated[float, _opt("Weight of the GA term.")] = 0.5,
-    mismatch_weight: Annotated[float, _opt("Weight of the CE on mismatched responses.")] = 1.0,
+    normal: _Normal,
+    ga_weight: _GaWeight = 0.5,
+    mismatch_weight: _MismatchWeight = 1.0,
     kl_weight: Annotated[float, _opt("Weight of KL(p_θo ‖ p_θ) on normal data (minimised).")] = 1.0,
-    k: Annotated[int, _opt(_K_HELP, "--k")] = 5,
-    mismatch_pool: Annotated[
-        str, _opt("Mismatched responses from other harmful prompts (harmful) or from --normal (normal).")
-    ] = "harmful",
+    k: _K = 5,
+    mismatch_pool: _MismatchPool = "harmful",
     **shared: Any,
 ) -> None:
     """LLMU: GA + random mismatch + KL to the original model on normal data (arXiv 2310.10683)."""

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from excise.data import (
     Encoded,
@@ -33,8 +33,9 @@ from excise.data import (
 )
 from excise.models import load_model, load_tokenizer, resolve_model
 from excise.train.loop import TrainReport, TrainSettings, train
-from excise.train.lora import LoraSettings, attach_lora, unfreeze_all
+from excise.train.lora import attach_lora, unfreeze_all
 from excise.train.nll import response_nll
+from excise.train.options import TrainOptions
 
 __all__ = ["FORMATS", "SftConfig", "epoch_batches", "load_examples", "run", "sft_micro_batches"]
 
@@ -66,10 +67,8 @@ FORMATS: dict[str, Callable[[str, dict[str, str], int | None], list[Example]]] =
 }
 
 
-class SftConfig(BaseModel):
+class SftConfig(TrainOptions):
     """Everything ``excise train sft`` takes; CLI flags are these fields."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     base: str = Field(description="Base model: alias, local folder, .gguf file or hub id.")
     data: str = Field(description="Data: local .json/.jsonl/.csv file, saved dataset folder or hub id.")
@@ -88,26 +87,8 @@ class SftConfig(BaseModel):
     limit: int | None = Field(None, ge=1, description="Read only the first rows of the data.")
     max_examples: int | None = Field(None, ge=1, description="Train on at most this many examples.")
     max_length: int = Field(512, ge=2, description="Tokens per example; longer responses are cut.")
-    full: bool = Field(False, description="Train every weight instead of a LoRA.")
-    lora_r: int = Field(8, ge=1)
-    lora_alpha: float = Field(16.0, gt=0)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    rslora: bool = False
     steps: int | None = Field(None, ge=1)
     epochs: float | None = Field(None, gt=0)
-    batch_size: int = Field(4, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    lr: float = Field(2e-4, gt=0)
-    schedule: Literal["constant", "linear", "cosine"] = "linear"
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    seed: int = 0
-    bf16: bool = False
-    save_every: int | None = Field(None, ge=1)
-    resume: bool = False
-    overwrite: bool = False
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> SftConfig:
@@ -117,18 +98,7 @@ class SftConfig(BaseModel):
 
     def train_settings(self) -> TrainSettings:
         steps = self.steps if self.steps is not None or self.epochs is not None else 100
-        return TrainSettings(
-            steps=steps, epochs=self.epochs, batch_size=self.batch_size, grad_accum=self.grad_accum,
-            lr=self.lr, schedule=self.schedule, warmup_steps=self.warmup_steps,
-            weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm, seed=self.seed,
-            bf16=self.bf16, save_every=self.save_every,
-        )  # fmt: skip
-
-    def lora_settings(self) -> LoraSettings:
-        return LoraSettings(
-            r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
-            target_modules=self.target_modules, rslora=self.rslora,
-        )  # fmt: skip
+        return self._train_settings(steps, self.epochs)
 
     @property
     def resolved_template(self) -> str:

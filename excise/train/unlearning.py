@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from excise.data import (
     Encoded,
@@ -46,9 +46,10 @@ from excise.data import (
 from excise.errors import ConfigError, DataError
 from excise.models import load_model, load_tokenizer, resolve_model
 from excise.train.loop import TrainReport, TrainSettings, train
-from excise.train.lora import LoraSettings, attach_lora, unfreeze_all
+from excise.train.lora import attach_lora, unfreeze_all
 from excise.train.losses import Reference, adapter_disabled_reference, frozen_model_reference
 from excise.train.mismatch import MismatchSampler
+from excise.train.options import TrainOptions
 from excise.train.sft import epoch_batches
 
 __all__ = ["STREAMS", "Term", "UnlearnConfig", "UnlearningData", "prepare_data", "run_objective"]
@@ -58,10 +59,8 @@ STREAMS = ("harmful", "mismatch", "normal", "safe")
 SAFE_AS_NORMAL = "safe"
 
 
-class UnlearnConfig(BaseModel):
+class UnlearnConfig(TrainOptions):
     """Settings every unlearning recipe takes (CLI flags are these fields)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     base: str = Field(description="Base model θo: alias, local folder, .gguf file or hub id.")
     harmful: str = Field(
@@ -87,38 +86,11 @@ class UnlearnConfig(BaseModel):
     max_examples: int | None = Field(None, ge=1, description="Use at most this many examples per stream.")
     max_length: int = Field(256, ge=2, description="Tokens per row; longer responses are cut.")
     k: int = Field(5, ge=1, description="Random responses of other prompts per harmful prompt.")
-    full: bool = Field(False, description="Train every weight instead of a LoRA.")
-    lora_r: int = Field(8, ge=1)
-    lora_alpha: float = Field(16.0, gt=0)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    rslora: bool = False
     steps: int = Field(100, ge=1)
     batch_size: int = Field(2, ge=1, description="Harmful prompts (and normal rows) per micro-batch.")
-    grad_accum: int = Field(1, ge=1)
-    lr: float = Field(2e-4, gt=0)
-    schedule: Literal["constant", "linear", "cosine"] = "linear"
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    seed: int = 0
-    bf16: bool = False
-    save_every: int | None = Field(None, ge=1)
-    resume: bool = False
-    overwrite: bool = False
 
     def train_settings(self) -> TrainSettings:
-        return TrainSettings(
-            steps=self.steps, batch_size=self.batch_size, grad_accum=self.grad_accum, lr=self.lr,
-            schedule=self.schedule, warmup_steps=self.warmup_steps, weight_decay=self.weight_decay,
-            max_grad_norm=self.max_grad_norm, seed=self.seed, bf16=self.bf16, save_every=self.save_every,
-        )  # fmt: skip
-
-    def lora_settings(self) -> LoraSettings:
-        return LoraSettings(
-            r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
-            target_modules=self.target_modules, rslora=self.rslora,
-        )  # fmt: skip
+        return self._train_settings(self.steps)
 
 
 # A term's loss: (model, its stream's batch, reference for KL terms) → scalar.

@@ -6,20 +6,12 @@ import json
 import sys
 
 import pytest
-import torch
 
 from excise.commands.evaluate import _COMMANDS
 from excise.evaluate.metrics import METRICS
 from tests.conftest import save_tiny_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine the thread pool's contention costs 50x here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _main(monkeypatch, *args):

@@ -20,14 +20,7 @@ from excise.models.generation import GenerationSettings, chat_prompt_ids, genera
 from excise.models.loading import load_model, load_tokenizer
 from tests.conftest import save_tiny_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine the thread pool's contention costs 50x here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

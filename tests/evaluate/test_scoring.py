@@ -10,14 +10,7 @@ import torch
 from excise.errors import ConfigError
 from excise.evaluate.scoring import continuation_logliks, encode_pair
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine the thread pool's contention costs 50x here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _reference(model, context, continuation):

@@ -9,9 +9,20 @@ from typing import Any
 
 from excise.errors import ConfigError
 from excise.evaluate.config import EvalConfig
+from excise.evaluate.scoring import Loglik, continuation_logliks
 from excise.evaluate.subject import Subject
 
-__all__ = ["SHARED_DATA", "EvalContext", "Metric", "MetricResult", "generate_answers", "prompt_ids"]
+__all__ = [
+    "SHARED_DATA",
+    "EvalContext",
+    "Metric",
+    "MetricResult",
+    "answer_field",
+    "generate_answers",
+    "judge_scores",
+    "prompt_ids",
+    "subject_logliks",
+]
 
 # The shared data folder sits beside the repository (DESIGN.md §5).
 SHARED_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
@@ -106,12 +117,35 @@ def generate_answers(
     )
 
 
+def answer_field(ctx: EvalContext, field: str, *, desc: str) -> tuple[list[str], list[str]]:
+    """``(texts, answers)``: each item's ``field`` as text, and the subject's answer to it as a
+    prompt (:func:`prompt_ids`)."""
+    texts = [str(it[field]) for it in ctx.items]
+    return texts, generate_answers(ctx, [prompt_ids(ctx, text) for text in texts], desc=desc)
+
+
+def subject_logliks(
+    ctx: EvalContext, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *, desc: str, model: Any = None
+) -> list[Loglik]:
+    """:func:`~excise.evaluate.scoring.continuation_logliks` of ``model`` (default: the subject)
+    with the run's batch size, prefix sharing and progress setting."""
+    return continuation_logliks(
+        ctx.subject.model if model is None else model, requests, batch_size=ctx.cfg.batch_size,
+        share_prefix=ctx.cfg.share_prefix, progress=ctx.progress, desc=desc,
+    )  # fmt: skip
+
+
 def judge_record(judge: Any) -> dict[str, Any]:
     """``judge.describe()`` plus its name and threshold (what every judged result records)."""
     described = dict(judge.describe())
     described.setdefault("name", judge.name)
     described.setdefault("threshold", judge.threshold)
     return described
+
+
+def judge_scores(ctx: EvalContext, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+    """``ctx.judge``'s scores of ``responses`` to ``prompts``, checked (:func:`check_scores`)."""
+    return check_scores(ctx.judge.score(prompts, responses), len(responses), ctx.judge)
 
 
 def check_scores(scores: Sequence[float], n: int, judge: Any) -> list[float]:

@@ -18,8 +18,15 @@ is below the hallucinated one's.
 
 from __future__ import annotations
 
-from excise.evaluate.metrics.base import SHARED_DATA, EvalContext, Metric, MetricResult, prompt_ids
-from excise.evaluate.scoring import continuation_logliks, encode_pair
+from excise.evaluate.metrics.base import (
+    SHARED_DATA,
+    EvalContext,
+    Metric,
+    MetricResult,
+    prompt_ids,
+    subject_logliks,
+)
+from excise.evaluate.scoring import encode_pair
 
 __all__ = ["INSTRUCTION", "METRIC", "SYSTEM"]
 
@@ -82,10 +89,7 @@ def run(ctx: EvalContext) -> MetricResult:
     for it in ctx.items:
         for answer in (it["right_answer"], it["hallucinated_answer"]):
             requests += _judge_requests(ctx, str(it["question"]), str(answer))
-    scores = continuation_logliks(
-        ctx.subject.model, requests, batch_size=ctx.cfg.batch_size, share_prefix=ctx.cfg.share_prefix,
-        progress=ctx.progress, desc="halueval",
-    )  # fmt: skip
+    scores = subject_logliks(ctx, requests, desc="halueval")
     items = []
     for k, it in enumerate(ctx.items):
         yes_r, no_r, yes_h, no_h = (s.logprob for s in scores[4 * k : 4 * k + 4])
@@ -116,10 +120,7 @@ def _run_loss(ctx: EvalContext) -> MetricResult:
         context = prompt_ids(ctx, str(it["question"]))
         for answer in (it["right_answer"], it["hallucinated_answer"]):
             requests.append((context, tokenizer.encode(str(answer), add_special_tokens=False) + eos))
-    scores = continuation_logliks(
-        ctx.subject.model, requests, batch_size=ctx.cfg.batch_size, share_prefix=ctx.cfg.share_prefix,
-        progress=ctx.progress, desc="halueval",
-    )  # fmt: skip
+    scores = subject_logliks(ctx, requests, desc="halueval")
     items = []
     for k, it in enumerate(ctx.items):
         right, hallucinated = scores[2 * k].logprob, scores[2 * k + 1].logprob

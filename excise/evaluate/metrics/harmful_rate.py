@@ -14,18 +14,16 @@ from excise.evaluate.metrics.base import (
     EvalContext,
     Metric,
     MetricResult,
-    check_scores,
-    generate_answers,
-    prompt_ids,
+    answer_field,
+    judge_scores,
 )
 
 __all__ = ["METRIC"]
 
 
 def run(ctx: EvalContext) -> MetricResult:
-    prompts = [str(it["prompt"]) for it in ctx.items]
-    answers = generate_answers(ctx, [prompt_ids(ctx, text) for text in prompts], desc="harmful-rate")
-    scores = check_scores(ctx.judge.score(prompts, answers), len(answers), ctx.judge)
+    prompts, answers = answer_field(ctx, "prompt", desc="harmful-rate")
+    scores = judge_scores(ctx, prompts, answers)
     items = [
         {"prompt": p, "response": a, "score": s, "flagged": s > ctx.judge.threshold}
         for p, a, s in zip(prompts, answers, scores, strict=True)

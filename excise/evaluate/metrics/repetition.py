@@ -14,8 +14,7 @@ from excise.evaluate.metrics.base import (
     EvalContext,
     Metric,
     MetricResult,
-    generate_answers,
-    prompt_ids,
+    answer_field,
 )
 from excise.evaluate.text import ngram_repetition
 
@@ -26,8 +25,7 @@ ORDERS = (1, 2, 3, 4)
 
 def run(ctx: EvalContext) -> MetricResult:
     tokenizer = ctx.subject.tokenizer
-    instructions = [str(it["instruction"]) for it in ctx.items]
-    answers = generate_answers(ctx, [prompt_ids(ctx, text) for text in instructions], desc="repetition")
+    instructions, answers = answer_field(ctx, "instruction", desc="repetition")
     items = []
     for q, a in zip(instructions, answers, strict=True):
         tokens = tokenizer(a)["input_ids"]

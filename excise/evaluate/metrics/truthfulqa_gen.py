@@ -21,8 +21,8 @@ from excise.evaluate.metrics.base import (
     EvalContext,
     Metric,
     MetricResult,
-    check_scores,
     generate_answers,
+    judge_scores,
     prompt_ids,
 )
 from excise.evaluate.metrics.truthfulqa_mc import QA_PREAMBLE
@@ -84,7 +84,7 @@ def run(ctx: EvalContext) -> MetricResult:
     metrics = {k: sum(it[k] for it in items) / n for k in keys}
     metrics["truthful_rate"] = metrics["bleu_acc"]
     if ctx.judge is not None:
-        scores = check_scores(ctx.judge.score(questions, answers), n, ctx.judge)
+        scores = judge_scores(ctx, questions, answers)
         for it, s in zip(items, scores, strict=True):
             it["judge_score"] = s
         metrics["judge_flagged_rate"] = sum(s > ctx.judge.threshold for s in scores) / n

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from excise.errors import DataError
-from excise.evaluate.metrics.base import SHARED_DATA, EvalContext, Metric, MetricResult
-from excise.evaluate.scoring import continuation_logliks, encode_pair
+from excise.evaluate.metrics.base import SHARED_DATA, EvalContext, Metric, MetricResult, subject_logliks
+from excise.evaluate.scoring import encode_pair
 
 __all__ = ["LM_EVAL_TASKS", "METRIC", "QA_PREAMBLE", "mc1_score", "mc2_score", "mc_prompt", "parse_targets"]
 
@@ -90,14 +90,7 @@ def run(ctx: EvalContext) -> MetricResult:
         first = len(requests)
         requests += [encode_pair(tokenizer, context, " " + c) for c in choices]
         questions.append((item["question"], choices, first, mc1, mc2))
-    scores = continuation_logliks(
-        ctx.subject.model,
-        requests,
-        batch_size=ctx.cfg.batch_size,
-        share_prefix=ctx.cfg.share_prefix,
-        progress=ctx.progress,
-        desc="truthfulqa-mc",
-    )
+    scores = subject_logliks(ctx, requests, desc="truthfulqa-mc")
     items = []
     for question, choices, first, (c1, l1), (c2, l2) in questions:
         ll = {c: scores[first + i].logprob for i, c in enumerate(choices)}

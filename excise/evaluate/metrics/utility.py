@@ -25,8 +25,8 @@ from excise.evaluate.metrics.base import (
     MetricResult,
     generate_answers,
     prompt_ids,
+    subject_logliks,
 )
-from excise.evaluate.scoring import continuation_logliks
 from excise.evaluate.text import distinct_share, rouge_l
 
 __all__ = ["METRIC"]
@@ -95,10 +95,7 @@ def _nll(
     ctx: EvalContext, model: Any, requests: list[tuple[list[int], list[int]]]
 ) -> list[tuple[float, int]]:
     live = [i for i, (_, cont) in enumerate(requests) if cont]
-    scores = continuation_logliks(
-        model, [requests[i] for i in live], batch_size=ctx.cfg.batch_size, share_prefix=ctx.cfg.share_prefix,
-        progress=ctx.progress, desc="fluency",
-    )  # fmt: skip
+    scores = subject_logliks(ctx, [requests[i] for i in live], model=model, desc="fluency")
     out = [(0.0, 0)] * len(requests)
     for i, s in zip(live, scores, strict=True):
         out[i] = (-s.logprob, s.n_tokens)
