@@ -7,25 +7,8 @@ from typing import Annotated
 
 import typer
 
-from excise.commands.common import (
-    GradAccum,
-    LoraAlpha,
-    LoraDropout,
-    LoraR,
-    Lr,
-    MaxGradNorm,
-    Overwrite,
-    Progress,
-    Rslora,
-    SaveEvery,
-    Schedule,
-    System,
-    TargetModules,
-    WarmupSteps,
-    WeightDecay,
-    done,
-    module_names,
-)
+from excise.commands import common as flags
+from excise.commands.common import Overwrite, done, module_names
 
 app = typer.Typer(
     help="Train adapters: expert / anti-expert SFT, SKU harmful-knowledge acquisition, unlearning baselines.",
@@ -57,7 +40,7 @@ def sft(
             help="Prompt template: chat, alpaca, tulu, question-answer, plain. [default: chat; text: plain]"
         ),
     ] = None,
-    system: System = None,
+    system: flags.System = None,
     split: Annotated[
         str, typer.Option(help="Prompt-hash split side to train on: train (60%), judge, eval, or all.")
     ] = "train",
@@ -65,20 +48,20 @@ def sft(
     max_examples: Annotated[int | None, typer.Option(help="Train on at most N examples.")] = None,
     max_length: Annotated[int, typer.Option(help="Max tokens per example; longer responses are cut.")] = 512,
     full: Annotated[bool, typer.Option("--full", help="Train all weights instead of a LoRA.")] = False,
-    lora_r: LoraR = 8,
-    lora_alpha: LoraAlpha = 16.0,
-    lora_dropout: LoraDropout = 0.05,
-    target_modules: TargetModules = "q_proj,v_proj",
-    rslora: Rslora = False,
+    lora_r: flags.LoraR = 8,
+    lora_alpha: flags.LoraAlpha = 16.0,
+    lora_dropout: flags.LoraDropout = 0.05,
+    target_modules: flags.TargetModules = "q_proj,v_proj",
+    rslora: flags.Rslora = False,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps. [default: 100 unless --epochs]")] = None,
     epochs: Annotated[float | None, typer.Option(help="Passes over the data, instead of --steps.")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per micro-batch (per process).")] = 4,
-    grad_accum: GradAccum = 1,
-    lr: Lr = 2e-4,
-    schedule: Schedule = "linear",
-    warmup_steps: WarmupSteps = 0,
-    weight_decay: WeightDecay = 0.0,
-    max_grad_norm: MaxGradNorm = 1.0,
+    grad_accum: flags.GradAccum = 1,
+    lr: flags.Lr = 2e-4,
+    schedule: flags.Schedule = "linear",
+    warmup_steps: flags.WarmupSteps = 0,
+    weight_decay: flags.WeightDecay = 0.0,
+    max_grad_norm: flags.MaxGradNorm = 1.0,
     seed: Annotated[int, typer.Option(help="Seeds the LoRA init, data order and dropout.")] = 0,
     bf16: Annotated[
         bool,
@@ -88,12 +71,12 @@ def sft(
             "everywhere, but without bf16 instructions (AVX512-BF16, AMX) it is much slower than float32.",
         ),
     ] = False,
-    save_every: SaveEvery = None,
+    save_every: flags.SaveEvery = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the newest checkpoint in OUT (none: start).")
     ] = False,
     overwrite: Overwrite = False,
-    progress: Progress = True,
+    progress: flags.Progress = True,
 ) -> None:
     """Fine-tune a LoRA (expert or anti-expert) on (prompt, response) data; the loss covers responses only.
 

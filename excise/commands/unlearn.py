@@ -15,25 +15,8 @@ from typing import Annotated, Any
 
 import typer
 
-from excise.commands.common import (
-    GradAccum,
-    LoraAlpha,
-    LoraDropout,
-    LoraR,
-    Lr,
-    MaxGradNorm,
-    Overwrite,
-    Progress,
-    Rslora,
-    SaveEvery,
-    Schedule,
-    System,
-    TargetModules,
-    WarmupSteps,
-    WeightDecay,
-    done,
-    module_names,
-)
+from excise.commands import common as flags
+from excise.commands.common import Overwrite, done, module_names
 from excise.commands.train import app
 
 __all__ = ["app"]
@@ -88,30 +71,30 @@ _SHARED: list[tuple[str, Any, Any]] = [
         Annotated[str, _opt("Prompt template: chat, alpaca, tulu, question-answer, plain.")],
         "chat",
     ),
-    ("system", System, None),
+    ("system", flags.System, None),
     ("limit", Annotated[int | None, _opt("Read only the first N rows of each data file.")], None),
     ("max_examples", Annotated[int | None, _opt("Use at most N examples per data stream.")], None),
     ("max_length", Annotated[int, _opt("Max tokens per row; longer responses are cut.")], 256),
     ("full", Annotated[bool, _opt("Train all weights instead of a LoRA (small models).", "--full")], False),
-    ("lora_r", LoraR, 8),
-    ("lora_alpha", LoraAlpha, 16.0),
-    ("lora_dropout", LoraDropout, 0.05),
-    ("target_modules", TargetModules, "q_proj,v_proj"),
-    ("rslora", Rslora, False),
+    ("lora_r", flags.LoraR, 8),
+    ("lora_alpha", flags.LoraAlpha, 16.0),
+    ("lora_dropout", flags.LoraDropout, 0.05),
+    ("target_modules", flags.TargetModules, "q_proj,v_proj"),
+    ("rslora", flags.Rslora, False),
     ("steps", Annotated[int, _opt("Optimizer steps.")], 100),
     ("batch_size", Annotated[int, _opt("Harmful prompts (and normal rows) per micro-batch.")], 2),
-    ("grad_accum", GradAccum, 1),
-    ("lr", Lr, 2e-4),
-    ("schedule", Schedule, "linear"),
-    ("warmup_steps", WarmupSteps, 0),
-    ("weight_decay", WeightDecay, 0.0),
-    ("max_grad_norm", MaxGradNorm, 1.0),
+    ("grad_accum", flags.GradAccum, 1),
+    ("lr", flags.Lr, 2e-4),
+    ("schedule", flags.Schedule, "linear"),
+    ("warmup_steps", flags.WarmupSteps, 0),
+    ("weight_decay", flags.WeightDecay, 0.0),
+    ("max_grad_norm", flags.MaxGradNorm, 1.0),
     ("seed", Annotated[int, _opt("Seeds the LoRA init, data order, random responses and dropout.")], 0),
     ("bf16", Annotated[bool, _opt("bfloat16 autocast (weights stay float32).", "--bf16")], False),
-    ("save_every", SaveEvery, None),
+    ("save_every", flags.SaveEvery, None),
     ("resume", Annotated[bool, _opt("Continue from the newest checkpoint in OUT.", "--resume")], False),
     ("overwrite", Overwrite, False),
-    ("progress", Progress, True),
+    ("progress", flags.Progress, True),
 ]
 
 _NORMAL_HELP = (
