@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +46,17 @@ def write_cached(key: str, result: dict[str, Any]) -> Path:
     return write_atomic_json(cache_dir() / f"{key}.json", result)
 
 
-def write_atomic_json(path: Path, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON to ``path`` through a temp file beside it and a rename."""
+def write_atomic_json(path: Path, obj: Any, *, default: Callable[[Any], Any] | None = None) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` through a temp file beside it and a rename.
+
+    ``default`` converts what JSON cannot hold, as in :func:`json.dump`.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False, allow_nan=True)
+            json.dump(obj, f, indent=2, ensure_ascii=False, allow_nan=True, default=default)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:

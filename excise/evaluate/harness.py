@@ -14,10 +14,7 @@ fails with one line saying so.
 from __future__ import annotations
 
 import difflib
-import json
-import os
 import platform
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +23,7 @@ from typing import Any
 import torch
 
 from excise.errors import AdapterError, ConfigError, DataError, first_line
+from excise.evaluate.cache import write_atomic_json
 from excise.models import load_model, load_tokenizer
 
 __all__ = ["HarnessRun", "run_harness", "write_results"]
@@ -164,17 +162,7 @@ def write_results(run: dict[str, Any], out: str | Path, *, overwrite: bool = Fal
     out = Path(out)
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(run, f, indent=2, default=_json_default)
-            f.write("\n")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    return write_atomic_json(out, run, default=_json_default)
 
 
 def _json_default(value: Any) -> Any:

@@ -46,7 +46,6 @@ import random
 import resource
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,6 +55,7 @@ import torch
 from tqdm.auto import tqdm
 
 from excise.errors import ConfigError
+from excise.pem.io import atomic_output_dir
 
 __all__ = ["SCHEDULES", "TrainReport", "TrainSettings", "train"]
 
@@ -435,11 +435,8 @@ def _save_checkpoint(
     from safetensors.torch import save_file
 
     folder = out / CHECKPOINTS
-    folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"step-{step}"
-    tmp = folder / f".step-{step}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_output_dir(target, overwrite=True) as tmp:
         weights = {n: p.detach().cpu().contiguous() for n, p in raw.named_parameters() if p.requires_grad}
         save_file(weights, tmp / "trainable.safetensors")
         torch.save(
@@ -458,12 +455,6 @@ def _save_checkpoint(
             "log": log,
         }
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     done = sorted((int(p.name.split("-")[1]), p) for p in folder.glob("step-*"))
     for _, old in done[: -settings.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
@@ -504,9 +495,7 @@ def _write_final(
     out: Path, raw: Any, save: Callable[[Any, Path], None], report: TrainReport, fp: dict
 ) -> None:
     """Build the final folder beside ``out``, then swap it in (checkpoints are dropped)."""
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_output_dir(out, overwrite=True) as tmp:
         save(raw, tmp)
         (tmp / LOSS_LOG).write_text(json.dumps(report.log, indent=1) + "\n")
         summary = {
@@ -517,12 +506,6 @@ def _write_final(
             "peak_rss_mb": report.peak_rss_mb,
         }
         (tmp / TRAIN_CONFIG).write_text(json.dumps(summary, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> str:
