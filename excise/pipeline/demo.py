@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from excise import __version__
 from excise.errors import ConfigError, DataError
 from excise.models import load_model, load_tokenizer, resolve_model
+from excise.models.generation import GenerationSettings, generate
 from excise.pem.io import atomic_output_dir, check_output_dir, load_adapter, save_adapter
 from excise.pem.ops import ext_sub
 
@@ -513,26 +514,10 @@ def _generate(
     *,
     max_new_tokens: int,
 ) -> list[str]:
-    """Greedy answers to ``questions``, batched with left padding."""
-    if not questions:
-        return []
-    prompts = [e.prompt for e in questions]
-    T = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), T), tokenizer.pad_token_id, dtype=torch.long)  # (B, T)
-    attention_mask = torch.zeros_like(input_ids)  # (B, T)
-    for i, prompt in enumerate(prompts):
-        input_ids[i, T - len(prompt) :] = torch.tensor(prompt)
-        attention_mask[i, T - len(prompt) :] = 1
+    """Greedy answers to ``questions``, batched with left padding (one batch)."""
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=max(1, len(questions)))
     with _role(peft_model, role):
-        output = peft_model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )  # (B, T + new)
-    return [text.strip() for text in tokenizer.batch_decode(output[:, T:], skip_special_tokens=True)]
+        return generate(peft_model, tokenizer, [e.prompt for e in questions], settings, progress=False)
 
 
 def _write_json(payload: dict[str, Any], path: Path) -> None:
