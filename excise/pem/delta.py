@@ -54,11 +54,15 @@ class LowRankDelta:
         """The dense ``(out, in)`` delta; for tests and reference code only."""
         return self.scale * (self.B.astype(dtype) @ self.A.astype(dtype))  # (out, in)
 
-    def folded(self, dtype: np.dtype | type = np.float64) -> LowRankDelta:
-        """The same delta with ``scale`` folded into ``B`` (scale 1); ``A`` is kept as is."""
-        if self.scale == 1.0 and self.B.dtype == dtype:
+    def folded(self) -> LowRankDelta:
+        """The same delta with ``scale`` folded into ``B`` (scale 1); ``A`` is kept as is.
+
+        With scale 1 the delta is returned unchanged (``B`` keeps its dtype); otherwise
+        the new ``B`` is the float64 product.
+        """
+        if self.scale == 1.0:
             return self
-        return LowRankDelta(self.scale * self.B.astype(dtype), self.A, 1.0)
+        return LowRankDelta(self.scale * self.B.astype(np.float64), self.A, 1.0)
 
 
 @dataclass(frozen=True)

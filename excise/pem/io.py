@@ -19,25 +19,29 @@ import datetime as _dt
 import hashlib
 import json
 import math
+import mmap
 import os
 import re
 import shutil
+import threading
 import uuid
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from excise import __version__
 from excise.errors import AdapterError, ConfigError, first_line
-from excise.pem.delta import Adapter, LowRankDelta, RowDelta
+from excise.pem.delta import Adapter, LowRankDelta, Module, RowDelta
+from excise.pem.stream import SafetensorsWriter, header_entry_bound
 
 __all__ = [
     "ADAPTER_CONFIG",
     "PROVENANCE_FILE",
+    "AdapterWriter",
     "atomic_output_dir",
     "check_output_dir",
     "file_sha256",
@@ -91,7 +95,7 @@ def load_adapter(path: str | Path, *, checksum: bool = True) -> Adapter:
     weights_file = _weights_file(folder)
     tensors, dtype = _read_tensors(weights_file)
     for key, tensor in tensors.items():
-        if np.issubdtype(tensor.dtype, np.floating) and not np.isfinite(tensor).all():
+        if np.issubdtype(tensor.dtype, np.floating) and not _all_finite(tensor):
             raise AdapterError(f"{weights_file}: tensor {key} contains NaN or Inf values")
     reader = {"LORA": _read_lora, "IA3": _read_ia3, "PREFIX_TUNING": _read_prefix}[peft_type]
     modules = reader(config, tensors, weights_file)
@@ -105,6 +109,14 @@ def load_adapter(path: str | Path, *, checksum: bool = True) -> Adapter:
         "dtype": dtype,
     }
     return Adapter(peft_type, config, modules, source, dtype)
+
+
+def _all_finite(x: np.ndarray) -> bool:
+    """Whether every entry is finite. One BLAS pass: ``x·x`` is finite unless an entry is
+    NaN or ±Inf (which propagate) or the sum overflows, which the exact check then rules
+    on. Half the time of ``np.isfinite(x).all()``, with no temporary."""
+    flat = x.reshape(-1)
+    return bool(np.isfinite(np.dot(flat, flat))) or bool(np.isfinite(flat).all())
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
@@ -141,14 +153,58 @@ def _read_tensors(file: Path) -> tuple[dict[str, np.ndarray], str]:
 
 
 def _read_safetensors(file: Path) -> tuple[dict[str, np.ndarray], str]:
-    with safe_open(str(file), framework="np") as f:
+    with safe_open(str(file), framework="np") as f:  # parses and validates the header
         keys = list(f.keys())
         if not keys:
             raise AdapterError(f"{file}: holds no tensors")
         if any(f.get_slice(k).get_dtype() == "BF16" for k in keys):
             return _read_safetensors_bf16(file), "bfloat16"
-        tensors = {k: f.get_tensor(k) for k in keys}
+        mapped = _map_tensors(file)
+        tensors = {k: mapped[k] for k in keys} if mapped is not None else None
+        if tensors is None:  # a dtype numpy cannot view, or a file that cannot be mapped
+            tensors = {k: f.get_tensor(k) for k in keys}
     return tensors, str(tensors[keys[0]].dtype)
+
+
+# safetensors dtype codes numpy can view in place (little-endian, as the format stores).
+_NUMPY_DTYPES = {
+    "F64": "<f8", "F32": "<f4", "F16": "<f2",
+    "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+    "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?",
+}  # fmt: skip
+
+
+def _map_tensors(file: Path) -> dict[str, np.ndarray] | None:
+    """The tensors as views of a private (copy-on-write) memory map of ``file``.
+
+    Called after ``safe_open`` has validated the header and offsets. The arrays read
+    the page cache directly instead of copying it, which is what loading costs most
+    of (both inputs of a 7B LoRA Ext-Sub: 31 ms copying vs ~1 ms mapping); writes to
+    them, should any code make one, stay private and never reach the file.
+    Returns ``None`` when a dtype has no numpy view or the file cannot be mapped.
+    """
+    try:
+        with file.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+            view = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError):
+        return None
+    tensors = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        dtype = _NUMPY_DTYPES.get(info["dtype"])
+        if dtype is None:
+            return None
+        begin, end = info["data_offsets"]
+        count = (end - begin) // np.dtype(dtype).itemsize
+        try:
+            array = np.frombuffer(view, dtype=dtype, count=count, offset=8 + n + begin)
+        except ValueError:  # e.g. an empty tensor at the very end of the file
+            return None
+        tensors[key] = array.reshape(info["shape"])
+    return tensors
 
 
 def _read_safetensors_bf16(file: Path) -> dict[str, np.ndarray]:
@@ -262,12 +318,13 @@ def _read_prefix(config: dict[str, Any], tensors: dict[str, np.ndarray], file: P
 
 
 def file_sha256(file: str | Path) -> str:
-    """SHA-256 of a file, read in 4 MiB chunks (hashlib releases the GIL meanwhile)."""
-    digest = hashlib.sha256()
+    """SHA-256 of a file, hashed straight from a memory map (no copy; hashlib releases
+    the GIL meanwhile)."""
     with Path(file).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        if os.fstat(f.fileno()).st_size == 0:
+            return hashlib.sha256(b"").hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            return hashlib.sha256(view).hexdigest()
 
 
 # ----------------------------------------------------------------------------- writing
@@ -318,7 +375,7 @@ def save_adapter(
     """Write an adapter as a PEFT folder that ``PeftModel.from_pretrained`` loads.
 
     Args:
-        adapter: the adapter to write (float64 modules are cast once, here).
+        adapter: the adapter to write (float64 modules are cast here, module by module).
         out: target folder; created atomically.
         overwrite: replace a non-empty ``out``.
         dtype: weight dtype name (``float32``, ``float16``, ``bfloat16``…); defaults to
@@ -330,92 +387,154 @@ def save_adapter(
     Raises:
         ConfigError: ``out`` exists and is not empty, and not ``overwrite``.
     """
-    dtype = dtype or adapter.dtype
-    writer = {"LORA": _lora_state, "IA3": _ia3_state, "PREFIX_TUNING": _prefix_state}[adapter.peft_type]
-    provenance = {
-        "excise_version": __version__,
-        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        **adapter.source,
-    }
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        tensors, config = writer(adapter)
-        _write_safetensors(
-            tensors, tmp / _SAFETENSORS, dtype, {"format": "pt", "excise": json.dumps(provenance)}
-        )
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    with AdapterWriter(
+        out, adapter.peft_type, adapter.modules, dtype=dtype or adapter.dtype, overwrite=overwrite
+    ) as writer:
+        for name, module in adapter.modules.items():
+            writer.write_module(name, module)
+        writer.finish(adapter.config, adapter.source)
     return Path(out)
 
 
-def _write_safetensors(
-    tensors: dict[str, np.ndarray], file: Path, dtype: str, metadata: dict[str, str]
-) -> None:
-    """Cast each array to ``dtype`` (one array at a time) and write the file."""
-    if dtype == "bfloat16":
-        import torch  # numpy has no bfloat16
-        from safetensors.torch import save_file as save_torch
+class AdapterWriter:
+    """Write a PEFT folder module by module, from any number of threads, atomically.
 
-        cast = {
-            k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)).bfloat16()
-            for k, v in tensors.items()
+    :func:`save_adapter` writes a finished adapter through it; ``excise ops`` hands it
+    each module the moment an operator has computed it (``on_module``), so writing
+    overlaps computing and the result is never held whole. The folder appears at
+    ``out`` only after :meth:`finish` and a clean exit from the ``with`` block.
+
+    Args:
+        out: target folder.
+        peft_type: ``"LORA"``, ``"IA3"`` or ``"PREFIX_TUNING"``.
+        module_names: every module that may be written (bounds the header).
+        dtype: weight dtype name of the file.
+        overwrite: replace a non-empty ``out``.
+        metadata_bytes: a bound on the provenance record's JSON size (a larger one
+            costs one rewrite of the file, not an error).
+    """
+
+    def __init__(
+        self,
+        out: str | Path,
+        peft_type: str,
+        module_names: Iterable[str],
+        *,
+        dtype: str,
+        overwrite: bool = False,
+        metadata_bytes: int = 16_384,
+    ) -> None:
+        self.out, self.peft_type, self.dtype = Path(out), peft_type, dtype
+        self._atomic = atomic_output_dir(out, overwrite=overwrite)
+        self._header_bytes = metadata_bytes + sum(
+            header_entry_bound(key) for name in module_names for key in _tensor_names(peft_type, name)
+        )
+        self._shapes: dict[str, tuple[int, ...]] = {}  # module → shape of its delta (rank for LoRA)
+        self._lock = threading.Lock()
+        self._finished = False
+
+    def __enter__(self) -> AdapterWriter:
+        self.folder = self._atomic.__enter__()
+        self._tensors = SafetensorsWriter(self.folder / _SAFETENSORS, self._header_bytes)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and not self._finished:
+            exc_type = RuntimeError  # a programming error: nothing may be published
+        if exc_type is not None and not self._finished:
+            self._tensors.__exit__(exc_type, exc, tb)
+        self._atomic.__exit__(exc_type, exc, tb)
+
+    def write_module(self, name: str, module: Module) -> None:
+        """Cast and write one module's tensors (thread-safe)."""
+        if self.peft_type == "LORA":
+            assert isinstance(module, LowRankDelta)
+            module = module.folded()  # scale into B, so PEFT's scale must be exactly 1
+            shape: tuple[int, ...] = (module.rank,)
+        else:
+            assert isinstance(module, RowDelta)
+            shape = module.shape
+        for key, array in _module_tensors(self.peft_type, name, module):
+            data, code = _cast(array, self.dtype)
+            self._tensors.add(key, data, dtype_code=code)
+        with self._lock:
+            self._shapes[name] = shape
+
+    def finish(self, config: dict[str, Any], source: dict[str, Any]) -> None:
+        """Write the header (with the provenance record), the config and ``excise.json``."""
+        provenance = {
+            "excise_version": __version__,
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            **source,
         }
-        save_torch(cast, str(file), metadata=metadata)
-        return
-    for key in tensors:
-        tensors[key] = np.ascontiguousarray(tensors[key], dtype=np.dtype(dtype))
-    save_file(tensors, str(file), metadata=metadata)
+        self._tensors.close({"format": "pt", "excise": json.dumps(provenance)})
+        self._finished = True
+        written = dict(sorted(self._shapes.items()))
+        result_config = _result_config(self.peft_type, config, written)
+        (self.folder / ADAPTER_CONFIG).write_text(json.dumps(result_config, indent=2, sort_keys=True) + "\n")
+        (self.folder / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
 
 
-def _lora_state(adapter: Adapter) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    tensors: dict[str, np.ndarray] = {}
-    ranks: dict[str, int] = {}
-    for name, m in adapter.modules.items():
-        assert isinstance(m, LowRankDelta)
-        folded = m.folded()  # scale into B, so PEFT's scale must be exactly 1
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = folded.A  # (r, in)
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = folded.B  # (out, r)
-        ranks[name] = folded.rank
-    default = Counter(ranks.values()).most_common(1)[0][0]
-    pattern = {name: r for name, r in ranks.items() if r != default}
-    config = dict(adapter.config)
-    config.update(
-        r=default,
-        lora_alpha=default,  # alpha = r ⇒ scale 1; the real scale lives in B
-        rank_pattern=pattern,
-        alpha_pattern=dict(pattern),
-        use_rslora=False,
-        use_dora=False,
-        target_modules=sorted(ranks),  # exact names: the modules of the result, no more
-        layers_to_transform=None,
-        layers_pattern=None,
-        exclude_modules=None,
-        modules_to_save=None,
-        inference_mode=True,
-    )
-    return tensors, config
+def _tensor_names(peft_type: str, name: str) -> tuple[str, ...]:
+    if peft_type == "LORA":
+        return (f"{_PREFIX}{name}.lora_A.weight", f"{_PREFIX}{name}.lora_B.weight")
+    if peft_type == "IA3":
+        return (f"{_PREFIX}{name}.ia3_l",)
+    return ("prompt_embeddings",)
 
 
-def _ia3_state(adapter: Adapter) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    tensors = {}
-    for name, m in adapter.modules.items():
-        assert isinstance(m, RowDelta)
-        tensors[f"{_PREFIX}{name}.ia3_l"] = m.tensor() + 1.0
-    config = dict(adapter.config)
-    config.update(
-        target_modules=sorted(adapter.modules),
-        # PEFT stores a feed-forward vector as (1, in), any other as (out, 1).
-        feedforward_modules=sorted(
-            n for n, m in adapter.modules.items() if m.shape[0] == 1 and len(m.shape) == 2
-        ),
-        modules_to_save=None,
-        inference_mode=True,
-    )
-    return tensors, config
+def _module_tensors(peft_type: str, name: str, m: Module) -> list[tuple[str, np.ndarray]]:
+    """The file's tensors for one module, under their PEFT names."""
+    keys = _tensor_names(peft_type, name)
+    if isinstance(m, LowRankDelta):
+        return [(keys[0], m.A), (keys[1], m.B)]  # (r, in), (out, r)
+    if peft_type == "IA3":
+        return [(keys[0], m.tensor() + 1.0)]  # the operators act on l − 1
+    return [(keys[0], m.tensor())]
 
 
-def _prefix_state(adapter: Adapter) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    m = adapter.modules["prompt_embeddings"]
-    assert isinstance(m, RowDelta)
-    config = dict(adapter.config)
-    config["inference_mode"] = True
-    return {"prompt_embeddings": m.tensor()}, config
+def _cast(array: np.ndarray, dtype: str) -> tuple[np.ndarray, str | None]:
+    """``array`` in the file's dtype, and the safetensors code when numpy has no such type."""
+    if dtype != "bfloat16":
+        return np.asarray(array, dtype=np.dtype(dtype)), None
+    return _bfloat16_bits(np.asarray(array, dtype=np.float32)), "BF16"
+
+
+def _bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 → bfloat16 bit patterns (``uint16``), rounding to nearest even as torch does."""
+    bits = np.ascontiguousarray(x).view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    return np.where(np.isnan(x), np.uint32(0x7FC0), rounded).astype(np.uint16)
+
+
+def _result_config(
+    peft_type: str, config: dict[str, Any], shapes: dict[str, tuple[int, ...]]
+) -> dict[str, Any]:
+    """The result's ``adapter_config.json``: the input's, made to describe what was written."""
+    result = dict(config)
+    result["inference_mode"] = True
+    if peft_type == "LORA":
+        ranks = {name: shape[0] for name, shape in shapes.items()}
+        default = Counter(ranks.values()).most_common(1)[0][0] if ranks else int(config.get("r", 8))
+        pattern = {name: r for name, r in ranks.items() if r != default}
+        result.update(
+            r=default,
+            lora_alpha=default,  # alpha = r ⇒ scale 1; the real scale lives in B
+            rank_pattern=pattern,
+            alpha_pattern=dict(pattern),
+            use_rslora=False,
+            use_dora=False,
+            target_modules=sorted(ranks),  # exact names: the modules of the result, no more
+            layers_to_transform=None,
+            layers_pattern=None,
+            exclude_modules=None,
+            modules_to_save=None,
+        )
+    elif peft_type == "IA3":
+        result.update(
+            target_modules=sorted(shapes),
+            # PEFT stores a feed-forward vector as (1, in), any other as (out, 1).
+            feedforward_modules=sorted(n for n, s in shapes.items() if s[0] == 1 and len(s) == 2),
+            modules_to_save=None,
+        )
+    return result

@@ -49,17 +49,26 @@ def _f64(x: np.ndarray) -> np.ndarray:
 def row_norms(m: Module) -> np.ndarray:
     """Per-row Euclidean norm of a module's effective delta, float64, shape ``(rows,)``.
 
-    For a LoRA the norm comes from the Gram matrix ``A Aᵀ``. Rows whose squared norm
-    is below the float64 rounding bound of that quadratic form are returned as exact
-    zeros, so a row of ``B`` in the null space of ``Aᵀ`` is recognised as a zero row.
+    For a LoRA the norm comes from the Gram matrix ``G = A Aᵀ``. Rows whose squared
+    norm is at most the float64 rounding bound of that quadratic form,
+    ``RTOL·s²·tr(G)·|B_i|²``, are returned as exact zeros, so a row of ``B`` in the
+    null space of ``Aᵀ`` is recognised as a zero row. Rows that clear the bound even
+    with ``|B_i|²`` replaced by ``|B|_F²`` (one BLAS dot product) need no ``|B_i|²`` of
+    their own; only the rest — typically just the zero rows — are tested one by one.
     """
     if isinstance(m, RowDelta):
         return np.linalg.norm(_f64(m.rows), axis=1)  # (rows,)
     B, A = _f64(m.B), _f64(m.A)  # (out, r), (r, in)
     G = A @ A.T  # (r, r)
     sq = (m.scale**2) * np.einsum("ij,ij->i", B @ G, B)  # (out,)
-    tol = _GRAM_RTOL * (m.scale**2) * np.trace(G) * np.einsum("ij,ij->i", B, B)  # (out,)
-    return np.sqrt(np.where(sq > tol, sq, 0.0))
+    bound = _GRAM_RTOL * (m.scale**2) * np.trace(G)  # bound per unit |B_i|²
+    flat = B.reshape(-1)
+    uncertain = np.flatnonzero(sq <= bound * np.dot(flat, flat))  # (k,); Σ_i |B_i|² ≥ each |B_i|²
+    if uncertain.size:
+        rows = B[uncertain]  # (k, r)
+        below = sq[uncertain] <= bound * np.einsum("ij,ij->i", rows, rows)
+        sq[uncertain[below]] = 0.0
+    return np.sqrt(np.maximum(sq, 0.0))
 
 
 def as_float64(m: Module) -> Module:
@@ -82,14 +91,20 @@ def row_dots(m1: Module, m2: Module) -> np.ndarray:
     return m1.scale * m2.scale * np.einsum("ij,ij->i", _f64(m1.B) @ G12, _f64(m2.B))  # (out,)
 
 
-def row_combine(terms: list[tuple[np.ndarray | float, Module]]) -> Module:
+def row_combine(
+    terms: list[tuple[np.ndarray | float, Module]], *, dtype: np.dtype | type | None = None
+) -> Module:
     """``W = Σ_k diag(c_k) W_k`` for modules of one kind; exact and rank-additive.
 
     Args:
         terms: pairs ``(c_k, W_k)``; ``c_k`` is a scalar or a ``(rows,)`` array.
+        dtype: dtype of the result's ``B`` (LoRA only). Each entry is the float64
+            product ``c_k s_k B_k`` rounded once to it — what a cast on writing would
+            give — so an operator whose output is written in float32 skips the float64
+            copy. Default float64.
 
     Returns:
-        A :class:`LowRankDelta` of rank ``Σ r_k`` with scale 1 — ``B`` in float64,
+        A :class:`LowRankDelta` of rank ``Σ r_k`` with scale 1 — ``B`` in ``dtype``,
         ``A`` the inputs' ``A`` stacked unchanged (nothing multiplies it) — or a
         float64 :class:`RowDelta` when the inputs are dense rows.
     """
@@ -98,13 +113,13 @@ def row_combine(terms: list[tuple[np.ndarray | float, Module]]) -> Module:
         rows = sum(_as_column(c, first.rows.shape[0]) * _f64(m.rows) for c, m in terms)
         return RowDelta(rows, first.shape)  # (rows, dim)
     n_rows = first.B.shape[0]
-    B = np.empty((n_rows, sum(m.rank for _, m in terms)), dtype=_F64)  # (out, Σ r_k)
+    B = np.empty((n_rows, sum(m.rank for _, m in terms)), dtype=dtype or _F64)  # (out, Σ r_k)
     start = 0
     for c, m in terms:
         assert isinstance(m, LowRankDelta)
         coef = _as_column(c, n_rows)
-        # One pass per block, written in place: diag(c_k) s_k B_k.
-        np.multiply(m.B, coef * m.scale, out=B[:, start : start + m.rank])  # (out, r_k)
+        # One pass per block, written in place: diag(c_k) s_k B_k, computed in float64.
+        np.multiply(m.B, coef * m.scale, out=B[:, start : start + m.rank], dtype=_F64, casting="same_kind")
         start += m.rank
     blocks_A = [m.A for _, m in terms]  # (r_k, in) each
     A = blocks_A[0] if len(blocks_A) == 1 else np.concatenate(blocks_A, axis=0)  # (Σ r_k, in)

@@ -279,7 +279,7 @@ def test_output_is_atomic(lora_pair, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(pem_io, "_write_safetensors", boom)
+    monkeypatch.setattr(pem_io, "_cast", boom)
     with pytest.raises(RuntimeError):
         save_adapter(adapter, out, overwrite=True)
     with pytest.raises(RuntimeError):

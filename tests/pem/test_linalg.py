@@ -46,6 +46,23 @@ def test_row_in_null_space_of_a_is_zero_not_nan():
     assert np.all(norms[[0, 2, 3]] > 0)
 
 
+def test_zero_rows_are_found_among_rows_of_very_different_size():
+    """The cheap global bound must not decide small rows: each is judged on its own |B_i|."""
+    rng = np.random.default_rng(3)
+    A = rng.standard_normal((4, 50))
+    A[3] = A[0] - 2 * A[1]  # rank 3: (1, -2, 0, -1) is in the left null space
+    B = rng.standard_normal((6, 4))
+    B[1] *= 1e-9  # tiny but genuine
+    B[2] = [1e-9, -2e-9, 0.0, -1e-9]  # tiny and in the null space
+    B[3] = 0.0
+    B[4] = [1e3, -2e3, 0.0, -1e3]  # huge and in the null space
+    norms = row_norms(LowRankDelta(B, A, 0.7))
+    dense = np.linalg.norm(0.7 * B @ A, axis=1)
+    assert norms[2] == 0.0 and norms[3] == 0.0 and norms[4] == 0.0
+    keep = [0, 1, 5]
+    np.testing.assert_allclose(norms[keep], dense[keep], rtol=1e-9)
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 20), st.integers(1, 30), st.floats(-3, 3), st.integers(0, 10_000))
 def test_closed_form_coefficients_equal_published_projection(n_rows, dim, lam, seed):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from excise.pem.delta import Adapter, Module
 from excise.pem.linalg import row_combine
-from excise.pem.ops.base import apply_modulewise, check_finite, rank_in_dense
+from excise.pem.ops.base import ModuleSink, apply_modulewise, check_finite, rank_in_dense
 
 __all__ = ["add", "add_dense"]
 
@@ -27,7 +27,14 @@ def _add_module_dense(a: Module | None, b: Module | None, weight: float) -> Modu
     return rank_in_dense(W, like)
 
 
-def add(a: Adapter, b: Adapter, *, weight: float = 1.0, allow_partial: bool = False) -> Adapter:
+def add(
+    a: Adapter,
+    b: Adapter,
+    *,
+    weight: float = 1.0,
+    allow_partial: bool = False,
+    on_module: ModuleSink | None = None,
+) -> Adapter:
     """Return ``θa + weight·θb``.
 
     Args:
@@ -35,6 +42,7 @@ def add(a: Adapter, b: Adapter, *, weight: float = 1.0, allow_partial: bool = Fa
         b: second adapter, same base model.
         weight: multiplier of ``b`` (finite).
         allow_partial: modules present in one adapter only are kept as they are.
+        on_module: stream the result module by module (:func:`~excise.pem.ops.base.apply_modulewise`).
 
     Returns:
         An adapter of rank ``ra + rb`` per module (LoRA).
@@ -50,10 +58,18 @@ def add(a: Adapter, b: Adapter, *, weight: float = 1.0, allow_partial: bool = Fa
         allow_partial=allow_partial,
         operation="add",
         params={"weight": weight},
+        on_module=on_module,
     )
 
 
-def add_dense(a: Adapter, b: Adapter, *, weight: float = 1.0, allow_partial: bool = False) -> Adapter:
+def add_dense(
+    a: Adapter,
+    b: Adapter,
+    *,
+    weight: float = 1.0,
+    allow_partial: bool = False,
+    on_module: ModuleSink | None = None,
+) -> Adapter:
     """:func:`add` on dense deltas, output of rank ``in`` (reference only)."""
     weight = check_finite("weight", weight)
     return apply_modulewise(
@@ -62,4 +78,5 @@ def add_dense(a: Adapter, b: Adapter, *, weight: float = 1.0, allow_partial: boo
         allow_partial=allow_partial,
         operation="add_dense",
         params={"weight": weight},
+        on_module=on_module,
     )

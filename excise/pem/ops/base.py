@@ -15,7 +15,15 @@ import numpy as np
 from excise.errors import AdapterError, ConfigError, ExciseWarning
 from excise.pem.delta import Adapter, LowRankDelta, Module, RowDelta
 
-__all__ = ["Operator", "apply_modulewise", "check_compatible", "check_finite", "rank_in_dense"]
+__all__ = [
+    "ModuleSink",
+    "Operator",
+    "apply_modulewise",
+    "check_compatible",
+    "check_finite",
+    "rank_in_dense",
+    "result_dtype",
+]
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,9 @@ def check_compatible(adapters: Sequence[Adapter], *, allow_partial: bool) -> Non
             )
 
 
+ModuleSink = Callable[[str, Module], None]
+
+
 def apply_modulewise(
     adapters: Sequence[Adapter],
     kernel: Callable[[list[Module | None]], Module | None],
@@ -100,22 +111,34 @@ def apply_modulewise(
     allow_partial: bool,
     operation: str,
     params: dict[str, Any],
+    on_module: ModuleSink | None = None,
 ) -> Adapter:
     """Run ``kernel`` on each module name, passing ``None`` where an input lacks it.
 
-    Modules for which the kernel returns ``None`` are left out of the result.
+    Modules for which the kernel returns ``None`` are left out of the result. With
+    ``on_module``, each result module is handed to it as soon as it is computed (from
+    a worker thread, in completion order) instead of being kept: the returned adapter
+    then carries the config and provenance but no modules (``excise ops`` writes the
+    file this way, overlapping writing with computing).
     """
     check_compatible(adapters, allow_partial=allow_partial)
     names: dict[str, None] = {}
     for adapter in adapters:
         names.update(dict.fromkeys(adapter.modules))
-    inputs = [[a.modules.get(name) for a in adapters] for name in names]
-    workers = _workers(len(inputs))
+
+    def run(name: str) -> Module | None:
+        out = kernel([a.modules.get(name) for a in adapters])
+        if out is None or on_module is None:
+            return out
+        on_module(name, out)
+        return None
+
+    workers = _workers(len(names))
     if workers > 1:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            outputs = list(pool.map(kernel, inputs))
+            outputs = list(pool.map(run, names))
     else:
-        outputs = [kernel(ms) for ms in inputs]
+        outputs = [run(name) for name in names]
     modules = {name: out for name, out in zip(names, outputs, strict=True) if out is not None}
     source = {
         "operation": operation,
@@ -132,6 +155,23 @@ def _workers(n_modules: int) -> int:
     if os.environ.get("OPENBLAS_NUM_THREADS") != "1":
         return 1
     return max(1, min(n_modules, os.cpu_count() or 1, 8))
+
+
+def result_dtype(adapter: Adapter) -> type:
+    """dtype in which an operator builds the result's LoRA factors.
+
+    The result is written in the first input's dtype (:func:`~excise.pem.io.save_adapter`).
+    When that is float32 — or bfloat16, written through float32 — and the input's
+    factors are held in float32 (as read from a file), the result's ``B`` is built in
+    float32 directly, each entry rounded once from its float64 value exactly as the
+    cast on writing would. Otherwise (float64 factors in memory, float16 files) it
+    stays float64 until the write.
+    """
+    written_via_f32 = adapter.dtype in ("float32", "bfloat16")
+    held_in_f32 = all(
+        m.B.dtype == np.float32 for m in adapter.modules.values() if isinstance(m, LowRankDelta)
+    )
+    return np.float32 if written_via_f32 and held_in_f32 else np.float64
 
 
 def rank_in_dense(W: np.ndarray, like: Module) -> Module:

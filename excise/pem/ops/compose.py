@@ -16,14 +16,17 @@ from collections.abc import Sequence
 from excise.errors import ConfigError
 from excise.pem.delta import Adapter, Module
 from excise.pem.linalg import ext_sub_coefficients, ext_sub_rows_reference, row_combine, row_norms
-from excise.pem.ops.base import apply_modulewise, check_finite, rank_in_dense
+from excise.pem.ops.base import ModuleSink, apply_modulewise, check_finite, rank_in_dense, result_dtype
 from excise.pem.ops.ext_sub import _ext_sub_module, _ext_sub_module_dense
 
 __all__ = ["compose", "compose_dense"]
 
 
-def _compose_module(modules: list[Module | None], lams: list[float], sequential: bool) -> Module | None:
-    """One module: ``W1 − Σ λ_k d_k`` (parallel) or repeated Ext-Sub (sequential)."""
+def _compose_module(
+    modules: list[Module | None], lams: list[float], sequential: bool, dtype: type | None = None
+) -> Module | None:
+    """One module: ``W1 − Σ λ_k d_k`` (parallel) or repeated Ext-Sub (sequential, float64
+    between the steps); the result's ``B`` in ``dtype``."""
     expert, anti_experts = modules[0], modules[1:]
     if expert is None:
         return None
@@ -31,7 +34,7 @@ def _compose_module(modules: list[Module | None], lams: list[float], sequential:
         result: Module = row_combine([(1.0, expert)])
         for anti, lam in zip(anti_experts, lams, strict=True):
             result = _ext_sub_module(result, anti, lam)
-        return result
+        return row_combine([(1.0, result)], dtype=dtype)
     a = row_norms(expert)  # (out,)
     alpha = 1.0
     terms = []
@@ -41,7 +44,7 @@ def _compose_module(modules: list[Module | None], lams: list[float], sequential:
         alpha_k, beta_k = ext_sub_coefficients(a, row_norms(anti), lam)  # (out,)
         alpha = alpha + (alpha_k - 1.0)
         terms.append((beta_k, anti))
-    return row_combine([(alpha, expert), *terms])
+    return row_combine([(alpha, expert), *terms], dtype=dtype)
 
 
 def _compose_module_dense(modules: list[Module | None], lams: list[float], sequential: bool) -> Module | None:
@@ -78,6 +81,7 @@ def compose(
     lams: float | Sequence[float] = 1.0,
     sequential: bool = False,
     allow_partial: bool = False,
+    on_module: ModuleSink | None = None,
 ) -> Adapter:
     """Remove several deficiencies from one expert.
 
@@ -87,6 +91,7 @@ def compose(
         lams: one λ for all, or one per anti-expert (finite).
         sequential: apply Ext-Sub one after the other instead of in parallel.
         allow_partial: combine only shared modules (see :func:`ext_sub`).
+        on_module: stream the result module by module (:func:`~excise.pem.ops.base.apply_modulewise`).
 
     Returns:
         An adapter of rank ``r1 + Σ r_k`` per module (LoRA).
@@ -98,12 +103,14 @@ def compose(
     if not anti_experts:
         raise ConfigError("compose needs at least one anti-expert")
     values = _lams(lams, len(anti_experts))
+    dtype = result_dtype(expert)
     return apply_modulewise(
         [expert, *anti_experts],
-        lambda ms: _compose_module(ms, values, sequential),
+        lambda ms: _compose_module(ms, values, sequential, dtype),
         allow_partial=allow_partial,
         operation="compose",
         params={"lams": values, "sequential": sequential},
+        on_module=on_module,
     )
 
 
@@ -113,6 +120,7 @@ def compose_dense(
     lams: float | Sequence[float] = 1.0,
     sequential: bool = False,
     allow_partial: bool = False,
+    on_module: ModuleSink | None = None,
 ) -> Adapter:
     """:func:`compose` on dense deltas, output of rank ``in`` (reference only)."""
     if not anti_experts:
@@ -124,4 +132,5 @@ def compose_dense(
         allow_partial=allow_partial,
         operation="compose_dense",
         params={"lams": values, "sequential": sequential},
+        on_module=on_module,
     )

@@ -18,22 +18,26 @@ NaN on zero rows and, for (IA)³, subtracts ``W2`` with weight 1 whatever λ is.
 
 from __future__ import annotations
 
+import numpy as np
+
 from excise.pem.delta import Adapter, Module
 from excise.pem.linalg import as_float64, ext_sub_coefficients, ext_sub_rows_reference, row_combine, row_norms
-from excise.pem.ops.base import apply_modulewise, check_finite, rank_in_dense
+from excise.pem.ops.base import ModuleSink, apply_modulewise, check_finite, rank_in_dense, result_dtype
 
 __all__ = ["ext_sub", "ext_sub_dense"]
 
 
-def _ext_sub_module(expert: Module | None, anti_expert: Module | None, lam: float) -> Module | None:
-    """One module: ``W1 − λ d`` as a rank ``r1 + r2`` row combination."""
+def _ext_sub_module(
+    expert: Module | None, anti_expert: Module | None, lam: float, dtype: np.dtype | type | None = None
+) -> Module | None:
+    """One module: ``W1 − λ d`` as a rank ``r1 + r2`` row combination, ``B`` in ``dtype``."""
     if expert is None:  # W1 = 0: the common direction is n2, nothing is removed
         return None
     if anti_expert is None:
-        return row_combine([(1.0, expert)])
+        return row_combine([(1.0, expert)], dtype=dtype)
     expert, anti_expert = as_float64(expert), as_float64(anti_expert)  # B read by norms and combine
     alpha, beta = ext_sub_coefficients(row_norms(expert), row_norms(anti_expert), lam)  # (out,)
-    return row_combine([(alpha, expert), (beta, anti_expert)])
+    return row_combine([(alpha, expert), (beta, anti_expert)], dtype=dtype)
 
 
 def _ext_sub_module_dense(expert: Module | None, anti_expert: Module | None, lam: float) -> Module | None:
@@ -45,7 +49,12 @@ def _ext_sub_module_dense(expert: Module | None, anti_expert: Module | None, lam
 
 
 def ext_sub(
-    expert: Adapter, anti_expert: Adapter, *, lam: float = 1.0, allow_partial: bool = False
+    expert: Adapter,
+    anti_expert: Adapter,
+    *,
+    lam: float = 1.0,
+    allow_partial: bool = False,
+    on_module: ModuleSink | None = None,
 ) -> Adapter:
     """Remove the anti-expert's deficiency from the expert: ``θ+ − λ·d(θ−)``.
 
@@ -55,6 +64,7 @@ def ext_sub(
         lam: subtraction weight λ (finite).
         allow_partial: combine only shared modules; expert-only modules are kept,
             anti-expert-only modules are dropped (nothing to subtract them from).
+        on_module: stream the result module by module (:func:`~excise.pem.ops.base.apply_modulewise`).
 
     Returns:
         An adapter whose modules have rank ``r1 + r2`` (LoRA) or the input shape.
@@ -64,17 +74,24 @@ def ext_sub(
         AdapterError: incompatible adapters.
     """
     lam = check_finite("lam", lam)
+    dtype = result_dtype(expert)
     return apply_modulewise(
         [expert, anti_expert],
-        lambda ms: _ext_sub_module(ms[0], ms[1], lam),
+        lambda ms: _ext_sub_module(ms[0], ms[1], lam, dtype),
         allow_partial=allow_partial,
         operation="ext_sub",
         params={"lam": lam},
+        on_module=on_module,
     )
 
 
 def ext_sub_dense(
-    expert: Adapter, anti_expert: Adapter, *, lam: float = 1.0, allow_partial: bool = False
+    expert: Adapter,
+    anti_expert: Adapter,
+    *,
+    lam: float = 1.0,
+    allow_partial: bool = False,
+    on_module: ModuleSink | None = None,
 ) -> Adapter:
     """:func:`ext_sub` computed on dense deltas, output of rank ``in`` (reference only)."""
     lam = check_finite("lam", lam)
@@ -84,4 +101,5 @@ def ext_sub_dense(
         allow_partial=allow_partial,
         operation="ext_sub_dense",
         params={"lam": lam},
+        on_module=on_module,
     )

@@ -8,18 +8,19 @@ its scale by ``−λ``: no second model, no full task vector, rank kept.
 from __future__ import annotations
 
 from excise.pem.delta import Adapter
-from excise.pem.ops.base import apply_modulewise, check_finite
+from excise.pem.ops.base import ModuleSink, apply_modulewise, check_finite
 from excise.pem.ops.scale import _scale_module, _scale_module_dense
 
 __all__ = ["negate", "negate_dense"]
 
 
-def negate(adapter: Adapter, *, lam: float = 1.0) -> Adapter:
+def negate(adapter: Adapter, *, lam: float = 1.0, on_module: ModuleSink | None = None) -> Adapter:
     """Return ``−lam·θ``.
 
     Args:
         adapter: the module to negate (e.g. SKU's harmful LoRA).
         lam: negation strength λ (finite).
+        on_module: stream the result module by module (:func:`~excise.pem.ops.base.apply_modulewise`).
 
     Returns:
         An adapter with the same ranks.
@@ -34,10 +35,11 @@ def negate(adapter: Adapter, *, lam: float = 1.0) -> Adapter:
         allow_partial=False,
         operation="negate",
         params={"lam": lam},
+        on_module=on_module,
     )
 
 
-def negate_dense(adapter: Adapter, *, lam: float = 1.0) -> Adapter:
+def negate_dense(adapter: Adapter, *, lam: float = 1.0, on_module: ModuleSink | None = None) -> Adapter:
     """:func:`negate` on the dense delta, output of rank ``in`` (reference only)."""
     lam = check_finite("lam", lam)
     return apply_modulewise(
@@ -46,4 +48,5 @@ def negate_dense(adapter: Adapter, *, lam: float = 1.0) -> Adapter:
         allow_partial=False,
         operation="negate_dense",
         params={"lam": lam},
+        on_module=on_module,
     )

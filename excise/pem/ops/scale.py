@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from excise.pem.delta import Adapter, Module
 from excise.pem.linalg import row_combine
-from excise.pem.ops.base import apply_modulewise, check_finite, rank_in_dense
+from excise.pem.ops.base import ModuleSink, apply_modulewise, check_finite, rank_in_dense
 
 __all__ = ["scale", "scale_dense"]
 
@@ -19,12 +19,18 @@ def _scale_module_dense(m: Module | None, weight: float) -> Module:
     return rank_in_dense(weight * m.dense(), m)
 
 
-def scale(adapter: Adapter, *, weight: float) -> Adapter:
+def scale(
+    adapter: Adapter,
+    *,
+    weight: float,
+    on_module: ModuleSink | None = None,
+) -> Adapter:
     """Return ``weight·θ``.
 
     Args:
         adapter: the adapter to scale.
         weight: the factor (finite).
+        on_module: stream the result module by module (:func:`~excise.pem.ops.base.apply_modulewise`).
 
     Returns:
         An adapter with the same ranks.
@@ -39,10 +45,11 @@ def scale(adapter: Adapter, *, weight: float) -> Adapter:
         allow_partial=False,
         operation="scale",
         params={"weight": weight},
+        on_module=on_module,
     )
 
 
-def scale_dense(adapter: Adapter, *, weight: float) -> Adapter:
+def scale_dense(adapter: Adapter, *, weight: float, on_module: ModuleSink | None = None) -> Adapter:
     """:func:`scale` on the dense delta, output of rank ``in`` (reference only)."""
     weight = check_finite("weight", weight)
     return apply_modulewise(
@@ -51,4 +58,5 @@ def scale_dense(adapter: Adapter, *, weight: float) -> Adapter:
         allow_partial=False,
         operation="scale_dense",
         params={"weight": weight},
+        on_module=on_module,
     )

@@ -8,12 +8,19 @@ from __future__ import annotations
 
 from excise.pem.delta import Adapter
 from excise.pem.ops.add import _add_module, _add_module_dense
-from excise.pem.ops.base import apply_modulewise, check_finite
+from excise.pem.ops.base import ModuleSink, apply_modulewise, check_finite
 
 __all__ = ["subtract", "subtract_dense"]
 
 
-def subtract(a: Adapter, b: Adapter, *, lam: float = 1.0, allow_partial: bool = False) -> Adapter:
+def subtract(
+    a: Adapter,
+    b: Adapter,
+    *,
+    lam: float = 1.0,
+    allow_partial: bool = False,
+    on_module: ModuleSink | None = None,
+) -> Adapter:
     """Return ``θa − lam·θb``.
 
     Args:
@@ -21,6 +28,7 @@ def subtract(a: Adapter, b: Adapter, *, lam: float = 1.0, allow_partial: bool = 
         b: the adapter subtracted (the anti-expert), same base model.
         lam: subtraction weight λ (finite).
         allow_partial: modules present in one adapter only are kept (``−λ·θb`` for b).
+        on_module: stream the result module by module (:func:`~excise.pem.ops.base.apply_modulewise`).
 
     Returns:
         An adapter of rank ``ra + rb`` per module (LoRA).
@@ -36,10 +44,18 @@ def subtract(a: Adapter, b: Adapter, *, lam: float = 1.0, allow_partial: bool = 
         allow_partial=allow_partial,
         operation="subtract",
         params={"lam": lam},
+        on_module=on_module,
     )
 
 
-def subtract_dense(a: Adapter, b: Adapter, *, lam: float = 1.0, allow_partial: bool = False) -> Adapter:
+def subtract_dense(
+    a: Adapter,
+    b: Adapter,
+    *,
+    lam: float = 1.0,
+    allow_partial: bool = False,
+    on_module: ModuleSink | None = None,
+) -> Adapter:
     """:func:`subtract` on dense deltas, output of rank ``in`` (reference only)."""
     lam = check_finite("lam", lam)
     return apply_modulewise(
@@ -48,4 +64,5 @@ def subtract_dense(a: Adapter, b: Adapter, *, lam: float = 1.0, allow_partial: b
         allow_partial=allow_partial,
         operation="subtract_dense",
         params={"lam": lam},
+        on_module=on_module,
     )

@@ -1,0 +1,138 @@
+"""A safetensors file written tensor by tensor, from several threads, as results arrive.
+
+``safetensors.numpy.save_file`` needs every tensor in memory before it writes the
+first byte, so an operator's output would be computed whole, then written on one core.
+This writer lets each worker thread write its module the moment it is computed
+(``os.pwrite`` releases the GIL), so writing overlaps computing and the whole result
+is never held at once. Reading stays with the ``safetensors`` library.
+
+The format (https://github.com/huggingface/safetensors#format): an 8-byte little-endian
+header size ``N``, a JSON header of ``N`` bytes, then the tensors' bytes, which the
+header's ``data_offsets`` must tile without gaps. Tensors are written in the order
+they arrive; the header is written last, into ``header_bytes`` reserved at the start
+and padded with spaces — padding the format allows. A header that outgrows the
+reservation (a bound the caller gives) is not an error: the file is rewritten once
+with the exact header.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["SafetensorsWriter", "header_entry_bound"]
+
+_DTYPE_CODES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32",
+    "int16": "I16", "int8": "I8", "uint64": "U64", "uint32": "U32", "uint16": "U16",
+    "uint8": "U8", "bool": "BOOL",
+}  # fmt: skip
+_ALIGN = 8  # the data section starts 8-byte aligned, as safetensors' own writer does
+# JSON of one entry with every number at 20 digits (the most a u64 has), shape 4-D.
+_ENTRY_OVERHEAD = len('{"dtype":"BF16","shape":[,,,],"data_offsets":[,]},') + 6 * 20
+
+
+def header_entry_bound(name: str) -> int:
+    """An upper bound on the header bytes one tensor called ``name`` takes."""
+    return len(json.dumps(name)) + 1 + _ENTRY_OVERHEAD
+
+
+class SafetensorsWriter:
+    """Write one safetensors file; ``add`` may be called from several threads.
+
+    Use as a context manager: ``close`` (or leaving the block) writes the header.
+    On an exception the file is left incomplete; callers write into a temporary
+    folder (:class:`~excise.pem.io.atomic_output_dir`).
+
+    Args:
+        file: the file to create.
+        header_bytes: bytes reserved for the JSON header (rounded up to 8).
+    """
+
+    def __init__(self, file: str | Path, header_bytes: int) -> None:
+        self.file = Path(file)
+        self._reserved = -(-max(header_bytes, 2) // _ALIGN) * _ALIGN
+        self._entries: dict[str, dict] = {}
+        self._end = 0  # bytes of tensor data allocated so far
+        self._lock = threading.Lock()
+        self._fd = os.open(self.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            os.close(self._fd)
+
+    def add(self, name: str, array: np.ndarray, *, dtype_code: str | None = None) -> None:
+        """Write one tensor (C-contiguous copy made only if needed).
+
+        Args:
+            name: tensor name, unique in the file.
+            array: the data, little-endian; its dtype names the tensor's dtype.
+            dtype_code: the safetensors dtype code when the array holds another
+                type's bits (``"BF16"`` for bfloat16 stored as ``uint16``).
+        """
+        data = np.ascontiguousarray(array)
+        code = dtype_code or _DTYPE_CODES.get(data.dtype.name)
+        if code is None:
+            raise TypeError(f"no safetensors dtype for numpy {data.dtype}")
+        if data.dtype.byteorder == ">":
+            data = data.astype(data.dtype.newbyteorder("<"))
+        with self._lock:
+            if name in self._entries:
+                raise ValueError(f"tensor {name} written twice")
+            begin = self._end
+            self._end += data.nbytes
+            self._entries[name] = {
+                "dtype": code,
+                "shape": list(data.shape),
+                "data_offsets": [begin, self._end],
+            }
+        _pwrite_all(self._fd, memoryview(data.reshape(-1)).cast("B"), 8 + self._reserved + begin)
+
+    def close(self, metadata: dict[str, str] | None = None) -> None:
+        """Write the header (with ``metadata``, string values) and close the file."""
+        header = dict(self._entries)
+        if metadata:
+            header = {"__metadata__": metadata, **header}
+        text = json.dumps(header, separators=(",", ":")).encode()
+        try:
+            if len(text) <= self._reserved:
+                _pwrite_all(self._fd, _size_prefix(self._reserved) + text.ljust(self._reserved, b" "), 0)
+                os.ftruncate(self._fd, 8 + self._reserved + self._end)
+                return
+        finally:
+            os.close(self._fd)
+        self._rewrite(text)
+
+    def _rewrite(self, text: bytes) -> None:
+        """The header did not fit: move the data behind an exact header (rare)."""
+        size = -(-len(text) // _ALIGN) * _ALIGN
+        moved = self.file.with_name(self.file.name + ".resized")
+        with self.file.open("rb") as src, moved.open("wb") as dst:
+            dst.write(_size_prefix(size) + text.ljust(size, b" "))
+            src.seek(8 + self._reserved)
+            remaining = self._end
+            while remaining:
+                chunk = src.read(min(remaining, 1 << 24))
+                dst.write(chunk)
+                remaining -= len(chunk)
+        os.replace(moved, self.file)
+
+
+def _size_prefix(n: int) -> bytes:
+    return n.to_bytes(8, "little")
+
+
+def _pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view.nbytes:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
