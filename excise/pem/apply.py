@@ -11,7 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from excise.pem.io import AdapterWriter, check_output_dir, file_sha256, load_adapter
+from excise.pem.delta import Adapter
+from excise.pem.io import AdapterWriter, check_finite_weights, check_output_dir, file_sha256, load_adapter
 from excise.pem.ops.registry import get_operator
 
 __all__ = ["apply_operator"]
@@ -51,13 +52,12 @@ def apply_operator(
     fn = operator.dense_fn if dense else operator.fn
     if len(inputs) > 1:
         params = {**params, "allow_partial": allow_partial}
-    # The inputs' checksums (for the provenance record) are computed while the next
-    # input loads and the operator runs: hashlib releases the GIL.
+    # Validating the weights (NaN/Inf) and the inputs' checksums (for the provenance
+    # record) run in low-priority threads beside the operator, filling cores it leaves
+    # idle; the result is published only after both have passed.
     with ThreadPoolExecutor(max_workers=max(1, len(inputs))) as pool:
-        adapters, digests = [], []
-        for path in inputs:
-            adapters.append(load_adapter(path, checksum=False))
-            digests.append(pool.submit(_background_sha256, Path(path) / adapters[-1].source["weights"]))
+        adapters = [load_adapter(path, checksum=False, check_finite=False) for path in inputs]
+        digests = [pool.submit(_validate_and_hash, adapter) for adapter in adapters]
         names = dict.fromkeys(name for adapter in adapters for name in adapter.modules)
         sources = json.dumps([a.source for a in adapters]) + json.dumps(params)
         with AdapterWriter(
@@ -76,9 +76,13 @@ def apply_operator(
     return Path(out)
 
 
-def _background_sha256(file: Path) -> str:
-    """:func:`file_sha256` in a thread of the lowest CPU priority (Linux), so hashing fills
-    idle cores instead of taking one from the operator's workers."""
+def _validate_and_hash(adapter: Adapter) -> str:
+    """:func:`check_finite_weights`, then the weights file's SHA-256, in a thread of the
+    lowest CPU priority (Linux), so this work fills idle cores instead of taking one
+    from the operator's workers."""
+    nice = int(os.environ.get("EXCISE_BG_NICE", "19"))
     with contextlib.suppress(AttributeError, OSError):  # not Linux: priorities are per process
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    return file_sha256(file)
+        if nice:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    check_finite_weights(adapter)
+    return file_sha256(Path(adapter.source["path"]) / adapter.source["weights"])

@@ -43,10 +43,12 @@ __all__ = [
     "PROVENANCE_FILE",
     "AdapterWriter",
     "atomic_output_dir",
+    "check_finite_weights",
     "check_output_dir",
     "file_sha256",
     "load_adapter",
     "save_adapter",
+    "weights_file",
 ]
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -63,7 +65,7 @@ _IA3_KEY = re.compile(r"^(?P<name>.+)\.ia3_l(?:\.[^.]+)?$")
 # ----------------------------------------------------------------------------- reading
 
 
-def load_adapter(path: str | Path, *, checksum: bool = True) -> Adapter:
+def load_adapter(path: str | Path, *, checksum: bool = True, check_finite: bool = True) -> Adapter:
     """Read and validate a PEFT adapter folder (LoRA, (IA)³ or prefix tuning).
 
     Args:
@@ -71,6 +73,9 @@ def load_adapter(path: str | Path, *, checksum: bool = True) -> Adapter:
             (or a legacy ``adapter_model.bin``).
         checksum: record the weights file's SHA-256 in ``source["sha256"]``; without
             it the entry is ``None`` for the caller to fill (see :func:`file_sha256`).
+        check_finite: reject NaN/Inf weights now; without it the caller must call
+            :func:`check_finite_weights` before trusting a result (``excise ops`` does
+            so beside the operator, in the background).
 
     Returns:
         The adapter, each module as its effective delta.
@@ -94,9 +99,6 @@ def load_adapter(path: str | Path, *, checksum: bool = True) -> Adapter:
         )
     weights_file = _weights_file(folder)
     tensors, dtype = _read_tensors(weights_file)
-    for key, tensor in tensors.items():
-        if np.issubdtype(tensor.dtype, np.floating) and not _all_finite(tensor):
-            raise AdapterError(f"{weights_file}: tensor {key} contains NaN or Inf values")
     reader = {"LORA": _read_lora, "IA3": _read_ia3, "PREFIX_TUNING": _read_prefix}[peft_type]
     modules = reader(config, tensors, weights_file)
     if not modules:
@@ -108,7 +110,25 @@ def load_adapter(path: str | Path, *, checksum: bool = True) -> Adapter:
         "sha256": file_sha256(weights_file) if checksum else None,
         "dtype": dtype,
     }
-    return Adapter(peft_type, config, modules, source, dtype)
+    adapter = Adapter(peft_type, config, modules, source, dtype)
+    if check_finite:
+        check_finite_weights(adapter)
+    return adapter
+
+
+def check_finite_weights(adapter: Adapter) -> None:
+    """Reject an adapter with a NaN or infinite weight (one pass over the weights).
+
+    Raises:
+        AdapterError: naming the weights file and the first tensor that is not finite.
+    """
+    file = Path(adapter.source.get("path", ".")) / adapter.source.get("weights", "")
+    for name, m in adapter.modules.items():
+        keys = _tensor_names(adapter.peft_type, name)
+        arrays = (m.A, m.B) if isinstance(m, LowRankDelta) else (m.rows,)
+        for key, array in zip(keys, arrays, strict=True):
+            if not _all_finite(array):
+                raise AdapterError(f"{file}: tensor {key} contains NaN or Inf values")
 
 
 def _all_finite(x: np.ndarray) -> bool:
@@ -116,7 +136,9 @@ def _all_finite(x: np.ndarray) -> bool:
     NaN or ±Inf (which propagate) or the sum overflows, which the exact check then rules
     on. Half the time of ``np.isfinite(x).all()``, with no temporary."""
     flat = x.reshape(-1)
-    return bool(np.isfinite(np.dot(flat, flat))) or bool(np.isfinite(flat).all())
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is settled below
+        fast = np.isfinite(np.dot(flat, flat))
+    return bool(fast) or bool(np.isfinite(flat).all())
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
@@ -130,6 +152,14 @@ def _read_config(folder: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise AdapterError(f"{config_file}: expected a JSON object")
     return config
+
+
+def weights_file(folder: str | Path) -> Path | None:
+    """The weights file :func:`load_adapter` reads from ``folder``, or ``None`` if there is none."""
+    try:
+        return _weights_file(Path(folder))
+    except AdapterError:
+        return None
 
 
 def _weights_file(folder: Path) -> Path:
@@ -439,10 +469,12 @@ class AdapterWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None and not self._finished:
-            exc_type = RuntimeError  # a programming error: nothing may be published
-        if exc_type is not None and not self._finished:
-            self._tensors.__exit__(exc_type, exc, tb)
+        if not self._finished:
+            self._tensors.__exit__(exc_type or RuntimeError, exc, tb)
+            self._atomic.__exit__(exc_type or RuntimeError, exc, tb)  # removes the temp folder
+            if exc_type is None:
+                raise RuntimeError(f"AdapterWriter for {self.out}: finish() was not called; nothing written")
+            return
         self._atomic.__exit__(exc_type, exc, tb)
 
     def write_module(self, name: str, module: Module) -> None:

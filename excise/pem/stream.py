@@ -59,16 +59,19 @@ class SafetensorsWriter:
         self._entries: dict[str, dict] = {}
         self._end = 0  # bytes of tensor data allocated so far
         self._lock = threading.Lock()
-        self._fd = os.open(self.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fd: int | None = os.open(self.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 
     def __enter__(self) -> SafetensorsWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if self._fd is None:  # already closed
+            return
         if exc_type is None:
             self.close()
         else:
             os.close(self._fd)
+            self._fd = None
 
     def add(self, name: str, array: np.ndarray, *, dtype_code: str | None = None) -> None:
         """Write one tensor (C-contiguous copy made only if needed).
@@ -79,13 +82,15 @@ class SafetensorsWriter:
             dtype_code: the safetensors dtype code when the array holds another
                 type's bits (``"BF16"`` for bfloat16 stored as ``uint16``).
         """
-        data = np.ascontiguousarray(array)
+        data = np.ascontiguousarray(array).reshape(np.shape(array))  # keeps 0-d shapes
         code = dtype_code or _DTYPE_CODES.get(data.dtype.name)
         if code is None:
             raise TypeError(f"no safetensors dtype for numpy {data.dtype}")
         if data.dtype.byteorder == ">":
             data = data.astype(data.dtype.newbyteorder("<"))
         with self._lock:
+            if self._fd is None:
+                raise ValueError(f"{self.file} is already closed")
             if name in self._entries:
                 raise ValueError(f"tensor {name} written twice")
             begin = self._end
@@ -95,21 +100,25 @@ class SafetensorsWriter:
                 "shape": list(data.shape),
                 "data_offsets": [begin, self._end],
             }
-        _pwrite_all(self._fd, memoryview(data.reshape(-1)).cast("B"), 8 + self._reserved + begin)
+            fd = self._fd
+        _pwrite_all(fd, memoryview(data.reshape(-1)).cast("B"), 8 + self._reserved + begin)
 
     def close(self, metadata: dict[str, str] | None = None) -> None:
         """Write the header (with ``metadata``, string values) and close the file."""
+        if self._fd is None:
+            raise ValueError(f"{self.file} is already closed")
+        fd, self._fd = self._fd, None
         header = dict(self._entries)
         if metadata:
             header = {"__metadata__": metadata, **header}
         text = json.dumps(header, separators=(",", ":")).encode()
         try:
             if len(text) <= self._reserved:
-                _pwrite_all(self._fd, _size_prefix(self._reserved) + text.ljust(self._reserved, b" "), 0)
-                os.ftruncate(self._fd, 8 + self._reserved + self._end)
+                _pwrite_all(fd, _size_prefix(self._reserved) + text.ljust(self._reserved, b" "), 0)
+                os.ftruncate(fd, 8 + self._reserved + self._end)
                 return
         finally:
-            os.close(self._fd)
+            os.close(fd)
         self._rewrite(text)
 
     def _rewrite(self, text: bytes) -> None:
