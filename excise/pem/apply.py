@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -53,8 +50,8 @@ def apply_operator(
     if len(inputs) > 1:
         params = {**params, "allow_partial": allow_partial}
     # Validating the weights (NaN/Inf) and the inputs' checksums (for the provenance
-    # record) run in low-priority threads beside the operator, filling cores it leaves
-    # idle; the result is published only after both have passed.
+    # record) run in threads beside the operator; the result is published only after
+    # both have passed.
     with ThreadPoolExecutor(max_workers=max(1, len(inputs))) as pool:
         adapters = [load_adapter(path, checksum=False, check_finite=False) for path in inputs]
         digests = [pool.submit(_validate_and_hash, adapter) for adapter in adapters]
@@ -77,12 +74,6 @@ def apply_operator(
 
 
 def _validate_and_hash(adapter: Adapter) -> str:
-    """:func:`check_finite_weights`, then the weights file's SHA-256, in a thread of the
-    lowest CPU priority (Linux), so this work fills idle cores instead of taking one
-    from the operator's workers."""
-    nice = int(os.environ.get("EXCISE_BG_NICE", "19"))
-    with contextlib.suppress(AttributeError, OSError):  # not Linux: priorities are per process
-        if nice:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    """:func:`check_finite_weights`, then the weights file's SHA-256 (both release the GIL)."""
     check_finite_weights(adapter)
     return file_sha256(Path(adapter.source["path"]) / adapter.source["weights"])

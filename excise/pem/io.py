@@ -528,7 +528,8 @@ def _module_tensors(peft_type: str, name: str, m: Module) -> list[tuple[str, np.
 def _cast(array: np.ndarray, dtype: str) -> tuple[np.ndarray, str | None]:
     """``array`` in the file's dtype, and the safetensors code when numpy has no such type."""
     if dtype != "bfloat16":
-        return np.asarray(array, dtype=np.dtype(dtype)), None
+        target = np.dtype(dtype)
+        return (array if array.dtype == target else array.astype(target)), None
     return _bfloat16_bits(np.asarray(array, dtype=np.float32)), "BF16"
 
 

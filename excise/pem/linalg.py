@@ -60,15 +60,17 @@ def row_norms(m: Module) -> np.ndarray:
         return np.linalg.norm(_f64(m.rows), axis=1)  # (rows,)
     B, A = _f64(m.B), _f64(m.A)  # (out, r), (r, in)
     G = A @ A.T  # (r, r)
-    sq = (m.scale**2) * np.einsum("ij,ij->i", B @ G, B)  # (out,)
-    bound = _GRAM_RTOL * (m.scale**2) * np.trace(G)  # bound per unit |B_i|²
+    s2 = m.scale * m.scale
+    sq = np.einsum("ij,ij->i", B @ G, B)  # (out,), without s²
+    bound = _GRAM_RTOL * float(G.diagonal().sum())  # per unit |B_i|²
     flat = B.reshape(-1)
-    uncertain = np.flatnonzero(sq <= bound * np.dot(flat, flat))  # (k,); Σ_i |B_i|² ≥ each |B_i|²
+    uncertain = (sq <= bound * float(flat @ flat)).nonzero()[0]  # (k,); Σ_i |B_i|² ≥ each |B_i|²
     if uncertain.size:
         rows = B[uncertain]  # (k, r)
         below = sq[uncertain] <= bound * np.einsum("ij,ij->i", rows, rows)
-        sq[uncertain[below]] = 0.0
-    return np.sqrt(np.maximum(sq, 0.0))
+        sq[uncertain[below]] = 0.0  # rounding noise: a zero row; every other sq is > 0
+    sq *= s2
+    return np.sqrt(sq, out=sq)
 
 
 def as_float64(m: Module) -> Module:
@@ -149,8 +151,10 @@ def ext_sub_coefficients(a: np.ndarray, b: np.ndarray, lam: float) -> tuple[np.n
         ``(alpha, beta)``, each ``(rows,)`` float64.
     """
     active = (a > 0) & (b > 0)  # (rows,)
+    if active.all():  # the usual case: no degenerate row
+        return 1.0 + (lam / 2.0) * (b / a), np.full(a.shape, -lam / 2.0)
     safe_a = np.where(active, a, 1.0)
-    alpha = np.where(active, 1.0 + lam * b / (2.0 * safe_a), 1.0)  # (rows,)
+    alpha = np.where(active, 1.0 + (lam / 2.0) * (b / safe_a), 1.0)  # (rows,)
     beta = np.where(active, -lam / 2.0, 0.0)  # (rows,)
     return alpha, beta
 

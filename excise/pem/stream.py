@@ -31,6 +31,7 @@ _DTYPE_CODES = {
     "int16": "I16", "int8": "I8", "uint64": "U64", "uint32": "U32", "uint16": "U16",
     "uint8": "U8", "bool": "BOOL",
 }  # fmt: skip
+_CODE_OF = {np.dtype(name).newbyteorder("<"): code for name, code in _DTYPE_CODES.items()}
 _ALIGN = 8  # the data section starts 8-byte aligned, as safetensors' own writer does
 # JSON of one entry with every number at 20 digits (the most a u64 has), shape 4-D.
 _ENTRY_OVERHEAD = len('{"dtype":"BF16","shape":[,,,],"data_offsets":[,]},') + 6 * 20
@@ -82,12 +83,12 @@ class SafetensorsWriter:
             dtype_code: the safetensors dtype code when the array holds another
                 type's bits (``"BF16"`` for bfloat16 stored as ``uint16``).
         """
-        data = np.ascontiguousarray(array).reshape(np.shape(array))  # keeps 0-d shapes
-        code = dtype_code or _DTYPE_CODES.get(data.dtype.name)
-        if code is None:
-            raise TypeError(f"no safetensors dtype for numpy {data.dtype}")
+        data = array if array.flags.c_contiguous else np.ascontiguousarray(array).reshape(array.shape)
         if data.dtype.byteorder == ">":
             data = data.astype(data.dtype.newbyteorder("<"))
+        code = dtype_code or _CODE_OF.get(data.dtype)
+        if code is None:
+            raise TypeError(f"no safetensors dtype for numpy {data.dtype}")
         with self._lock:
             if self._fd is None:
                 raise ValueError(f"{self.file} is already closed")
