@@ -63,7 +63,7 @@ def apply_operator(
             names,
             dtype=adapters[0].dtype,
             overwrite=overwrite,
-            metadata_bytes=4096 + 2 * len(sources),
+            metadata_bytes=2 * (len(sources) + 80 * len(adapters) + 512),  # JSON-in-JSON escapes
         ) as writer:
             # Each module is written by the worker that computed it, while others compute.
             result = fn(*adapters, **params, on_module=writer.write_module)

@@ -456,8 +456,9 @@ class AdapterWriter:
     ) -> None:
         self.out, self.peft_type, self.dtype = Path(out), peft_type, dtype
         self._atomic = atomic_output_dir(out, overwrite=overwrite)
+        ndim = 2 if peft_type == "LORA" else 4
         self._header_bytes = metadata_bytes + sum(
-            header_entry_bound(key) for name in module_names for key in _tensor_names(peft_type, name)
+            header_entry_bound(key, ndim) for name in module_names for key in _tensor_names(peft_type, name)
         )
         self._shapes: dict[str, tuple[int, ...]] = {}  # module → shape of its delta (rank for LoRA)
         self._lock = threading.Lock()

@@ -33,13 +33,16 @@ _DTYPE_CODES = {
 }  # fmt: skip
 _CODE_OF = {np.dtype(name).newbyteorder("<"): code for name, code in _DTYPE_CODES.items()}
 _ALIGN = 8  # the data section starts 8-byte aligned, as safetensors' own writer does
-# JSON of one entry with every number at 20 digits (the most a u64 has), shape 4-D.
-_ENTRY_OVERHEAD = len('{"dtype":"BF16","shape":[,,,],"data_offsets":[,]},') + 6 * 20
+# Digits budgeted per number in a header entry: dimensions below 10^10, offsets below
+# 10^16 (10 PB). A header that still outgrows its reservation costs a rewrite, not an error.
+_DIM_DIGITS, _OFFSET_DIGITS = 10, 16
 
 
-def header_entry_bound(name: str) -> int:
-    """An upper bound on the header bytes one tensor called ``name`` takes."""
-    return len(json.dumps(name)) + 1 + _ENTRY_OVERHEAD
+def header_entry_bound(name: str, ndim: int = 4) -> int:
+    """Header bytes one tensor called ``name`` takes at most (``ndim`` dimensions, each
+    below 10^10, offsets below 10^16): the budget :class:`SafetensorsWriter` reserves."""
+    skeleton = '"":{"dtype":"BF16","shape":[],"data_offsets":[,]},'
+    return len(json.dumps(name)) - 2 + len(skeleton) + ndim * (_DIM_DIGITS + 1) + 2 * _OFFSET_DIGITS
 
 
 class SafetensorsWriter:

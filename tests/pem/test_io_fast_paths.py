@@ -605,3 +605,24 @@ def test_streamed_ext_sub_refuses_non_finite_input_and_publishes_nothing(tmp_pat
         apply_operator("ext_sub", list(folders), tmp_path / "out", params={"lam": 0.5})
     assert key in str(info.value)
     assert _listing(tmp_path) == before
+
+
+def test_streamed_output_is_no_larger_than_both_inputs(tmp_path):
+    """The header reserved for streaming stays within what the inputs' own headers took."""
+    rng = np.random.default_rng(0)
+    names = [f"model.layers.{i}.self_attn.{m}_proj" for i in range(6) for m in "qkvo"]
+    folders = []
+    for seed in (1, 2):
+        tensors = {}
+        for name in names:
+            tensors[f"base_model.model.{name}.lora_A.weight"] = rng.standard_normal((4, 40), dtype=np.float32)
+            tensors[f"base_model.model.{name}.lora_B.weight"] = rng.standard_normal((48, 4), dtype=np.float32)
+        folder = tmp_path / f"in{seed}"
+        folder.mkdir()
+        save_np(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+        config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj"]}
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        folders.append(folder)
+    out = apply_operator("ext_sub", folders, tmp_path / "out", params={"lam": 1.0})
+    size = (out / "adapter_model.safetensors").stat().st_size
+    assert size <= sum((f / "adapter_model.safetensors").stat().st_size for f in folders)

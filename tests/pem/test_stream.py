@@ -268,12 +268,22 @@ def test_exception_in_block_closes_without_header(tmp_path, monkeypatch):
     "name",
     ["a", "base_model.model.model.layers.31.mlp.down_proj.lora_B.weight", 'we"ird\\name', "ünï\u2603", ""],
 )
-def test_header_entry_bound_covers_the_largest_entry(name):
-    big = 10**19  # 20 digits, as many as any u64 has (2**64 - 1 = 18446744073709551615)
-    assert len(str(2**64 - 1)) == len(str(big)) == 20
+def test_header_entry_bound_covers_the_largest_budgeted_entry(name):
+    dim, offset = 10**10 - 1, 10**16 - 1  # the largest numbers the budget promises to fit
     for dtype in {*stream._DTYPE_CODES.values(), "BF16"}:
         for ndim in range(5):
-            entry = {"dtype": dtype, "shape": [big] * ndim, "data_offsets": [big, big]}
+            entry = {"dtype": dtype, "shape": [dim] * ndim, "data_offsets": [offset, offset]}
             text = json.dumps({name: entry}, separators=(",", ":"))
             # Inside the header an entry is `"name":{...}` plus a separating comma.
-            assert header_entry_bound(name) >= len(text) - 2 + 1, (dtype, ndim)
+            assert header_entry_bound(name, ndim) >= len(text) - 2 + 1, (dtype, ndim)
+            assert header_entry_bound(name, ndim) <= len(text) - 2 + 1 + 8, (dtype, ndim)  # tight
+
+
+def test_entry_beyond_the_budget_still_writes(tmp_path):
+    """A name-only reservation too small for the real header falls back to the rewrite."""
+    array = np.zeros(3, dtype=np.float32)
+    file = tmp_path / "x.safetensors"
+    with SafetensorsWriter(file, header_entry_bound("t", 0)) as writer:
+        writer.add("t", array)
+    got, _ = _read_np(file)
+    _assert_same(got, {"t": array})
