@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from excise.pem.delta import Adapter
-from excise.pem.io import AdapterWriter, check_finite_weights, check_output_dir, file_sha256, load_adapter
+from excise.pem.io import AdapterWriter, check_output_dir, load_adapter, verified_sha256
 from excise.pem.ops.registry import get_operator
 
 __all__ = ["apply_operator"]
@@ -74,6 +74,5 @@ def apply_operator(
 
 
 def _validate_and_hash(adapter: Adapter) -> str:
-    """:func:`check_finite_weights`, then the weights file's SHA-256 (both release the GIL)."""
-    check_finite_weights(adapter)
-    return file_sha256(Path(adapter.source["path"]) / adapter.source["weights"])
+    """The weights file's SHA-256, checking its weights are finite on the way."""
+    return verified_sha256(Path(adapter.source["path"]) / adapter.source["weights"])

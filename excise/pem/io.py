@@ -48,6 +48,7 @@ __all__ = [
     "file_sha256",
     "load_adapter",
     "save_adapter",
+    "verified_sha256",
     "weights_file",
 ]
 
@@ -355,6 +356,51 @@ def file_sha256(file: str | Path) -> str:
             return hashlib.sha256(b"").hexdigest()
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
             return hashlib.sha256(view).hexdigest()
+
+
+def verified_sha256(file: str | Path) -> str:
+    """SHA-256 of a weights file, checking in the same pass that its weights are finite.
+
+    For a safetensors file each tensor's bytes are hashed and then checked while they
+    are still in cache — one pass over the file instead of two; any other file is
+    loaded and checked (:func:`check_finite_weights`) and hashed separately.
+
+    Raises:
+        AdapterError: a floating-point tensor holds NaN or ±Inf.
+    """
+    file = Path(file)
+    if file.suffix != ".safetensors" or file.stat().st_size < 8:
+        check_finite_weights(load_adapter(file.parent, checksum=False))
+        return file_sha256(file)
+    with file.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        size = int.from_bytes(view[:8], "little")
+        header = json.loads(view[8 : 8 + size])
+        entries = sorted(
+            (info["data_offsets"][0], info["data_offsets"][1], key, info["dtype"])
+            for key, info in header.items()
+            if key != "__metadata__"
+        )
+        digest = hashlib.sha256()
+        with memoryview(view) as data:
+            position = 0
+            for begin, end, key, code in entries:
+                begin, end = 8 + size + begin, 8 + size + end
+                digest.update(data[position:begin])  # header (and any gap)
+                digest.update(data[begin:end])
+                position = end
+                if not _bytes_finite(data[begin:end], code):
+                    raise AdapterError(f"{file}: tensor {key} contains NaN or Inf values")
+            digest.update(data[position:])
+    return digest.hexdigest()
+
+
+def _bytes_finite(raw: memoryview, code: str) -> bool:
+    """Whether a tensor's little-endian bytes hold only finite values (non-floats: True)."""
+    if code == "BF16":  # all exponent bits set: ±Inf or NaN
+        bits = np.frombuffer(raw, dtype="<u2")
+        return not bool(np.any((bits & 0x7F80) == 0x7F80))
+    dtype = {"F64": "<f8", "F32": "<f4", "F16": "<f2"}.get(code)
+    return dtype is None or _all_finite(np.frombuffer(raw, dtype=dtype))
 
 
 # ----------------------------------------------------------------------------- writing

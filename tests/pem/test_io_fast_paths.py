@@ -626,3 +626,43 @@ def test_streamed_output_is_no_larger_than_both_inputs(tmp_path):
     out = apply_operator("ext_sub", folders, tmp_path / "out", params={"lam": 1.0})
     size = (out / "adapter_model.safetensors").stat().st_size
     assert size <= sum((f / "adapter_model.safetensors").stat().st_size for f in folders)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+def test_verified_sha256_hashes_the_file_and_finds_the_bad_tensor(tmp_path, dtype):
+    from excise.pem.io import verified_sha256
+
+    tensors = {
+        "base_model.model.m.lora_A.weight": torch.randn(4, 40),
+        "base_model.model.m.lora_B.weight": torch.randn(48, 4),
+        "counts": torch.arange(5),  # not a float: never checked
+    }
+    tensors = {k: (v.to(getattr(torch, dtype)) if v.is_floating_point() else v) for k, v in tensors.items()}
+    file = tmp_path / "adapter_model.safetensors"
+    save_pt(tensors, str(file), metadata={"format": "pt"})
+    assert verified_sha256(file) == hashlib.sha256(file.read_bytes()).hexdigest()
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        broken = dict(tensors)
+        broken["base_model.model.m.lora_B.weight"] = tensors["base_model.model.m.lora_B.weight"].clone()
+        broken["base_model.model.m.lora_B.weight"][17, 2] = bad
+        save_pt(broken, str(file), metadata={"format": "pt"})
+        with pytest.raises(AdapterError, match=r"lora_B\.weight contains NaN or Inf"):
+            verified_sha256(file)
+
+
+def test_verified_sha256_of_a_bin_adapter(tmp_path):
+    from excise.pem.io import verified_sha256
+
+    state = {
+        "base_model.model.m.lora_A.weight": torch.randn(4, 40),
+        "base_model.model.m.lora_B.weight": torch.randn(48, 4),
+    }
+    torch.save(state, tmp_path / "adapter_model.bin")
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["m"]}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    file = tmp_path / "adapter_model.bin"
+    assert verified_sha256(file) == hashlib.sha256(file.read_bytes()).hexdigest()
+    state["base_model.model.m.lora_A.weight"][0, 0] = float("nan")
+    torch.save(state, file)
+    with pytest.raises(AdapterError, match="NaN or Inf"):
+        verified_sha256(file)
