@@ -63,6 +63,16 @@ Base = Annotated[
 ]
 
 
+Sha256 = Annotated[
+    bool,
+    typer.Option(
+        "--sha256",
+        help="Identify the inputs in the provenance record by SHA-256 (what sha256sum and the "
+        "Hugging Face hub show; ~10x slower to compute) instead of xxh3-128.",
+    ),
+]
+
+
 def _run_op(
     name: str,
     inputs: list[Path],
@@ -73,6 +83,7 @@ def _run_op(
     partial: bool,
     overwrite: bool,
     base: str | None,
+    sha256: bool = False,
 ) -> None:
     if base is not None:
         if dense:
@@ -86,7 +97,14 @@ def _run_op(
 
     done(
         apply_operator(
-            name, inputs, out, params=params, dense=dense, allow_partial=partial, overwrite=overwrite
+            name,
+            inputs,
+            out,
+            params=params,
+            dense=dense,
+            allow_partial=partial,
+            overwrite=overwrite,
+            digest="sha256" if sha256 else "xxh3_128",
         )
     )
 
@@ -106,6 +124,7 @@ def ops_ext_sub(
     allow_partial: Partial = False,
     overwrite: Overwrite = False,
     base: Base = None,
+    sha256: Sha256 = False,
 ) -> None:
     """Ext-Sub: expert minus the deficiency extracted from the anti-expert(s), exactly (rank r1 + r2)."""
     if len(anti_expert) == 1 and not sequential:
@@ -124,6 +143,7 @@ def ops_ext_sub(
         partial=allow_partial,
         overwrite=overwrite,
         base=base,
+        sha256=sha256,
     )
 
 
@@ -137,6 +157,7 @@ def ops_subtract(
     allow_partial: Partial = False,
     overwrite: Overwrite = False,
     base: Base = None,
+    sha256: Sha256 = False,
 ) -> None:
     """Direct subtraction a − λ·b (the Ext-Sub paper's baseline)."""
     _run_op(
@@ -148,6 +169,7 @@ def ops_subtract(
         partial=allow_partial,
         overwrite=overwrite,
         base=base,
+        sha256=sha256,
     )
 
 
@@ -161,6 +183,7 @@ def ops_add(
     allow_partial: Partial = False,
     overwrite: Overwrite = False,
     base: Base = None,
+    sha256: Sha256 = False,
 ) -> None:
     """Addition a + weight·b."""
     _run_op(
@@ -172,6 +195,7 @@ def ops_add(
         partial=allow_partial,
         overwrite=overwrite,
         base=base,
+        sha256=sha256,
     )
 
 
@@ -183,10 +207,19 @@ def ops_negate(
     dense: Dense = False,
     overwrite: Overwrite = False,
     base: Base = None,
+    sha256: Sha256 = False,
 ) -> None:
     """Knowledge negation −λ·θ (SKU stage 2; the task-vector baseline)."""
     _run_op(
-        "negate", [adapter], out, {"lam": lam}, dense=dense, partial=False, overwrite=overwrite, base=base
+        "negate",
+        [adapter],
+        out,
+        {"lam": lam},
+        dense=dense,
+        partial=False,
+        overwrite=overwrite,
+        base=base,
+        sha256=sha256,
     )
 
 
@@ -197,6 +230,7 @@ def ops_scale(
     weight: Annotated[float, typer.Option(help="Factor.", show_default=False)],
     dense: Dense = False,
     overwrite: Overwrite = False,
+    sha256: Sha256 = False,
 ) -> None:
     """Scaling weight·θ (rank unchanged)."""
     _run_op(
@@ -208,6 +242,7 @@ def ops_scale(
         partial=False,
         overwrite=overwrite,
         base=None,
+        sha256=sha256,
     )
 
 

@@ -73,6 +73,21 @@ def test_ext_sub_writes_an_exact_adapter(pair, tmp_path):
         np.testing.assert_allclose(out.modules[name].dense(), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_sha256_flag_chooses_the_input_digest(pair, tmp_path):
+    import hashlib
+
+    import xxhash
+
+    e, a = pair
+    for flags, name, fn in (([], "xxh3_128", xxhash.xxh3_128), (["--sha256"], "sha256", hashlib.sha256)):
+        out = tmp_path / name
+        result = excise("ops", "subtract", "--a", str(e), "--b", str(a), "--out", str(out), *flags)
+        assert result.returncode == 0, result.stderr
+        inputs = json.loads((out / "excise.json").read_text())["inputs"]
+        for entry, folder in zip(inputs, (e, a), strict=True):
+            assert entry[name] == fn((folder / "adapter_model.safetensors").read_bytes()).hexdigest()
+
+
 def test_dense_flag_and_compose(pair, tmp_path):
     e, a = pair
     a2 = _write_lora(tmp_path / "a2", 3, SHAPES, r=4)

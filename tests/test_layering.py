@@ -19,7 +19,7 @@ EXCISE_ALLOWED = {
     "evaluate": ("excise.evaluate", "excise.data", "excise.models", "excise.errors"),
 }
 # pem/ is tensors only, and numpy replaces torch there (excise/pem/delta.py says why).
-THIRD_PARTY_ALLOWED = {"pem": ("numpy", "safetensors")}
+THIRD_PARTY_ALLOWED = {"pem": ("numpy", "safetensors", "xxhash")}
 
 
 def _module_level_imports(file: Path) -> list[str]:

@@ -8,8 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from excise.errors import ConfigError
 from excise.pem.delta import Adapter
-from excise.pem.io import AdapterWriter, check_output_dir, load_adapter, verified_sha256
+from excise.pem.io import DIGESTS, AdapterWriter, check_output_dir, load_adapter, verified_digest
 from excise.pem.ops.registry import get_operator
 
 __all__ = ["apply_operator"]
@@ -24,6 +25,7 @@ def apply_operator(
     dense: bool = False,
     allow_partial: bool = False,
     overwrite: bool = False,
+    digest: str = "xxh3_128",
 ) -> Path:
     """Apply the operator ``name`` to the adapter folders ``inputs`` and write ``out``.
 
@@ -36,6 +38,9 @@ def apply_operator(
         dense: use the dense reference twin (rank-``in`` output, slow; for parity).
         allow_partial: combine adapters whose target modules differ.
         overwrite: replace a non-empty ``out``.
+        digest: how the inputs are identified in the provenance record: ``xxh3_128``
+            (default, ~12 GB/s) or ``sha256`` (~1.2 GB/s here; what ``sha256sum`` and
+            the Hugging Face hub show).
 
     Returns:
         ``out``.
@@ -46,6 +51,8 @@ def apply_operator(
     """
     operator = get_operator(name)
     check_output_dir(out, overwrite=overwrite)  # fail before reading anything
+    if digest not in DIGESTS:
+        raise ConfigError(f"unknown digest {digest!r}; choose one of {', '.join(DIGESTS)}")
     fn = operator.dense_fn if dense else operator.fn
     if len(inputs) > 1:
         params = {**params, "allow_partial": allow_partial}
@@ -54,7 +61,7 @@ def apply_operator(
     # both have passed.
     with ThreadPoolExecutor(max_workers=max(1, len(inputs))) as pool:
         adapters = [load_adapter(path, checksum=False, check_finite=False) for path in inputs]
-        digests = [pool.submit(_validate_and_hash, adapter) for adapter in adapters]
+        digests = [pool.submit(_validate_and_hash, adapter, digest) for adapter in adapters]
         names = dict.fromkeys(name for adapter in adapters for name in adapter.modules)
         sources = json.dumps([a.source for a in adapters]) + json.dumps(params)
         with AdapterWriter(
@@ -67,12 +74,13 @@ def apply_operator(
         ) as writer:
             # Each module is written by the worker that computed it, while others compute.
             result = fn(*adapters, **params, on_module=writer.write_module)
-            for entry, digest in zip(result.source["inputs"], digests, strict=True):
-                entry["sha256"] = digest.result()
+            for entry, future in zip(result.source["inputs"], digests, strict=True):
+                del entry["sha256"]  # load_adapter's placeholder
+                entry[digest] = future.result()
             writer.finish(result.config, result.source)
     return Path(out)
 
 
-def _validate_and_hash(adapter: Adapter) -> str:
-    """The weights file's SHA-256, checking its weights are finite on the way."""
-    return verified_sha256(Path(adapter.source["path"]) / adapter.source["weights"])
+def _validate_and_hash(adapter: Adapter, digest: str) -> str:
+    """The weights file's digest, checking its weights are finite on the way."""
+    return verified_digest(Path(adapter.source["path"]) / adapter.source["weights"], digest)

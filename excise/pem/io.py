@@ -26,11 +26,12 @@ import shutil
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import xxhash
 from safetensors import safe_open
 
 from excise import __version__
@@ -40,6 +41,7 @@ from excise.pem.stream import SafetensorsWriter, header_entry_bound
 
 __all__ = [
     "ADAPTER_CONFIG",
+    "DIGESTS",
     "PROVENANCE_FILE",
     "AdapterWriter",
     "atomic_output_dir",
@@ -48,7 +50,7 @@ __all__ = [
     "file_sha256",
     "load_adapter",
     "save_adapter",
-    "verified_sha256",
+    "verified_digest",
     "weights_file",
 ]
 
@@ -348,30 +350,46 @@ def _read_prefix(config: dict[str, Any], tensors: dict[str, np.ndarray], file: P
     return {"prompt_embeddings": RowDelta(rows, tuple(emb.shape))}
 
 
+# Digests for the provenance record of `excise ops` (see verified_digest).
+DIGESTS: dict[str, Callable[[], Any]] = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
+
+
 def file_sha256(file: str | Path) -> str:
     """SHA-256 of a file, hashed straight from a memory map (no copy; hashlib releases
     the GIL meanwhile)."""
-    with Path(file).open("rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            return hashlib.sha256(b"").hexdigest()
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
-            return hashlib.sha256(view).hexdigest()
+    return _file_digest(Path(file), "sha256")
 
 
-def verified_sha256(file: str | Path) -> str:
-    """SHA-256 of a weights file, checking in the same pass that its weights are finite.
+def _file_digest(file: Path, algorithm: str) -> str:
+    digest = DIGESTS[algorithm]()
+    with file.open("rb") as f:
+        if os.fstat(f.fileno()).st_size:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+                digest.update(view)
+    return digest.hexdigest()
+
+
+def verified_digest(file: str | Path, algorithm: str = "xxh3_128") -> str:
+    """Digest of a weights file (``xxh3_128`` or ``sha256``, hex), checking in the same
+    pass that its weights are finite.
 
     For a safetensors file each tensor's bytes are hashed and then checked while they
     are still in cache — one pass over the file instead of two; any other file is
-    loaded and checked (:func:`check_finite_weights`) and hashed separately.
+    loaded and checked (:func:`check_finite_weights`) and hashed separately. xxh3-128
+    runs at memory speed (~12 GB/s here, SHA-256 ~1.2 GB/s) and identifies a file as
+    surely against accidental change; neither protects an unsigned record against
+    tampering, since whoever can change the file can change the record.
 
     Raises:
         AdapterError: a floating-point tensor holds NaN or ±Inf.
+        ConfigError: an unknown algorithm.
     """
+    if algorithm not in DIGESTS:
+        raise ConfigError(f"unknown digest {algorithm!r}; choose one of {', '.join(DIGESTS)}")
     file = Path(file)
     if file.suffix != ".safetensors" or file.stat().st_size < 8:
         check_finite_weights(load_adapter(file.parent, checksum=False))
-        return file_sha256(file)
+        return _file_digest(file, algorithm)
     with file.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
         size = int.from_bytes(view[:8], "little")
         header = json.loads(view[8 : 8 + size])
@@ -380,7 +398,7 @@ def verified_sha256(file: str | Path) -> str:
             for key, info in header.items()
             if key != "__metadata__"
         )
-        digest = hashlib.sha256()
+        digest = DIGESTS[algorithm]()
         with memoryview(view) as data:
             position = 0
             for begin, end, key, code in entries:

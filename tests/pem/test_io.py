@@ -291,6 +291,8 @@ def test_output_is_atomic(lora_pair, tmp_path, monkeypatch):
 def test_provenance_records_operation_inputs_and_checksums(lora_pair, tmp_path):
     import hashlib
 
+    import xxhash
+
     from excise.pem.apply import apply_operator
 
     expert, anti = lora_pair
@@ -305,7 +307,14 @@ def test_provenance_records_operation_inputs_and_checksums(lora_pair, tmp_path):
     for entry, folder in zip(record["inputs"], (expert, anti), strict=True):
         weights = folder / "adapter_model.safetensors"
         assert entry["path"] == str(folder.resolve())
+        assert entry["xxh3_128"] == xxhash.xxh3_128(weights.read_bytes()).hexdigest()
+        assert "sha256" not in entry
+    # --sha256 records SHA-256 instead, the checksum load_adapter computes on its own.
+    out = apply_operator("ext-sub", [expert, anti], tmp_path / "sha", params={"lam": 0.5}, digest="sha256")
+    record = json.loads((out / pem_io.PROVENANCE_FILE).read_text())
+    for entry, folder in zip(record["inputs"], (expert, anti), strict=True):
+        weights = folder / "adapter_model.safetensors"
         assert entry["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
-    # load_adapter on its own computes the same checksum; checksum=False leaves it to the caller.
+        assert "xxh3_128" not in entry
     assert load_adapter(expert).source["sha256"] == record["inputs"][0]["sha256"]
     assert load_adapter(expert, checksum=False).source["sha256"] is None

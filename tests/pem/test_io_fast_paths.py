@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import xxhash
 from safetensors import safe_open
 from safetensors.numpy import load_file as load_np
 from safetensors.numpy import save_file as save_np
@@ -569,7 +570,10 @@ def test_streamed_ext_sub_equals_save_of_in_memory_ext_sub(tmp_path, monkeypatch
     else:
         monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
     expert, anti = _pair(tmp_path / "in", dtype)
-    streamed = apply_operator("ext_sub", [expert, anti], tmp_path / "streamed", params={"lam": 0.5})
+    # SHA-256 as the input digest, the one load_adapter records, so the records can be compared.
+    streamed = apply_operator(
+        "ext_sub", [expert, anti], tmp_path / "streamed", params={"lam": 0.5}, digest="sha256"
+    )
     in_memory = save_adapter(ext_sub(load_adapter(expert), load_adapter(anti), lam=0.5), tmp_path / "mem")
     got, want = _tensors(streamed), _tensors(in_memory)
     assert set(got) == set(want)
@@ -629,8 +633,8 @@ def test_streamed_output_is_no_larger_than_both_inputs(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
-def test_verified_sha256_hashes_the_file_and_finds_the_bad_tensor(tmp_path, dtype):
-    from excise.pem.io import verified_sha256
+def test_verified_digest_hashes_the_file_and_finds_the_bad_tensor(tmp_path, dtype):
+    from excise.pem.io import verified_digest
 
     tensors = {
         "base_model.model.m.lora_A.weight": torch.randn(4, 40),
@@ -640,18 +644,20 @@ def test_verified_sha256_hashes_the_file_and_finds_the_bad_tensor(tmp_path, dtyp
     tensors = {k: (v.to(getattr(torch, dtype)) if v.is_floating_point() else v) for k, v in tensors.items()}
     file = tmp_path / "adapter_model.safetensors"
     save_pt(tensors, str(file), metadata={"format": "pt"})
-    assert verified_sha256(file) == hashlib.sha256(file.read_bytes()).hexdigest()
+    assert verified_digest(file, "sha256") == hashlib.sha256(file.read_bytes()).hexdigest()
+    assert verified_digest(file) == xxhash.xxh3_128(file.read_bytes()).hexdigest()
     for bad in (float("nan"), float("inf"), float("-inf")):
         broken = dict(tensors)
         broken["base_model.model.m.lora_B.weight"] = tensors["base_model.model.m.lora_B.weight"].clone()
         broken["base_model.model.m.lora_B.weight"][17, 2] = bad
         save_pt(broken, str(file), metadata={"format": "pt"})
-        with pytest.raises(AdapterError, match=r"lora_B\.weight contains NaN or Inf"):
-            verified_sha256(file)
+        for algorithm in ("xxh3_128", "sha256"):
+            with pytest.raises(AdapterError, match=r"lora_B\.weight contains NaN or Inf"):
+                verified_digest(file, algorithm)
 
 
-def test_verified_sha256_of_a_bin_adapter(tmp_path):
-    from excise.pem.io import verified_sha256
+def test_verified_digest_of_a_bin_adapter(tmp_path):
+    from excise.pem.io import verified_digest
 
     state = {
         "base_model.model.m.lora_A.weight": torch.randn(4, 40),
@@ -661,8 +667,18 @@ def test_verified_sha256_of_a_bin_adapter(tmp_path):
     config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["m"]}
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     file = tmp_path / "adapter_model.bin"
-    assert verified_sha256(file) == hashlib.sha256(file.read_bytes()).hexdigest()
+    assert verified_digest(file, "sha256") == hashlib.sha256(file.read_bytes()).hexdigest()
+    assert verified_digest(file) == xxhash.xxh3_128(file.read_bytes()).hexdigest()
     state["base_model.model.m.lora_A.weight"][0, 0] = float("nan")
     torch.save(state, file)
     with pytest.raises(AdapterError, match="NaN or Inf"):
-        verified_sha256(file)
+        verified_digest(file)
+
+
+def test_unknown_digest_is_refused_before_anything_is_written(tmp_path):
+    from excise.errors import ConfigError
+
+    folders = _pair(tmp_path / "in")
+    with pytest.raises(ConfigError, match="unknown digest 'md5'"):
+        apply_operator("ext_sub", folders, tmp_path / "out", params={"lam": 1.0}, digest="md5")
+    assert not (tmp_path / "out").exists()
