@@ -482,7 +482,12 @@ def save_adapter(
         ConfigError: ``out`` exists and is not empty, and not ``overwrite``.
     """
     with AdapterWriter(
-        out, adapter.peft_type, adapter.modules, dtype=dtype or adapter.dtype, overwrite=overwrite
+        out,
+        adapter.peft_type,
+        adapter.modules,
+        dtype=dtype or adapter.dtype,
+        overwrite=overwrite,
+        metadata_bytes=2 * (len(json.dumps(adapter.source)) + 512),  # JSON-in-JSON escapes
     ) as writer:
         for name, module in adapter.modules.items():
             writer.write_module(name, module)
