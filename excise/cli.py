@@ -67,8 +67,9 @@ Sha256 = Annotated[
     bool,
     typer.Option(
         "--sha256",
-        help="Identify the inputs in the provenance record by SHA-256 (what sha256sum and the "
-        "Hugging Face hub show; ~10x slower to compute) instead of xxh3-128.",
+        help="Identify the input adapters in the provenance record by SHA-256 (what sha256sum and "
+        "the Hugging Face hub show; ~10x slower to compute) instead of xxh3-128. Full models "
+        "(--base) are always recorded by the SHA-256 of their index or single shard.",
     ),
 ]
 

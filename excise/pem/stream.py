@@ -63,7 +63,8 @@ class SafetensorsWriter:
         self._entries: dict[str, dict] = {}
         self._end = 0  # bytes of tensor data allocated so far
         self._lock = threading.Lock()
-        self._fd: int | None = os.open(self.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)  # O_BINARY: Windows
+        self._fd: int | None = os.open(self.file, flags, 0o644)
 
     def __enter__(self) -> SafetensorsWriter:
         return self
@@ -147,5 +148,18 @@ def _size_prefix(n: int) -> bytes:
 def _pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
     view = memoryview(data)
     while view.nbytes:
-        written = os.pwrite(fd, view, offset)
+        written = _pwrite(fd, view, offset)
         view, offset = view[written:], offset + written
+
+
+_SEEK_LOCK = threading.Lock()
+
+
+def _seek_and_write(fd: int, data: memoryview, offset: int) -> int:
+    """``os.pwrite`` where the platform has none (Windows): seek and write under a lock."""
+    with _SEEK_LOCK:
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.write(fd, data)
+
+
+_pwrite = getattr(os, "pwrite", _seek_and_write)

@@ -287,3 +287,17 @@ def test_entry_beyond_the_budget_still_writes(tmp_path):
         writer.add("t", array)
     got, _ = _read_np(file)
     _assert_same(got, {"t": array})
+
+
+def test_platforms_without_pwrite_write_the_same_file(tmp_path, monkeypatch):
+    """The seek-and-write fallback (Windows has no os.pwrite) gives the same tensors, from threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(stream, "_pwrite", stream._seek_and_write)
+    rng = np.random.default_rng(0)
+    tensors = {f"t{i}": rng.standard_normal((17, 5 + i)).astype(np.float32) for i in range(40)}
+    file = tmp_path / "x.safetensors"
+    with SafetensorsWriter(file, 4096) as writer, ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda item: writer.add(*item), tensors.items()))
+    got, _ = _read_np(file)
+    _assert_same(got, tensors)
