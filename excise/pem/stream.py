@@ -48,9 +48,11 @@ def header_entry_bound(name: str, ndim: int = 4) -> int:
 class SafetensorsWriter:
     """Write one safetensors file; ``add`` may be called from several threads.
 
-    Use as a context manager: ``close`` (or leaving the block) writes the header.
-    On an exception the file is left incomplete; callers write into a temporary
-    folder (:class:`~excise.pem.io.atomic_output_dir`).
+    Use as a context manager: ``close`` (or leaving the block) writes the header, once
+    every ``add`` has returned. On an exception the file is left incomplete; callers
+    write into a temporary folder (:class:`~excise.pem.io.atomic_output_dir`). Tensors
+    follow each other without padding, so one dtype per file (as ``excise`` writes) keeps
+    every tensor aligned to its item size.
 
     Args:
         file: the file to create.
