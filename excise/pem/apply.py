@@ -8,9 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from excise.errors import ConfigError
 from excise.pem.delta import Adapter
-from excise.pem.io import DIGESTS, AdapterWriter, check_output_dir, load_adapter, verified_digest
+from excise.pem.io import AdapterWriter, check_digest, check_output_dir, load_adapter, verified_digest
 from excise.pem.ops.registry import get_operator
 
 __all__ = ["apply_operator"]
@@ -51,8 +50,7 @@ def apply_operator(
     """
     operator = get_operator(name)
     check_output_dir(out, overwrite=overwrite)  # fail before reading anything
-    if digest not in DIGESTS:
-        raise ConfigError(f"unknown digest {digest!r}; choose one of {', '.join(DIGESTS)}")
+    check_digest(digest)
     fn = operator.dense_fn if dense else operator.fn
     if len(inputs) > 1:
         params = {**params, "allow_partial": allow_partial}
@@ -83,4 +81,5 @@ def apply_operator(
 
 def _validate_and_hash(adapter: Adapter, digest: str) -> str:
     """The weights file's digest, checking its weights are finite on the way."""
-    return verified_digest(Path(adapter.source["path"]) / adapter.source["weights"], digest)
+    file = Path(adapter.source["path"]) / adapter.source["weights"]
+    return verified_digest(file, digest, adapter=adapter)

@@ -37,7 +37,7 @@ from safetensors import safe_open
 from excise import __version__
 from excise.errors import AdapterError, ConfigError, first_line
 from excise.pem.delta import Adapter, LowRankDelta, Module, RowDelta
-from excise.pem.stream import SafetensorsWriter, header_entry_bound
+from excise.pem.stream import NUMPY_DTYPES, SafetensorsWriter, header_entry_bound, read_header
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -45,13 +45,13 @@ __all__ = [
     "PROVENANCE_FILE",
     "AdapterWriter",
     "atomic_output_dir",
+    "check_digest",
     "check_finite_weights",
     "check_output_dir",
     "file_sha256",
     "load_adapter",
     "save_adapter",
     "verified_digest",
-    "weights_file",
 ]
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -157,14 +157,6 @@ def _read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def weights_file(folder: str | Path) -> Path | None:
-    """The weights file :func:`load_adapter` reads from ``folder``, or ``None`` if there is none."""
-    try:
-        return _weights_file(Path(folder))
-    except AdapterError:
-        return None
-
-
 def _weights_file(folder: Path) -> Path:
     """``adapter_model.safetensors``, else the legacy ``adapter_model.bin``."""
     for name in (_SAFETENSORS, _BIN):
@@ -199,14 +191,6 @@ def _read_safetensors(file: Path) -> tuple[dict[str, np.ndarray], str]:
     return tensors, str(tensors[keys[0]].dtype)
 
 
-# safetensors dtype codes numpy can view in place (little-endian, as the format stores).
-_NUMPY_DTYPES = {
-    "F64": "<f8", "F32": "<f4", "F16": "<f2",
-    "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
-    "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?",
-}  # fmt: skip
-
-
 def _map_tensors(file: Path) -> dict[str, np.ndarray] | None:
     """The tensors as views of a private (copy-on-write) memory map of ``file``.
 
@@ -218,22 +202,19 @@ def _map_tensors(file: Path) -> dict[str, np.ndarray] | None:
     """
     try:
         with file.open("rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
             view = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        start, entries = read_header(view)
     except (OSError, ValueError):
         return None
     tensors = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        dtype = _NUMPY_DTYPES.get(info["dtype"])
+    for key, info in entries.items():
+        dtype = NUMPY_DTYPES.get(info["dtype"])
         if dtype is None:
             return None
         begin, end = info["data_offsets"]
         count = (end - begin) // np.dtype(dtype).itemsize
         try:
-            array = np.frombuffer(view, dtype=dtype, count=count, offset=8 + n + begin)
+            array = np.frombuffer(view, dtype=dtype, count=count, offset=start + begin)
         except ValueError:  # e.g. an empty tensor at the very end of the file
             return None
         tensors[key] = array.reshape(info["shape"])
@@ -369,40 +350,49 @@ def _file_digest(file: Path, algorithm: str) -> str:
     return digest.hexdigest()
 
 
-def verified_digest(file: str | Path, algorithm: str = "xxh3_128") -> str:
+def check_digest(algorithm: str) -> str:
+    """``algorithm`` if it names one of :data:`DIGESTS`.
+
+    Raises:
+        ConfigError: an unknown algorithm.
+    """
+    if algorithm not in DIGESTS:
+        raise ConfigError(f"unknown digest {algorithm!r}; choose one of {', '.join(DIGESTS)}")
+    return algorithm
+
+
+def verified_digest(file: str | Path, algorithm: str = "xxh3_128", *, adapter: Adapter | None = None) -> str:
     """Digest of a weights file (``xxh3_128`` or ``sha256``, hex), checking in the same
     pass that its weights are finite.
 
     For a safetensors file each tensor's bytes are hashed and then checked while they
-    are still in cache — one pass over the file instead of two; any other file is
-    loaded and checked (:func:`check_finite_weights`) and hashed separately. xxh3-128
-    runs at memory speed (~12 GB/s here, SHA-256 ~1.2 GB/s) and identifies a file as
-    surely against accidental change; neither protects an unsigned record against
-    tampering, since whoever can change the file can change the record.
+    are still in cache — one pass over the file instead of two. Any other file is
+    checked through its adapter — ``adapter`` when the caller has it loaded (read with
+    ``check_finite=False``), else loaded here — and hashed separately. xxh3-128 runs at
+    memory speed (~12 GB/s here, SHA-256 ~1.2 GB/s) and identifies a file as surely
+    against accidental change; neither protects an unsigned record against tampering,
+    since whoever can change the file can change the record.
 
     Raises:
         AdapterError: a floating-point tensor holds NaN or ±Inf.
         ConfigError: an unknown algorithm.
     """
-    if algorithm not in DIGESTS:
-        raise ConfigError(f"unknown digest {algorithm!r}; choose one of {', '.join(DIGESTS)}")
+    check_digest(algorithm)
     file = Path(file)
     if file.suffix != ".safetensors" or file.stat().st_size < 8:
-        check_finite_weights(load_adapter(file.parent, checksum=False))
+        if adapter is None:
+            load_adapter(file.parent, checksum=False)  # checks the weights
+        else:
+            check_finite_weights(adapter)
         return _file_digest(file, algorithm)
     with file.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
-        size = int.from_bytes(view[:8], "little")
-        header = json.loads(view[8 : 8 + size])
-        entries = sorted(
-            (info["data_offsets"][0], info["data_offsets"][1], key, info["dtype"])
-            for key, info in header.items()
-            if key != "__metadata__"
-        )
+        start, entries = read_header(view)
+        ordered = sorted((*info["data_offsets"], key, info["dtype"]) for key, info in entries.items())
         digest = DIGESTS[algorithm]()
         with memoryview(view) as data:
             position = 0
-            for begin, end, key, code in entries:
-                begin, end = 8 + size + begin, 8 + size + end
+            for begin, end, key, code in ordered:
+                begin, end = start + begin, start + end
                 digest.update(data[position:begin])  # header (and any gap)
                 digest.update(data[begin:end])
                 position = end
@@ -417,8 +407,9 @@ def _bytes_finite(raw: memoryview, code: str) -> bool:
     if code == "BF16":  # all exponent bits set: ±Inf or NaN
         bits = np.frombuffer(raw, dtype="<u2")
         return not bool(np.any((bits & 0x7F80) == 0x7F80))
-    dtype = {"F64": "<f8", "F32": "<f4", "F16": "<f2"}.get(code)
-    return dtype is None or _all_finite(np.frombuffer(raw, dtype=dtype))
+    if not code.startswith("F"):
+        return True
+    return _all_finite(np.frombuffer(raw, dtype=NUMPY_DTYPES[code]))
 
 
 # ----------------------------------------------------------------------------- writing

@@ -18,20 +18,22 @@ with the exact header.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import threading
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["SafetensorsWriter", "header_entry_bound"]
+__all__ = ["NUMPY_DTYPES", "SafetensorsWriter", "header_entry_bound", "read_header"]
 
-_DTYPE_CODES = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32",
-    "int16": "I16", "int8": "I8", "uint64": "U64", "uint32": "U32", "uint16": "U16",
-    "uint8": "U8", "bool": "BOOL",
+# safetensors dtype codes and the little-endian numpy dtypes that hold them (BF16 has none).
+NUMPY_DTYPES = {
+    "F64": "<f8", "F32": "<f4", "F16": "<f2",
+    "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+    "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?",
 }  # fmt: skip
-_CODE_OF = {np.dtype(name).newbyteorder("<"): code for name, code in _DTYPE_CODES.items()}
+_CODE_OF = {np.dtype(numpy): code for code, numpy in NUMPY_DTYPES.items()}
 _ALIGN = 8  # the data section starts 8-byte aligned, as safetensors' own writer does
 # Digits budgeted per number in a header entry: dimensions below 10^10, offsets below
 # 10^16 (10 PB). A header that still outgrows its reservation costs a rewrite, not an error.
@@ -43,6 +45,15 @@ def header_entry_bound(name: str, ndim: int = 4) -> int:
     below 10^10, offsets below 10^16): the budget :class:`SafetensorsWriter` reserves."""
     skeleton = '"":{"dtype":"BF16","shape":[],"data_offsets":[,]},'
     return len(json.dumps(name)) - 2 + len(skeleton) + ndim * (_DIM_DIGITS + 1) + 2 * _OFFSET_DIGITS
+
+
+def read_header(buffer: bytes | memoryview | mmap.mmap) -> tuple[int, dict[str, dict]]:
+    """Where a safetensors file's tensor data starts, and its tensor entries (name →
+    ``dtype``, ``shape``, ``data_offsets``), from the file's first bytes or a map of it.
+    Only for a file ``safe_open`` has already validated."""
+    size = int.from_bytes(buffer[:8], "little")
+    header = json.loads(buffer[8 : 8 + size])
+    return 8 + size, {key: info for key, info in header.items() if key != "__metadata__"}
 
 
 class SafetensorsWriter:

@@ -682,3 +682,20 @@ def test_unknown_digest_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ConfigError, match="unknown digest 'md5'"):
         apply_operator("ext_sub", folders, tmp_path / "out", params={"lam": 1.0}, digest="md5")
     assert not (tmp_path / "out").exists()
+
+
+def test_verified_digest_checks_a_loaded_bin_adapter_without_reading_it_again(tmp_path, monkeypatch):
+    from excise.pem.io import verified_digest
+
+    state = {
+        "base_model.model.m.lora_A.weight": torch.randn(4, 40),
+        "base_model.model.m.lora_B.weight": torch.randn(48, 4),
+    }
+    state["base_model.model.m.lora_B.weight"][3, 1] = float("inf")
+    torch.save(state, tmp_path / "adapter_model.bin")
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["m"]}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    adapter = load_adapter(tmp_path, checksum=False, check_finite=False)
+    monkeypatch.setattr(pem_io, "load_adapter", lambda *a, **k: pytest.fail("the .bin was read again"))
+    with pytest.raises(AdapterError, match=r"lora_B\.weight contains NaN or Inf"):
+        verified_digest(tmp_path / "adapter_model.bin", adapter=adapter)

@@ -270,7 +270,7 @@ def test_exception_in_block_closes_without_header(tmp_path, monkeypatch):
 )
 def test_header_entry_bound_covers_the_largest_budgeted_entry(name):
     dim, offset = 10**10 - 1, 10**16 - 1  # the largest numbers the budget promises to fit
-    for dtype in {*stream._DTYPE_CODES.values(), "BF16"}:
+    for dtype in {*stream.NUMPY_DTYPES, "BF16"}:
         for ndim in range(5):
             entry = {"dtype": dtype, "shape": [dim] * ndim, "data_offsets": [offset, offset]}
             text = json.dumps({name: entry}, separators=(",", ":"))
