@@ -11,7 +11,6 @@ real tokens, L2 normalisation — with plain transformers, so no extra import is
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -25,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from excise.errors import ModelLoadError
+from excise.evaluate.subject import file_digest
 from excise.models import cache_root
 
 __all__ = ["ENCODER_NAME", "MAX_SEQ_LENGTH", "SentenceEncoder", "encoder_dir", "load_encoder"]
@@ -88,7 +88,7 @@ class SentenceEncoder:
         self.max_length = max_length
         self.dim = int(self.model.config.hidden_size)
         weights = folder / "model.safetensors"
-        self.fingerprint = _sha256(weights)[:16] if weights.is_file() else "unknown"
+        self.fingerprint = file_digest(weights)[:16] if weights.is_file() else "unknown"
 
     @torch.no_grad()
     def embed(self, texts: Sequence[str], *, batch_size: int = 64, progress: bool = False) -> np.ndarray:
@@ -122,11 +122,3 @@ def load_encoder() -> SentenceEncoder:
     if folder not in _LOADED:
         _LOADED[folder] = SentenceEncoder(folder)
     return _LOADED[folder]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
