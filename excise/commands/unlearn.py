@@ -109,7 +109,11 @@ _GaWeight = Annotated[float, _opt("Weight of the GA term.")]
 _MismatchWeight = Annotated[float, _opt("Weight of the CE on mismatched responses.")]
 _K = Annotated[int, _opt(_K_HELP, "--k")]
 _MismatchPool = Annotated[
-    str, _opt("Mismatched responses from other harmful prompts (harmful) or from --normal (normal).")
+    str | None,
+    _opt(
+        "Draw the mismatched responses from --normal's answers (normal, the default: LLMU's code) or "
+        "from other harmful prompts (harmful, as SKU's random disassociation)."
+    ),
 ]
 
 
@@ -201,8 +205,8 @@ def ga_mismatch(
     ga_weight: _GaWeight = 0.5,
     mismatch_weight: _MismatchWeight = 1.0,
     k: _K = 5,
-    mismatch_pool: _MismatchPool = "harmful",
-    normal: Annotated[str | None, _opt(_NORMAL_HELP + " Only for --mismatch-pool normal.")] = None,
+    mismatch_pool: _MismatchPool = None,
+    normal: Annotated[str | None, _opt(_NORMAL_HELP + " Needed unless --mismatch-pool harmful.")] = None,
     **shared: Any,
 ) -> None:
     """GA + random mismatch: w_ga·(−NLL harmful) + w_mm·CE(K responses of other prompts)."""
@@ -224,7 +228,7 @@ def llmu(
     mismatch_weight: _MismatchWeight = 1.0,
     kl_weight: Annotated[float, _opt("Weight of KL(p_θo ‖ p_θ) on normal data (minimised).")] = 1.0,
     k: _K = 5,
-    mismatch_pool: _MismatchPool = "harmful",
+    mismatch_pool: _MismatchPool = None,
     **shared: Any,
 ) -> None:
     """LLMU: GA + random mismatch + KL to the original model on normal data (arXiv 2310.10683)."""

@@ -9,8 +9,15 @@ row of weighted terms:
   prompt, of other prompts): ``L = w_ga·(−NLL) + w_mm·CE(mismatch)``.
 - ``llmu``: LLMU (Yao et al., arXiv 2310.10683): GA + mismatch + ``w_kl·KL(p_θo ‖ p_θ)`` on
   normal data, minimised to stay close to the original (reference: the adapter-disabled
-  model, or a frozen copy with ``full``). Default weights 0.5 / 1 / 1, LLMU's
+  model in eval mode, or a frozen copy with ``full``). Default weights 0.5 / 1 / 1, LLMU's
   (kevinyaobytedance/llm_unlearn ``unlearn_harm.py``: bad, random, normal weights).
+
+Where the mismatched responses come from follows each method's published code unless
+``mismatch_pool`` says otherwise: ``ga_mismatch`` and ``llmu`` draw them from the *normal*
+answers, as LLMU's code does (``unlearn_harm.py`` passes ``get_truthfulQA_answers_plaintext()``,
+the TruthfulQA answers of its normal data, to ``get_rand_ans_loss``); SKU's own random
+disassociation draws harmful responses (:mod:`excise.train.sku`). The pool and its source are
+recorded in ``train_config.json`` (``mismatch_pool``, ``mismatch_pool_source``).
 - ``finetune``: supervised fine-tuning on the *safe* responses to the harmful prompts.
 
 The plain task-vector baseline is ``excise train sft --format harmful`` followed by
@@ -29,7 +36,7 @@ from excise.train.loop import TrainReport
 from excise.train.losses import gradient_ascent_loss, kl_to_reference_loss, sequence_nll
 from excise.train.unlearning import Term, UnlearnConfig, run_objective
 
-__all__ = ["BASELINES", "Baseline", "BaselineConfig", "baseline_terms", "run"]
+__all__ = ["BASELINES", "Baseline", "BaselineConfig", "baseline_terms", "mismatch_pool_of", "run"]
 
 
 class BaselineConfig(UnlearnConfig):
@@ -41,27 +48,45 @@ class BaselineConfig(UnlearnConfig):
     )
     mismatch_weight: FiniteFloat = Field(1.0, description="Weight of the mismatch CE (ga_mismatch, llmu).")
     kl_weight: FiniteFloat = Field(1.0, description="Weight of KL(p_θo ‖ p_θ) on normal data (llmu).")
-    mismatch_pool: Literal["harmful", "normal"] = Field(
-        "harmful",
-        description="Mismatched responses from other harmful prompts (as SKU's RD) or from the normal "
-        "answers (LLMU's original).",
+    mismatch_pool: Literal["harmful", "normal"] | None = Field(
+        None,
+        description="Mismatched responses from the normal answers or from other harmful prompts (as "
+        "SKU's RD); default: what the method's published code does (normal for ga_mismatch and llmu).",
     )
 
     @model_validator(mode="after")
     def _pool_needs_normal(self) -> BaselineConfig:
-        if self.mismatch_pool == "normal" and self.normal is None and self.method in ("ga_mismatch", "llmu"):
-            raise ValueError("mismatch_pool normal needs --normal data")
+        pool, source = mismatch_pool_of(self)
+        if pool == "normal" and self.normal is None and BASELINES[self.method].mismatch_pool is not None:
+            given = "--mismatch-pool normal" if self.mismatch_pool else f"{self.method} (as {source})"
+            raise ValueError(
+                f"{given} draws its random answers from normal data: pass --normal FILE "
+                "(or --mismatch-pool harmful to draw them from other harmful prompts)"
+            )
         return self
 
 
 @dataclass(frozen=True)
 class Baseline:
-    """A registry row: the name, its terms, its default GA weight and where it comes from."""
+    """A registry row: the name, its terms, its default GA weight and where it comes from.
+
+    ``mismatch_pool`` is where its published code draws the mismatched responses from (None
+    without a mismatch term), ``mismatch_source`` the code that says so.
+    """
 
     name: str
     terms: Callable[[BaselineConfig, float], list[Term]]
     default_ga_weight: float
     paper: str
+    mismatch_pool: str | None = None
+    mismatch_source: str = ""
+
+
+# LLMU's random mismatch: `get_rand_ans_loss(bad_batch, tokenizer, normal_ans, ...)` with
+# `normal_ans = get_truthfulQA_answers_plaintext()`, its normal data's answers.
+_LLMU_POOL = (
+    "LLMU code, kevinyaobytedance/llm_unlearn@647f309 unlearn_harm.py (normal_ans: TruthfulQA answers)"
+)
 
 
 def _ga(weight: float) -> Term:
@@ -85,12 +110,16 @@ BASELINES: dict[str, Baseline] = {
             lambda cfg, w: [_ga(w), _mismatch(cfg.mismatch_weight)],
             0.5,
             "GA + random mismatch (arXiv 2310.10683)",
+            "normal",
+            _LLMU_POOL,
         ),
         Baseline(
             "llmu",
             lambda cfg, w: [_ga(w), _mismatch(cfg.mismatch_weight), _kl(cfg.kl_weight)],
             0.5,
             "LLMU (arXiv 2310.10683)",
+            "normal",
+            _LLMU_POOL,
         ),
         Baseline(
             "finetune",
@@ -108,14 +137,27 @@ def baseline_terms(cfg: BaselineConfig) -> list[Term]:
     return row.terms(cfg, row.default_ga_weight if cfg.ga_weight is None else cfg.ga_weight)
 
 
+def mismatch_pool_of(cfg: BaselineConfig) -> tuple[str, str]:
+    """``(pool, source)``: where ``cfg.method`` draws mismatched responses, and who says so."""
+    if cfg.mismatch_pool is not None:
+        return cfg.mismatch_pool, "--mismatch-pool"
+    row = BASELINES[cfg.method]
+    return row.mismatch_pool or "harmful", row.mismatch_source or "no mismatch term"
+
+
 def run(cfg: BaselineConfig, *, progress: bool = True, accelerator: Any = None) -> TrainReport:
     """Train the baseline ``cfg.method`` and write it to ``cfg.out`` (see :func:`run_objective`)."""
+    pool, source = mismatch_pool_of(cfg)
+    has_mismatch = BASELINES[cfg.method].mismatch_pool is not None
     return run_objective(
         cfg,
         baseline_terms(cfg),
         method=cfg.method,
-        mismatch_pool=cfg.mismatch_pool,
-        extra_config={"paper": BASELINES[cfg.method].paper},
+        mismatch_pool=pool,
+        extra_config={
+            "paper": BASELINES[cfg.method].paper,
+            "mismatch_pool_source": source if has_mismatch else None,
+        },
         progress=progress,
         accelerator=accelerator,
     )

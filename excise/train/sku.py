@@ -40,6 +40,9 @@ from excise.train.unlearning import Term, UnlearnConfig, run_objective
 __all__ = ["PAPER", "SkuConfig", "run", "sku_terms"]
 
 PAPER = "arXiv 2402.10058"
+# L_RD's random responses are other prompts' harmful responses: the reference passes
+# `bad_ans = get_harmful_responses(train_dataset)` to `get_rand_ans_loss`.
+MISMATCH_SOURCE = "SKU code, franciscoliu/SKU@a17663f harmful_unlearn/unlearn_harm_new.py (bad_ans)"
 
 
 class SkuConfig(UnlearnConfig):
@@ -65,7 +68,8 @@ def run(cfg: SkuConfig, *, progress: bool = True, accelerator: Any = None) -> Tr
         cfg,
         sku_terms(cfg),
         method="sku",
-        extra_config={"paper": PAPER},
+        mismatch_pool="harmful",
+        extra_config={"paper": PAPER, "mismatch_pool_source": MISMATCH_SOURCE},
         progress=progress,
         accelerator=accelerator,
     )

@@ -14,6 +14,12 @@ project-wide prompt split by default) → model → LoRA (or every weight, ``ful
 reference for KL terms → :func:`excise.train.loop.train` → save. ``sku.py`` and
 ``baselines.py`` only name their terms and weights.
 
+The reference ``p_θo`` is the original model's distribution, so its forward runs in eval
+mode (:func:`eval_mode`) while the model trains: on a model with dropout (OPT, one of
+SKU's paper models) a train-mode reference would be a dropout sample, and ``L_PD`` would
+reward diverging from noise. The reference code does the same: its ``pretrained_model`` is
+never put in train mode.
+
 Micro-batch ``i`` is a deterministic function of ``i`` (the loop's contract for exact
 resume and data parallelism): harmful and normal data each follow their own per-epoch
 permutation seeded by ``(seed, epoch)``, and the mismatched responses of micro-batch ``i``
@@ -22,9 +28,10 @@ are drawn from a generator seeded by ``(seed, i)``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -52,7 +59,16 @@ from excise.train.mismatch import MismatchSampler
 from excise.train.options import TrainOptions
 from excise.train.sft import epoch_batches
 
-__all__ = ["STREAMS", "Term", "UnlearnConfig", "UnlearningData", "prepare_data", "run_objective"]
+__all__ = [
+    "STREAMS",
+    "Term",
+    "UnlearnConfig",
+    "UnlearningData",
+    "eval_mode",
+    "in_eval_mode",
+    "prepare_data",
+    "run_objective",
+]
 
 STREAMS = ("harmful", "mismatch", "normal", "safe")
 # `--normal safe`: the harmful data's own safe responses are the normal data.
@@ -180,6 +196,28 @@ class UnlearningData:
         response = response_of.response_ids[:room]
         truncated = len(response) < len(response_of.response_ids)
         return Encoded(prompt_of.prompt_ids, response, truncated=truncated)
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``module`` in eval mode (no dropout) inside the block; every submodule's own mode restored after."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def in_eval_mode(module: torch.nn.Module, reference: Reference) -> Reference:
+    """``reference`` run with ``module`` in eval mode: ``p_θo`` itself, not a dropout sample of it."""
+
+    def deterministic(batch: Any) -> torch.Tensor:
+        with eval_mode(module):
+            return reference(batch)
+
+    return deterministic
 
 
 def _pick(n: int, batch_size: int, seed: int, i: int) -> list[int]:
@@ -333,13 +371,14 @@ def run_objective(
             # No adapter to disable: a frozen copy (+1× the weights, no gradients or optimizer
             # state). Exact; precomputing p_θo instead would store steps × tokens × vocabulary.
             frozen = copy.deepcopy(model).requires_grad_(False).eval().to(accelerator.device)
-            reference = frozen_model_reference(frozen)
+            reference = in_eval_mode(frozen, frozen_model_reference(frozen))
         model = unfreeze_all(model)
     else:
         torch.manual_seed(cfg.seed)
         model = attach_lora(model, cfg.lora_settings())
         if needs_reference:
-            reference = adapter_disabled_reference(model)  # the same weights, adapter off
+            # The same weights, adapter off, and in eval mode while the model trains.
+            reference = in_eval_mode(model, adapter_disabled_reference(model))
 
     def loss_fn(m: Any, batch: dict[str, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, dict[str, float]]:
         total = torch.zeros((), device=accelerator.device)

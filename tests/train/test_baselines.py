@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from excise.train.baselines import BASELINES, BaselineConfig, baseline_terms, run
+from excise.train.baselines import BASELINES, BaselineConfig, baseline_terms, mismatch_pool_of, run
 from excise.train.losses import adapter_disabled_reference
 from excise.train.unlearning import prepare_data
-from tests.train.test_sku import write_data
+from tests.train.test_sku import PAIRS, write_data
 
 
 def baseline_config(model_dir, tmp_path, method, **overrides) -> BaselineConfig:
@@ -56,7 +56,7 @@ def test_each_baseline_moves_its_objective_the_right_way(method, tiny_model_dir,
         assert all(r["nll"] > 0 for r in log)  # logged as the NLL it raises, not its negative
 
     streams = sorted({t.stream for t in terms})
-    data = prepare_data(cfg, chat_tokenizer, streams)
+    data = prepare_data(cfg, chat_tokenizer, streams, mismatch_pool=mismatch_pool_of(cfg)[0])
     batch = data.micro_batch(0, streams)
     model = PeftModel.from_pretrained(load_model(str(tiny_model_dir)), cfg.out)
     reference = adapter_disabled_reference(model)
@@ -86,6 +86,60 @@ def test_mismatch_pool_normal_draws_normal_answers(tmp_path, chat_tokenizer):
         labels = batch["labels"][row]
         answers.add(chat_tokenizer.decode(labels[labels != -100].tolist(), skip_special_tokens=True))
     assert answers <= {"4", "red", "hi", "Paris"} and len(answers) >= 3
+
+
+def _answers(tokenizer, batch) -> set[str]:
+    out = set()
+    for row in range(batch["labels"].shape[0]):
+        labels = batch["labels"][row]
+        out.add(tokenizer.decode(labels[labels != -100].tolist(), skip_special_tokens=True))
+    return out
+
+
+@pytest.mark.parametrize("method", ["ga_mismatch", "llmu"])
+def test_llmu_style_baselines_draw_normal_answers_by_default_and_record_why(
+    method, tiny_model_dir, tmp_path, chat_tokenizer
+):
+    """LLMU's code draws its random answers from normal data (TruthfulQA answers), not harmful ones."""
+    cfg = baseline_config(tiny_model_dir, tmp_path, method, k=3, steps=1)
+    assert mismatch_pool_of(cfg)[0] == "normal"
+    run(cfg, progress=False)
+    config = json.loads((cfg.out / "train_config.json").read_text())["config"]
+    assert config["mismatch_pool"] == "normal"
+    assert "kevinyaobytedance/llm_unlearn" in config["mismatch_pool_source"]
+
+    harmful = {h for _, h, _ in PAIRS}
+    streams = sorted({t.stream for t in baseline_terms(cfg)})
+    data = prepare_data(cfg, chat_tokenizer, streams, mismatch_pool=mismatch_pool_of(cfg)[0])
+    drawn = set().union(
+        *(_answers(chat_tokenizer, data.micro_batch(i, streams)["mismatch"]) for i in range(4))
+    )
+    assert drawn <= {"4", "red", "hi", "Paris"} and not drawn & harmful
+
+    chosen = baseline_config(tiny_model_dir, tmp_path, method, mismatch_pool="harmful", out=tmp_path / "h")
+    assert mismatch_pool_of(chosen) == ("harmful", "--mismatch-pool")
+
+
+def test_sku_records_its_harmful_pool_and_ga_records_none(tiny_model_dir, tmp_path):
+    from excise.train.sku import run as run_sku
+    from tests.train.test_sku import sku_config
+
+    cfg = sku_config(tiny_model_dir, tmp_path, steps=1)
+    run_sku(cfg, progress=False)
+    config = json.loads((cfg.out / "train_config.json").read_text())["config"]
+    assert config["mismatch_pool"] == "harmful" and "franciscoliu/SKU" in config["mismatch_pool_source"]
+    ga = baseline_config(tiny_model_dir, tmp_path, "ga", steps=1)
+    run(ga, progress=False)
+    config = json.loads((ga.out / "train_config.json").read_text())["config"]
+    assert config["mismatch_pool"] is None and config["mismatch_pool_source"] is None
+
+
+def test_ga_mismatch_without_normal_data_says_how_to_fix(tmp_path):
+    with pytest.raises(ValueError, match=r"pass --normal FILE \(or --mismatch-pool harmful"):
+        baseline_config("m", tmp_path, "ga_mismatch", normal=None)
+    ok = baseline_config("m", tmp_path, "ga_mismatch", normal=None, mismatch_pool="harmful")
+    assert mismatch_pool_of(ok)[0] == "harmful"
+    assert baseline_config("m", tmp_path, "ga", normal=None, mismatch_pool="normal").normal is None
 
 
 def _lora_deltas(folder) -> dict[str, np.ndarray]:
@@ -130,7 +184,8 @@ def test_cli_bad_data_is_one_line_and_exit_2(tiny_model_dir, tmp_path):
     harmful, _ = write_data(tmp_path, [("same q", f"bad {i}", "good") for i in range(3)])
     result = subprocess.run(
         [sys.executable, "-m", "excise", "train", "ga-mismatch", "--base", str(tiny_model_dir),
-         "--harmful", str(harmful), "--split", "all", "--out", str(tmp_path / "o")],
+         "--harmful", str(harmful), "--split", "all", "--mismatch-pool", "harmful",
+         "--out", str(tmp_path / "o")],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 2
