@@ -179,11 +179,15 @@ def load_harmful_qa(
     - two response columns, when ``harmful=`` and ``safe=`` are mapped;
     - PKU-SafeRLHF pairs: ``prompt`` and ``response: [safe, unsafe]`` (``response[1]`` is the
       harmful one, ../shared/data/MANIFEST.md); or raw PKU-SafeRLHF rows ``response_0``,
-      ``response_1``, ``is_response_0_safe``, ``is_response_1_safe``, of which only rows with
-      exactly one safe response are kept.
+      ``response_1``, ``is_response_0_safe``, ``is_response_1_safe``: *every* unsafe response
+      is a harmful example and every safe one a safe example, so a row with two unsafe
+      responses gives two harmful examples and none safe — as the reference loaders do
+      (``create_pku_dataloader_from_dataset`` in franciscoliu/SKU and
+      kevinyaobytedance/llm_unlearn ``utils.py``).
 
     Returns:
-        ``(harmful, safe)``, aligned by index (same prompt).
+        ``(harmful, safe)``: aligned by index (same prompt) in every layout but raw
+        PKU-SafeRLHF rows, where each list holds its own responses in row order.
 
     Raises:
         DataError: the data is missing, empty, in none of the layouts, or a row is malformed.
@@ -330,18 +334,24 @@ def _raw_pku_examples(
 ) -> tuple[list[Example], list[Example]]:
     needed = [prompt_column, "response_0", "response_1", "is_response_0_safe", "is_response_1_safe"]
     _require(rows, needed, spec)
-    pairs = []
+    harmful, safe = [], []
     for i, row in enumerate(rows):
-        safe0, safe1 = bool(row["is_response_0_safe"]), bool(row["is_response_1_safe"])
-        if safe0 == safe1:
-            continue  # both safe or both unsafe: no (harmful, safe) pair in this row
-        safe, harmful = (
-            (row["response_0"], row["response_1"]) if safe0 else (row["response_1"], row["response_0"])
-        )
-        pairs.append((_text(row, prompt_column), str(harmful).strip(), str(safe).strip(), i))
-    if not pairs:
-        raise DataError(f"{spec}: no row has exactly one safe response")
-    return _pairs_to_examples(pairs)
+        prompt = _text(row, prompt_column)
+        for j in (0, 1):
+            # Both responses of a row may be unsafe (or safe): each one counts on its own, as in
+            # the SKU and LLMU loaders; keeping only mixed rows would shrink and skew the harmful set.
+            kept = safe if _is_true(row[f"is_response_{j}_safe"]) else harmful
+            kept.append(Example(prompt, _text(row, f"response_{j}"), row=i))
+    if not harmful:
+        raise DataError(f"{spec}: no row has an unsafe response (is_response_0_safe / is_response_1_safe)")
+    return harmful, safe
+
+
+def _is_true(value: Any) -> bool:
+    """A safety flag as JSON or CSV gives it: true/false, 1/0 or their strings."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes")
+    return bool(value)
 
 
 def _pairs_to_examples(

@@ -16,6 +16,7 @@ from excise.data import (
     load_texts,
     parse_field_mapping,
     parse_hh_transcript,
+    prompt_key,
     select_split,
 )
 from excise.errors import ConfigError, DataError, ExciseWarning
@@ -128,7 +129,17 @@ def test_pku_pairs_malformed_response(tmp_path):
         load_harmful_qa(spec)
 
 
-def test_raw_pku_rows_keep_exactly_one_safe(tmp_path):
+def _reference_pku_harmful(rows):
+    """The SKU / LLMU loaders' harmful set (``create_pku_dataloader_from_dataset``): every unsafe response."""
+    out = []
+    for row in rows:
+        for j in (0, 1):
+            if not row[f"is_response_{j}_safe"]:
+                out.append((row["prompt"], row[f"response_{j}"]))
+    return out
+
+
+def test_raw_pku_rows_keep_every_unsafe_response(tmp_path):
     rows = [
         {"prompt": "A", "response_0": "bad", "response_1": "good", "is_response_0_safe": False,
          "is_response_1_safe": True},
@@ -136,10 +147,37 @@ def test_raw_pku_rows_keep_exactly_one_safe(tmp_path):
          "is_response_1_safe": True},
         {"prompt": "C", "response_0": "fine", "response_1": "worse", "is_response_0_safe": True,
          "is_response_1_safe": False},
+        {"prompt": "D", "response_0": "awful", "response_1": "vile", "is_response_0_safe": False,
+         "is_response_1_safe": False},
     ]  # fmt: skip
     harmful, safe = load_harmful_qa(_write(tmp_path / "raw.json", rows))
-    assert [(e.prompt, e.response) for e in harmful] == [("A", "bad"), ("C", "worse")]
-    assert [(e.prompt, e.response) for e in safe] == [("A", "good"), ("C", "fine")]
+    assert [(e.prompt, e.response) for e in harmful] == _reference_pku_harmful(rows)
+    assert [(e.prompt, e.response) for e in harmful] == [
+        ("A", "bad"),
+        ("C", "worse"),
+        ("D", "awful"),
+        ("D", "vile"),
+    ]
+    assert [(e.prompt, e.response) for e in safe] == [("A", "good"), ("B", "ok"), ("B", "ok2"), ("C", "fine")]
+    assert [e.row for e in harmful] == [0, 2, 3, 3]
+
+
+def test_raw_pku_rows_from_csv_read_the_flags_as_booleans(tmp_path):
+    csv = tmp_path / "raw.csv"
+    csv.write_text(
+        "prompt,response_0,response_1,is_response_0_safe,is_response_1_safe\n"
+        "A,bad,good,False,True\nD,awful,vile,false,0\n"
+    )
+    harmful, safe = load_harmful_qa(str(csv))
+    assert [e.response for e in harmful] == ["bad", "awful", "vile"]
+    assert [e.response for e in safe] == ["good"]
+
+
+def test_raw_pku_rows_with_no_unsafe_response_are_a_clear_error(tmp_path):
+    rows = [{"prompt": "B", "response_0": "ok", "response_1": "ok2", "is_response_0_safe": True,
+             "is_response_1_safe": True}]  # fmt: skip
+    with pytest.raises(DataError, match="no row has an unsafe response"):
+        load_harmful_qa(_write(tmp_path / "raw.json", rows))
 
 
 def test_two_mapped_columns(tmp_path):
@@ -246,6 +284,7 @@ def test_real_alpaca_demo():
 def test_real_pku_pairs():
     harmful, safe = load_harmful_qa(str(SHARED / "pku_saferlhf/pku_saferlhf_test_safe_unsafe_pairs.json"))
     assert len(harmful) == len(safe) == 5135
+    assert len({prompt_key(e.split_key) for e in harmful}) == 930  # docs/UNLEARNING.md's counts
     rows = json.loads((SHARED / "pku_saferlhf/pku_saferlhf_test_safe_unsafe_pairs.json").read_text())
     assert harmful[7].response == rows[7]["response"][1].strip()
     assert safe[7].response == rows[7]["response"][0].strip()
