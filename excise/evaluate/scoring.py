@@ -6,6 +6,12 @@ of the continuation tokens given everything before them, exactly as lm-evaluatio
 ``(context + continuation)[-(max_length + 1):][:-1]`` and the last ``len(continuation)`` logits
 score the continuation.
 
+Text is encoded as lm-eval ≥ 0.4.9.2 does (:func:`encode_text`, :func:`encode_pair`): with the
+tokenizer's default special tokens, so a Llama-style tokenizer puts its BOS in front. Earlier
+releases (0.4.9.1 and before) encoded causal-LM text with ``add_special_tokens=False`` and so
+scored Llama, Mistral or Gemma without BOS; pyproject.toml pins ``lm-eval>=0.4.9.2`` so that
+``excise`` and the harness it is compared with give the same numbers.
+
 What makes it fast, with the same numbers:
 
 1. **One row per unique input.** Requests whose inputs are equal (HaluEval's "Yes" and "No"
@@ -54,11 +60,16 @@ class Loglik:
     n_tokens: int
 
 
+def _prefix_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """lm-eval's ``HFLM.prefix_token_id``: BOS, else EOS (the context of an empty context)."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
 def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """Token ids of ``text`` as lm-eval's ``HFLM.tok_encode`` makes them (default special tokens,
-    none added when the text already starts with the BOS token)."""
-    bos = tokenizer.bos_token
-    if bos and text.startswith(bos):
+    """Token ids of ``text`` as lm-eval's ``HFLM.tok_encode`` makes them (≥ 0.4.9.2): default
+    special tokens, none added when the text already starts with the prefix token's text."""
+    prefix = tokenizer.decode(_prefix_token_id(tokenizer))
+    if prefix and text.startswith(prefix):
         return tokenizer.encode(text, add_special_tokens=False)
     return tokenizer.encode(text)
 
@@ -70,14 +81,15 @@ def encode_pair(
 
     Trailing whitespace of the context moves to the continuation (so ``"A:" + " Paris"`` is split
     before ``" Paris"``), the whole string is encoded once, and the continuation is what follows
-    the context's own token count. An empty context becomes the BOS (else EOS) token, as in lm-eval.
+    the context's own token count. An empty context becomes the BOS (else EOS) token and the
+    continuation is encoded without special tokens, as in lm-eval's ``TemplateLM.loglikelihood``.
 
     Returns:
         ``(context_ids, continuation_ids)``.
     """
     if not context:
-        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        cont = encode_text(tokenizer, continuation)
+        prefix = _prefix_token_id(tokenizer)
+        cont = tokenizer.encode(continuation, add_special_tokens=False)
         return ([prefix], cont) if not cont or cont[0] != prefix else (cont[:1], cont[1:])
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
