@@ -2,7 +2,10 @@
 
 An :class:`~excise.data.examples.Example` becomes two token lists (:class:`Encoded`):
 the prompt, rendered by a template and tokenised *on its own*, and the response,
-tokenised on its own and ended by the tokenizer's EOS token. The model sees
+tokenised on its own and ended by the token that closes a reply: for ``chat``, the chat
+template's own end-of-turn token (Llama-3 ``<|eot_id|>``, Gemma ``<end_of_turn>``, ChatML
+``<|im_end|>``; :func:`excise.models.generation.end_of_turn_id`, on which generation also
+stops), otherwise the tokenizer's EOS. The model sees
 ``prompt_ids + response_ids``; the loss covers ``response_ids`` and nothing else, so the
 boundary is exact by construction: there is no start position to compute and get wrong.
 A generation prompt built with :func:`encode_prompt` is the very same ``prompt_ids``.
@@ -38,6 +41,7 @@ import torch
 
 from excise.data.examples import Example
 from excise.errors import ConfigError, DataError
+from excise.models.generation import end_of_turn_id
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -75,8 +79,9 @@ class Encoded:
 
     Attributes:
         prompt_ids: the rendered prompt (never in the loss).
-        response_ids: the response, ending with EOS unless ``truncated`` (the loss covers these).
-        truncated: the response was cut to fit ``max_length`` (then it has no EOS).
+        response_ids: the response, ending with its end token (EOS, or the chat template's
+            end-of-turn token) unless ``truncated`` (the loss covers these).
+        truncated: the response was cut to fit ``max_length`` (then it has no end token).
     """
 
     prompt_ids: list[int]
@@ -193,14 +198,17 @@ def encode(
     system: str | None = None,
     max_length: int | None = None,
 ) -> Encoded:
-    """Token ids of ``example``: the templated prompt, then the response and EOS.
+    """Token ids of ``example``: the templated prompt, then the response and its end token.
+
+    The end token is the chat template's end-of-turn token for ``chat`` where it has one
+    (what the model emits to close its turn, and what generation stops on), else EOS.
 
     Args:
         tokenizer: a Hugging Face tokenizer with an EOS token.
         example: the prompt/response pair.
         template: a name in :data:`TEMPLATES`.
         system: optional system prompt (``chat``: a system message; others: a first paragraph).
-        max_length: cut the response (and its EOS) so that prompt + response fit.
+        max_length: cut the response (and its end token) so that prompt + response fit.
 
     Returns:
         The :class:`Encoded` pair.
@@ -216,7 +224,9 @@ def encode(
     tpl = get_template(template)
     _, response_text = tpl.render(tokenizer, example, system)
     prompt_ids = encode_prompt(tokenizer, example, template, system=system)
-    response_ids = [*_continuation_ids(tokenizer, response_text), eos]
+    end_of_turn = end_of_turn_id(tokenizer) if tpl.uses_chat_template else None
+    end = eos if end_of_turn is None else end_of_turn
+    response_ids = [*_continuation_ids(tokenizer, response_text), end]
     if not prompt_ids and len(response_ids) < 2:
         raise DataError(f"row {example.row}: a one-token text with no BOS has no token to learn")
     if max_length is not None and len(prompt_ids) + len(response_ids) > max_length:

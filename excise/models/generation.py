@@ -3,6 +3,11 @@
 Shared by evaluation (toxicity, repetition, harmful rate, utility) and by the anti-expert
 data maker. Prompts are token-id lists (already chat-templated by the caller) or plain
 strings (tokenised as they are, with no special tokens added).
+
+Decoding stops on every token that ends a reply (:func:`stop_token_ids`): the tokenizer's
+EOS, the chat template's own end-of-turn token where it differs (Llama-3 ``<|eot_id|>``,
+Gemma ``<end_of_turn>``; :func:`end_of_turn_id`, also what training appends to a chat
+response) and the model's ``generation_config.eos_token_id``.
 """
 
 from __future__ import annotations
@@ -19,7 +24,10 @@ from excise.errors import ConfigError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["GenerationSettings", "chat_prompt_ids", "generate"]
+__all__ = ["GenerationSettings", "chat_prompt_ids", "end_of_turn_id", "generate", "stop_token_ids"]
+
+# Stands for an assistant reply when the chat template is rendered to see what closes it.
+_PROBE = "excise-end-of-turn-probe"
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,40 @@ def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, user: str, *, system: st
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The special token the chat template closes an assistant turn with, or None.
+
+    Renders a one-exchange dialogue and reads the first token after the reply: ``<|eot_id|>``
+    for Llama-3, ``<end_of_turn>`` for Gemma, ``<|im_end|>`` for ChatML (SmolLM2, Qwen), EOS
+    for Llama-2 and Mistral. None when there is no chat template, it fails on the probe, or
+    what follows the reply is not a special token.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # a template with its own rules (roles, alternation) refusing the probe
+        return None
+    if not isinstance(text, str) or _PROBE not in text:
+        return None
+    after = text[text.rindex(_PROBE) + len(_PROBE) :].lstrip()
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    if not ids:
+        return None
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special}
+    return int(ids[0]) if ids[0] in special else None
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: Any = None) -> list[int]:
+    """Every id that ends a reply: EOS, the template's end-of-turn token, the model's own EOS ids."""
+    ids = [tokenizer.eos_token_id, end_of_turn_id(tokenizer)]
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += configured if isinstance(configured, (list, tuple)) else [configured]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
 @torch.no_grad()
 def generate(
     model: Any,
@@ -76,7 +118,7 @@ def generate(
 
     Prompts are sorted by length so each batch pads little; each batch is left-padded
     (positions count real tokens only) and decoded with the model's KV cache. Decoding
-    stops at the tokenizer's EOS token.
+    stops at any of :func:`stop_token_ids` (EOS and the chat template's end-of-turn token).
     """
     if not prompts:
         return []
@@ -87,6 +129,7 @@ def generate(
     if any(not row for row in ids):
         raise ConfigError("cannot generate from an empty prompt")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stops = stop_token_ids(tokenizer, model)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
     outputs: list[str] = [""] * len(ids)
     device = next(model.parameters()).device
@@ -110,7 +153,7 @@ def generate(
             attention_mask=attention_mask.to(device),
             max_new_tokens=settings.max_new_tokens,
             pad_token_id=pad_id,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stops,
             use_cache=True,
             **sampling,
         )  # (B, T + new)

@@ -21,7 +21,7 @@ from excise.data import (
     pad_id_of,
 )
 from excise.errors import ConfigError, DataError
-from tests.data.toy_tokenizers import llama_style, opt_style
+from tests.data.toy_tokenizers import gemma_chat, llama3_chat, llama_style, opt_style
 
 EXAMPLES = [
     Example("What is the capital of France?", "Paris is the capital."),
@@ -68,6 +68,41 @@ def test_byte_level_boundary_equals_joint_tokenization(template):
         prompt_text, response_text = TEMPLATES[template].render(tok, example, None)
         joint = tok(prompt_text + response_text, add_special_tokens=True)["input_ids"]
         assert joint == e.prompt_ids + e.response_ids[:-1]
+
+
+@pytest.mark.parametrize("make, end", [(llama3_chat, "<|eot_id|>"), (gemma_chat, "<end_of_turn>")])
+def test_chat_responses_end_with_the_templates_own_end_of_turn_token(make, end):
+    """Llama-3 and Gemma close a reply with a turn token that is not EOS: train on that token.
+
+    Independent check: prompt + response is exactly the template's own rendering of the whole
+    exchange, up to and including the turn end (Gemma adds a newline after it).
+    """
+    from excise.models.generation import end_of_turn_id
+
+    tok = make()
+    assert end_of_turn_id(tok) == tok.convert_tokens_to_ids(end) != tok.eos_token_id
+    for example in EXAMPLES:
+        e = encode(tok, example, "chat")
+        assert e.response_ids[-1] == tok.convert_tokens_to_ids(end) and not e.truncated
+        messages = [{"role": r, "content": t} for r, t in example.history]
+        text = "\n\n".join(filter(None, [example.prompt, example.input]))
+        messages += [{"role": "user", "content": text}, {"role": "assistant", "content": example.response}]
+        whole = tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+        assert e.prompt_ids + e.response_ids == whole[: len(e)]
+        assert tok.decode(whole[len(e) :]).strip() == ""  # nothing of the reply is left out
+    # Templates other than chat keep EOS: no turn token in their format.
+    assert encode(tok, EXAMPLES[0], "alpaca").response_ids[-1] == tok.eos_token_id
+
+
+def test_chatml_end_of_turn_is_its_eos_and_no_template_means_eos(chat_tokenizer):
+    from excise.models.generation import end_of_turn_id
+
+    assert end_of_turn_id(chat_tokenizer) == chat_tokenizer.eos_token_id  # <|im_end|>
+    assert encode(chat_tokenizer, EXAMPLES[0], "chat").response_ids[-1] == chat_tokenizer.eos_token_id
+    assert end_of_turn_id(llama_style()) is None  # no chat template
+    refusing = llama3_chat()
+    refusing.chat_template = "{{ raise_exception('no assistant turns here') }}"
+    assert end_of_turn_id(refusing) is None
 
 
 def test_chat_template_renders_history_and_input(chat_tokenizer):
