@@ -56,9 +56,9 @@ class BaselineConfig(UnlearnConfig):
 
     @model_validator(mode="after")
     def _pool_needs_normal(self) -> BaselineConfig:
-        pool, source = mismatch_pool_of(self)
+        pool, _source = mismatch_pool_of(self)
         if pool == "normal" and self.normal is None and BASELINES[self.method].mismatch_pool is not None:
-            given = "--mismatch-pool normal" if self.mismatch_pool else f"{self.method} (as {source})"
+            given = "--mismatch-pool normal" if self.mismatch_pool else f"{self.method} (as LLMU's code)"
             raise ValueError(
                 f"{given} draws its random answers from normal data: pass --normal FILE "
                 "(or --mismatch-pool harmful to draw them from other harmful prompts)"
