@@ -69,7 +69,7 @@ def run(cfg: SkuConfig, *, progress: bool = True, accelerator: Any = None) -> Tr
         sku_terms(cfg),
         method="sku",
         mismatch_pool="harmful",
-        extra_config={"paper": PAPER, "mismatch_pool_source": MISMATCH_SOURCE},
+        extra_config={"paper": PAPER, "mismatch_pool_source": MISMATCH_SOURCE if cfg.eps_rd else None},
         progress=progress,
         accelerator=accelerator,
     )
