@@ -78,7 +78,8 @@ def resolve_adapter(spec: str | Path) -> Path:
     hub = parse_hub_id(str(spec))
     if hub is None:
         raise AdapterError(
-            f"adapter folder {spec} not found (nor is it a hub id org/name[@revision]); check the path"
+            f"adapter folder {spec} not found: it does not exist, and it is not a hub id "
+            "org/name[@revision]; check the path"
         )
     folder = _download(*hub, spec=str(spec))
     if not (folder / "adapter_config.json").is_file():
