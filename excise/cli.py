@@ -45,9 +45,7 @@ app.add_typer(data_commands.app, name="data")
 
 Dir = Annotated[
     str,
-    typer.Option(
-        help="PEFT adapter folder, or hub id org/name[@revision] (fetched once).", show_default=False
-    ),
+    typer.Option(help="PEFT adapter folder, or hub id org/name or org/name@revision.", show_default=False),
 ]
 Out = Annotated[Path, typer.Option("--out", help="Output folder (written atomically).", show_default=False)]
 Dense = Annotated[

@@ -79,7 +79,7 @@ def resolve_adapter(spec: str | Path) -> Path:
     if hub is None:
         raise AdapterError(
             f"adapter folder {spec} not found: it does not exist, and it is not a hub id "
-            "org/name[@revision]; check the path"
+            "org/name or org/name@revision; check the path"
         )
     folder = _download(*hub, spec=str(spec))
     if not (folder / "adapter_config.json").is_file():

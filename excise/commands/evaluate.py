@@ -38,7 +38,9 @@ _COMMON = [
         "adapter",
         Annotated[
             str | None,
-            typer.Option(help="PEFT adapter on the base model: folder or hub id org/name[@revision]."),
+            typer.Option(
+                help="PEFT adapter on the base model: folder, or hub id org/name or org/name@revision."
+            ),
         ],
         None,
     ),

@@ -48,7 +48,9 @@ def harness(
     out: Annotated[Path, typer.Option(help="Results JSON (written atomically).", show_default=False)],
     adapter: Annotated[
         str | None,
-        typer.Option(help="PEFT adapter on top of the base: folder or hub id org/name[@revision]."),
+        typer.Option(
+            help="PEFT adapter on top of the base: folder, or hub id org/name or org/name@revision."
+        ),
     ] = None,
     include_path: Annotated[
         list[Path],
