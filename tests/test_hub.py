@@ -88,6 +88,31 @@ def excise(tmp_path: Path, hub: LocalHub | None, *args: str, **env: str) -> subp
     )
 
 
+# Several command lines through the same entry point in one process: torch is imported once.
+_MANY = """
+import json, sys
+from excise.cli import main
+for args in json.loads(sys.argv[1]):
+    sys.argv = ["excise", *args]
+    try:
+        main()
+    except SystemExit as exit_:
+        if exit_.code:
+            raise
+"""
+
+
+def excise_many(tmp_path: Path, hub: LocalHub, *commands: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", _MANY, json.dumps(commands)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(tmp_path, hub),
+        cwd=tmp_path,
+    )
+
+
 def _one_line_error(result: subprocess.CompletedProcess) -> str:
     """The single `error:` line of a failed run (and no traceback)."""
     assert result.returncode == 2, result.stderr
@@ -270,7 +295,7 @@ def test_inspect_takes_hub_ids(tmp_path, hub, adapters):
 
 
 def test_eval_and_merge_take_hub_ids(tmp_path, hub, tiny_model_dir, tiny_llama):
-    """One real model load per command: eval scores the hub adapter, merge folds it in and pushes."""
+    """eval scores the hub adapter; merge folds it in and pushes the merged model."""
     import torch
 
     from tests.conftest import write_peft_lora
@@ -284,16 +309,14 @@ def test_eval_and_merge_take_hub_ids(tmp_path, hub, tiny_model_dir, tiny_llama):
     data.write_text("".join(json.dumps({"text": f"Line {i} of some text."}) + "\n" for i in range(3)))
     ev = ["eval", "perplexity", "--base", str(tiny_model_dir), "--data", str(data), "--window", "16"]
     ev += ["--stride", "8", "--device", "cpu", "--out", "ppl.json", "--adapter", "org/peft"]
-    result = excise(tmp_path, hub, *ev)
+    merged = tmp_path / "merged"
+    merge = ["merge", "--base", str(tiny_model_dir), "--adapter", "org/peft", "--out", str(merged)]
+    result = excise_many(tmp_path, hub, ev, [*merge, "--push-to-hub", "me/merged"])
     assert result.returncode == 0, result.stderr
     record = json.loads((tmp_path / "ppl.json").read_text())
     digest = hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()
     assert digest in json.dumps(record)  # the hub adapter was scored
 
-    merged = tmp_path / "merged"
-    args = ["merge", "--base", str(tiny_model_dir), "--adapter", "org/peft", "--out", str(merged)]
-    result = excise(tmp_path, hub, *args, "--push-to-hub", "me/merged")
-    assert result.returncode == 0, result.stderr
     from safetensors.torch import load_file as load_torch
 
     weights = load_torch(merged / "model.safetensors")
@@ -303,3 +326,11 @@ def test_eval_and_merge_take_hub_ids(tmp_path, hub, tiny_model_dir, tiny_llama):
     expected = torch.from_numpy(base[f"{key}.weight"]) + (b @ a) * (8 / 2)  # W + (alpha / r)·B·A
     torch.testing.assert_close(weights[f"{key}.weight"], expected, rtol=1e-5, atol=1e-6)
     assert hub.commits[-1]["repo"] == "me/merged" and "excise_merge.json" in hub.commits[-1]["files"]
+
+
+def test_eval_harness_resolves_its_adapter_first(tmp_path, hub):
+    """The lm-eval command takes a hub id too: a missing one is one line, before any model loads."""
+    args = ["eval", "harness", "--base", "nowhere/base", "--tasks", "arc_easy", "--out", "h.json"]
+    line = _one_line_error(excise(tmp_path, hub, *args, "--adapter", "org/missing"))
+    assert "adapter org/missing not found" in line
+    assert hub.requests == [("GET", "/api/models/org/missing/revision/main")]
