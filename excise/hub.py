@@ -117,14 +117,14 @@ def _download(repo: str, revision: str | None, *, spec: str) -> Path:
     except LocalEntryNotFoundError as err:
         if constants.HF_HUB_OFFLINE:
             raise AdapterError(
-                f"adapter {spec} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: fetch it "
-                "once online, or pass a local folder"
+                f"adapter {spec}: no such local folder, and as a hub id it is not in the Hugging Face "
+                "cache and HF_HUB_OFFLINE is set; check the path, or fetch it once online"
             ) from err
         raise AdapterError(
-            f"adapter {spec}: cannot reach the hub at {constants.ENDPOINT} and it is not in the "
-            "Hugging Face cache; check the network, or pass a local folder"
+            f"adapter {spec}: no such local folder, and as a hub id it is not in the Hugging Face "
+            f"cache and cannot reach the hub at {constants.ENDPOINT}; check the path or the network"
         ) from err
-    except (HfHubHTTPError, OSError, ValueError) as err:
+    except (HfHubHTTPError, OSError, ValueError, *_transport_errors()) as err:
         raise AdapterError(f"adapter {spec}: cannot fetch it from the hub ({first_line(err)})") from err
 
 

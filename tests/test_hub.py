@@ -217,9 +217,14 @@ def test_a_revision_pins_the_commit(tmp_path, hub, adapters):
             "adapter",
             "org/a",
             {"HF_HUB_OFFLINE": "1"},
-            "not in the Hugging Face cache and HF_HUB_OFFLINE is set",
+            "no such local folder, and as a hub id it is not in the Hugging Face cache and HF_HUB_OFFLINE",
         ),
-        ("unreachable", "org/a", {}, "cannot reach the hub at http://127.0.0.1:9"),
+        (
+            "unreachable",
+            "org/a",
+            {},
+            "not in the Hugging Face cache and cannot reach the hub at http://127.0.0.1:9",
+        ),
         ("none", "no/such/folder", {}, "adapter folder no/such/folder not found"),
     ],
 )
