@@ -43,7 +43,10 @@ app.add_typer(train_commands.app, name="train")
 app.add_typer(eval_commands.app, name="eval")
 app.add_typer(data_commands.app, name="data")
 
-Dir = Annotated[Path, typer.Option(help="PEFT adapter folder.", show_default=False)]
+Dir = Annotated[
+    str,
+    typer.Option(help="PEFT adapter folder, or hub id org/name or org/name@revision.", show_default=False),
+]
 Out = Annotated[Path, typer.Option("--out", help="Output folder (written atomically).", show_default=False)]
 Dense = Annotated[
     bool, typer.Option("--dense", help="Dense reference path (rank-`in` output, slow; for parity).")
@@ -63,6 +66,18 @@ Base = Annotated[
 ]
 
 
+PushToHub = Annotated[
+    str | None,
+    typer.Option(
+        "--push-to-hub",
+        metavar="REPO",
+        help="Then publish the output folder, provenance record included, to the hub repository "
+        "org/name (created if missing; needs `hf auth login` or HF_TOKEN).",
+        show_default=False,
+    ),
+]
+
+
 Sha256 = Annotated[
     bool,
     typer.Option(
@@ -76,7 +91,7 @@ Sha256 = Annotated[
 
 def _run_op(
     name: str,
-    inputs: list[Path],
+    inputs: list[str],
     out: Path,
     params: dict,
     *,
@@ -85,21 +100,28 @@ def _run_op(
     overwrite: bool,
     base: str | None,
     sha256: bool = False,
+    push_to_hub: str | None = None,
 ) -> None:
+    from excise.hub import check_push_target, resolve_adapter
+
+    if push_to_hub is not None:
+        check_push_target(push_to_hub)  # before any work
     if base is not None:
         if dense:
             raise typer.BadParameter("--dense applies to adapters, not to full models (--base)")
         from excise.models import resolve_model
         from excise.pem.full import apply_full
 
-        done(apply_full(name, Path(resolve_model(base)), inputs, out, params=params, overwrite=overwrite))
+        models = [Path(spec) for spec in inputs]
+        done(apply_full(name, Path(resolve_model(base)), models, out, params=params, overwrite=overwrite))
+        _push(out, push_to_hub, f"excise ops {name}")
         return
     from excise.pem.apply import apply_operator
 
     done(
         apply_operator(
             name,
-            inputs,
+            [resolve_adapter(spec) for spec in inputs],
             out,
             params=params,
             dense=dense,
@@ -108,13 +130,26 @@ def _run_op(
             digest="sha256" if sha256 else "xxh3_128",
         )
     )
+    _push(out, push_to_hub, f"excise ops {name}")
+
+
+def _push(out: Path, repo: str | None, message: str) -> None:
+    """Publish ``out`` to ``repo`` when asked, and say where it went."""
+    if repo is not None:
+        from excise.hub import push_folder
+
+        typer.echo(f"pushed {out} to {push_folder(out, repo, message=message)}")
 
 
 @ops_app.command("ext-sub")
 def ops_ext_sub(
     expert: Dir,
     anti_expert: Annotated[
-        list[Path], typer.Option(help="Anti-expert adapter folder; repeat to remove several deficiencies.")
+        list[str],
+        typer.Option(
+            help="Anti-expert adapter folder or hub id; repeat to remove several deficiencies.",
+            show_default=False,
+        ),
     ],
     out: Out,
     lam: Annotated[
@@ -126,6 +161,7 @@ def ops_ext_sub(
     overwrite: Overwrite = False,
     base: Base = None,
     sha256: Sha256 = False,
+    push_to_hub: PushToHub = None,
 ) -> None:
     """Ext-Sub: expert minus the deficiency extracted from the anti-expert(s), exactly (rank r1 + r2)."""
     if len(anti_expert) == 1 and not sequential:
@@ -145,6 +181,7 @@ def ops_ext_sub(
         overwrite=overwrite,
         base=base,
         sha256=sha256,
+        push_to_hub=push_to_hub,
     )
 
 
@@ -159,6 +196,7 @@ def ops_subtract(
     overwrite: Overwrite = False,
     base: Base = None,
     sha256: Sha256 = False,
+    push_to_hub: PushToHub = None,
 ) -> None:
     """Direct subtraction a − λ·b (the Ext-Sub paper's baseline)."""
     _run_op(
@@ -171,6 +209,7 @@ def ops_subtract(
         overwrite=overwrite,
         base=base,
         sha256=sha256,
+        push_to_hub=push_to_hub,
     )
 
 
@@ -185,6 +224,7 @@ def ops_add(
     overwrite: Overwrite = False,
     base: Base = None,
     sha256: Sha256 = False,
+    push_to_hub: PushToHub = None,
 ) -> None:
     """Addition a + weight·b."""
     _run_op(
@@ -197,6 +237,7 @@ def ops_add(
         overwrite=overwrite,
         base=base,
         sha256=sha256,
+        push_to_hub=push_to_hub,
     )
 
 
@@ -209,6 +250,7 @@ def ops_negate(
     overwrite: Overwrite = False,
     base: Base = None,
     sha256: Sha256 = False,
+    push_to_hub: PushToHub = None,
 ) -> None:
     """Knowledge negation −λ·θ (SKU stage 2; the task-vector baseline)."""
     _run_op(
@@ -221,6 +263,7 @@ def ops_negate(
         overwrite=overwrite,
         base=base,
         sha256=sha256,
+        push_to_hub=push_to_hub,
     )
 
 
@@ -232,6 +275,7 @@ def ops_scale(
     dense: Dense = False,
     overwrite: Overwrite = False,
     sha256: Sha256 = False,
+    push_to_hub: PushToHub = None,
 ) -> None:
     """Scaling weight·θ (rank unchanged)."""
     _run_op(
@@ -244,6 +288,7 @@ def ops_scale(
         overwrite=overwrite,
         base=None,
         sha256=sha256,
+        push_to_hub=push_to_hub,
     )
 
 
@@ -257,10 +302,12 @@ def inspect(
     allow_partial: Partial = False,
 ) -> None:
     """Per-module diagnostics: cos(W1_i, W2_i), general share, deficiency overlap, removed norm."""
+    from excise.hub import resolve_adapter
     from excise.pem.diagnostics import diagnose, format_summary, plot_diagnostics
     from excise.pem.io import load_adapter
 
-    report = diagnose(load_adapter(expert), load_adapter(anti_expert), lam=lam, allow_partial=allow_partial)
+    expert_adapter, anti_adapter = (load_adapter(resolve_adapter(a)) for a in (expert, anti_expert))
+    report = diagnose(expert_adapter, anti_adapter, lam=lam, allow_partial=allow_partial)
     typer.echo(format_summary(report))
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -278,11 +325,16 @@ def merge(
     adapter: Dir,
     out: Out,
     overwrite: Overwrite = False,
+    push_to_hub: PushToHub = None,
 ) -> None:
     """Merge an adapter into its base model and save a plain transformers model."""
+    from excise.hub import check_push_target, resolve_adapter
     from excise.models.merge import merge_adapter
 
-    done(merge_adapter(base, adapter, out, overwrite=overwrite))
+    if push_to_hub is not None:
+        check_push_target(push_to_hub)
+    done(merge_adapter(base, resolve_adapter(adapter), out, overwrite=overwrite))
+    _push(out, push_to_hub, "excise merge")
 
 
 @app.command("demo")

@@ -35,7 +35,14 @@ _COMMON = [
     ),
     _opt("out", Annotated[Path, typer.Option("--out", help="Result JSON file (written atomically).")], ...),
     _opt(
-        "adapter", Annotated[Path | None, typer.Option(help="PEFT adapter folder on the base model.")], None
+        "adapter",
+        Annotated[
+            str | None,
+            typer.Option(
+                help="PEFT adapter on the base model: folder, or hub id org/name or org/name@revision."
+            ),
+        ],
+        None,
     ),
     _opt(
         "merge",
@@ -156,6 +163,7 @@ def _run(name: str, **flags: Any) -> None:
     from excise.evaluate.judges import parse_options
     from excise.evaluate.report import summary_table
     from excise.evaluate.runner import run_eval, write_result
+    from excise.hub import resolve_adapter
 
     fields = {}
     for item in flags.pop("field"):
@@ -164,6 +172,8 @@ def _run(name: str, **flags: Any) -> None:
             raise ConfigError(f"--field {item!r} is not NAME=COLUMN (e.g. question=Question)")
         fields[key.strip()] = column.strip()
     out, no_cache = flags.pop("out"), flags.pop("no_cache")
+    if flags["adapter"] is not None:
+        flags["adapter"] = resolve_adapter(flags["adapter"])
     judge_options = parse_options(flags.pop("judge_option", []))
     cfg = EvalConfig(
         model=flags.pop("base"),

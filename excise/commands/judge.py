@@ -47,7 +47,10 @@ def harness(
     ],
     out: Annotated[Path, typer.Option(help="Results JSON (written atomically).", show_default=False)],
     adapter: Annotated[
-        Path | None, typer.Option(help="PEFT adapter folder to evaluate on top of the base.")
+        str | None,
+        typer.Option(
+            help="PEFT adapter on top of the base: folder, or hub id org/name or org/name@revision."
+        ),
     ] = None,
     include_path: Annotated[
         list[Path],
@@ -71,6 +74,7 @@ def harness(
     """Run lm-evaluation-harness tasks on a base model (plus an adapter) and write the results JSON."""
     from excise.errors import ConfigError
     from excise.evaluate.harness import run_harness, write_results
+    from excise.hub import resolve_adapter
 
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} exists; pass --overwrite to replace it")
@@ -79,7 +83,7 @@ def harness(
     run = run_harness(
         base,
         tasks.split(","),
-        adapter=adapter,
+        adapter=None if adapter is None else resolve_adapter(adapter),
         include_path=include_path,
         limit=None if limit is None else (int(limit) if limit >= 1 else limit),
         num_fewshot=num_fewshot,

@@ -8,12 +8,14 @@ there; r 8, alpha 16 here, as SmolLM2-sized models need less). rsLoRA scales by
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from excise.errors import ConfigError, first_line
 
-__all__ = ["LoraSettings", "attach_lora", "trainable_parameters", "unfreeze_all"]
+__all__ = ["LoraSettings", "attach_lora", "save_trained", "trainable_parameters", "unfreeze_all"]
 
 
 @dataclass(frozen=True)
@@ -93,3 +95,23 @@ def unfreeze_all(model: Any) -> Any:
 def trainable_parameters(model: Any) -> dict[str, Any]:
     """``name → parameter`` for every parameter that trains, in module order."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_trained(model: Any, folder: Path, *, base: str, tokenizer: Any = None) -> None:
+    """Save what trained into ``folder``: a PEFT adapter, or (full training) the model and ``tokenizer``.
+
+    An adapter records ``base``, the model spec the user gave (alias, hub id or path), as its
+    ``base_model_name_or_path``. PEFT would record the folder the weights were loaded from,
+    which for an alias or a ``.gguf`` file is this machine's cache (``~/.cache/excise/models/…``)
+    and names nothing elsewhere; ``train_config.json`` keeps that resolved path instead. The
+    spec is set after PEFT has saved, so PEFT's own checks (is the vocabulary resized?) still
+    read the local folder, not the hub.
+    """
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    config_file = Path(folder) / "adapter_config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        config["base_model_name_or_path"] = base
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True))  # as PEFT writes it

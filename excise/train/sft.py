@@ -33,7 +33,7 @@ from excise.data import (
 )
 from excise.models import load_model, load_tokenizer, resolve_model
 from excise.train.loop import TrainReport, TrainSettings, train
-from excise.train.lora import attach_lora, unfreeze_all
+from excise.train.lora import attach_lora, save_trained, unfreeze_all
 from excise.train.nll import response_nll
 from excise.train.options import TrainOptions
 
@@ -145,13 +145,6 @@ def sft_micro_batches(
     return micro_batch, per_epoch
 
 
-def _save(model: Any, tokenizer: Any, folder: Path) -> None:
-    """The adapter (PEFT folder) or, for full training, the model and its tokenizer."""
-    model.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-
-
 def run(cfg: SftConfig, *, progress: bool = True, accelerator: Any = None) -> TrainReport:
     """Train one adapter as ``cfg`` says and write it to ``cfg.out``.
 
@@ -195,7 +188,9 @@ def run(cfg: SftConfig, *, progress: bool = True, accelerator: Any = None) -> Tr
         lambda m, batch: (response_nll(m, batch), {}),
         settings,
         cfg.out,
-        save=lambda m, folder: _save(m, tokenizer if cfg.full else None, folder),
+        save=lambda m, folder: save_trained(
+            m, folder, base=cfg.base, tokenizer=tokenizer if cfg.full else None
+        ),
         resume=cfg.resume,
         overwrite=cfg.overwrite,
         micro_batches_per_epoch=per_epoch,

@@ -53,7 +53,7 @@ from excise.data import (
 from excise.errors import ConfigError, DataError
 from excise.models import load_model, load_tokenizer, resolve_model
 from excise.train.loop import TrainReport, TrainSettings, train
-from excise.train.lora import attach_lora, unfreeze_all
+from excise.train.lora import attach_lora, save_trained, unfreeze_all
 from excise.train.losses import Reference, adapter_disabled_reference, frozen_model_reference
 from excise.train.mismatch import MismatchSampler
 from excise.train.options import TrainOptions
@@ -406,7 +406,9 @@ def run_objective(
         loss_fn,
         settings,
         cfg.out,
-        save=lambda m, folder: _save(m, tokenizer if cfg.full else None, folder),
+        save=lambda m, folder: save_trained(
+            m, folder, base=cfg.base, tokenizer=tokenizer if cfg.full else None
+        ),
         resume=cfg.resume,
         overwrite=cfg.overwrite,
         micro_batches_per_epoch=data.micro_batches_per_epoch,
@@ -415,10 +417,3 @@ def run_objective(
         progress=progress,
         desc=f"{method} {cfg.out.name}",
     )
-
-
-def _save(model: Any, tokenizer: Any, folder: Path) -> None:
-    """The adapter (PEFT folder) or, for full training, the model and its tokenizer."""
-    model.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
