@@ -61,7 +61,16 @@ Base = Annotated[
         show_default=False,
     ),
 ]
-
+Dtype = Annotated[
+    str | None,
+    typer.Option(
+        "--dtype",
+        help="With --base: dtype of the written weights (float32, bfloat16, float16, float64). Default: per "
+        "tensor the widest of the inputs' dtypes, so a bf16 base with fp32 fine-tunes gives fp32; a narrower "
+        "one warns with the share of changed weights it rounds back to the base's values.",
+        show_default=False,
+    ),
+]
 
 Sha256 = Annotated[
     bool,
@@ -85,15 +94,26 @@ def _run_op(
     overwrite: bool,
     base: str | None,
     sha256: bool = False,
+    dtype: str | None = None,
 ) -> None:
     if base is not None:
         if dense:
             raise typer.BadParameter("--dense applies to adapters, not to full models (--base)")
+        if partial:
+            raise typer.BadParameter(
+                "--allow-partial applies to adapters; full models (--base) must hold the same tensors "
+                "as the base (fine-tunes of it, same architecture)"
+            )
         from excise.models import resolve_model
         from excise.pem.full import apply_full
 
-        done(apply_full(name, Path(resolve_model(base)), inputs, out, params=params, overwrite=overwrite))
+        model = Path(resolve_model(base))
+        done(apply_full(name, model, inputs, out, params=params, dtype=dtype, overwrite=overwrite))
         return
+    if dtype is not None:
+        raise typer.BadParameter(
+            "--dtype applies to full models (--base); adapters keep the first one's dtype"
+        )
     from excise.pem.apply import apply_operator
 
     done(
@@ -125,6 +145,7 @@ def ops_ext_sub(
     allow_partial: Partial = False,
     overwrite: Overwrite = False,
     base: Base = None,
+    dtype: Dtype = None,
     sha256: Sha256 = False,
 ) -> None:
     """Ext-Sub: expert minus the deficiency extracted from the anti-expert(s), exactly (rank r1 + r2)."""
@@ -145,6 +166,7 @@ def ops_ext_sub(
         overwrite=overwrite,
         base=base,
         sha256=sha256,
+        dtype=dtype,
     )
 
 
@@ -158,6 +180,7 @@ def ops_subtract(
     allow_partial: Partial = False,
     overwrite: Overwrite = False,
     base: Base = None,
+    dtype: Dtype = None,
     sha256: Sha256 = False,
 ) -> None:
     """Direct subtraction a − λ·b (the Ext-Sub paper's baseline)."""
@@ -171,6 +194,7 @@ def ops_subtract(
         overwrite=overwrite,
         base=base,
         sha256=sha256,
+        dtype=dtype,
     )
 
 
@@ -184,6 +208,7 @@ def ops_add(
     allow_partial: Partial = False,
     overwrite: Overwrite = False,
     base: Base = None,
+    dtype: Dtype = None,
     sha256: Sha256 = False,
 ) -> None:
     """Addition a + weight·b."""
@@ -197,6 +222,7 @@ def ops_add(
         overwrite=overwrite,
         base=base,
         sha256=sha256,
+        dtype=dtype,
     )
 
 
@@ -208,6 +234,7 @@ def ops_negate(
     dense: Dense = False,
     overwrite: Overwrite = False,
     base: Base = None,
+    dtype: Dtype = None,
     sha256: Sha256 = False,
 ) -> None:
     """Knowledge negation −λ·θ (SKU stage 2; the task-vector baseline)."""
@@ -221,6 +248,7 @@ def ops_negate(
         overwrite=overwrite,
         base=base,
         sha256=sha256,
+        dtype=dtype,
     )
 
 
