@@ -522,7 +522,7 @@ def _combine_tensor(
     spec: _FullOperation,
     params: dict[str, Any],
     *,
-    layout: _Layout,
+    layout: _Layout | None,
     dtype: str | None,
     rounding: _Rounding,
 ) -> torch.Tensor:
@@ -535,8 +535,8 @@ def _combine_tensor(
     import torch
 
     info = base.tensors[name]
-    if info.dtype is None or math.prod(info.shape) == 0:
-        return base.tensor(name)
+    if info.dtype is None or layout is None or math.prod(info.shape) == 0:
+        return base.tensor(name)  # an integer buffer, or nothing to compute
     widest = _widest([info.dtype, *(m.tensors[name].dtype for m in models)])
     out_dtype = dtype or widest
     narrowed = widest not in _HOLDS[out_dtype]  # only then can an edit round away
@@ -692,7 +692,7 @@ def apply_full(
                     thetas,
                     spec,
                     params,
-                    layout=layouts.get(tensor_name),  # type: ignore[arg-type] (None: copied as is)
+                    layout=layouts.get(tensor_name),  # None for integer buffers
                     dtype=dtype,
                     rounding=rounding,
                 )
