@@ -308,6 +308,14 @@ def _read_lora(config: dict[str, Any], tensors: dict[str, np.ndarray], file: Pat
     if config.get("use_dora"):
         raise AdapterError(f"{file}: DoRA adapters (use_dora) are not supported")
     _check_init(config, file)
+    if config.get("target_parameters"):
+        # PEFT's ParamWrapper: on a fused (experts, …) tensor lora_A is (r·experts, in) and
+        # lora_B (out, r·experts), one rank-r block per expert, so B·A is no delta of it.
+        raise AdapterError(
+            f"{file.parent / ADAPTER_CONFIG}: target_parameters {config['target_parameters']} (LoRA on "
+            "parameters, e.g. fused MoE experts, whose rank is split per expert) is not supported; "
+            "target modules (target_modules) instead, or merge the adapter and use --base"
+        )
     factors: dict[str, dict[str, np.ndarray]] = {}
     for key, tensor in tensors.items():
         match = _LORA_KEY.match(key.removeprefix(_PREFIX))

@@ -164,3 +164,20 @@ def _peft_model_loaded(folder: Path):
     from peft import PeftModel
 
     return PeftModel.from_pretrained(_llama(), folder)
+
+
+def test_lora_on_fused_expert_parameters_is_refused(tmp_path):
+    """PEFT's target_parameters on a fused MoE tensor keeps one rank-r block per expert in
+    lora_A (r·experts, in) / lora_B (out, r·experts): B·A would sum the experts' deltas."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    config = GptOssConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=3, head_dim=8, layer_types=["full_attention"],
+    )  # fmt: skip
+    lora = LoraConfig(r=2, target_modules=[], target_parameters=["mlp.experts.gate_up_proj"])
+    get_peft_model(GptOssForCausalLM(config), lora).save_pretrained(tmp_path / "a")
+    with pytest.raises(AdapterError, match="target_parameters") as info:
+        load_adapter(tmp_path / "a")
+    assert "\n" not in str(info.value)
