@@ -64,7 +64,16 @@ Base = Annotated[
         show_default=False,
     ),
 ]
-
+Dtype = Annotated[
+    str | None,
+    typer.Option(
+        "--dtype",
+        help="With --base: dtype of the written weights (float32, bfloat16, float16, float64). Default: per "
+        "tensor the widest of the inputs' dtypes, so a bf16 base with fp32 fine-tunes gives fp32; a narrower "
+        "one warns with the share of changed weights it rounds back to the base's values.",
+        show_default=False,
+    ),
+]
 
 PushToHub = Annotated[
     str | None,
@@ -101,6 +110,7 @@ def _run_op(
     base: str | None,
     sha256: bool = False,
     push_to_hub: str | None = None,
+    dtype: str | None = None,
 ) -> None:
     from excise.hub import check_push_target, resolve_adapter
 
@@ -109,13 +119,23 @@ def _run_op(
     if base is not None:
         if dense:
             raise typer.BadParameter("--dense applies to adapters, not to full models (--base)")
+        if partial:
+            raise typer.BadParameter(
+                "--allow-partial applies to adapters; full models (--base) must hold the same tensors "
+                "as the base (fine-tunes of it, same architecture)"
+            )
         from excise.models import resolve_model
         from excise.pem.full import apply_full
 
         models = [Path(spec) for spec in inputs]
-        done(apply_full(name, Path(resolve_model(base)), models, out, params=params, overwrite=overwrite))
+        model = Path(resolve_model(base))
+        done(apply_full(name, model, models, out, params=params, dtype=dtype, overwrite=overwrite))
         _push(out, push_to_hub, f"excise ops {name}")
         return
+    if dtype is not None:
+        raise typer.BadParameter(
+            "--dtype applies to full models (--base); adapters keep the first one's dtype"
+        )
     from excise.pem.apply import apply_operator
 
     done(
@@ -160,6 +180,7 @@ def ops_ext_sub(
     allow_partial: Partial = False,
     overwrite: Overwrite = False,
     base: Base = None,
+    dtype: Dtype = None,
     sha256: Sha256 = False,
     push_to_hub: PushToHub = None,
 ) -> None:
@@ -182,6 +203,7 @@ def ops_ext_sub(
         base=base,
         sha256=sha256,
         push_to_hub=push_to_hub,
+        dtype=dtype,
     )
 
 
@@ -195,6 +217,7 @@ def ops_subtract(
     allow_partial: Partial = False,
     overwrite: Overwrite = False,
     base: Base = None,
+    dtype: Dtype = None,
     sha256: Sha256 = False,
     push_to_hub: PushToHub = None,
 ) -> None:
@@ -210,6 +233,7 @@ def ops_subtract(
         base=base,
         sha256=sha256,
         push_to_hub=push_to_hub,
+        dtype=dtype,
     )
 
 
@@ -223,6 +247,7 @@ def ops_add(
     allow_partial: Partial = False,
     overwrite: Overwrite = False,
     base: Base = None,
+    dtype: Dtype = None,
     sha256: Sha256 = False,
     push_to_hub: PushToHub = None,
 ) -> None:
@@ -238,6 +263,7 @@ def ops_add(
         base=base,
         sha256=sha256,
         push_to_hub=push_to_hub,
+        dtype=dtype,
     )
 
 
@@ -249,6 +275,7 @@ def ops_negate(
     dense: Dense = False,
     overwrite: Overwrite = False,
     base: Base = None,
+    dtype: Dtype = None,
     sha256: Sha256 = False,
     push_to_hub: PushToHub = None,
 ) -> None:
@@ -264,6 +291,7 @@ def ops_negate(
         base=base,
         sha256=sha256,
         push_to_hub=push_to_hub,
+        dtype=dtype,
     )
 
 

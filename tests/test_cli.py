@@ -151,6 +151,9 @@ def _bad_cases(tmp_path: Path, e: Path, a: Path) -> dict[str, tuple[list[str], s
     first = next(iter(tensors))
     tensors[first][0, 0] = np.nan
     save_file(tensors, nan / "adapter_model.safetensors")
+    pissa = _write_lora(tmp_path / "pissa", 8, SHAPES)
+    config = json.loads((pissa / "adapter_config.json").read_text())
+    (pissa / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": "pissa_niter_4"}))
     ext = ["ops", "ext-sub", "--expert", str(e)]
     return {
         "missing folder": ([*ext, "--anti-expert", str(tmp_path / "nope")], "not found"),
@@ -159,6 +162,7 @@ def _bad_cases(tmp_path: Path, e: Path, a: Path) -> dict[str, tuple[list[str], s
         "shapes differ": ([*ext, "--anti-expert", str(other)], "different base models"),
         "targets differ": ([*ext, "--anti-expert", str(partial)], "--allow-partial"),
         "nan weights": ([*ext, "--anti-expert", str(nan)], "NaN or Inf"),
+        "pissa": ([*ext, "--anti-expert", str(pissa)], "path_initial_model_for_weight_conversion"),
         "lam nan": ([*ext, "--anti-expert", str(a), "--lam", "nan"], "finite"),
         "lam inf": ([*ext, "--anti-expert", str(a), "--lam", "inf"], "finite"),
         "lam count": ([*ext, "--anti-expert", str(a), "--lam", "1", "--lam", "2"], "--lam"),

@@ -180,3 +180,92 @@ def test_existing_output_needs_overwrite(zoo, tmp_path):
     replaced = excise(*args, "--overwrite")
     assert replaced.returncode == 0, replaced.stderr
     assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def test_allow_partial_is_refused_with_base(zoo, tmp_path):
+    """Full models must hold the base's tensors: --allow-partial is refused, not ignored."""
+    out = tmp_path / "out"
+    for verb, models in (
+        ("ext-sub", ["--expert", str(zoo["expert"]), "--anti-expert", str(zoo["anti"])]),
+        ("subtract", ["--a", str(zoo["expert"]), "--b", str(zoo["anti"])]),
+        ("add", ["--a", str(zoo["expert"]), "--b", str(zoo["anti"])]),
+    ):
+        result = excise(
+            "ops", verb, "--base", str(zoo["base"]), *models, "--allow-partial", "--out", str(out)
+        )
+        assert result.returncode == 2, result.stderr
+        assert "--allow-partial applies to adapters" in result.stderr and "Traceback" not in result.stderr
+        assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory) -> dict[str, Path]:
+    """A bf16 base and an fp32 fine-tune whose edits are far below bf16's resolution."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("mixed")
+    g = torch.Generator().manual_seed(3)
+    base = {
+        "w": torch.randn(32, 48, generator=g).to(torch.bfloat16),
+        "norm": torch.ones(48).to(torch.bfloat16),
+    }
+    edit = {"w": 1e-3 * torch.randn(32, 48, generator=g), "norm": torch.full((48,), 1e-3)}
+    paths = {}
+    for name, state in (("base", base), ("ft", {k: v.float() + edit[k] for k, v in base.items()})):
+        (root / name).mkdir()
+        save_file(state, str(root / name / "model.safetensors"), metadata={"format": "pt"})
+        paths[name] = root / name
+    return paths
+
+
+def _torch_state(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file as load_torch
+
+    return load_torch(folder / "model.safetensors")
+
+
+def test_dtype_with_base_keeps_or_reports_edits(mixed, tmp_path):
+    """Default: the widest input dtype (fp32), so every edit survives; --dtype bfloat16
+    loses them and says which share, counted here independently."""
+    base = {k: v.double() for k, v in _torch_state(mixed["base"]).items()}
+    ft = {k: v.double() for k, v in _torch_state(mixed["ft"]).items()}
+    exact = {k: t0 - (ft[k] - t0) for k, t0 in base.items()}  # SKU negation, λ = 1
+    args = ["ops", "negate", "--base", str(mixed["base"]), "--adapter", str(mixed["ft"]), "--lam", "1"]
+    result = excise(*args, "--out", str(tmp_path / "wide"))
+    assert result.returncode == 0 and "warning" not in result.stderr, result.stderr
+    wide = _torch_state(tmp_path / "wide")
+    for name, value in exact.items():
+        assert wide[name].dtype == torch.float32, name
+        torch.testing.assert_close(wide[name], value.float(), rtol=0, atol=0, msg=name)
+    assert json.loads((tmp_path / "wide" / "excise.json").read_text())["dtype"] == "widest input"
+
+    result = excise(*args, "--dtype", "bf16", "--out", str(tmp_path / "narrow"))
+    assert result.returncode == 0, result.stderr
+    changed = lost = 0
+    for name, value in exact.items():
+        moved = value != base[name]
+        changed += int(moved.sum())
+        lost += int((moved & (value.to(torch.bfloat16).double() == base[name])).sum())
+    assert lost > changed // 2  # most edits are below bf16's resolution
+    warning = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1, result.stderr
+    assert f"rounds {lost} of {changed} changed weights ({lost / changed:.2%}" in warning[0]
+    narrow = _torch_state(tmp_path / "narrow")
+    assert json.loads((tmp_path / "narrow" / "excise.json").read_text())["dtype"] == "bfloat16"
+    for name, value in exact.items():
+        assert torch.equal(narrow[name], value.to(torch.bfloat16)), name
+
+
+def test_dtype_is_refused_for_adapters_and_checked(zoo, tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    result = excise(
+        "ops", "negate", "--adapter", str(adapter), "--dtype", "float32", "--out", str(tmp_path / "o")
+    )
+    assert result.returncode == 2 and "--dtype applies to full models" in result.stderr, result.stderr
+    result = excise(
+        "ops", "negate", "--base", str(zoo["base"]), "--adapter", str(zoo["expert"]),
+        "--dtype", "int8", "--out", str(tmp_path / "o"),
+    )  # fmt: skip
+    assert result.returncode == 2 and "error: unknown dtype 'int8'" in result.stderr, result.stderr
+    assert not (tmp_path / "o").exists()

@@ -4,15 +4,22 @@ Ext-Sub (arXiv 2308.08090, DESIGN.md §1) and the other registry operators act o
 *task vectors* ``τ_k = θ_k − θ_base`` of full fine-tunes exactly as they act on LoRA
 deltas: each tensor's task vector is wrapped as a :class:`~excise.pem.delta.RowDelta`
 and handed to the operator's own per-module kernel (``_ext_sub_module``, …). Rows are
-what DESIGN.md §1 projects: a 2-D weight's rows (output neurons), a 1-D tensor as one
-row, a higher-rank tensor as ``(shape[0], -1)``. SKU's knowledge negation
-``θo − λ(θh − θo)`` (arXiv 2402.10058, DESIGN.md §2) is ``negate`` here.
+what DESIGN.md §1 projects, output neurons, as on the LoRA path (``B·A`` is
+``(out, in)`` whatever the layer stores): a linear weight's rows; the columns of a
+GPT-2-style ``Conv1D`` weight, stored ``(in, out)``; each expert's output rows of a fused
+3-D MoE tensor, ``(experts, out, in)`` or, for the models that store it transposed,
+``(experts, in, out)``; a 1-D tensor as one row; any other tensor (convolution kernels)
+as ``(shape[0], -1)``. SKU's knowledge negation ``θo − λ(θh − θo)`` (arXiv 2402.10058,
+DESIGN.md §2) is ``negate`` here.
 
 Nothing holds a whole model: tensors are read by name through a name → shard index
 with ``safe_open`` (a ``.bin`` shard only through ``torch.load(weights_only=True)``),
 one shard open per model, in row blocks, and the result is written shard by shard in
 the base's layout. Every operator is row-local, so a block of rows gives the same
-result as the whole tensor; peak memory is one output shard plus a few blocks.
+result as the whole tensor; peak memory is one output shard plus a few blocks. Each
+tensor is written in the widest dtype among the inputs' (a bf16 base and fp32
+fine-tunes give fp32: the base's bf16 would round small edits away), or in the
+requested one, with a warning saying which share of the changed weights it loses.
 
 The kernels compute on numpy float64 blocks, like every operator; torch is imported
 only when this runs, because full models are mostly bf16 (which numpy lacks) and
@@ -24,7 +31,9 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import re
 import shutil
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,7 +44,7 @@ import numpy as np
 from safetensors import safe_open
 
 from excise import __version__
-from excise.errors import ConfigError, ModelLoadError, first_line
+from excise.errors import ConfigError, ExciseWarning, ModelLoadError, first_line
 from excise.pem.delta import Module, RowDelta
 from excise.pem.io import PROVENANCE_FILE, atomic_output_dir, check_output_dir, file_sha256
 from excise.pem.ops.add import _add_module
@@ -60,7 +69,39 @@ _NOT_COPIED = (PROVENANCE_FILE, "README.md")
 # The dtypes computed on (safetensors code → torch name). Other floating dtypes (float8…)
 # are refused; integer and bool buffers are copied from the base.
 _FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+_DTYPE_ALIASES = {
+    "fp64": "float64",
+    "fp32": "float32",
+    "fp16": "float16",
+    "bf16": "bfloat16",
+    "half": "float16",
+}
+# dtype → the dtypes whose every value it holds exactly.
+_HOLDS = {
+    "float64": {"float64", "float32", "float16", "bfloat16"},
+    "float32": {"float32", "float16", "bfloat16"},
+    "float16": {"float16"},
+    "bfloat16": {"bfloat16"},
+}
 _REQUIRED = object()
+
+# Weights stored (in, out), i.e. transposed against nn.Linear: transformers' `Conv1D`
+# (transformers 5.24: GPT-2, OpenAI GPT, ImageGPT, Decision Transformer, CLVP's MLP).
+# model_type → the modules that are Conv1D.
+_GPT2_CONV1D = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
+_CONV1D_MODULES = {
+    "gpt2": _GPT2_CONV1D,
+    "openai-gpt": _GPT2_CONV1D,
+    "imagegpt": _GPT2_CONV1D,
+    "decision_transformer": _GPT2_CONV1D,
+    "clvp": frozenset({"c_fc", "c_proj"}),
+    "clvp_decoder": frozenset({"c_fc", "c_proj"}),
+}
+# Fused MoE expert tensors: 3-D, one (out, in) matrix per expert, as transformers'
+# `use_experts_implementation` stores them, except the models it marks `is_transposed`
+# (and Llama 4, whose experts multiply `x @ W`): (experts, in, out).
+_EXPERTS = re.compile(r"(^|\.)experts\.|(^|\.)(input|output)_linear\.weight$")
+_TRANSPOSED_EXPERTS = {"gpt_oss", "aria", "aria_text", "openai_privacy_filter", "llama4", "llama4_text"}
 
 
 # ----------------------------------------------------------------------------- operations
@@ -188,6 +229,67 @@ class _TensorInfo:
     dtype: str | None  # torch dtype name computed on; None: a buffer copied from the base as is
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """Where a tensor's rows (output neurons) lie: ``groups × rows`` rows of ``dim`` values.
+
+    ``groups`` is the number of experts of a fused MoE tensor (else 1); ``transposed``
+    says the file stores each group as ``(dim, rows)`` (``Conv1D``, transposed experts).
+    """
+
+    groups: int
+    rows: int
+    dim: int
+    transposed: bool = False
+    whole: bool = False  # 0-D / 1-D: read whole, one row
+
+    def index(self, group: int, start: int, stop: int) -> tuple[slice, ...]:
+        """The slice of the stored tensor that holds rows ``start:stop`` of ``group``."""
+        rows = slice(start, stop)
+        lead = (slice(group, group + 1),) if self.groups > 1 else ()
+        return (*lead, slice(None), rows) if self.transposed else (*lead, rows)
+
+    def view(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (stored shape) as ``(groups, rows, dim)``; a view, so writes reach ``t``."""
+        if self.whole or not (self.transposed or self.groups > 1):
+            return t.view(self.groups, self.rows, self.dim)
+        if self.groups > 1:
+            return t.transpose(1, 2) if self.transposed else t  # (experts, out, in)
+        return t.t().unsqueeze(0)  # (1, out, in)
+
+
+def _layout(name: str, shape: tuple[int, ...], model_type: str | None, base: Path) -> _Layout:
+    """How tensor ``name`` of a ``model_type`` model splits into output rows."""
+    if len(shape) < 2:
+        return _Layout(1, 1, math.prod(shape), whole=True)
+    module, _, leaf = name.rpartition(".")
+    if (
+        len(shape) == 2
+        and leaf == "weight"
+        and module.rpartition(".")[2] in _CONV1D_MODULES.get(model_type, ())
+    ):
+        return _Layout(1, shape[1], shape[0], transposed=True)  # Conv1D: (in, out)
+    if len(shape) == 3 and _EXPERTS.search(name):
+        if model_type is None:
+            raise ModelLoadError(
+                f"tensor {name} {shape} looks like fused MoE experts, but the base {base} has no config.json "
+                "model_type to tell (experts, out, in) from (experts, in, out); add the base's config.json"
+            )
+        if model_type in _TRANSPOSED_EXPERTS:
+            return _Layout(shape[0], shape[2], shape[1], transposed=True)
+        return _Layout(shape[0], shape[1], shape[2])
+    return _Layout(1, shape[0], math.prod(shape[1:]))  # linear (out, in); conv (out, in, *kernel)
+
+
+def _model_type(folder: Path) -> str | None:
+    """``model_type`` from a model folder's ``config.json`` (None without one)."""
+    try:
+        value = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
 class _Weights:
     """A model folder's tensors, read lazily by name; at most one shard open at a time."""
 
@@ -303,19 +405,22 @@ class _Weights:
                 self._open = (shard, self._load_bin(shard))
         return self._open[1]
 
-    def rows(self, name: str, start: int, stop: int, dim: int) -> np.ndarray:
-        """Rows ``start:stop`` of tensor ``name`` seen as ``(rows, dim)``, as float64."""
+    def rows(self, name: str, layout: _Layout, group: int, start: int, stop: int) -> np.ndarray:
+        """Output rows ``start:stop`` of ``group`` of tensor ``name``, ``(stop - start, dim)`` float64."""
         import torch
 
         info = self.tensors[name]
         handle = self._handle(info.file)
         with self._reading(info.file, name):
-            if isinstance(handle, dict):  # a .bin shard
-                t = handle[name] if len(info.shape) < 2 else handle[name][start:stop]
+            if layout.whole:
+                t = handle[name] if isinstance(handle, dict) else handle.get_tensor(name)
             else:
-                t = handle.get_tensor(name) if len(info.shape) < 2 else handle.get_slice(name)[start:stop]
+                index = layout.index(group, start, stop)
+                t = handle[name][index] if isinstance(handle, dict) else handle.get_slice(name)[index]
+            if layout.transposed:
+                t = t.transpose(-1, -2)  # (…, rows, dim)
             # A fresh float64 copy: the kernels then never touch a mapped file.
-            t64 = t.to(torch.float64, copy=True).reshape(-1, dim)  # (stop - start, dim)
+            t64 = t.to(torch.float64, copy=True).reshape(-1, layout.dim)  # (stop - start, dim)
         rows = t64.numpy()
         if not np.isfinite(rows).all():
             raise ModelLoadError(f"{info.file}: tensor {name} of the {self.role} contains NaN or Inf values")
@@ -382,36 +487,101 @@ def _check_compatible(base: _Weights, models: list[_Weights]) -> None:
 # ----------------------------------------------------------------------------- computing
 
 
+@dataclass
+class _Rounding:
+    """Changed weights, and those a narrower output dtype rounds back to the base's value."""
+
+    changed: int = 0
+    lost: int = 0
+    tensors: int = 0  # tensors with a loss
+
+
+def _check_dtype(dtype: str | None) -> str | None:
+    """A floating dtype name (``float32``, ``bf16``…) in torch's spelling.
+
+    Raises:
+        ConfigError: anything else.
+    """
+    if dtype is None:
+        return None
+    name = _DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
+    if name not in _HOLDS:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(_HOLDS)}")
+    return name
+
+
+def _widest(dtypes: Sequence[str]) -> str:
+    """The narrowest dtype that holds every value of each of ``dtypes`` (bf16 + fp16 → fp32)."""
+    return next(d for d in ("bfloat16", "float16", "float32", "float64") if set(dtypes) <= _HOLDS[d])
+
+
 def _combine_tensor(
-    name: str, base: _Weights, models: list[_Weights], spec: _FullOperation, params: dict[str, Any]
+    name: str,
+    base: _Weights,
+    models: list[_Weights],
+    spec: _FullOperation,
+    params: dict[str, Any],
+    *,
+    layout: _Layout | None,
+    dtype: str | None,
+    rounding: _Rounding,
 ) -> torch.Tensor:
-    """One tensor of the result, ``θ_base + op(τ_1, …, τ_K)``, in the base's dtype."""
+    """One tensor of the result, ``θ_base + op(τ_1, …, τ_K)``.
+
+    Written in ``dtype``, else in the widest of the inputs' dtypes. With ``dtype``,
+    counts in ``rounding`` the weights the operation changed and those the cast rounds
+    back to the base's value (possible only where ``dtype`` is narrower than an input).
+    """
     import torch
 
     info = base.tensors[name]
-    n = math.prod(info.shape)
-    if info.dtype is None or n == 0:
-        return base.tensor(name)
-    n_rows = info.shape[0] if len(info.shape) >= 2 else 1  # a 1-D tensor is one row
-    dim = n // n_rows
-    out = torch.empty(info.shape, dtype=getattr(torch, info.dtype))
-    out_rows = out.view(n_rows, dim)  # (rows, dim)
-    step = max(1, _BLOCK_ELEMENTS // dim)
-    for start in range(0, n_rows, step):
-        stop = min(n_rows, start + step)
-        theta0 = base.rows(name, start, stop, dim)  # (block, dim)
-        taus = []
-        for m in models:
-            tau = m.rows(name, start, stop, dim)  # (block, dim)
-            tau -= theta0
-            taus.append(RowDelta(tau, tau.shape))
-        delta = spec.kernel(taus, params)
-        assert isinstance(delta, RowDelta), "kernels return dense rows for dense inputs"
-        block = torch.from_numpy(theta0 + delta.rows).to(out.dtype)  # (block, dim)
-        if not torch.isfinite(block).all():
-            raise ConfigError(f"tensor {name}: the result overflows {info.dtype}; use a smaller weight")
-        out_rows[start:stop] = block
+    if info.dtype is None or layout is None or math.prod(info.shape) == 0:
+        return base.tensor(name)  # an integer buffer, or nothing to compute
+    widest = _widest([info.dtype, *(m.tensors[name].dtype for m in models)])
+    out_dtype = dtype or widest
+    narrowed = widest not in _HOLDS[out_dtype]  # only then can an edit round away
+    out = torch.empty(info.shape, dtype=getattr(torch, out_dtype))
+    out_rows = layout.view(out)  # (groups, rows, dim)
+    step = max(1, _BLOCK_ELEMENTS // layout.dim)
+    lost_before = rounding.lost
+    for group in range(layout.groups):
+        for start in range(0, layout.rows, step):
+            stop = min(layout.rows, start + step)
+            theta0 = base.rows(name, layout, group, start, stop)  # (block, dim)
+            taus = []
+            for m in models:
+                tau = m.rows(name, layout, group, start, stop)  # (block, dim)
+                tau -= theta0
+                taus.append(RowDelta(tau, tau.shape))
+            delta = spec.kernel(taus, params)
+            assert isinstance(delta, RowDelta), "kernels return dense rows for dense inputs"
+            exact = theta0 + delta.rows  # (block, dim)
+            block = torch.from_numpy(exact).to(out.dtype)  # (block, dim)
+            if not torch.isfinite(block).all():
+                raise ConfigError(
+                    f"tensor {name}: the result overflows {out_dtype}; "
+                    "use a smaller weight or a wider --dtype"
+                )
+            if dtype is not None:  # a requested dtype: measure what it loses
+                changed = exact != theta0
+                rounding.changed += int(changed.sum())
+                if narrowed:
+                    kept = torch.from_numpy(theta0).to(out.dtype).double().numpy()  # the base, as written
+                    rounding.lost += int((changed & (block.double().numpy() == kept)).sum())
+            out_rows[group, start:stop] = block
+    rounding.tensors += rounding.lost > lost_before
     return out
+
+
+def _warn_rounding(rounding: _Rounding, dtype: str) -> None:
+    if rounding.lost:
+        warnings.warn(
+            f"writing in {dtype} rounds {rounding.lost} of {rounding.changed} changed weights "
+            f"({rounding.lost / rounding.changed:.2%}, in {rounding.tensors} tensor(s)) back to the base's "
+            "values; the inputs hold them: drop --dtype to write in the inputs' widest dtype",
+            ExciseWarning,
+            stacklevel=3,
+        )
 
 
 def _shard_names(n: int) -> list[str]:
@@ -440,6 +610,7 @@ def apply_full(
     out: str | Path,
     *,
     params: dict[str, Any] | None = None,
+    dtype: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -455,10 +626,15 @@ def apply_full(
         base: folder of the base model θ_base: ``model.safetensors``, a sharded
             ``model.safetensors.index.json``, or the ``pytorch_model.bin`` equivalents.
         models: folders of the fine-tuned models, same architecture as ``base``.
-        out: output folder: the result in the base's dtypes and shard layout
-            (safetensors), the base's config and tokenizer files overlaid with the
-            first model's, and ``excise.json`` provenance. Written atomically.
+        out: output folder: the result in the base's shard layout (safetensors), the
+            base's config and tokenizer files overlaid with the first model's, and
+            ``excise.json`` provenance. Written atomically.
         params: the operator's parameters; missing ones take the registry defaults.
+        dtype: the dtype of every floating tensor written (``float32``, ``bfloat16``,
+            ``float16``, ``float64``; ``fp32``, ``bf16``… accepted). Default: per tensor,
+            the narrowest dtype that holds every input's (bf16 base + fp32 fine-tunes
+            → fp32). A ``dtype`` that rounds changed weights back to the base's values
+            warns with their share (:class:`~excise.errors.ExciseWarning`).
         overwrite: replace a non-empty ``out``.
         progress: show a progress bar over tensors.
 
@@ -466,13 +642,15 @@ def apply_full(
         ``out``.
 
     Raises:
-        ConfigError: unknown operator, wrong number of models, bad or non-finite
-            parameter, ``out`` not empty (without ``overwrite``) or one of the inputs,
-            a result that overflows the base's dtype.
+        ConfigError: unknown operator or dtype, wrong number of models, bad or
+            non-finite parameter, ``out`` not empty (without ``overwrite``) or one of
+            the inputs, a result that overflows the output dtype.
         ModelLoadError: a folder or weights file missing, corrupt or unreadable; a
-            tensor missing, extra or of another shape in a fine-tune; NaN/Inf weights.
+            tensor missing, extra or of another shape in a fine-tune; NaN/Inf weights;
+            a fused MoE tensor in a base without ``config.json``.
     """
     name, spec, params = _resolve(operation, len(models), dict(params or {}))
+    dtype = _check_dtype(dtype)
     out = check_output_dir(out, overwrite=overwrite)
     inputs = [Path(base), *(Path(m) for m in models)]
     if any(out.resolve() == p.resolve() for p in inputs):
@@ -480,6 +658,8 @@ def apply_full(
     theta0 = _Weights(inputs[0], "base")
     thetas = [_Weights(p, _role(spec, i, len(models))) for i, p in enumerate(inputs[1:])]
     _check_compatible(theta0, thetas)
+    model_type = _model_type(inputs[0])
+    layouts = {n: _layout(n, i.shape, model_type, inputs[0]) for n, i in theta0.tensors.items() if i.dtype}
 
     # Not at module level: `excise ops` on adapters never pays for torch or tqdm.
     from safetensors.torch import save_file
@@ -491,12 +671,14 @@ def apply_full(
         "operation": name,
         "mode": "full",
         "params": params,
+        "dtype": dtype or "widest input",
         "base": theta0.provenance(),
         "inputs": [m.provenance() for m in thetas],
     }
     metadata = {"format": "pt", "excise": json.dumps(provenance)}
     weight_map: dict[str, str] = {}
     total_size = 0
+    rounding = _Rounding()
     with (
         atomic_output_dir(out, overwrite=overwrite) as tmp,
         tqdm(total=len(theta0.tensors), desc=name, unit="tensor", disable=not progress) as bar,
@@ -504,7 +686,16 @@ def apply_full(
         for shard, out_name in zip(theta0.shards, _shard_names(len(theta0.shards)), strict=True):
             result = {}
             for tensor_name in (n for n, info in theta0.tensors.items() if info.file == shard):
-                result[tensor_name] = _combine_tensor(tensor_name, theta0, thetas, spec, params)
+                result[tensor_name] = _combine_tensor(
+                    tensor_name,
+                    theta0,
+                    thetas,
+                    spec,
+                    params,
+                    layout=layouts.get(tensor_name),  # None for integer buffers
+                    dtype=dtype,
+                    rounding=rounding,
+                )
                 bar.update()
             save_file(result, str(tmp / out_name), metadata=metadata)
             weight_map.update(dict.fromkeys(result, out_name))
@@ -517,4 +708,6 @@ def apply_full(
             (tmp / _ST_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         _copy_side_files(inputs[:2], tmp)
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    if dtype is not None:
+        _warn_rounding(rounding, dtype)
     return out

@@ -264,9 +264,58 @@ def _lora_scale(config: dict[str, Any], name: str, rank: int) -> float:
     return float(alpha) / rank
 
 
+# `init_lora_weights` values (PEFT 0.21.2, `LoraLayer.update_layer`) whose adapter is a
+# plain delta s·BA on the unchanged base: the default (True), False, Gaussian, EVA and
+# orthogonal init leave the base weights alone, and MiCA starts from A = 0, so B0·A0 = 0.
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
+
+
+def _check_init(config: dict[str, Any], file: Path) -> None:
+    """Refuse a LoRA whose delta is not ``s·BA`` on the unchanged base.
+
+    PiSSA (``pissa``, ``pissa_niter_<n>``), CorDA, OLoRA and LoRA-GA train on the base
+    minus their initial ``s·B0A0``, so the adapter's delta on the real base is
+    ``s·(BA − B0A0)``; PEFT reapplies the subtraction on load (from a fresh SVD for
+    PiSSA/OLoRA; LoRA-GA's is lost), and a result that kept the init name would have it
+    reapplied at the result's rank. LoftQ replaces the base weights by a quantised copy.
+    """
+    value = config.get("init_lora_weights", True)
+    where = file.parent / ADAPTER_CONFIG
+    name = value.lower() if isinstance(value, str) else None
+    if value is True or value is False or name in _PLAIN_INITS:
+        return
+    if name == "loftq":
+        raise AdapterError(
+            f"{where}: init_lora_weights='loftq': PEFT swaps the base weights for a quantised copy when "
+            "it loads this adapter, so it is no delta on the base; save the LoftQ base model, mark the "
+            "adapter init_lora_weights=true as PEFT's LoftQ example does, and operate with that base"
+        )
+    if isinstance(value, str) and (value.startswith(("pissa", "corda")) or name in ("olora", "lora_ga")):
+        raise AdapterError(
+            f"{where}: init_lora_weights={value!r}: PEFT changes the base weights for this adapter, so its "
+            "delta is s·(BA − B0A0), not s·BA; convert it to a plain LoRA with PEFT's "
+            "save_pretrained(out, path_initial_model_for_weight_conversion=<the initial adapter's folder>) "
+            "and use that"
+        )
+    raise AdapterError(
+        f"{where}: init_lora_weights={value!r} is not a value PEFT 0.21 reads as a plain LoRA "
+        f"(excise accepts {', '.join(map(repr, _PLAIN_INITS))}); convert the adapter with PEFT's "
+        "path_initial_model_for_weight_conversion or set the value that matches how it was trained"
+    )
+
+
 def _read_lora(config: dict[str, Any], tensors: dict[str, np.ndarray], file: Path) -> dict[str, LowRankDelta]:
     if config.get("use_dora"):
         raise AdapterError(f"{file}: DoRA adapters (use_dora) are not supported")
+    _check_init(config, file)
+    if config.get("target_parameters"):
+        # PEFT's ParamWrapper: on a fused (experts, …) tensor lora_A is (r·experts, in) and
+        # lora_B (out, r·experts), one rank-r block per expert, so B·A is no delta of it.
+        raise AdapterError(
+            f"{file.parent / ADAPTER_CONFIG}: target_parameters {config['target_parameters']} (LoRA on "
+            "parameters, e.g. fused MoE experts, whose rank is split per expert) is not supported; "
+            "target modules (target_modules) instead, or merge the adapter and use --base"
+        )
     factors: dict[str, dict[str, np.ndarray]] = {}
     for key, tensor in tensors.items():
         match = _LORA_KEY.match(key.removeprefix(_PREFIX))
@@ -601,6 +650,15 @@ def _bfloat16_bits(x: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(x), np.uint32(0x7FC0), rounded).astype(np.uint16)
 
 
+# The settings of the init methods, reset with init_lora_weights (PEFT's defaults).
+_INIT_CONFIGS: dict[str, Any] = {
+    "loftq_config": {},
+    "eva_config": None,
+    "corda_config": None,
+    "lora_ga_config": None,
+}
+
+
 def _result_config(
     peft_type: str, config: dict[str, Any], shapes: dict[str, tuple[int, ...]]
 ) -> dict[str, Any]:
@@ -623,7 +681,13 @@ def _result_config(
             layers_pattern=None,
             exclude_modules=None,
             modules_to_save=None,
+            # A plain LoRA: PEFT must not rerun a PiSSA/OLoRA/… init on the base at load
+            # time (the inputs were checked to be plain deltas, see _check_init).
+            init_lora_weights=True,
         )
+        for key, default in _INIT_CONFIGS.items():
+            if key in result:
+                result[key] = default
     elif peft_type == "IA3":
         result.update(
             target_modules=sorted(shapes),

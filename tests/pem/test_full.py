@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from excise.errors import ConfigError, ExciseError, ModelLoadError
+from excise.errors import ConfigError, ExciseError, ExciseWarning, ModelLoadError
 from excise.pem import full
 from excise.pem.full import apply_full
 from excise.pem.io import PROVENANCE_FILE
@@ -569,3 +569,155 @@ def test_random_models_match_reference(shapes, op_params, lam, n_shards, block, 
     assert got.keys() == expected.keys()
     for name, value in expected.items():
         np.testing.assert_allclose(got[name].numpy(), value.numpy(), rtol=1e-9, atol=1e-9, err_msg=name)
+
+
+# ----------------------------------------------------------------------------- dtypes
+
+
+def test_bf16_base_with_fp32_finetunes_writes_fp32(zoo, tmp_path):
+    """The widest input dtype by default: fp32 fine-tunes of a bf16 base keep every edit."""
+    base = _load(zoo["base_bf16"])
+    models = [zoo["expert"], zoo["anti"]]
+    out = apply_full("ext_sub", zoo["base_bf16"], models, tmp_path / "o", params={"lam": 1.0}, progress=False)
+    got = _load(out)
+    expected = _reference("ext_sub", {k: v.double() for k, v in base.items()}, [_load(m) for m in models], {})
+    for name, value in expected.items():
+        assert got[name].dtype == torch.float32, name
+        torch.testing.assert_close(got[name], value.float(), atol=0, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "bf16"])
+def test_requested_dtype(zoo, tmp_path, dtype):
+    """--dtype is honoured; a narrower one warns with the share of edits it rounds away."""
+    models = [zoo["expert"], zoo["anti"]]
+    params = {"lam": 1.0}
+    if dtype == "bf16":
+        with pytest.warns(ExciseWarning, match=r"writing in bfloat16 rounds \d+ of \d+ changed weights"):
+            out = apply_full("ext_sub", zoo["base"], models, tmp_path / "o", params=params, dtype=dtype)
+    else:
+        out = apply_full("ext_sub", zoo["base"], models, tmp_path / "o", params=params, dtype=dtype)
+    expected = _reference("ext_sub", _load(zoo["base"]), [_load(m) for m in models], params)
+    torch_dtype = {"float64": torch.float64, "bf16": torch.bfloat16}[dtype]
+    got = _load(out)
+    for name, value in expected.items():
+        assert got[name].dtype == torch_dtype
+        torch.testing.assert_close(got[name].float(), value.to(torch_dtype).float(), msg=name)
+    with pytest.raises(ConfigError, match="unknown dtype 'int8'"):
+        apply_full("ext_sub", zoo["base"], models, tmp_path / "x", dtype="int8")
+
+
+# ----------------------------------------------------------------------------- rows are output neurons
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_embd=16, n_layer=2, n_head=2, vocab_size=50, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+def test_gpt2_conv1d_rows_match_the_lora_path(tmp_path):
+    """GPT-2 stores Conv1D weights (in, out). Ext-Sub on full fine-tunes made by merging two
+    LoRAs equals the LoRA path's Ext-Sub of those LoRAs, merged by PEFT: both work on output
+    neurons (PEFT's ``fan_in_fan_out``)."""
+    from peft import PeftModel
+
+    from excise.pem.apply import apply_operator
+    from tests.conftest import ext_sub_rows_numpy, write_peft_lora
+
+    targets = ["c_attn", "c_proj", "c_fc"]
+    _gpt2().save_pretrained(tmp_path / "base")
+    adapters, fts = [], []
+    for seed in (1, 2):
+        adapter = write_peft_lora(
+            tmp_path / f"lora{seed}", _gpt2(), seed=seed, r=4, lora_alpha=8, target_modules=targets,
+            fan_in_fan_out=True,
+        )  # fmt: skip
+        PeftModel.from_pretrained(_gpt2(), adapter).merge_and_unload().save_pretrained(tmp_path / f"ft{seed}")
+        adapters.append(adapter)
+        fts.append(tmp_path / f"ft{seed}")
+    lam = 0.8
+    out = apply_full(
+        "ext_sub", tmp_path / "base", fts, tmp_path / "full", params={"lam": lam}, progress=False
+    )
+    lora = apply_operator("ext_sub", adapters, tmp_path / "lora", params={"lam": lam})
+    merged = PeftModel.from_pretrained(_gpt2(), lora).merge_and_unload().state_dict()
+    got, base = _load(out), _load(tmp_path / "base")
+    assert got.keys() == base.keys()
+    for name, value in got.items():
+        torch.testing.assert_close(value, merged[name], atol=2e-6, rtol=1e-5, msg=name)
+    # And against DESIGN.md §1's rows written out, on the transposed weight.
+    name = "transformer.h.1.attn.c_attn.weight"
+    t0 = base[name].double().numpy()  # (in, out)
+    tau1, tau2 = (_load(ft)[name].double().numpy() - t0 for ft in fts)
+    expected = t0 + ext_sub_rows_numpy(tau1.T, tau2.T, lam).T
+    np.testing.assert_allclose(got[name].double().numpy(), expected, atol=2e-6, rtol=1e-5)
+
+
+def _gpt_oss():
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(0)
+    config = GptOssConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=3, head_dim=8, layer_types=["full_attention"],
+    )  # fmt: skip
+    return GptOssForCausalLM(config).eval()
+
+
+def test_fused_moe_experts_are_rows_per_expert(tmp_path):
+    """GPT-OSS stores its experts fused and transposed, (experts, in, out): each expert's
+    output neurons are the rows, as if each expert were an nn.Linear."""
+    from tests.conftest import ext_sub_rows_numpy
+
+    base = _gpt_oss()
+    base.save_pretrained(tmp_path / "base")
+    fts = []
+    for seed in (1, 2):
+        _finetune(base, seed).save_pretrained(tmp_path / f"ft{seed}")
+        fts.append(tmp_path / f"ft{seed}")
+    out = apply_full("ext_sub", tmp_path / "base", fts, tmp_path / "o", params={"lam": 1.0}, progress=False)
+    got, theta0 = _load(out), _load(tmp_path / "base")
+    thetas = [_load(ft) for ft in fts]
+    fused = 0
+    for name, t0 in theta0.items():
+        t0 = t0.double().numpy()
+        tau1, tau2 = (t[name].double().numpy() - t0 for t in thetas)
+        if t0.ndim == 3:  # (experts, in, out)
+            fused += 1
+            expected = t0 + np.stack(
+                [ext_sub_rows_numpy(a.T, b.T, 1.0).T for a, b in zip(tau1, tau2, strict=True)]
+            )
+        else:
+            n_rows = t0.shape[0] if t0.ndim >= 2 else 1
+            shape = (n_rows, -1)
+            expected = t0 + ext_sub_rows_numpy(tau1.reshape(shape), tau2.reshape(shape), 1.0).reshape(
+                t0.shape
+            )
+        np.testing.assert_allclose(got[name].double().numpy(), expected, atol=1e-6, rtol=1e-5, err_msg=name)
+    assert fused == 2  # gate_up_proj and down_proj
+
+
+def test_fused_experts_in_the_default_layout_and_without_config(tmp_path):
+    """(experts, out, in), transformers' default; without config.json the layout is unknown."""
+    from tests.conftest import ext_sub_rows_numpy
+
+    g = torch.Generator().manual_seed(0)
+    name = "model.layers.0.mlp.experts.down_proj"
+    states = [{name: torch.randn(3, 5, 7, generator=g, dtype=torch.float64)} for _ in range(3)]
+    folders = [_write(tmp_path / role, s) for role, s in zip(("base", "ft1", "ft2"), states, strict=True)]
+    (folders[0] / "config.json").write_text(json.dumps({"model_type": "qwen3_moe"}))
+    out = apply_full("ext_sub", folders[0], folders[1:], tmp_path / "o", params={"lam": 1.0}, progress=False)
+    t0 = states[0][name].numpy()
+    tau1, tau2 = (s[name].numpy() - t0 for s in states[1:])
+    expected = t0 + np.stack([ext_sub_rows_numpy(a, b, 1.0) for a, b in zip(tau1, tau2, strict=True)])
+    np.testing.assert_allclose(_load(out)[name].numpy(), expected, atol=1e-12, rtol=1e-12)
+
+    (folders[0] / "config.json").unlink()
+    with pytest.raises(ModelLoadError, match=r"fused MoE experts.*config\.json") as info:
+        apply_full("ext_sub", folders[0], folders[1:], tmp_path / "o2", progress=False)
+    assert "\n" not in str(info.value)
+    _assert_nothing_left(tmp_path / "o2")
