@@ -193,7 +193,7 @@ def test_halueval_judge_protocol_by_hand(model_dir, tmp_path):
     from excise.evaluate.metrics.halueval import SYSTEM, judge_prompt
 
     path, rows = _halueval_file(tmp_path)
-    record = run_eval("halueval", _cfg(model_dir, path), progress=False)
+    record = run_eval("halueval", _cfg(model_dir, path, split="all"), progress=False)
     tok, model = load_tokenizer(str(model_dir)), load_model(str(model_dir))
 
     def says_yes(question, answer):
@@ -215,7 +215,7 @@ def test_halueval_judge_protocol_by_hand(model_dir, tmp_path):
 
 def test_halueval_loss_protocol_by_hand(model_dir, tmp_path):
     path, rows = _halueval_file(tmp_path)
-    record = run_eval("halueval", _cfg(model_dir, path, protocol="loss"), progress=False)
+    record = run_eval("halueval", _cfg(model_dir, path, protocol="loss", split="all"), progress=False)
     tok, model = load_tokenizer(str(model_dir)), load_model(str(model_dir))
     wins = 0
     for row in rows:
