@@ -214,10 +214,10 @@ def _require_columns(
                 elif len(tried) == 1:
                     wanted.append(f"{name} (column {tried[0]})")
                 else:
-                    wanted.append(f"{name} (any of columns {', '.join(tried)})")
+                    wanted.append(f"{name} (any of columns {'/'.join(tried)})")
             have = ", ".join(map(str, row)) or "none"
             raise DataError(
-                f"{where}: row {i} lacks field(s) {'; '.join(wanted)} (it has: {have}); "
+                f"{where}: row {i} lacks field(s) {', '.join(wanted)} (it has: {have}); "
                 "map fields with --field NAME=COLUMN"
             )
 
