@@ -77,7 +77,7 @@ def run_eval(
     }
     key = cache_key(payload)
     if use_cache and (hit := read_cached(key)) is not None:
-        return hit | overlap | {"from_cache": True}
+        return _strict_record(hit) | overlap | {"from_cache": True}  # entries of older versions too
 
     if judge is None and judge_spec is not None:
         from excise.evaluate.judges import load_judge
@@ -95,11 +95,10 @@ def run_eval(
     ctx = EvalContext(cfg, subject, items, judge=judge, progress=progress)
     clock = time.perf_counter()
     outcome = metric.run(ctx)
-    metrics, null_reasons = _finite_metrics(outcome.metrics, outcome.null_reasons)
     record = {
         "metric": metric.name,
-        "metrics": metrics,
-        "null_reasons": null_reasons,
+        "metrics": outcome.metrics,
+        "null_reasons": outcome.null_reasons,
         "judge": judge_record(judge) if judge is not None else None,
         "model": cfg.model,
         "adapter": str(cfg.adapter) if cfg.adapter else None,
@@ -116,7 +115,7 @@ def run_eval(
         **outcome.extra,
         "items": outcome.items,
     }
-    record = strict_json(record)
+    record = _strict_record(record)
     if use_cache:
         write_cached(key, record)
     return record | overlap | {"from_cache": False}
@@ -127,17 +126,16 @@ def write_result(record: dict[str, Any], out: Path) -> Path:
     return write_atomic_json(Path(out), record)
 
 
-def _finite_metrics(
-    metrics: dict[str, float | None], reasons: dict[str, str]
-) -> tuple[dict[str, float | None], dict[str, str]]:
-    """Every metric a finite number or ``None``, and the reason of each ``None``."""
-    out, why = {}, {}
-    for name, value in metrics.items():
+def _strict_record(record: dict[str, Any]) -> dict[str, Any]:
+    """The record as strict JSON: every metric a finite number or ``None`` with its reason in
+    ``null_reasons``, and any other NaN or infinity (in per-item outputs) ``None``."""
+    metrics, reasons = {}, dict(record.get("null_reasons") or {})
+    for name, value in record["metrics"].items():
         finite = value is not None and math.isfinite(value)
-        out[name] = float(value) if finite else None
+        metrics[name] = float(value) if finite else None
         if not finite:
-            why[name] = reasons.get(name) or f"not a finite number ({value})"
-    return out, why
+            reasons.setdefault(name, f"not a finite number ({value})")
+    return strict_json(record | {"metrics": metrics, "null_reasons": reasons})
 
 
 def load_items(metric: Metric, cfg: EvalConfig, spec: str) -> list[dict[str, Any]]:

@@ -133,3 +133,27 @@ def test_result_writers_are_strict(tmp_path):
     written = _strict(out.read_text())
     assert written["results"]["t"] == {"acc": 0.5, "acc_stderr": None}
     assert "NaN" in written["excise"]["null_reason"]
+
+
+def test_non_finite_metric_and_items_become_null(tmp_path, monkeypatch):
+    """A metric that returns NaN (or an old cache entry holding one) is written as null with a reason."""
+    from dataclasses import replace
+
+    from excise.evaluate.metrics.base import MetricResult
+
+    nan_metric = replace(
+        METRICS["repetition"],
+        run=lambda ctx: MetricResult({"x": math.nan, "y": 0.5}, [{"score": math.inf}] * len(ctx.items)),
+    )
+    monkeypatch.setitem(METRICS, "repetition", nan_metric)
+    model = save_tiny_model(tmp_path / "tiny")
+    data = tmp_path / "p.json"
+    data.write_text(json.dumps([{"instruction": "Hi."}]))
+    cfg = EvalConfig(model=str(model), data=str(data), device="cpu")
+    for _ in range(2):  # computed, then read back from the cache
+        record = run_eval("repetition", cfg, progress=False)
+        assert record["metrics"] == {"x": None, "y": 0.5}
+        assert record["null_reasons"] == {"x": "not a finite number (nan)"}
+        assert record["items"] == [{"score": None}]
+        _strict(write_result(record, tmp_path / "r.json").read_text())
+    assert record["from_cache"]
