@@ -280,9 +280,11 @@ def merge(
     overwrite: Overwrite = False,
 ) -> None:
     """Merge an adapter into its base model and save a plain transformers model."""
+    from excise.data import recorded_training_data
     from excise.models.merge import merge_adapter
 
-    done(merge_adapter(base, adapter, out, overwrite=overwrite))
+    records = recorded_training_data(adapter)  # what it was trained on, for `excise eval`'s check
+    done(merge_adapter(base, adapter, out, overwrite=overwrite, training_data=records))
 
 
 @app.command("demo")

@@ -35,6 +35,7 @@ __all__ = [
 TRAINING_DATA = "training_data"  # the key of the records, in train_config.json and excise.json
 _TRAIN_CONFIG = "train_config.json"  # excise.train writes it beside what it trained
 _PROVENANCE = "excise.json"  # excise ops writes it beside its result
+_MERGE = "excise_merge.json"  # excise merge writes it beside the merged model
 
 # Loader format → the examples whose prompts were trained on. Both sides of paired and harmful
 # data share their prompts, so one side names them all.
@@ -94,10 +95,10 @@ def recorded_training_data(folder: str | Path) -> list[dict[str, Any]]:
     """The training data records a module folder holds, each once.
 
     Those its trainer wrote (``train_config.json``, ``config.training_data``) and, for a result
-    of ``excise ops``, those its ``excise.json`` carries from its inputs (``excise.pem.io`` copies
-    them there the same way: ``pem/`` may not import this package). A ``train_config.json``
-    or ``excise.json`` without records (an older excise) yields ``{"data": None, "train_config"
-    or "provenance": path}``: the data is unknown, not absent.
+    of ``excise ops`` or ``excise merge``, those its ``excise.json`` or ``excise_merge.json``
+    carries from its inputs (``excise.pem.io`` copies them the same way: ``pem/`` may not import
+    this package). Such a file without records (an older excise) yields ``{"data": None,
+    "train_config" or "provenance": path}``: the data is unknown, not absent.
     """
     folder = Path(folder)
     records: list[Any] = []
@@ -107,14 +108,11 @@ def recorded_training_data(folder: str | Path) -> list[dict[str, Any]]:
         found = config.get(TRAINING_DATA) if isinstance(config, dict) else None
         unrecorded = {"data": None, "train_config": str(trained.resolve())}
         records += found if isinstance(found, list) else [unrecorded]
-    provenance = folder / _PROVENANCE
-    if provenance.is_file():
-        carried = _json_object(provenance).get(TRAINING_DATA)
-        records += (
-            carried
-            if isinstance(carried, list)
-            else [{"data": None, "provenance": str(provenance.resolve())}]
-        )
+    for provenance in (folder / _PROVENANCE, folder / _MERGE):
+        if provenance.is_file():
+            carried = _json_object(provenance).get(TRAINING_DATA)
+            unknown = {"data": None, "provenance": str(provenance.resolve())}
+            records += carried if isinstance(carried, list) else [unknown]
     unique = {json.dumps(r, sort_keys=True): r for r in records if isinstance(r, dict)}
     return list(unique.values())
 

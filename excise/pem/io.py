@@ -60,6 +60,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 PROVENANCE_FILE = "excise.json"
 TRAIN_CONFIG = "train_config.json"  # written by excise.train beside what it trained
 TRAINING_DATA = "training_data"  # its records of the data trained on (excise.data.trained)
+_MERGE_PROVENANCE = "excise_merge.json"  # `excise merge` keeps its adapter's records there
 _SAFETENSORS = "adapter_model.safetensors"
 _BIN = "adapter_model.bin"
 _PREFIX = "base_model.model."
@@ -128,9 +129,9 @@ def recorded_training_data(folder: str | Path) -> list[dict[str, Any]]:
     """The training data records of a module folder, copied as JSON, never interpreted.
 
     Those its trainer wrote (``train_config.json``, ``config.training_data``) and, for a result
-    of ``excise ops``, those its ``excise.json`` carries from its inputs. A ``train_config.json``
-    or ``excise.json`` without records (an older excise) yields ``{"data": None, "train_config"
-    or "provenance": path}``, so a reader can say the data is unknown rather than absent.
+    of ``excise ops`` or ``excise merge``, those its ``excise.json`` or ``excise_merge.json``
+    carries from its inputs. Such a file without records (an older excise) yields ``{"data":
+    None, "train_config" or "provenance": path}``, so a reader can say the data is unknown.
     ``excise.data.recorded_training_data`` reads them the same way for ``excise eval`` (``pem/``
     may not import ``data/``).
     """
@@ -142,14 +143,11 @@ def recorded_training_data(folder: str | Path) -> list[dict[str, Any]]:
         found = config.get(TRAINING_DATA) if isinstance(config, dict) else None
         unrecorded = {"data": None, "train_config": str(trained.resolve())}
         records += found if isinstance(found, list) else [unrecorded]
-    provenance = folder / PROVENANCE_FILE
-    if provenance.is_file():
-        carried = _json_object(provenance).get(TRAINING_DATA)
-        records += (
-            carried
-            if isinstance(carried, list)
-            else [{"data": None, "provenance": str(provenance.resolve())}]
-        )
+    for provenance in (folder / PROVENANCE_FILE, folder / _MERGE_PROVENANCE):
+        if provenance.is_file():
+            carried = _json_object(provenance).get(TRAINING_DATA)
+            unknown = {"data": None, "provenance": str(provenance.resolve())}
+            records += carried if isinstance(carried, list) else [unknown]
     return carried_training_data([{TRAINING_DATA: records}])
 
 

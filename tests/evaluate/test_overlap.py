@@ -194,3 +194,20 @@ def test_unlearning_records_harmful_and_normal_data(tmp_path):
     assert trained_prompt_keys(records[0]) == expected
     safe_cfg = UnlearnConfig(base="x", harmful=str(harmful), normal="safe", out=tmp_path / "o")
     assert len(_training_data(safe_cfg, normal=True)) == 1  # `safe` is the harmful file itself
+
+
+def test_merged_model_keeps_its_adapters_training_data(monkeypatch, capsys, flow, tmp_path):
+    """`excise merge`: the merged model, evaluated as --base, is checked like its adapter."""
+    merged = tmp_path / "merged"
+    code, _, err = _main(
+        monkeypatch, capsys, "merge", "--base", str(flow["model"]), "--adapter", str(flow["ext_sub"]),
+        "--out", str(merged),
+    )  # fmt: skip
+    assert code == 0, err
+    args = ["eval", "halueval", "--base", str(merged), "--data", str(flow["qa"]), "--protocol", "loss"]
+    args += ["--device", "cpu", "--out", str(tmp_path / "r.json")]
+    code, _, err = _main(monkeypatch, capsys, *args, "--split", "all")
+    assert code == 2 and err.startswith(f"error: {len(TRAIN_SIDE)} of the {len(QA_ROWS)} evaluation items")
+    code, _, err = _main(monkeypatch, capsys, *args)
+    assert code == 0, err
+    assert [c["overlap"] for c in json.loads((tmp_path / "r.json").read_text())["training_overlap"]] == [0, 0]
