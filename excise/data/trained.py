@@ -65,6 +65,7 @@ def training_data_record(
     split: str,
     limit: int | None = None,
     max_examples: int | None = None,
+    rows: list[int] | None = None,
 ) -> dict[str, Any]:
     """The record of one training data file (see the module docstring).
 
@@ -75,6 +76,8 @@ def training_data_record(
         split: the side of the project-wide prompt split trained on (``all``: every row).
         limit: rows read from the top of the file.
         max_examples: examples kept after the split.
+        rows: for a trainer that picks its own rows (the demo's seeded shuffle): the 0-based
+            rows of the file it trained on; ``split`` is then ``all`` and applies first.
     """
     path = Path(spec).expanduser()
     local = path.is_file()
@@ -88,6 +91,7 @@ def training_data_record(
         "fractions": dict(STANDARD_SPLITS),
         "salt": SPLIT_SALT,
         "max_examples": max_examples,
+        **({"rows": sorted(rows)} if rows is not None else {}),
     }
 
 
@@ -144,6 +148,9 @@ def trained_prompt_keys(record: Mapping[str, Any]) -> set[str]:
         examples = split_by_prompt(examples, lambda e: e.split_key, fractions, salt=salt).get(side, [])
     if record.get("max_examples"):
         examples = examples[: int(record["max_examples"])]
+    if record.get("rows") is not None:
+        rows = set(record["rows"])
+        examples = [e for e in examples if e.row in rows]
     return {key for e in examples if (key := prompt_key(e.split_key))}
 
 
