@@ -47,11 +47,16 @@ def run_eval(
         progress: show progress bars.
 
     Returns:
-        The record: ``metrics``, ``items`` (per-item outputs) and provenance (model, adapter,
-        data, limit, seed, judge, settings, version), plus ``from_cache``.
+        The record: ``metrics`` (each a finite number, or ``None`` with its reason in
+        ``null_reasons``), ``items`` (per-item outputs), provenance (model, adapter, data, limit,
+        seed, judge, settings, version), ``training_overlap`` (each module × training file
+        checked, with its overlap count) and ``warnings`` (overlaps let through by
+        ``allow_overlap``), plus ``from_cache``.
 
     Raises:
-        ConfigError, DataError, ModelLoadError, AdapterError: bad settings, data, model or adapter.
+        ConfigError, DataError, ModelLoadError, AdapterError: bad settings, data, model or adapter;
+            DataError also for items whose prompt the model was trained on (or whose training
+            data cannot be checked) without ``allow_overlap``.
     """
     metric = _metric(name)
     if metric.check is not None:
