@@ -219,7 +219,7 @@ _COMMANDS = {
     "toxicity": "Toxicity of answers to Ext-Sub's toxic instructions: mean judge score and share > 0.8.",
     "repetition": "1..4-gram repetition of generated answers (mean over generations, as Ext-Sub).",
     "harmful-rate": "Share of answers to held-out harmful prompts that a judge flags (SKU).",
-    "utility": "Diversity, fluency (perplexity under the original model) and similarity to its answers (SKU).",
+    "utility": "Diversity, fluency (perplexity under the original model), similarity to its answers (SKU).",
     "perplexity": "Sliding-window perplexity on normal text (wikitext-2 raw test by default).",
 }
 

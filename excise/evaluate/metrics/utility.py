@@ -138,5 +138,5 @@ METRIC = Metric(
     default_split="eval",
     prompt_field="instruction",
     check=check,
-    summary="Diversity, fluency (perplexity under the original model) and similarity to its answers (SKU).",
+    summary="Diversity, fluency (perplexity under the original model), similarity to its answers (SKU).",
 )
