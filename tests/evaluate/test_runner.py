@@ -157,3 +157,23 @@ def test_non_finite_metric_and_items_become_null(tmp_path, monkeypatch):
         assert record["items"] == [{"score": None}]
         _strict(write_result(record, tmp_path / "r.json").read_text())
     assert record["from_cache"]
+
+
+@pytest.mark.parametrize("metric", ["truthfulqa-mc", "truthfulqa-gen", "halueval"])
+def test_split_eval_keeps_the_held_out_questions(tmp_path, metric):
+    """Every metric whose data can be training data splits by its question (was KeyError(None))."""
+    from excise.data import assign_split
+
+    questions = [f"Question number {i}?" for i in range(60)]
+    columns = {
+        "truthfulqa-mc": {"mc1_targets": {"a": 1}, "mc2_targets": {"a": 1}},
+        "truthfulqa-gen": {"Correct Answers": "a", "Incorrect Answers": "b"},
+        "halueval": {"right_answer": "a", "hallucinated_answer": "b"},
+    }[metric]
+    key = "Question" if metric == "truthfulqa-gen" else "question"
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([{key: q, **columns} for q in questions]))
+    items = _items(metric, path, split="eval")
+    expected = [q for q in questions if assign_split(q) == "eval"]
+    assert [it["question"] for it in items] == expected and 0 < len(expected) < len(questions)
+    assert METRICS["halueval"].default_split == "eval"
