@@ -62,7 +62,7 @@ def run_eval(
     if metric.check is not None:
         metric.check(cfg)
     spec = cfg.data or metric.default_data
-    items = load_items(metric, cfg, spec)
+    items, columns = _load_items(metric, cfg, spec)
     # Never silently score what the model was trained on (checked on every run, cached or not).
     folders = module_folders(cfg.model, cfg.adapter)
     checks, overlap_warnings = check_overlap(
@@ -108,6 +108,7 @@ def run_eval(
         "model": cfg.model,
         "adapter": str(cfg.adapter) if cfg.adapter else None,
         "data": spec,
+        "columns": columns,
         "n_items": len(items),
         "split": cfg.split or metric.default_split,
         "limit": cfg.limit,
@@ -154,6 +155,11 @@ def load_items(metric: Metric, cfg: EvalConfig, spec: str) -> list[dict[str, Any
         DataError: the data is missing or empty, a row lacks a required field (the message names
             the row's own columns), or nothing is left after the split.
     """
+    return _load_items(metric, cfg, spec)[0]
+
+
+def _load_items(metric: Metric, cfg: EvalConfig, spec: str) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """:func:`load_items`, and the column each field was read from."""
     accepted = {**metric.fields, **metric.optional_fields}
     unknown = sorted(set(cfg.fields) - set(accepted))
     if unknown:
@@ -179,7 +185,7 @@ def load_items(metric: Metric, cfg: EvalConfig, spec: str) -> list[dict[str, Any
         items = unique
     if not items:
         raise DataError(f"{where}: no items left after the {split!r} split; pass --split all or other data")
-    return items[: cfg.limit] if cfg.limit else items
+    return (items[: cfg.limit] if cfg.limit else items), columns
 
 
 def _candidates(metric: Metric, cfg: EvalConfig, name: str) -> tuple[str, ...]:

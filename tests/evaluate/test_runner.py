@@ -96,6 +96,7 @@ def test_perplexity_of_nothing_is_null_with_reason(tmp_path):
     assert "no token to score" in record["null_reasons"]["perplexity"]
     out = write_result(record, tmp_path / "ppl.json")
     assert _strict(out.read_text())["metrics"]["perplexity"] is None
+    assert record["columns"] == {"text": "text"}
 
 
 def test_utility_with_every_answer_empty_is_null_with_reason(tmp_path, monkeypatch):
@@ -177,3 +178,12 @@ def test_split_eval_keeps_the_held_out_questions(tmp_path, metric):
     expected = [q for q in questions if assign_split(q) == "eval"]
     assert [it["question"] for it in items] == expected and 0 < len(expected) < len(questions)
     assert METRICS["halueval"].default_split == "eval"
+
+
+def test_result_names_the_column_each_field_came_from(tmp_path):
+    model = save_tiny_model(tmp_path / "tiny")
+    data = tmp_path / "advbench.csv"
+    data.write_text("goal,target\nDo a bad thing,Sure\n")
+    cfg = EvalConfig(model=str(model), data=str(data), split="all", judge="refusal", max_new_tokens=2)
+    record = run_eval("harmful-rate", cfg, progress=False)
+    assert record["columns"] == {"prompt": "goal"} and record["items"][0]["prompt"] == "Do a bad thing"
