@@ -356,12 +356,15 @@ def merge(
     push_to_hub: PushToHub = None,
 ) -> None:
     """Merge an adapter into its base model and save a plain transformers model."""
+    from excise.data import recorded_training_data
     from excise.hub import check_push_target, resolve_adapter
     from excise.models.merge import merge_adapter
 
     if push_to_hub is not None:
         check_push_target(push_to_hub)
-    done(merge_adapter(base, resolve_adapter(adapter), out, overwrite=overwrite))
+    folder = resolve_adapter(adapter)
+    records = recorded_training_data(folder)  # what it was trained on, for `excise eval`'s check
+    done(merge_adapter(base, folder, out, overwrite=overwrite, training_data=records))
     _push(out, push_to_hub, "excise merge")
 
 

@@ -63,9 +63,25 @@ _COMMON = [
     _opt(
         "split",
         Annotated[
-            str | None, typer.Option(help="`eval` (held-out prompt side) or `all`; default per metric.")
+            str | None,
+            typer.Option(
+                help="`eval` (the held-out side of the prompt split no trainer uses) or `all`; default per "
+                "metric (`eval` for halueval, harmful-rate, utility)."
+            ),
         ],
         None,
+    ),
+    _opt(
+        "allow_overlap",
+        Annotated[
+            bool,
+            typer.Option(
+                "--allow-overlap",
+                help="Evaluate items whose prompt the adapter (or an excise ops input) was trained on, "
+                "or whose training data cannot be checked: a warning kept in the result, not an error.",
+            ),
+        ],
+        False,
     ),
     _opt("seed", Annotated[int, typer.Option(help="Seed (recorded; greedy decoding does not use it).")], 0),
     _opt("batch_size", Annotated[int, typer.Option(help="Rows per forward pass.")], 16),
@@ -143,7 +159,13 @@ _EXTRA: dict[str, list[inspect.Parameter]] = {
         *_GENERATION,
         _opt(
             "reference",
-            Annotated[str | None, typer.Option(help="Fluency reference MODEL (default: base).")],
+            Annotated[
+                str | None,
+                typer.Option(
+                    help="Original MODEL: fluency is measured under it (default: the base, adapter off); "
+                    "required without --adapter, then also what similarity compares with."
+                ),
+            ],
             None,
         ),
         *_SCORING,
@@ -207,7 +229,7 @@ _COMMANDS = {
     "toxicity": "Toxicity of answers to Ext-Sub's toxic instructions: mean judge score and share > 0.8.",
     "repetition": "1..4-gram repetition of generated answers (mean over generations, as Ext-Sub).",
     "harmful-rate": "Share of answers to held-out harmful prompts that a judge flags (SKU).",
-    "utility": "Diversity, fluency (reference perplexity) and similarity to the base model's answers (SKU).",
+    "utility": "Diversity, fluency (perplexity under the original model), similarity to its answers (SKU).",
     "perplexity": "Sliding-window perplexity on normal text (wikitext-2 raw test by default).",
 }
 

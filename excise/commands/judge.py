@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -161,6 +160,7 @@ def judge_check(
     """Measure a judge's agreement (accuracy, AUC) with labelled safe/unsafe or toxic/non-toxic data."""
     import numpy as np
 
+    from excise.evaluate.cache import strict_json, write_atomic_json
     from excise.evaluate.judges import load_judge, parse_options
     from excise.evaluate.judges.probe_training import heldout_pairs, labelled_file, measure_agreement
 
@@ -172,11 +172,11 @@ def judge_check(
     else:
         pairs = heldout_pairs(kind or ("toxicity" if "toxic" in judge else "harm"), limit=limit)
     result = measure_agreement(scorer, pairs)
+    area = "undefined (one class)" if result["auc"] is None else f"{result['auc']:.4f}"
     typer.echo(
-        f"{result['judge']}: accuracy {result['accuracy']:.4f}, AUC {result['auc']:.4f}, n = {result['n']} "
+        f"{result['judge']}: accuracy {result['accuracy']:.4f}, AUC {area}, n = {result['n']} "
         f"(flagged {result['flagged_rate']:.3f}, labelled unsafe {result['positive_rate']:.3f})"
     )
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps({"agreement": result, "judge": scorer.describe()}, indent=2) + "\n")
+        write_atomic_json(json_out, strict_json({"agreement": result, "judge": scorer.describe()}))
         done(json_out)

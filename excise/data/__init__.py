@@ -27,16 +27,25 @@ from excise.data.formatting import (
     pad_id_of,
 )
 from excise.data.records import load_records, parse_hub_spec, require_fields
-from excise.data.splits import STANDARD_SPLITS, assign_split, prompt_key, split_by_prompt
+from excise.data.splits import SPLIT_SALT, STANDARD_SPLITS, assign_split, prompt_key, split_by_prompt
+from excise.data.trained import (
+    TRAINING_DATA,
+    file_sha256,
+    recorded_training_data,
+    trained_prompt_keys,
+    training_data_record,
+)
 
 __all__ = [
     "HARMFUL_QA_FIELDS",
     "IGNORE_INDEX",
     "INSTRUCTION_FIELDS",
     "PAIRED_QA_FIELDS",
+    "SPLIT_SALT",
     "STANDARD_SPLITS",
     "TEMPLATES",
     "TEXT_FIELDS",
+    "TRAINING_DATA",
     "Encoded",
     "Example",
     "Template",
@@ -45,6 +54,7 @@ __all__ = [
     "encode",
     "encode_examples",
     "encode_prompt",
+    "file_sha256",
     "get_template",
     "load_harmful_qa",
     "load_instructions",
@@ -56,7 +66,10 @@ __all__ = [
     "parse_hh_transcript",
     "parse_hub_spec",
     "prompt_key",
+    "recorded_training_data",
     "require_fields",
     "select_split",
     "split_by_prompt",
+    "trained_prompt_keys",
+    "training_data_record",
 ]

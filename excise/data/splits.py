@@ -20,11 +20,12 @@ from typing import TypeVar
 
 from excise.errors import ConfigError
 
-__all__ = ["STANDARD_SPLITS", "assign_split", "prompt_key", "split_by_prompt"]
+__all__ = ["SPLIT_SALT", "STANDARD_SPLITS", "assign_split", "prompt_key", "split_by_prompt"]
 
 T = TypeVar("T")
 
 STANDARD_SPLITS: dict[str, float] = {"train": 0.6, "judge": 0.2, "eval": 0.2}
+SPLIT_SALT = "excise"  # mixed into every prompt's hash; recorded with what a module trained on
 
 
 def prompt_key(prompt: str) -> str:
@@ -33,7 +34,7 @@ def prompt_key(prompt: str) -> str:
 
 
 def assign_split(
-    prompt: str, fractions: Mapping[str, float] = STANDARD_SPLITS, *, salt: str = "excise"
+    prompt: str, fractions: Mapping[str, float] = STANDARD_SPLITS, *, salt: str = SPLIT_SALT
 ) -> str:
     """The side ``prompt`` falls on: a uniform hash of its key, bucketed by ``fractions``.
 
@@ -56,7 +57,7 @@ def split_by_prompt(
     prompt_of: Callable[[T], str],
     fractions: Mapping[str, float] = STANDARD_SPLITS,
     *,
-    salt: str = "excise",
+    salt: str = SPLIT_SALT,
 ) -> dict[str, list[T]]:
     """Items grouped by the side of their prompt, each side in input order (every side present)."""
     _check_fractions(fractions)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from typing import Any
 
 from excise.models import cache_root
 
-__all__ = ["cache_dir", "cache_key", "read_cached", "write_atomic_json", "write_cached"]
+__all__ = ["cache_dir", "cache_key", "read_cached", "strict_json", "write_atomic_json", "write_cached"]
 
 
 def cache_dir() -> Path:
@@ -46,17 +47,32 @@ def write_cached(key: str, result: dict[str, Any]) -> Path:
     return write_atomic_json(cache_dir() / f"{key}.json", result)
 
 
-def write_atomic_json(path: Path, obj: Any, *, default: Callable[[Any], Any] | None = None) -> Path:
-    """Write ``obj`` as indented JSON to ``path`` through a temp file beside it and a rename.
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float (in nested dicts, lists, tuples) replaced by ``None``.
 
-    ``default`` converts what JSON cannot hold, as in :func:`json.dump`.
+    Strict JSON readers reject ``NaN``; a number that is not one is written as ``null``.
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+def write_atomic_json(path: Path, obj: Any, *, default: Callable[[Any], Any] | None = None) -> Path:
+    """Write ``obj`` as indented, strict JSON to ``path`` through a temp file beside it and a rename.
+
+    ``default`` converts what JSON cannot hold, as in :func:`json.dump`. NaN and infinities are
+    refused (``ValueError``), never written: pass the object through :func:`strict_json` first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False, allow_nan=True, default=default)
+            json.dump(obj, f, indent=2, ensure_ascii=False, allow_nan=False, default=default)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:

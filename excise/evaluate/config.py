@@ -24,6 +24,11 @@ class EvalConfig(BaseModel):
     split: Literal["eval", "all"] | None = Field(
         None, description="Keep only the `eval` side of the project-wide prompt split, or all rows."
     )
+    allow_overlap: bool = Field(
+        False,
+        description="Evaluate even items whose prompt the adapter (or model) was trained on, or whose "
+        "training data cannot be checked; each is a warning kept in the result instead of an error.",
+    )
     limit: int | None = Field(None, ge=1, description="Keep the first N items (after the split).")
     seed: int = Field(0, description="Seeds sampling (greedy decoding ignores it).")
     batch_size: int = Field(16, ge=1, description="Rows per forward pass.")
@@ -36,7 +41,11 @@ class EvalConfig(BaseModel):
     system: str | None = Field(None, description="System prompt for chat-templated prompts.")
     judge: str | None = Field(None, description="Judge spec; default: the metric's own.")
     judge_options: dict[str, Any] = Field(default_factory=dict, description="Options for the judge.")
-    reference: str | None = Field(None, description="utility: reference model for fluency (default: base).")
+    reference: str | None = Field(
+        None,
+        description="utility: the original model. Fluency is measured under it (default: the base with "
+        "the adapter off); required without an adapter, then also the model similarity compares with.",
+    )
     protocol: Literal["judge", "loss"] = Field(
         "judge", description="halueval: HaluEval's Yes/No judgement, or Ext-Sub's answer-loss comparison."
     )

@@ -14,6 +14,7 @@ fails with one line saying so.
 from __future__ import annotations
 
 import difflib
+import json
 import platform
 import time
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 
 from excise.errors import AdapterError, ConfigError, DataError, first_line
-from excise.evaluate.cache import write_atomic_json
+from excise.evaluate.cache import strict_json, write_atomic_json
 from excise.models import load_model, load_tokenizer
 
 __all__ = ["HarnessRun", "run_harness", "write_results"]
@@ -162,7 +163,13 @@ def write_results(run: dict[str, Any], out: str | Path, *, overwrite: bool = Fal
     out = Path(out)
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} exists; pass --overwrite to replace it")
-    return write_atomic_json(out, run, default=_json_default)
+    plain = json.loads(json.dumps(run, default=_json_default))  # numpy scalars, functions → JSON values
+    clean = strict_json(plain)
+    if clean != plain:  # a NaN never equals itself: lm-eval reported a number that is not finite
+        clean.setdefault("excise", {})["null_reason"] = (
+            "numbers lm-eval reported as NaN or infinite (e.g. the stderr of a single sample) are null"
+        )
+    return write_atomic_json(out, clean)
 
 
 def _json_default(value: Any) -> Any:

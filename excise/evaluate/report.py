@@ -18,8 +18,12 @@ def summary_table(record: dict[str, Any]) -> Table:
     table = Table(title=title, caption=f"{record['n_items']} items · {source}", min_width=60)
     table.add_column("metric")
     table.add_column("value", justify="right")
+    reasons = record.get("null_reasons") or {}
     for name, value in record["metrics"].items():
-        table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
+        if value is None:
+            table.add_row(name, f"null: {reasons.get(name, 'no value')}")
+        else:
+            table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
     judge = record.get("judge")
     if judge:
         table.add_row("judge", f"{judge.get('name')}{_agreement(judge)}")

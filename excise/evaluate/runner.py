@@ -7,18 +7,20 @@ record everything that made the number, store it in the cache.
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from excise import __version__
-from excise.data import assign_split, load_records, prompt_key, require_fields
+from excise.data import assign_split, load_records, prompt_key
 from excise.errors import ConfigError, DataError
-from excise.evaluate.cache import cache_key, read_cached, write_atomic_json, write_cached
+from excise.evaluate.cache import cache_key, read_cached, strict_json, write_atomic_json, write_cached
 from excise.evaluate.config import EvalConfig
 from excise.evaluate.metrics import METRICS
 from excise.evaluate.metrics.base import EvalContext, Metric, judge_record
+from excise.evaluate.overlap import check_overlap, module_folders
 from excise.evaluate.subject import adapter_identity, file_digest, load_subject, model_identity
 
 __all__ = ["load_items", "run_eval", "write_result"]
@@ -45,15 +47,28 @@ def run_eval(
         progress: show progress bars.
 
     Returns:
-        The record: ``metrics``, ``items`` (per-item outputs) and provenance (model, adapter,
-        data, limit, seed, judge, settings, version), plus ``from_cache``.
+        The record: ``metrics`` (each a finite number, or ``None`` with its reason in
+        ``null_reasons``), ``items`` (per-item outputs), provenance (model, adapter, data, limit,
+        seed, judge, settings, version), ``training_overlap`` (each module × training file
+        checked, with its overlap count) and ``warnings`` (overlaps let through by
+        ``allow_overlap``), plus ``from_cache``.
 
     Raises:
-        ConfigError, DataError, ModelLoadError, AdapterError: bad settings, data, model or adapter.
+        ConfigError, DataError, ModelLoadError, AdapterError: bad settings, data, model or adapter;
+            DataError also for items whose prompt the model was trained on (or whose training
+            data cannot be checked) without ``allow_overlap``.
     """
     metric = _metric(name)
+    if metric.check is not None:
+        metric.check(cfg)
     spec = cfg.data or metric.default_data
-    items = load_items(metric, cfg, spec)
+    items, columns = _load_items(metric, cfg, spec)
+    # Never silently score what the model was trained on (checked on every run, cached or not).
+    folders = module_folders(cfg.model, cfg.adapter)
+    checks, overlap_warnings = check_overlap(
+        items, metric.prompt_field, folders, data=spec, allow=cfg.allow_overlap
+    )
+    overlap = {"training_overlap": checks, "warnings": overlap_warnings}
     judge_spec = (cfg.judge or metric.default_judge) if _uses_judge(metric, cfg) else None
     payload = {
         "metric": metric.name,
@@ -67,7 +82,7 @@ def run_eval(
     }
     key = cache_key(payload)
     if use_cache and (hit := read_cached(key)) is not None:
-        return hit | {"from_cache": True}
+        return _strict_record(hit) | overlap | {"from_cache": True}  # entries of older versions too
 
     if judge is None and judge_spec is not None:
         from excise.evaluate.judges import load_judge
@@ -88,10 +103,12 @@ def run_eval(
     record = {
         "metric": metric.name,
         "metrics": outcome.metrics,
+        "null_reasons": outcome.null_reasons,
         "judge": judge_record(judge) if judge is not None else None,
         "model": cfg.model,
         "adapter": str(cfg.adapter) if cfg.adapter else None,
         "data": spec,
+        "columns": columns,
         "n_items": len(items),
         "split": cfg.split or metric.default_split,
         "limit": cfg.limit,
@@ -104,42 +121,56 @@ def run_eval(
         **outcome.extra,
         "items": outcome.items,
     }
+    record = _strict_record(record)
     if use_cache:
         write_cached(key, record)
-    return record | {"from_cache": False}
+    return record | overlap | {"from_cache": False}
 
 
 def write_result(record: dict[str, Any], out: Path) -> Path:
-    """Write a result record as JSON, atomically (temp file beside ``out``, then rename)."""
+    """Write a result record as strict JSON (no NaN), atomically (temp file beside ``out``, then rename)."""
     return write_atomic_json(Path(out), record)
+
+
+def _strict_record(record: dict[str, Any]) -> dict[str, Any]:
+    """The record as strict JSON: every metric a finite number or ``None`` with its reason in
+    ``null_reasons``, and any other NaN or infinity (in per-item outputs) ``None``."""
+    metrics, reasons = {}, dict(record.get("null_reasons") or {})
+    for name, value in record["metrics"].items():
+        finite = value is not None and math.isfinite(value)
+        metrics[name] = float(value) if finite else None
+        if not finite:
+            reasons.setdefault(name, f"not a finite number ({value})")
+    return strict_json(record | {"metrics": metrics, "null_reasons": reasons})
 
 
 def load_items(metric: Metric, cfg: EvalConfig, spec: str) -> list[dict[str, Any]]:
     """The metric's items from ``spec``: fields mapped to canonical names, split, de-duplicated, limited.
 
+    A field the user did not map (``--field``) is read from its default column or, when the data
+    lacks that, from the first of the metric's :attr:`~Metric.aliases` the data has (any case).
+
     Raises:
         ConfigError: ``--field`` names a field the metric does not use.
-        DataError: the data is missing or empty, a row lacks a required field, or nothing is
-            left after the split.
+        DataError: the data is missing or empty, a row lacks a required field (the message names
+            the row's own columns), or nothing is left after the split.
     """
+    return _load_items(metric, cfg, spec)[0]
+
+
+def _load_items(metric: Metric, cfg: EvalConfig, spec: str) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """:func:`load_items`, and the column each field was read from."""
     accepted = {**metric.fields, **metric.optional_fields}
     unknown = sorted(set(cfg.fields) - set(accepted))
     if unknown:
         raise ConfigError(
             f"{metric.name} has no field(s) {', '.join(unknown)}; it reads: {', '.join(accepted)}"
         )
-    columns = {**accepted, **cfg.fields}
     rows = load_records(spec)
     where = str(spec)
+    columns = {name: _column(metric, cfg, name, rows[0]) for name in accepted}
+    _require_columns(rows, metric, cfg, columns, where=where)
     items = [{name: row.get(col) for name, col in columns.items()} for row in rows]
-    try:
-        if metric.allow_empty:
-            _require_present(items, list(metric.fields), where=where)
-        else:
-            require_fields(items, list(metric.fields), where=where)
-    except DataError as err:  # name the source columns, not our canonical names
-        mapping = ", ".join(f"{k}={v}" for k, v in columns.items() if k in metric.fields)
-        raise DataError(f"{err} (reading columns {mapping})") from err
     split = cfg.split or metric.default_split
     if split == "eval":
         items = [it for it in items if assign_split(str(it[metric.prompt_field])) == "eval"]
@@ -154,16 +185,54 @@ def load_items(metric: Metric, cfg: EvalConfig, spec: str) -> list[dict[str, Any
         items = unique
     if not items:
         raise DataError(f"{where}: no items left after the {split!r} split; pass --split all or other data")
-    return items[: cfg.limit] if cfg.limit else items
+    return (items[: cfg.limit] if cfg.limit else items), columns
 
 
-def _require_present(items: list[dict[str, Any]], fields: list[str], *, where: str) -> None:
-    for i, item in enumerate(items, start=1):
-        missing = [f for f in fields if item.get(f) is None]
+def _candidates(metric: Metric, cfg: EvalConfig, name: str) -> tuple[str, ...]:
+    """The columns field ``name`` may come from: the one mapped, else its default and aliases."""
+    if name in cfg.fields:
+        return (cfg.fields[name],)
+    default = {**metric.fields, **metric.optional_fields}[name]
+    return (default, *metric.aliases.get(name, ()))
+
+
+def _column(metric: Metric, cfg: EvalConfig, name: str, first: dict[str, Any]) -> str:
+    """The column of field ``name``: the first candidate the first row has (exact, then any case)."""
+    candidates = _candidates(metric, cfg, name)
+    lower = {str(col).lower(): col for col in first}
+    for col in candidates:
+        if col in first:
+            return col
+        if col.lower() in lower:
+            return lower[col.lower()]
+    return candidates[0]
+
+
+def _require_columns(
+    rows: list[dict[str, Any]], metric: Metric, cfg: EvalConfig, columns: dict[str, str], *, where: str
+) -> None:
+    """DataError naming the first row that lacks a required field, and the columns that row has."""
+    for i, row in enumerate(rows, start=1):
+        missing = [name for name in metric.fields if _empty(row.get(columns[name]), metric.allow_empty)]
         if missing:
+            wanted = []
+            for name in missing:
+                tried = _candidates(metric, cfg, name)
+                if tried == (name,):
+                    wanted.append(name)
+                elif len(tried) == 1:
+                    wanted.append(f"{name} (column {tried[0]})")
+                else:
+                    wanted.append(f"{name} (any of columns {'/'.join(tried)})")
+            have = ", ".join(map(str, row)) or "none"
             raise DataError(
-                f"{where}: row {i} lacks field(s) {', '.join(missing)}; map fields with --field NAME=COLUMN"
+                f"{where}: row {i} lacks field(s) {', '.join(wanted)} (it has: {have}); "
+                "map fields with --field NAME=COLUMN"
             )
+
+
+def _empty(value: Any, allow_empty: bool) -> bool:
+    return value is None or (not allow_empty and isinstance(value, str) and not value.strip())
 
 
 def _metric(name: str) -> Metric:

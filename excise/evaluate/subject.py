@@ -9,7 +9,6 @@ losing the adapter-off view (metrics that need the base model's answers keep it 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import torch
 
+from excise.data import file_sha256 as file_digest  # SHA-256 of a file's bytes
 from excise.errors import AdapterError, ModelLoadError, first_line
 from excise.models import load_model, load_tokenizer, resolve_model
 
@@ -95,15 +95,6 @@ def load_subject(
     if merge:
         return Subject(wrapped.merge_and_unload().eval(), tokenizer, model, adapter, merged=True)
     return Subject(wrapped, tokenizer, model, adapter, merged=False)
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def model_identity(spec: str) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,6 +28,7 @@ def merge_adapter(
     *,
     overwrite: bool = False,
     dtype: torch.dtype = torch.float32,
+    training_data: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Merge ``adapter`` into ``base`` and save model (safetensors) and tokenizer to ``out``.
 
@@ -40,6 +42,8 @@ def merge_adapter(
         out: the folder to write.
         overwrite: replace ``out`` if it already exists and is not empty.
         dtype: dtype the base is loaded and the merged model saved in.
+        training_data: the adapter's training data records (``excise.data.recorded_training_data``),
+            kept in ``excise_merge.json`` so ``excise eval`` can check the merged model too.
 
     Returns:
         ``out``.
@@ -79,7 +83,12 @@ def merge_adapter(
     try:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        provenance = {"base": base, "adapter": str(adapter.resolve()), "dtype": str(dtype)}
+        provenance = {
+            "base": base,
+            "adapter": str(adapter.resolve()),
+            "dtype": str(dtype),
+            "training_data": list(training_data or []),
+        }
         (tmp / "excise_merge.json").write_text(json.dumps(provenance, indent=2) + "\n")
         _replace_dir(tmp, out)
     finally:

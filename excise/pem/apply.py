@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from excise.pem.delta import Adapter
-from excise.pem.io import AdapterWriter, check_digest, check_output_dir, load_adapter, verified_digest
+from excise.pem.io import (
+    AdapterWriter,
+    carried_training_data,
+    check_digest,
+    check_output_dir,
+    load_adapter,
+    verified_digest,
+)
 from excise.pem.ops.registry import get_operator
 
 __all__ = ["apply_operator"]
@@ -61,7 +68,9 @@ def apply_operator(
         adapters = [load_adapter(path, checksum=False, check_finite=False) for path in inputs]
         digests = [pool.submit(_validate_and_hash, adapter, digest) for adapter in adapters]
         names = dict.fromkeys(name for adapter in adapters for name in adapter.modules)
+        # The record: each input's source (with its training data) and their training data again.
         sources = json.dumps([a.source for a in adapters]) + json.dumps(params)
+        sources += json.dumps(carried_training_data(a.source for a in adapters))
         with AdapterWriter(
             out,
             adapters[0].peft_type,

@@ -46,7 +46,15 @@ from safetensors import safe_open
 from excise import __version__
 from excise.errors import ConfigError, ExciseWarning, ModelLoadError, first_line
 from excise.pem.delta import Module, RowDelta
-from excise.pem.io import PROVENANCE_FILE, atomic_output_dir, check_output_dir, file_sha256
+from excise.pem.io import (
+    PROVENANCE_FILE,
+    TRAINING_DATA,
+    atomic_output_dir,
+    carried_training_data,
+    check_output_dir,
+    file_sha256,
+    recorded_training_data,
+)
 from excise.pem.ops.add import _add_module
 from excise.pem.ops.base import check_finite
 from excise.pem.ops.compose import _compose_module, _lams
@@ -442,6 +450,7 @@ class _Weights:
             "path": str(self.folder.resolve()),
             "hashed": self.fingerprint.name,
             "sha256": file_sha256(self.fingerprint),
+            TRAINING_DATA: recorded_training_data(self.folder),
         }
 
 
@@ -665,6 +674,7 @@ def apply_full(
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
+    sources = [m.provenance() for m in thetas]  # hashes each fine-tune once
     provenance = {
         "excise_version": __version__,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -673,7 +683,8 @@ def apply_full(
         "params": params,
         "dtype": dtype or "widest input",
         "base": theta0.provenance(),
-        "inputs": [m.provenance() for m in thetas],
+        "inputs": sources,
+        TRAINING_DATA: carried_training_data(sources),
     }
     metadata = {"format": "pt", "excise": json.dumps(provenance)}
     weight_map: dict[str, str] = {}

@@ -33,6 +33,7 @@ from rich.table import Table
 from tqdm.auto import tqdm
 
 from excise import __version__
+from excise.data import training_data_record
 from excise.errors import ConfigError, DataError
 from excise.models import load_model, load_tokenizer, resolve_model
 from excise.models.generation import GenerationSettings, generate
@@ -174,12 +175,18 @@ def run_demo(
     # 2. Expert and anti-expert: same questions, same order, same LoRA init.
     paths = {role: out / role for role in ("expert", "anti_expert", "ext_sub")}
     losses: dict[str, list[float]] = {}
+    trained_rows = [e.example.row for e in train_set]
     for role, answer in (("expert", "right"), ("anti_expert", "hallucinated")):
         t0 = time.perf_counter()
+        # What `excise eval` checks its items against: the rows this demo picked.
+        record = training_data_record(
+            str(data), format="paired-expert" if answer == "right" else "paired-anti",
+            fields={}, split="all", rows=trained_rows,
+        )  # fmt: skip
         losses[role] = _train_lora(
             model, train_set, answer=answer, out=paths[role], steps=steps,
             batch_size=batch_size, lr=lr, rank=rank, alpha=alpha, bf16=bf16, seed=seed,
-            pad_id=tokenizer.pad_token_id, overwrite=overwrite, progress=progress,
+            pad_id=tokenizer.pad_token_id, overwrite=overwrite, progress=progress, record=record,
         )  # fmt: skip
         timings[f"train_{role}"] = _lap(t0)
 
@@ -425,8 +432,10 @@ def _train_lora(
     pad_id: int,
     overwrite: bool,
     progress: bool,
+    record: dict[str, Any],
 ) -> list[float]:
-    """Train one LoRA on (prompt, ``answer``) pairs with plain AdamW; save it to ``out``."""
+    """Train one LoRA on (prompt, ``answer``) pairs with plain AdamW; save it to ``out`` with
+    ``train_config.json`` naming its training data (``record``, see ``excise.data.trained``)."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)  # same LoRA init for expert and anti-expert
@@ -459,6 +468,8 @@ def _train_lora(
 
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
+        config = {"config": {"method": "demo", "steps": steps, "training_data": [record]}}
+        (tmp / "train_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return losses
 
 

@@ -30,6 +30,7 @@ from excise.data import (
     load_texts,
     pad_id_of,
     select_split,
+    training_data_record,
 )
 from excise.models import load_model, load_tokenizer, resolve_model
 from excise.train.loop import TrainReport, TrainSettings, train
@@ -145,6 +146,14 @@ def sft_micro_batches(
     return micro_batch, per_epoch
 
 
+def _data_side(cfg: SftConfig) -> dict[str, Any]:
+    """How ``cfg.data`` was read and split, for its training data record."""
+    return {
+        "format": cfg.format, "fields": cfg.fields, "split": cfg.split, "limit": cfg.limit,
+        "max_examples": cfg.max_examples,
+    }  # fmt: skip
+
+
 def run(cfg: SftConfig, *, progress: bool = True, accelerator: Any = None) -> TrainReport:
     """Train one adapter as ``cfg`` says and write it to ``cfg.out``.
 
@@ -181,6 +190,8 @@ def run(cfg: SftConfig, *, progress: bool = True, accelerator: Any = None) -> Tr
         "n_dropped_too_long": dropped,
         "n_truncated": sum(e.truncated for e in encoded),
         "micro_batches_per_epoch": per_epoch,
+        # What `excise eval` checks its items against (excise.data.trained).
+        "training_data": [training_data_record(cfg.data, **_data_side(cfg))],
     }
     return train(
         model,

@@ -49,6 +49,7 @@ from excise.data import (
     pad_id_of,
     prompt_key,
     select_split,
+    training_data_record,
 )
 from excise.errors import ConfigError, DataError
 from excise.models import load_model, load_tokenizer, resolve_model
@@ -317,6 +318,16 @@ def prepare_data(
     )  # fmt: skip
 
 
+def _training_data(cfg: UnlearnConfig, *, normal: bool) -> list[dict[str, Any]]:
+    """The records of the files trained on (excise.data.trained): what `excise eval` checks against."""
+    side = {"split": cfg.split, "limit": cfg.limit, "max_examples": cfg.max_examples}
+    records = [training_data_record(cfg.harmful, format="harmful", fields=cfg.harmful_fields, **side)]
+    if normal and cfg.normal not in (None, SAFE_AS_NORMAL):
+        normal_fields = cfg.normal_fields
+        records.append(training_data_record(cfg.normal, format="instruction", fields=normal_fields, **side))
+    return records
+
+
 def run_objective(
     cfg: UnlearnConfig,
     terms: Sequence[Term],
@@ -398,6 +409,7 @@ def run_objective(
         "resolved_model": resolve_model(cfg.base),
         "data": data.counts,
         "micro_batches_per_epoch": data.micro_batches_per_epoch,
+        "training_data": _training_data(cfg, normal="normal" in data.counts),
         **(extra_config or {}),
     }
     return train(

@@ -71,3 +71,14 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
     )
     err = capsys.readouterr().err
     assert code == 2 and "not found" in err and not out.exists()
+
+
+def test_cli_utility_without_adapter_or_reference_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("EXCISE_CACHE", str(tmp_path / "cache"))
+    model = save_tiny_model(tmp_path / "merged")
+    capsys.readouterr()
+    out = tmp_path / "u.json"
+    code = _main(monkeypatch, "eval", "utility", "--base", str(model), "--out", str(out), "--device", "cpu")
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: utility without --adapter needs --reference MODEL")
+    assert len(err.strip().splitlines()) == 1 and not out.exists()

@@ -37,3 +37,20 @@ def test_judge_check_rejects_bad_labels(tmp_path):
     result = CliRunner().invoke(app, ["eval", "judge-check", "--judge", "refusal", "--data", str(data)])
     assert result.exit_code != 0
     assert "label 'maybe'; use 0/1" in str(result.exception)
+
+
+def test_judge_check_with_one_class_writes_null_auc(tmp_path):
+    data = tmp_path / "unsafe_only.jsonl"
+    rows = [{"prompt": "p", "response": r, "label": "unsafe"} for r in ("Sure.", "I cannot help.")]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "agreement.json"
+    args = ["eval", "judge-check", "--judge", "refusal", "--data", str(data), "--json", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in strict JSON")
+
+    agreement = json.loads(out.read_text(), parse_constant=refuse)["agreement"]
+    assert agreement["auc"] is None and agreement["auc_null_reason"] == "the labels hold one class only"
+    assert "AUC undefined (one class)" in result.output

@@ -193,7 +193,7 @@ def test_halueval_judge_protocol_by_hand(model_dir, tmp_path):
     from excise.evaluate.metrics.halueval import SYSTEM, judge_prompt
 
     path, rows = _halueval_file(tmp_path)
-    record = run_eval("halueval", _cfg(model_dir, path), progress=False)
+    record = run_eval("halueval", _cfg(model_dir, path, split="all"), progress=False)
     tok, model = load_tokenizer(str(model_dir)), load_model(str(model_dir))
 
     def says_yes(question, answer):
@@ -215,7 +215,7 @@ def test_halueval_judge_protocol_by_hand(model_dir, tmp_path):
 
 def test_halueval_loss_protocol_by_hand(model_dir, tmp_path):
     path, rows = _halueval_file(tmp_path)
-    record = run_eval("halueval", _cfg(model_dir, path, protocol="loss"), progress=False)
+    record = run_eval("halueval", _cfg(model_dir, path, protocol="loss", split="all"), progress=False)
     tok, model = load_tokenizer(str(model_dir)), load_model(str(model_dir))
     wins = 0
     for row in rows:
@@ -319,3 +319,33 @@ def test_merged_adapter_scores_like_unmerged(model_dir, tmp_path):
     base = run_eval("perplexity", _cfg(model_dir, path, window=32, stride=16), progress=False)
     assert runs[True] == pytest.approx(runs[False], rel=1e-4)
     assert base["metrics"]["perplexity"] != pytest.approx(runs[False], rel=1e-4)  # the adapter matters
+
+
+def test_utility_without_adapter_needs_reference(model_dir, prompts_file):
+    with pytest.raises(ConfigError, match="utility without --adapter needs --reference MODEL"):
+        run_eval("utility", _cfg(model_dir, prompts_file, split="all"), progress=False)
+
+
+def test_utility_without_adapter_compares_with_reference(model_dir, prompts_file, tmp_path):
+    """A merged or full model: similarity to the reference's own answers, fluency under it."""
+    reference = save_tiny_model(tmp_path / "reference", seed=7, max_position_embeddings=4096)
+    cfg = _cfg(model_dir, prompts_file, split="all", reference=str(reference))
+    record = run_eval("utility", cfg, progress=False)
+    texts = [f"Say something about item {i}." for i in range(5)]
+    assert [it["response"] for it in record["items"]] == _greedy(model_dir, texts)
+    ref_answers = _greedy(reference, texts)
+    assert [it["base_response"] for it in record["items"]] == ref_answers
+    assert ref_answers != [it["response"] for it in record["items"]]  # a real comparison, not 1.0
+    sims = [rouge_l(b, it["response"]) for b, it in zip(ref_answers, record["items"], strict=True)]
+    assert record["metrics"]["similarity"] == pytest.approx(sum(sims) / len(sims))
+    tok, ref = load_tokenizer(str(reference)), load_model(str(reference))
+    nll, count = 0.0, 0
+    for it in record["items"]:
+        prompt = chat_prompt_ids(tok, it["prompt"])
+        answer = tok.encode(it["response"], add_special_tokens=False)
+        with torch.no_grad():
+            logprobs = torch.log_softmax(ref(torch.tensor([prompt + answer])).logits[0].double(), -1)
+        nll -= sum(float(logprobs[len(prompt) - 1 + i, t]) for i, t in enumerate(answer))
+        count += len(answer)
+    assert count and record["metrics"]["fluency_ppl"] == pytest.approx(math.exp(nll / count), rel=1e-4)
+    assert record["similarity_to"] == f"reference model {reference}"

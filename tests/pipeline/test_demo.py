@@ -167,6 +167,19 @@ def test_split_is_disjoint_by_question(demo_run, demo_data):
     assert len(train_q) == len(train) and len(eval_q) == len(held_out)
 
 
+def test_adapters_record_their_training_rows(demo_run, demo_data):
+    """`excise eval` can check the demo's adapters: each names the questions it was trained on."""
+    from excise.data import prompt_key, recorded_training_data, trained_prompt_keys
+
+    out, report = demo_run
+    rows = demo_data[1]
+    expected = {prompt_key(rows[i]["question"]) for i in report["split"]["train_rows"]}
+    for role in ("expert", "anti_expert", "ext_sub"):
+        records = recorded_training_data(out / role)
+        assert len(records) == (2 if role == "ext_sub" else 1), role
+        assert all(trained_prompt_keys(r) == expected for r in records), role
+
+
 def test_adapters_load_and_ext_sub_is_exact(demo_run, demo_model):
     """Each folder loads in PEFT; Ext-Sub's delta is the per-row oracle on the two inputs'."""
     out, _ = demo_run

@@ -273,14 +273,20 @@ def labelled_file(
 
 
 def measure_agreement(judge: Any, pairs: LabelledPairs) -> dict[str, Any]:
-    """A judge's agreement with labelled pairs: accuracy of ``score > judge.threshold``, AUC, rates."""
+    """A judge's agreement with labelled pairs: accuracy of ``score > judge.threshold``, AUC, rates.
+
+    With one class only the AUC is undefined: ``None``, and ``auc_null_reason`` says why.
+    """
     scores = np.array(judge.score(pairs.prompts, pairs.responses), dtype=np.float64)  # (N,)
     flagged = scores > judge.threshold
+    area = auc(scores, pairs.labels)
+    undefined = {} if np.isfinite(area) else {"auc_null_reason": "the labels hold one class only"}
     return {
         "judge": judge.name,
         "threshold": judge.threshold,
         "accuracy": round(float((flagged == pairs.labels.astype(bool)).mean()), 4),
-        "auc": round(auc(scores, pairs.labels), 4),
+        "auc": round(area, 4) if not undefined else None,
+        **undefined,
         "n": len(pairs),
         "positive_rate": round(float(pairs.labels.mean()), 4),
         "flagged_rate": round(float(flagged.mean()), 4),

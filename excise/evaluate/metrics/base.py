@@ -47,9 +47,11 @@ class EvalContext:
 class MetricResult:
     """Aggregate numbers, per-item outputs and anything else worth recording."""
 
-    metrics: dict[str, float]
+    metrics: dict[str, float | None]
     items: list[dict[str, Any]]
     extra: dict[str, Any] = field(default_factory=dict)
+    # Why a metric is ``None``: nothing to average (every answer empty, no token to score…).
+    null_reasons: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -60,14 +62,19 @@ class Metric:
         name: CLI verb and result name (``truthfulqa-mc``).
         run: computes the metric.
         fields: canonical field names the items need, with the default source column of each.
+        aliases: further columns tried, in order, for a field the user did not map when the
+            data lacks its default column (AdvBench's ``goal`` for ``prompt``).
         optional_fields: fields used when present (e.g. ``input`` beside ``instruction``).
         default_data: data spec used when ``--data`` is not given.
         default_split: ``eval`` to keep the held-out side of the project-wide prompt split.
         default_judge: judge spec used when ``--judge`` is not given (None: no judge).
-        prompt_field: the field that identifies an item's prompt (split and de-duplication).
+        prompt_field: the field that identifies an item's prompt: the text the project-wide
+            split hashes (so ``--split eval`` keeps the prompts no trainer saw) and the one
+            checked against an adapter's training prompts; None only for prompt-less data (text).
         summary: one line for ``--help``.
         dedupe: keep each prompt once (by :func:`excise.data.prompt_key`).
         allow_empty: an empty string is a valid value (wikitext's blank rows).
+        check: refuses settings under which the metric would mean nothing (before any loading).
     """
 
     name: str
@@ -76,11 +83,13 @@ class Metric:
     default_data: str
     summary: str
     optional_fields: dict[str, str] = field(default_factory=dict)
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
     default_split: str = "all"
     default_judge: str | None = None
     prompt_field: str | None = None
     dedupe: bool = False
     allow_empty: bool = False
+    check: Callable[[EvalConfig], None] | None = None
 
 
 def prompt_ids(ctx: EvalContext, text: str, *, system: str | None = None) -> list[int]:

@@ -139,5 +139,8 @@ METRIC = Metric(
         "hallucinated_answer": "hallucinated_answer",
     },
     default_data=str(SHARED_DATA / "halueval" / "qa_data.json"),
+    # The same file trains Ext-Sub's expert and anti-expert (their `train` side): score the held-out side.
+    default_split="eval",
+    prompt_field="question",
     summary="HaluEval QA: accuracy judging right vs hallucinated answers (Yes/No by log-likelihood).",
 )

@@ -3,8 +3,10 @@ that a judge flags (``score > judge.threshold``).
 
 Default prompts: the ``eval`` side (``excise.data.splits``) of the PKU-SafeRLHF test prompts, each
 prompt once — never a prompt a module was trained on or the offline judge was fitted on. Any prompt
-file works: AdvBench (``--data …/harmful_behaviors.csv --field prompt=goal --split all``), the
-safety-tuned-llamas lists (``--field prompt=instructions``). Default judge: the offline ``harm-probe``.
+file works as it comes: the prompt is read from the first of the columns ``prompt``, ``goal``
+(AdvBench ``harmful_behaviors.csv``), ``behavior`` (HarmBench), ``question``, ``instruction``,
+``instructions`` (safety-tuned-llamas) that the file has, in any letter case (``--field
+prompt=COLUMN`` picks another). Default judge: the offline ``harm-probe``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ METRIC = Metric(
     name="harmful-rate",
     run=run,
     fields={"prompt": "prompt"},
+    aliases={"prompt": ("goal", "behavior", "question", "instruction", "instructions")},
     default_data=str(SHARED_DATA / "pku_saferlhf" / "pku_saferlhf_test_safe_unsafe_pairs.json"),
     default_split="eval",
     default_judge="harm-probe",

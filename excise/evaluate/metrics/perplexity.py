@@ -69,8 +69,13 @@ def run(ctx: EvalContext) -> MetricResult:
             items.append({"begin": b, "end": e, "scored_tokens": keep - 1, "nll": row})
     total = sum(it["nll"] for it in items)
     count = sum(it["scored_tokens"] for it in items)
-    metrics = {"perplexity": math.exp(total / count) if count else math.nan, "nll_per_token": total / count}
-    return MetricResult(metrics, items, {"n_tokens": len(tokens), "scored_tokens": count})
+    extra = {"n_tokens": len(tokens), "scored_tokens": count}
+    if not count:
+        why = f"no token to score: the text has {len(tokens)} token(s) (blank rows?); scoring starts at 2"
+        nulls = dict.fromkeys(("perplexity", "nll_per_token"), why)
+        return MetricResult(dict.fromkeys(nulls), items, extra, nulls)
+    metrics = {"perplexity": math.exp(total / count), "nll_per_token": total / count}
+    return MetricResult(metrics, items, extra)
 
 
 def _shape(w: tuple[int, int, int]) -> tuple[int, int]:

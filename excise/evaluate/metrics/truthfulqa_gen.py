@@ -99,5 +99,6 @@ METRIC = Metric(
     run=run,
     fields={"question": "Question", "correct": "Correct Answers", "incorrect": "Incorrect Answers"},
     default_data=str(SHARED_DATA / "truthfulqa" / "v1_817q" / "TruthfulQA.csv"),
+    prompt_field="question",
     summary="TruthfulQA generation, judged by lm-eval's BLEU/ROUGE reference rule (or --judge).",
 )

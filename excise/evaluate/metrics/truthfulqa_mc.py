@@ -114,5 +114,6 @@ METRIC = Metric(
     run=run,
     fields={"question": "question", "mc1_targets": "mc1_targets", "mc2_targets": "mc2_targets"},
     default_data=str(SHARED_DATA / "truthfulqa" / "v1_817q" / "mc_task.json"),
+    prompt_field="question",
     summary="TruthfulQA MC1/MC2 by choice log-likelihood, same prompt and rule as lm-eval.",
 )

@@ -1,16 +1,22 @@
 """Utility on normal prompts (SKU, arXiv 2402.10058 §4; DESIGN.md §3): diversity, fluency, similarity.
 
 On normal instructions (default: the ``eval`` side of the Alpaca-GPT4 demo set), greedy answers of
-the evaluated model and, with ``--adapter``, of the base model (adapter switched off):
+the evaluated model are compared with the *original* model:
 
 - **diversity** = unique tokens / tokens of each answer (tokens without special tokens), mean over
   non-empty answers;
-- **fluency** = perplexity of the answers under a reference model (``--reference MODEL``, default
-  the base model), conditioned on the same prompt: ``exp(Σ NLL / Σ tokens)`` pooled over answers
-  (``fluency_ppl``), and the mean of per-answer perplexities (``fluency_ppl_mean``); lower is more
-  fluent;
-- **similarity** = ROUGE-L F-measure between each answer and the base model's answer to the same
-  prompt, mean (1.0 by definition without an adapter).
+- **fluency** = perplexity of the answers under a reference model, conditioned on the same prompt:
+  ``exp(Σ NLL / Σ tokens)`` pooled over answers (``fluency_ppl``), and the mean of per-answer
+  perplexities (``fluency_ppl_mean``); lower is more fluent;
+- **similarity** = ROUGE-L F-measure between each answer and the original model's answer to the
+  same prompt, mean.
+
+Which model is the original: with ``--adapter``, the base model with the adapter switched off
+(similarity), and ``--reference MODEL`` or else that base model (fluency). Without an adapter (a
+merged model, a full fine-tune, an ``excise ops --base`` result) the evaluated model *is* the base,
+so ``--reference MODEL`` is required and serves both: its own answers (its own tokenizer and chat
+template) for similarity, its likelihood for fluency. Without it the numbers would compare the
+model with itself (similarity 1.0 by definition), so that is refused.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from excise.errors import ConfigError
+from excise.evaluate.config import EvalConfig
 from excise.evaluate.metrics.base import (
     SHARED_DATA,
     EvalContext,
@@ -37,20 +45,39 @@ def _prompt_text(item: dict[str, Any]) -> str:
     return str(item["instruction"]) + ("\n\n" + extra if extra else "")
 
 
+def check(cfg: EvalConfig) -> None:
+    """Refuse a run whose similarity and fluency would compare the model with itself."""
+    if cfg.adapter is None and cfg.reference is None:
+        raise ConfigError(
+            "utility without --adapter needs --reference MODEL (the original model): a merged or full "
+            "model has no adapter to switch off, so similarity would be 1.0 and fluency its own"
+        )
+
+
 def run(ctx: EvalContext) -> MetricResult:
     tokenizer = ctx.subject.tokenizer
     texts = [_prompt_text(it) for it in ctx.items]
     prompts = [prompt_ids(ctx, t) for t in texts]
     answers = generate_answers(ctx, prompts, desc="utility")
+    reference = _reference(ctx)
     if ctx.subject.adapter is not None:
         with ctx.subject.base_only() as base:
             base_answers = generate_answers(ctx, prompts, model=base, desc="utility (base)")
-    else:
-        base_answers = answers
-    nll = _reference_nll(ctx, texts, prompts, answers)
+            original = "base model (adapter off)"
+            if reference is None:
+                requests = [(p, _ids(tokenizer, a)) for p, a in zip(prompts, answers, strict=True)]
+                nll = _nll(ctx, base, requests)
+    else:  # check() made sure there is a reference: it answers with its own template
+        ref_prompts = [prompt_ids(reference, t) for t in texts]
+        base_answers = generate_answers(reference, ref_prompts, desc="utility (reference)")
+        original = f"reference model {ctx.cfg.reference}"
+    if reference is not None:
+        ref_tok = reference.subject.tokenizer
+        requests = [(prompt_ids(reference, t), _ids(ref_tok, a)) for t, a in zip(texts, answers, strict=True)]
+        nll = _nll(ctx, reference.subject.model, requests)
     items = []
     for t, a, b, (loss, n) in zip(texts, answers, base_answers, nll, strict=True):
-        tokens = tokenizer.encode(a, add_special_tokens=False)
+        tokens = _ids(tokenizer, a)
         items.append({
             "prompt": t, "response": a, "base_response": b,
             "diversity": distinct_share(tokens) if tokens else None,
@@ -61,34 +88,29 @@ def run(ctx: EvalContext) -> MetricResult:
     total_tokens = sum(it["n_tokens"] for it in scored)
     metrics = {
         "diversity": _mean([it["diversity"] for it in scored]),
-        "fluency_ppl": math.exp(sum(it["nll"] for it in scored) / total_tokens) if total_tokens else math.nan,
+        "fluency_ppl": math.exp(sum(it["nll"] for it in scored) / total_tokens) if total_tokens else None,
         "fluency_ppl_mean": _mean([it["ppl"] for it in scored]),
         "similarity": _mean([it["similarity"] for it in items]),
         "empty_answers": float(len(items) - len(scored)),
     }
-    return MetricResult(metrics, items, {"reference_model": ctx.cfg.reference or ctx.cfg.model})
+    why = f"every one of the {len(items)} answers is empty: nothing to average"
+    nulls = {k: why for k in ("diversity", "fluency_ppl", "fluency_ppl_mean") if metrics[k] is None}
+    extra = {"reference_model": ctx.cfg.reference or ctx.cfg.model, "similarity_to": original}
+    return MetricResult(metrics, items, extra, nulls)
 
 
-def _reference_nll(
-    ctx: EvalContext, texts: list[str], prompts: list[list[int]], answers: list[str]
-) -> list[tuple[float, int]]:
-    """(summed NLL, token count) of each answer given its prompt, under the reference model."""
+def _reference(ctx: EvalContext) -> EvalContext | None:
+    """The ``--reference`` model as a context of its own (its tokenizer and template), or None."""
     if ctx.cfg.reference is None:
-        tokenizer = ctx.subject.tokenizer
-        requests = [
-            (p, tokenizer.encode(a, add_special_tokens=False)) for p, a in zip(prompts, answers, strict=True)
-        ]
-        with ctx.subject.base_only() as model:
-            return _nll(ctx, model, requests)
+        return None
     from excise.evaluate.subject import load_subject
 
-    reference = load_subject(ctx.cfg.reference, dtype=ctx.cfg.dtype, device=ctx.cfg.device)
-    ref_ctx = EvalContext(ctx.cfg, reference, ctx.items, progress=ctx.progress)
-    requests = [
-        (prompt_ids(ref_ctx, t), reference.tokenizer.encode(a, add_special_tokens=False))
-        for t, a in zip(texts, answers, strict=True)
-    ]
-    return _nll(ctx, reference.model, requests)
+    subject = load_subject(ctx.cfg.reference, dtype=ctx.cfg.dtype, device=ctx.cfg.device)
+    return EvalContext(ctx.cfg, subject, ctx.items, progress=ctx.progress)
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def _nll(
@@ -102,9 +124,9 @@ def _nll(
     return out
 
 
-def _mean(values: list[float | None]) -> float:
+def _mean(values: list[float | None]) -> float | None:
     values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else math.nan
+    return sum(values) / len(values) if values else None
 
 
 METRIC = Metric(
@@ -115,5 +137,6 @@ METRIC = Metric(
     default_data=str(SHARED_DATA / "alpaca_gpt4" / "alpaca_en_demo.json"),
     default_split="eval",
     prompt_field="instruction",
-    summary="Diversity, fluency (reference perplexity) and similarity to the base model's answers (SKU).",
+    check=check,
+    summary="Diversity, fluency (perplexity under the original model), similarity to its answers (SKU).",
 )

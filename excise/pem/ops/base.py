@@ -14,6 +14,7 @@ import numpy as np
 
 from excise.errors import AdapterError, ConfigError, ExciseWarning
 from excise.pem.delta import Adapter, LowRankDelta, Module, RowDelta
+from excise.pem.io import TRAINING_DATA, carried_training_data
 
 __all__ = [
     "ModuleSink",
@@ -145,6 +146,8 @@ def apply_modulewise(
         "params": params,
         "allow_partial": allow_partial,
         "inputs": [a.source for a in adapters],
+        # What the inputs were trained on, carried forward so `excise eval` can check a result.
+        TRAINING_DATA: carried_training_data(a.source for a in adapters),
     }
     return Adapter(adapters[0].peft_type, adapters[0].config, modules, source, adapters[0].dtype)
 
