@@ -466,6 +466,29 @@ def _compute_dtype(shard: Path, name: str, dtype: str, floating: bool) -> str | 
     return None
 
 
+def _integer_buffer(base: _Weights, models: list[_Weights], name: str) -> torch.Tensor:
+    """An integer tensor, copied from the base; refused where it holds quantised weights.
+
+    int64 buffers (step counters, position ids) may differ after fine-tuning and are kept
+    from the base. A narrower integer tensor that differs (MXFP4 blocks, GPTQ ``qweight``,
+    bitsandbytes ``uint8``) is a quantised weight: copying the base's would silently drop
+    the fine-tune's edit, so it is refused.
+    """
+    import torch
+
+    value = base.tensor(name)
+    if value.dtype in (torch.int64, torch.bool):
+        return value
+    for m in models:
+        if name in m.tensors and not torch.equal(m.tensor(name), value):
+            raise ModelLoadError(
+                f"tensor {name} ({str(value.dtype).removeprefix('torch.')}) differs between the base "
+                f"{base.folder} and the {m.role} {m.folder}: a quantised weight excise cannot edit exactly; "
+                "dequantise the models (e.g. save them in bf16 or fp32) and run again"
+            )
+    return value
+
+
 def _check_compatible(base: _Weights, models: list[_Weights]) -> None:
     """Same tensors, same shapes: checked on the headers, before any data is read."""
     for m in models:
@@ -544,8 +567,10 @@ def _combine_tensor(
     import torch
 
     info = base.tensors[name]
-    if info.dtype is None or layout is None or math.prod(info.shape) == 0:
-        return base.tensor(name)  # an integer buffer, or nothing to compute
+    if info.dtype is None:
+        return _integer_buffer(base, models, name)
+    if layout is None or math.prod(info.shape) == 0:
+        return base.tensor(name)  # nothing to compute
     widest = _widest([info.dtype, *(m.tensors[name].dtype for m in models)])
     out_dtype = dtype or widest
     narrowed = widest not in _HOLDS[out_dtype]  # only then can an edit round away

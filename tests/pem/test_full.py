@@ -721,3 +721,30 @@ def test_fused_experts_in_the_default_layout_and_without_config(tmp_path):
         apply_full("ext_sub", folders[0], folders[1:], tmp_path / "o2", progress=False)
     assert "\n" not in str(info.value)
     _assert_nothing_left(tmp_path / "o2")
+
+
+# ----------------------------------------------------------------------------- integer tensors
+
+
+def test_quantised_integer_tensor_that_differs_is_refused(tmp_path):
+    """A uint8 tensor (e.g. MXFP4 blocks) edited by the fine-tune cannot be copied from the base."""
+    base = {"w": torch.randn(4, 3, dtype=torch.float32), "blocks": torch.arange(12, dtype=torch.uint8)}
+    ft = {"w": base["w"] + 1.0, "blocks": base["blocks"] + 1}
+    base_dir, ft_dir = _write(tmp_path / "base", base, 1), _write(tmp_path / "ft", ft, 1)
+    with pytest.raises(ModelLoadError, match=r"tensor blocks \(uint8\) differs .* dequantise"):
+        apply_full("negate", base_dir, [ft_dir], tmp_path / "out", params={"lam": 1.0}, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_equal_quantised_and_int64_buffers_are_copied(tmp_path):
+    """Equal narrow integer tensors and differing int64 counters are taken from the base."""
+    base = {
+        "w": torch.randn(4, 3, dtype=torch.float32),
+        "blocks": torch.arange(12, dtype=torch.uint8),
+        "step": torch.arange(3),
+    }
+    ft = {"w": base["w"] + 1.0, "blocks": base["blocks"].clone(), "step": base["step"] + 5}
+    base_dir, ft_dir = _write(tmp_path / "base", base, 1), _write(tmp_path / "ft", ft, 1)
+    got = _load(apply_full("negate", base_dir, [ft_dir], tmp_path / "o", params={"lam": 1.0}, progress=False))
+    assert torch.equal(got["blocks"], base["blocks"]) and torch.equal(got["step"], base["step"])
+    torch.testing.assert_close(got["w"], base["w"] - 1.0)

@@ -113,8 +113,13 @@ def run(ctx: EvalContext) -> MetricResult:
 
 
 def _run_loss(ctx: EvalContext) -> MetricResult:
+    from excise.models.generation import end_of_turn_id
+
     tokenizer = ctx.subject.tokenizer
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    # The answer ends as the trainer ends it: the template's end-of-turn token in chat
+    # mode (``<|eot_id|>`` for Llama-3, ``<|im_end|>`` for ChatML), else EOS.
+    end = (end_of_turn_id(tokenizer) if ctx.chat else None) or tokenizer.eos_token_id
+    eos = [end] if end is not None else []
     requests = []
     for it in ctx.items:
         context = prompt_ids(ctx, str(it["question"]))
