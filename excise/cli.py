@@ -24,6 +24,7 @@ import typer
 from excise.commands import data as data_commands
 from excise.commands import evaluate as eval_commands
 from excise.commands import judge as _judge_commands  # noqa: F401 - registers on `eval`
+from excise.commands import run as run_commands
 from excise.commands import train as train_commands
 from excise.commands import unlearn as _unlearn_commands  # noqa: F401 - registers on `train`
 from excise.commands.common import Overwrite, done
@@ -383,40 +384,7 @@ def merge(
     done(merge_adapter(base, adapter, out, overwrite=overwrite))
 
 
-@app.command("demo")
-def demo(
-    out: Annotated[Path, typer.Option(help="Folder for adapters and the report.")] = Path("runs/demo"),
-    model: Annotated[
-        str, typer.Option(help="Base MODEL (needs a chat template): hub id, folder or alias.")
-    ] = "smollm2-135m-instruct",
-    data: Annotated[
-        Path | None,
-        typer.Option(help="HaluEval QA file (JSON Lines). Default: ../shared/data/halueval/qa_data.json."),
-    ] = None,
-    steps: Annotated[int, typer.Option(help="Training steps per adapter.")] = 30,
-    lam: Annotated[float, typer.Option(help="Ext-Sub λ.")] = 1.0,
-    n_eval: Annotated[int, typer.Option(help="Held-out questions to score.")] = 40,
-    seed: Annotated[int, typer.Option(help="Seeds the split, LoRA init and data order.")] = 0,
-    bf16: Annotated[bool, typer.Option("--bf16", help="Train under bfloat16 autocast.")] = False,
-    overwrite: Overwrite = False,
-) -> None:
-    """Train an expert and an anti-expert LoRA on HaluEval QA, apply Ext-Sub, score and generate."""
-    from excise.pipeline.demo import run_demo
-
-    done(
-        run_demo(
-            out,
-            model=model,
-            data=data,
-            steps=steps,
-            lam=lam,
-            n_eval=n_eval,
-            n_generate=min(3, n_eval),
-            seed=seed,
-            bf16=bf16,
-            overwrite=overwrite,
-        )
-    )
+app.command("run")(run_commands.run)
 
 
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:

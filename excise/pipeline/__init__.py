@@ -1,5 +1,6 @@
-"""Recipes that chain train → operate → evaluate (DESIGN.md §4); for now, the demo."""
+"""Recipes that chain train → operate → evaluate → sweep → report (DESIGN.md §4)."""
 
-from excise.pipeline.demo import run_demo
+from excise.pipeline.recipe import Recipe, RecipeError, load_recipe
+from excise.pipeline.run import run_recipe
 
-__all__ = ["run_demo"]
+__all__ = ["Recipe", "RecipeError", "load_recipe", "run_recipe"]
