@@ -144,6 +144,7 @@ class _OperationSpec(_Strict):
 
 # The sweep fields the pipeline fills from the named operation and the run folder.
 _SWEEP_FROM_PIPELINE = ("model", "operation", "inputs", "weights", "allow_partial", "out", "overwrite")
+_SWEEP_MODEL_KEYS = ("dtype", "device")  # sweep-level settings, taken from the evaluations by default
 
 
 # ----------------------------------------------------------------------------- the result
@@ -647,6 +648,10 @@ class _Checker:
                 fixed["weights"] = lams * (len(op.inputs) - 1) if len(lams) == 1 else lams
             for axis in ("deficiency", "utility"):
                 if isinstance(own.get(axis), dict) and "evaluation" in own[axis]:
+                    evaluation = evaluations.get(own[axis]["evaluation"])
+                    for key in _SWEEP_MODEL_KEYS:  # the sweep loads one model for both axes
+                        if evaluation is not None:
+                            own.setdefault(key, getattr(evaluation.config, key))
                     own[axis] = self._axis(own[axis], evaluations, declared[1], (*loc, axis))
             if op.op not in SweepConfig.model_fields["operation"].annotation.__args__:
                 self.add((*loc, "operation"), f"operation {op_name!r} ({op.op}) cannot be swept "
@@ -670,7 +675,7 @@ class _Checker:
                 self.add((*loc, "evaluation"), f"{name!r} is no evaluation of this recipe"
                          f"{_suggest(str(name), list(declared))}")  # fmt: skip
             return {"metric": "perplexity", "key": "perplexity"}
-        settings = evaluation.config.model_dump(exclude={"model", "adapter"})
+        settings = evaluation.config.model_dump(exclude={"model", "adapter", *_SWEEP_MODEL_KEYS})
         return {"metric": evaluation.metric, "settings": settings} | {
             k: v for k, v in spec.items() if k != "evaluation"
         }
