@@ -472,8 +472,8 @@ def linear_parts(cfg: SweepConfig, adapters: list[Any]) -> tuple[Any, Any]:
     base, delta = {}, {}
     for name in at0.modules.keys() | at1.modules.keys():
         m0, m1 = at0.modules.get(name), at1.modules.get(name)
-        if m0 is not None and (m0 := _compact(m0)) is not None:
-            base[name] = m0
+        if m0 is not None and (kept := _compact(m0)) is not None:
+            base[name] = kept
         if m0 is None:
             d = m1
         elif m1 is None:
