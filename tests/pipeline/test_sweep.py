@@ -250,8 +250,9 @@ def test_sweep_equals_separate_ops_and_eval_runs(setup, tmp_path, monkeypatch, c
             ("perplexity", text, ["--window", "8", "--stride", "4"]),
         ]:
             res = tmp_path / f"{metric}{lam}.json"
-            code = _main(monkeypatch, "eval", metric, "--base", str(model), "--adapter", str(op), "--data", str(data),
-                         "--out", str(res), "--device", "cpu", "--no-cache", *extra)  # fmt: skip
+            args = ["eval", metric, "--base", str(model), "--adapter", str(op), "--data", str(data)]
+            args += ["--out", str(res), "--device", "cpu", "--no-cache", *extra]
+            code = _main(monkeypatch, *args)
             assert code == 0
             separate = json.loads(res.read_text())
             swept = json.loads((out / point["results"][metric]).read_text())
@@ -277,11 +278,12 @@ def test_sweep_with_utility_keeps_base_view_and_refuses_used_output(setup, tmp_p
     from excise.pipeline.sweep import run_sweep
 
     monkeypatch.setenv("EXCISE_CACHE", str(tmp_path / "cache"))
-    model, (expert, anti), mc, text = setup
+    model, (expert, anti), mc, _ = setup
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps([{"instruction": "Say hi."}, {"instruction": "Count."}]))
     cfg = SweepConfig(
-        model=str(model), operation="subtract", inputs=[expert, anti], lams=[1.0], device="cpu", progress=False,
+        model=str(model), operation="subtract", inputs=[expert, anti], lams=[1.0], device="cpu",
+        progress=False,
         deficiency={"metric": "truthfulqa-mc", "key": "mc1", "settings": {"data": str(mc)}},
         utility={"metric": "utility", "key": "similarity",
                  "settings": {"data": str(prompts), "max_new_tokens": 4, "split": "all"}},
