@@ -371,14 +371,27 @@ class _Checker:
     def add(self, loc: Sequence[Any], message: str) -> None:
         path = ".".join(str(p) for p in loc)
         origin = " (from a command-line override)" if self._overridden(loc) else ""
-        self.problems.append(f"{self.where}: {path + ': ' if path else ''}{message}{origin}")
+        line = f"{self.where}: {path + ': ' if path else ''}{message}{origin}"
+        if line not in self.problems:  # a shared default is reported once, not per user
+            self.problems.append(line)
 
     def _overridden(self, loc: Sequence[Any]) -> bool:
         key = tuple(str(p) for p in loc)
         return any(key[: len(o)] == o or o[: len(key)] == key for o in self.overridden if key)
 
-    def validate(self, cls: type[BaseModel], data: Mapping[str, Any], loc: tuple, **fixed: Any) -> Any:
-        """``cls(**fixed, **data)``, or None with each of pydantic's errors added as a line."""
+    def validate(
+        self,
+        cls: type[BaseModel],
+        data: Mapping[str, Any],
+        loc: tuple,
+        *,
+        defaults: tuple[str, Mapping[str, Any]] | None = None,
+        **fixed: Any,
+    ) -> Any:
+        """``cls(**fixed, **data)``, or None with each of pydantic's errors added as a line.
+
+        ``defaults`` names the shared section (``train``, ``eval``) some of ``data`` came from:
+        a bad value there is reported at that section, once."""
         try:
             return cls(**fixed, **data)
         except ValidationError as err:
@@ -386,6 +399,9 @@ class _Checker:
                 where = tuple(e["loc"])
                 if where and where[0] in fixed and where[0] not in data:
                     continue  # a value the pipeline set; reported where the user wrote it
+                if defaults is not None and where and where[0] in defaults[1]:
+                    self.add((defaults[0], *where), _message(e, cls))
+                    continue
                 self.add((*loc, *where), _message(e, cls))
             return None
         except ConfigError as err:  # a dataclass-style check inside a config
@@ -474,7 +490,14 @@ class _Checker:
             unknown = [k for k in settings if k not in cls.model_fields]
             self.unknown_keys(unknown, [k for k in cls.model_fields if k not in _PIPELINE_KEYS],
                               loc, f"method {method}")  # fmt: skip
-            config = self.validate(cls, {k: v for k, v in settings.items() if k not in unknown}, loc, **fixed)
+            inherited = {k: v for k, v in train.items() if k in cls.model_fields and k not in own}
+            config = self.validate(
+                cls,
+                {k: v for k, v in settings.items() if k not in unknown},
+                loc,
+                defaults=("train", inherited),
+                **fixed,
+            )
             for key in trainer.data_keys:
                 self._data_exists(own.get(key, train.get(key)), (*loc, key))
             if config is not None and len(self.problems) == before:
@@ -593,8 +616,13 @@ class _Checker:
             known_fields = [k for k in EvalConfig.model_fields if k not in _EVAL_PIPELINE_KEYS]
             unknown = [k for k in own if k not in EvalConfig.model_fields]
             self.unknown_keys(unknown, ["metric", "models", *known_fields], loc, "an evaluation")
+            inherited = {k: v for k, v in defaults.items() if k not in own}
             config = self.validate(
-                EvalConfig, defaults | {k: v for k, v in own.items() if k not in unknown}, loc, model=base
+                EvalConfig,
+                defaults | {k: v for k, v in own.items() if k not in unknown},
+                loc,
+                defaults=("eval", inherited),
+                model=base,
             )
             for key in ("data", "reference"):
                 self._data_exists(own.get(key), (*loc, key))
@@ -682,8 +710,8 @@ class _Checker:
 
     def _data_exists(self, value: Any, loc: tuple) -> None:
         """A value that looks like a local file (a data suffix, or a path prefix) must exist."""
-        if not isinstance(value, str) or value == "safe":
-            return
+        if not isinstance(value, str) or value == "safe" or "${" in value:
+            return  # `safe`: the harmful data's safe side; `${`: reported as a variable already
         looks_local = value.endswith(_DATA_SUFFIXES) or value.startswith(("/", "./", "../", "~"))
         if looks_local and not Path(value).expanduser().exists():
             self.add(loc, f"no such file {value}")
