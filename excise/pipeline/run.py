@@ -175,7 +175,10 @@ def plan(recipe: Recipe) -> list[Stage]:
                 Stage(
                     f"eval {name}/{model}",
                     output,
-                    {"metric": evaluation.metric, "settings": cfg.settings()},
+                    {
+                        "metric": evaluation.metric,
+                        "settings": cfg.model_dump(mode="json", exclude={"adapter"}),
+                    },
                     [str(adapter)] * (adapter is not None) + data,
                     _eval_action(evaluation.metric, cfg, recipe.out / output),
                 )
@@ -260,7 +263,8 @@ def _fingerprint(stage: Stage, recipe: Recipe) -> str:
         "stage": stage.name,
         "settings": stage.settings,
         "model": model_identity(recipe.base),
-        "inputs": {path: _digest(Path(path)) for path in stage.inputs},
+        # By content and position, not path: a run folder moved elsewhere stays up to date.
+        "inputs": [_digest(Path(path)) or path for path in stage.inputs],
         "excise": __version__,
     }
     text = json.dumps(payload, sort_keys=True, default=str)
