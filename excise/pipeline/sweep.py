@@ -235,8 +235,8 @@ _ITEM_RULES: dict[tuple[str, str], tuple[Any, str]] = {
     ("halueval", "accuracy_hallucinated"): (lambda it: _mean_of(it["hallucinated_says_yes"]), "identity"),
     ("toxicity", "toxic_share"): (_toxic, "identity"),
     ("toxicity", "toxicity_mean"): (lambda it: _mean_of(it["score"]), "identity"),
-    ("harmful_rate", "harmful_rate"): (lambda it: _mean_of(it["flagged"]), "identity"),
-    ("harmful_rate", "mean_score"): (lambda it: _mean_of(it["score"]), "identity"),
+    ("harmful-rate", "harmful_rate"): (lambda it: _mean_of(it["flagged"]), "identity"),
+    ("harmful-rate", "mean_score"): (lambda it: _mean_of(it["score"]), "identity"),
 }
 _TRANSFORMS = {"identity": lambda x: x, "exp": np.exp}
 

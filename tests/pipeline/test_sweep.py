@@ -307,3 +307,10 @@ def test_sweep_with_utility_keeps_base_view_and_refuses_used_output(setup, tmp_p
         run_sweep(cfg.model_copy(update={"out": tmp_path / "used"}))
     assert [p.name for p in (tmp_path / "used").iterdir()] == ["x"]
     assert not list(tmp_path.glob(".used.tmp-*"))
+
+
+def test_item_rules_name_registered_metrics():
+    from excise.evaluate.metrics import METRICS
+    from excise.pipeline.sweep import _ITEM_RULES
+
+    assert {metric for metric, _ in _ITEM_RULES} <= set(METRICS)
