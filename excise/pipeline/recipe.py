@@ -453,12 +453,20 @@ class _Checker:
         self, section: dict[str, Any], train: dict[str, Any], base: str, out: Path
     ) -> dict[str, AdapterStage]:
         classes = {name: row.config_class() for name, row in TRAINERS.items()}
-        shared = sorted(
-            set.intersection(*(set(c.model_fields) for c in classes.values())) - {*_PIPELINE_KEYS}
-        )
-        shared = [k for k in shared if k != "method"]
-        self.unknown_keys(train, shared, ("train",), "`train` (settings every trainer shares)")
-        train = {k: v for k, v in train.items() if k in shared}
+        # `train` holds defaults for every adapter whose trainer takes the key (epochs: sft only).
+        known = sorted(set().union(*(c.model_fields for c in classes.values())) - {*_PIPELINE_KEYS, "method"})
+        self.unknown_keys(train, known, ("train",), "`train` (defaults for the adapters)")
+        train = {k: v for k, v in train.items() if k in known}
+        methods = {spec.get("method") for spec in section.values() if isinstance(spec, dict)}
+        taken = set().union(*(classes[m].model_fields for m in methods if m in classes))
+        trainers = ", ".join(sorted(str(m) for m in methods if m in classes)) or "none"
+        for key in train:
+            if key not in taken:
+                self.add(
+                    ("train", key), f"no adapter of this recipe takes {key!r} (its trainers: {trainers})"
+                )
+        for key in ("data", "harmful", "normal"):
+            self._data_exists(train.get(key), ("train", key))
         stages = {}
         for name, spec in section.items():
             loc, before = ("adapters", name), len(self.problems)
@@ -499,7 +507,7 @@ class _Checker:
                 **fixed,
             )
             for key in trainer.data_keys:
-                self._data_exists(own.get(key, train.get(key)), (*loc, key))
+                self._data_exists(own.get(key), (*loc, key))  # `train`'s own were checked above
             if config is not None and len(self.problems) == before:
                 stages[name] = AdapterStage(name, method, config, None)
         return stages
