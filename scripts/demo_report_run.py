@@ -82,9 +82,8 @@ def main() -> None:
         f"--rows {args.rows} --window {args.window} --run {run} && python scripts/demo_report_run.py {run} "
         f"--expert {args.expert} --anti {args.anti} --n {args.n}\n"
     )
-    print(
-        f"wrote {write_report(run, title='excise demo: Ext-Sub on SmolLM2-135M (HaluEval expert / anti-expert)')}"
-    )
+    title = "excise demo: Ext-Sub on SmolLM2-135M (HaluEval expert / anti-expert)"
+    print(f"wrote {write_report(run, title=title)}")
 
 
 if __name__ == "__main__":
