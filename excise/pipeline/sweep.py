@@ -42,8 +42,8 @@ SweepConfig fields (YAML keys of a recipe's ``sweep`` stage; ``excise sweep`` fl
 - ``deficiency`` / ``utility`` (:class:`SweepMetric`): ``metric`` (a METRICS name),
   ``key`` (which number of its result, e.g. ``mc2``, ``perplexity``),
   ``higher_is_better`` (default from the key), ``settings`` (any
-  :class:`~excise.evaluate.config.EvalConfig` field except model/adapter: data, limit,
-  split, batch_size, judge, max_new_tokens…).
+  :class:`~excise.evaluate.config.EvalConfig` field except model, adapter, merge, dtype and
+  device: data, limit, split, batch_size, judge, max_new_tokens, window…).
 - ``dtype``, ``device``: as ``excise eval``.
 - ``tolerance`` (float, default 0.05): allowed relative utility loss.
 - ``bootstrap`` (int, default 1000), ``confidence`` (float, default 0.95), ``seed`` (int).
@@ -128,9 +128,11 @@ class SweepMetric(BaseModel):
 
         if self.metric not in METRICS:
             raise ValueError(f"unknown metric {self.metric!r}; choose one of: {', '.join(METRICS)}")
-        clash = sorted({"model", "adapter"} & set(self.settings))
+        clash = sorted({"model", "adapter", "merge", "dtype", "device"} & set(self.settings))
         if clash:
-            raise ValueError(f"settings may not set {', '.join(clash)}: the sweep sets them")
+            raise ValueError(
+                f"settings may not set {', '.join(clash)}: the sweep sets them (dtype, device: top level)"
+            )
         EvalConfig(model="-", **self.settings)  # unknown or bad settings fail here, before any work
         return self
 
@@ -592,8 +594,8 @@ def run_sweep(cfg: SweepConfig) -> Path:
             records: dict[str, dict[str, Any]] = {}
             point: dict[str, Any] = {"lam": lam, "results": {}}
             for name, axis in axes.items():
-                done = (axis.metric, eval_cfgs[name]) == (cfg.deficiency.metric, eval_cfgs["deficiency"])
-                if name == "utility" and done:  # one metric for both axes: evaluated once
+                same = (axis.metric, eval_cfgs[name]) == (cfg.deficiency.metric, eval_cfgs["deficiency"])
+                if name == "utility" and same:  # one metric for both axes: evaluated once
                     record = records["deficiency"]
                 else:
                     record = run_eval(axis.metric, eval_cfgs[name], judge=judges[name], subject=subject,

@@ -174,6 +174,8 @@ def test_nan_and_bad_grids_are_refused():
         _cfg(deficiency={"metric": "truthy", "key": "x"})
     with pytest.raises(ValidationError, match="may not set adapter"):
         _cfg(utility={"metric": "perplexity", "key": "perplexity", "settings": {"adapter": "x"}})
+    with pytest.raises(ValidationError, match="may not set device"):
+        _cfg(utility={"metric": "perplexity", "key": "perplexity", "settings": {"device": "cpu"}})
     with pytest.raises(ValidationError, match="extra"):
         _cfg(utility={"metric": "perplexity", "key": "perplexity", "settings": {"limt": 3}})
     assert _cfg(lams=[1.0, 0.5]).grid == [0.0, 1.0, 0.5]
