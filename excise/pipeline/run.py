@@ -5,16 +5,18 @@ operators (:func:`excise.pem.apply.apply_operator`), the evaluation runner
 (:func:`excise.evaluate.runner.run_eval`), the λ sweep and the report. Layout of a run
 folder (``out`` of the recipe)::
 
-    recipe.yaml          the resolved recipe (overrides applied, ${data} substituted)
-    run.json             command, models (base / adapter / operation, with adapter folders),
-                         evaluations (metric and one result file per model), sweep folders
-    stages.json          the stage manifest: per stage its fingerprint, status, output and
-                         the output's content digest
-    adapters/NAME/       trained adapters (PEFT folders, with loss_log.json, train_config.json)
-    ops/NAME/            operation results (PEFT folders, with excise.json provenance)
-    eval/EVAL/MODEL.json evaluation records (per-item outputs kept)
-    sweeps/NAME/         λ sweeps (excise.pipeline.sweep: sweep.json, results per λ)
-    report.*             the report (excise.pipeline.report)
+    recipe.yaml             the resolved recipe (overrides applied, ${data} substituted)
+    command.txt             the command line of the latest run
+    run.json                models (base / adapter / operation, with adapter folders),
+                            evaluations (metric and one result file per model), sweep folders
+    stages.json             the stage manifest: per stage its fingerprint, status, output
+                            and the output's content digest
+    adapters/NAME/          trained adapters (PEFT folders, loss_log.json, train_config.json)
+    ops/NAME/               operation results (PEFT folders, excise.json provenance)
+    diagnostics/NAME.json   `excise inspect` of each Ext-Sub operation's expert / anti-expert
+    results/MODEL/EVAL.json evaluation records (per-item outputs kept)
+    sweeps/NAME/            λ sweeps (excise.pipeline.sweep: sweep.json, results per λ)
+    report/                 report.html, report.md, report.json (excise.pipeline.report)
 
 **Skipping.** A stage's fingerprint is the SHA-256 of its settings and the content digest
 of everything it reads (data files, upstream outputs, the base model's identity). A stage
@@ -49,6 +51,7 @@ __all__ = ["MANIFEST", "RUN_INFO", "Stage", "plan", "run_recipe"]
 MANIFEST = "stages.json"
 RUN_INFO = "run.json"
 RESOLVED = "recipe.yaml"
+COMMAND = "command.txt"
 _LOCK = ".excise-run.lock"
 _CHECKPOINTS = "checkpoints"  # excise.train.loop.CHECKPOINTS
 
@@ -105,7 +108,7 @@ def run_recipe(
         if main:
             _write_run_info(recipe, command)
         manifest = _read_manifest(out)
-        result: Path = out
+        result: Path = out / "report" / "report.html"
         width = len(str(len(stages)))
         started = time.perf_counter()
         for i, stage in enumerate(stages, start=1):
@@ -116,7 +119,6 @@ def run_recipe(
             entry = manifest.get(stage.name, {})
             if not force and _up_to_date(entry, fingerprint, out / stage.output):
                 log(f"{label}: up to date, skipped")
-                result = out / stage.output
                 continue
             resume = entry.get("status") == "started" and entry.get("fingerprint") == fingerprint
             log(f"{label} → {out / stage.output}")
@@ -139,8 +141,9 @@ def run_recipe(
                     "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 }  # fmt: skip
                 _write_manifest(out, manifest)
-            result = out / stage.output
         log(f"done in {time.perf_counter() - started:.0f} s: {out}")
+        if recipe.report:
+            log(f"report: {result}")
     return result if recipe.report else out
 
 
@@ -165,11 +168,23 @@ def plan(recipe: Recipe) -> list[Stage]:
                 _op_action(op.op, inputs, recipe.out / "ops" / name, op.params),
             )
         )
+    for name, (expert, anti, lam) in _diagnosed_pairs(recipe).items():
+        inputs = [str(recipe.adapter_of(expert)), str(recipe.adapter_of(anti))]
+        output = Path("diagnostics") / f"{name}.json"
+        stages.append(
+            Stage(
+                f"inspect {name}",
+                output,
+                {"lam": lam},
+                inputs,
+                _inspect_action(inputs, lam, recipe.out / output),
+            )
+        )
     for name, evaluation in recipe.evaluations.items():
         for model in evaluation.models:
             adapter = recipe.adapter_of(model)
             cfg = evaluation.config.model_copy(update={"adapter": adapter})
-            output = Path("eval") / name / f"{model}.json"
+            output = Path("results") / model / f"{name}.json"
             data = [cfg.data] if cfg.data else []
             stages.append(
                 Stage(
@@ -219,6 +234,31 @@ def _op_action(op: str, inputs: list[str], out: Path, params: dict[str, Any]) ->
     return action
 
 
+def _diagnosed_pairs(recipe: Recipe) -> dict[str, tuple[str, str, float]]:
+    """Name → (expert, anti-expert, λ) for each Ext-Sub operation (one per anti-expert of a composition)."""
+    pairs = {}
+    for name, op in recipe.operations.items():
+        if op.op == "ext_sub":
+            pairs[name] = (op.inputs[0], op.inputs[1], op.params.get("lam", 1.0))
+        elif op.op == "compose":
+            lams = op.params.get("lams", [1.0])
+            for i, anti in enumerate(op.inputs[1:]):
+                pairs[f"{name}.{anti}"] = (op.inputs[0], anti, lams[i] if len(lams) > 1 else lams[0])
+    return pairs
+
+
+def _inspect_action(inputs: list[str], lam: float, out: Path) -> Callable[[bool], Any]:
+    def action(_resume: bool) -> None:
+        from excise.evaluate.cache import write_atomic_json
+        from excise.pem.diagnostics import diagnose
+        from excise.pem.io import load_adapter
+
+        expert, anti = (load_adapter(p) for p in inputs)
+        write_atomic_json(out, diagnose(expert, anti, lam=lam, allow_partial=True))
+
+    return action
+
+
 def _eval_action(metric: str, cfg: Any, out: Path) -> Callable[[bool], Any]:
     def action(_resume: bool) -> None:
         from excise.evaluate.runner import run_eval, write_result
@@ -247,10 +287,10 @@ def _report_stage(recipe: Recipe, outputs: list[Path]) -> Stage:
     def action(_resume: bool) -> None:
         from excise.pipeline.report import write_report
 
-        write_report(recipe.out)
+        write_report(recipe.out, title=f"excise report: {recipe.name}")
 
     inputs = [str(recipe.out / o) for o in outputs] + [str(recipe.out / RESOLVED)]
-    return Stage("report", Path("report.html"), {"report": 1}, inputs, action)
+    return Stage("report", Path("report"), {"report": 1}, inputs, action)
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -320,6 +360,8 @@ def _write_run_info(recipe: Recipe, command: str | None) -> None:
     out = recipe.out
     header = f"# Resolved from {recipe.source}" + (f"; command: {command}" if command else "") + "\n"
     _write_text_atomic(out / RESOLVED, header + recipe.to_yaml())
+    if command:
+        _write_text_atomic(out / COMMAND, command + "\n")
     models: dict[str, Any] = {BASE: {"kind": "base", "adapter": None}}
     for name, adapter in recipe.adapters.items():
         models[name] = {
@@ -331,7 +373,7 @@ def _write_run_info(recipe: Recipe, command: str | None) -> None:
         models[name] = {"kind": "operation", "op": op.op, "inputs": list(op.inputs), "params": op.params,
                         "adapter": str(recipe.adapter_of(name))}  # fmt: skip
     evaluations = {
-        name: {"metric": e.metric, "results": {m: f"eval/{name}/{m}.json" for m in e.models}}
+        name: {"metric": e.metric, "results": {m: f"results/{m}/{name}.json" for m in e.models}}
         for name, e in recipe.evaluations.items()
     }
     sweeps = {

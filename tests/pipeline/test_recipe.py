@@ -49,7 +49,8 @@ def test_valid_recipe_resolves_everything(project, tmp_path):
     assert sweep.out == tmp_path / "run" / "sweeps" / "ext_sub"
     names = [s.name for s in plan(recipe)]
     assert names[:4] == ["train expert (sft)", "train anti_expert (sft)", "op ext_sub", "op subtract"]
-    assert names[-1] == "sweep ext_sub" and len(names) == 4 + 2 * 5 + 1
+    assert names[4] == "inspect ext_sub"  # the Ext-Sub operation's per-layer diagnostics
+    assert names[-1] == "sweep ext_sub" and len(names) == 4 + 1 + 2 * 5 + 1
     assert not (tmp_path / "run").exists()  # loading writes nothing
 
 
@@ -257,6 +258,6 @@ def test_cli_check_lists_the_stages(project, tmp_path):
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[0] == f"{path}: valid; 15 stages into {tmp_path / 'run'}"
-    assert "  15. sweep ext_sub → sweeps/ext_sub" in proc.stdout
+    assert proc.stdout.splitlines()[0] == f"{path}: valid; 16 stages into {tmp_path / 'run'}"
+    assert "  16. sweep ext_sub → sweeps/ext_sub" in proc.stdout
     assert not (tmp_path / "run").exists()

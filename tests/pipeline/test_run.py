@@ -29,6 +29,7 @@ STAGES = [
     "train anti_expert (sft)",
     "op ext_sub",
     "op subtract",
+    "inspect ext_sub",
     *(f"eval {e}/{m}" for e in ("halueval", "perplexity") for m in MODELS),
     "sweep ext_sub",
 ]
@@ -127,7 +128,7 @@ def test_every_stage_writes_what_its_part_writes_alone(done_run, project, tmp_pa
                 use_cache=False,
                 progress=False,
             )
-            staged = json.loads((done_run / "eval" / name / f"{model}.json").read_text())
+            staged = json.loads((done_run / "results" / model / f"{name}.json").read_text())
             assert staged["metrics"] == alone["metrics"]
             assert staged["items"] == alone["items"]
 
@@ -143,7 +144,8 @@ def test_every_stage_writes_what_its_part_writes_alone(done_run, project, tmp_pa
         "params": {"lam": 1.0},
         "adapter": str(done_run / "ops" / "ext_sub"),
     }
-    assert info["evaluations"]["halueval"]["results"]["base"] == "eval/halueval/base.json"
+    assert info["evaluations"]["halueval"]["results"]["base"] == "results/base/halueval.json"
+    assert (done_run / "command.txt").read_text() == "excise run r.yaml\n"
     assert info["sweeps"] == {"ext_sub": {"folder": "sweeps/ext_sub", "operation": "ext_sub"}}
 
 
@@ -160,8 +162,8 @@ def test_a_second_run_skips_everything(done_run, project, tmp_path):
 def test_a_changed_setting_reruns_what_depends_on_it(done_run, project, tmp_path):
     _out, path = _copy(done_run, tmp_path, project)
     ran, skipped = _run(path, ["operations.ext_sub.lam=0.25"])
-    assert ran == ["op ext_sub", "eval halueval/ext_sub", "eval perplexity/ext_sub"]
-    assert len(skipped) == len(STAGES) - 3  # the sweep sets λ itself: not affected
+    assert ran == ["op ext_sub", "inspect ext_sub", "eval halueval/ext_sub", "eval perplexity/ext_sub"]
+    assert len(skipped) == len(STAGES) - 4  # the sweep sets λ itself: not affected
 
     ran, _ = _run(
         path,
@@ -176,10 +178,27 @@ def test_a_changed_setting_reruns_what_depends_on_it(done_run, project, tmp_path
     ] + ["sweep ext_sub"]
 
 
+def test_the_report_stage_reports_the_run(done_run, project, tmp_path):
+    out, path = _copy(done_run, tmp_path, project, report=True)
+    ran, skipped = _run(path)
+    assert ran == ["report"] and skipped == STAGES
+    html = (out / "report" / "report.html").read_text()
+    assert "excise report: tiny" in html and "ext_sub" in html
+    summary = json.loads((out / "report" / "report.json").read_text())
+    assert set(summary["methods"]) == set(MODELS)
+    assert (
+        summary["methods"]["ext_sub"]["halueval"]
+        == json.loads((out / "results" / "ext_sub" / "halueval.json").read_text())["metrics"]
+    )
+    assert set(summary["sweeps"]) == {"ext_sub"} and "diagnostics:ext_sub" in summary["plots"]
+    ran, _ = _run(path)
+    assert ran == []
+
+
 def test_a_deleted_or_edited_output_is_made_again(done_run, project, tmp_path):
     out, path = _copy(done_run, tmp_path, project)
     shutil.rmtree(out / "ops" / "subtract")
-    (out / "eval" / "halueval" / "base.json").write_text("{}")
+    (out / "results" / "base" / "halueval.json").write_text("{}")
     ran, _ = _run(path)
     assert ran == ["op subtract", "eval halueval/base", "eval halueval/subtract", "eval perplexity/subtract"]
     _assert_same_adapter(out / "ops" / "subtract", done_run / "ops" / "subtract")
@@ -205,15 +224,15 @@ def test_a_killed_run_resumes_where_it_stopped(done_run, project, tmp_path, monk
     assert manifest["eval halueval/base"]["status"] == "done"
     assert manifest["eval halueval/anti_expert"]["status"] == "started"
     # The killed stage left its old result or nothing, never half a file.
-    assert not [p for p in (out / "eval").rglob("*") if p.name.startswith(".")]
+    assert not [p for p in (out / "results").rglob("*") if p.name.startswith(".")]
 
     monkeypatch.setattr(runner, "run_eval", real)
     ran, skipped = _run(path, overrides)
-    assert skipped == [*STAGES[:4], "eval halueval/base", "eval halueval/expert"]
-    assert ran == STAGES[6:]
+    assert skipped == [*STAGES[:5], "eval halueval/base", "eval halueval/expert"]
+    assert ran == STAGES[7:]
     for model in ("base", "anti_expert", "ext_sub"):  # batch size does not change the numbers
-        new = json.loads((out / "eval" / "halueval" / f"{model}.json").read_text())
-        old = json.loads((done_run / "eval" / "halueval" / f"{model}.json").read_text())
+        new = json.loads((out / "results" / model / "halueval.json").read_text())
+        old = json.loads((done_run / "results" / model / "halueval.json").read_text())
         assert new["metrics"] == pytest.approx(old["metrics"], rel=1e-5)
         assert new["settings"]["batch_size"] == 2
 
