@@ -42,7 +42,7 @@ SweepConfig fields (YAML keys of a recipe's ``sweep`` stage; ``excise sweep`` fl
 - ``deficiency`` / ``utility`` (:class:`SweepMetric`): ``metric`` (a METRICS name),
   ``key`` (which number of its result, e.g. ``mc2``, ``perplexity``),
   ``higher_is_better`` (default from the key), ``settings`` (any
-  :class:`~excise.evaluate.config.EvalConfig` field except model, adapter, merge, dtype and
+  :class:`~excise.evaluate.config.EvalConfig` field except model, adapter, dtype and
   device: data, limit, split, batch_size, judge, max_new_tokens, window…).
 - ``dtype``, ``device``: as ``excise eval``.
 - ``tolerance`` (float, default 0.05): allowed relative utility loss.
@@ -128,7 +128,7 @@ class SweepMetric(BaseModel):
 
         if self.metric not in METRICS:
             raise ValueError(f"unknown metric {self.metric!r}; choose one of: {', '.join(METRICS)}")
-        clash = sorted({"model", "adapter", "merge", "dtype", "device"} & set(self.settings))
+        clash = sorted({"model", "adapter", "dtype", "device"} & set(self.settings))
         if clash:
             raise ValueError(
                 f"settings may not set {', '.join(clash)}: the sweep sets them (dtype, device: top level)"
