@@ -12,11 +12,13 @@ Run folder layout (what :func:`write_report` reads; every part is optional)::
 
     RUN/command.txt                       the exact command line that made the run
     RUN/recipe.yaml                       the resolved recipe
-    RUN/results/<method>/<metric>.json    evaluation records (`excise eval --out`,
+    RUN/results/<method>/<eval>.json      evaluation records (`excise eval --out`,
                                           excise.evaluate.runner.write_result); <method>
-                                          names the model variant: base, expert,
+                                          names the model variant (base, expert,
                                           anti_expert, subtract, ext_sub, compose, sku,
-                                          negate, finetune, ga, ga_mismatch, llmu, …
+                                          negate, finetune, ga, ga_mismatch, llmu, or a
+                                          recipe's model name), <eval> the metric or a
+                                          recipe's evaluation name (the table's column)
     RUN/sweeps/<name>/sweep.json          λ sweeps (excise.pipeline.sweep.run_sweep's folder)
     RUN/diagnostics/<name>.json           `excise inspect --json` reports
 
