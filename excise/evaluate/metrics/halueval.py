@@ -139,5 +139,7 @@ METRIC = Metric(
         "hallucinated_answer": "hallucinated_answer",
     },
     default_data=str(SHARED_DATA / "halueval" / "qa_data.json"),
+    # `--split eval` keeps the questions `excise train sft --format paired-*` holds out (same key).
+    prompt_field="question",
     summary="HaluEval QA: accuracy judging right vs hallucinated answers (Yes/No by log-likelihood).",
 )
