@@ -63,6 +63,7 @@ Output folder (``run_sweep`` returns it)::
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -617,6 +618,9 @@ def run_sweep(cfg: SweepConfig) -> Path:
                     "items": stat,
                 }
             point["seconds"] = time.perf_counter() - clock
+            if cfg.progress:  # one line per λ, as it is done
+                shown = ", ".join(f"{axes[a].metric}:{axes[a].key} {_show(point[a]['value'])}" for a in axes)
+                print(f"λ = {lam:g}: {shown} ({point['seconds']:.1f} s)", file=sys.stderr)
             points.append(point)
         summary = _analyse(cfg, points)
         summary["timing"] = {
@@ -628,6 +632,10 @@ def run_sweep(cfg: SweepConfig) -> Path:
                                "base_merged": merge_base and w0 is not None}  # fmt: skip
         write_atomic_json(tmp / "sweep.json", summary)
     return Path(cfg.out)
+
+
+def _show(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _analyse(cfg: SweepConfig, points: list[dict[str, Any]]) -> dict[str, Any]:
