@@ -232,13 +232,15 @@ def test_sweep_equals_separate_ops_and_eval_runs(setup, tmp_path, monkeypatch, c
     out = tmp_path / "sweep"
     lams = [0.5, 1.0, 2.0]
     args = ["sweep", "ext-sub", str(expert), str(anti), "--base", str(model), "--out", str(out)]
-    args += ["--lams", ",".join(map(str, lams)), "--device", "cpu", "--no-progress", "--bootstrap", "50"]
+    args += ["--lams", ",".join(map(str, lams)), "--device", "cpu", "--bootstrap", "50"]
     args += ["--deficiency", "truthfulqa-mc:mc2", "--deficiency-set", f"data={mc}"]
     args += ["--utility", "perplexity:perplexity", "--utility-set", f"data={text}"]
     args += ["--utility-set", "window=8", "--utility-set", "stride=4"]
     assert _main(monkeypatch, *args) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "chosen λ" in printed and f"wrote {out}" in printed
+    assert "λ = 0.5: truthfulqa-mc:mc2 " in captured.err  # one progress line per λ
     sweep = json.loads((out / "sweep.json").read_text())
     assert [p["lam"] for p in sweep["points"]] == [0.0, *lams]
     assert sweep["adapters"]["base_merged"] is True
