@@ -43,7 +43,7 @@ def run(
     manifest (stages.json); an interrupted run continues where it stopped.
     """
     from excise.pipeline.recipe import RecipeError, load_recipe
-    from excise.pipeline.run import plan, run_recipe
+    from excise.pipeline.run import is_main_process, plan, run_recipe
 
     try:
         loaded = load_recipe(recipe, overrides or [], data_dir=data_dir)
@@ -58,4 +58,6 @@ def run(
             typer.echo(f"  {i:>2}. {stage.name} → {stage.output}")
         return
     command = " ".join(shlex.quote(a) for a in ["excise", *sys.argv[1:]])
-    typer.echo(f"wrote {run_recipe(loaded, command=command, force=force)}")
+    result = run_recipe(loaded, command=command, force=force)
+    if is_main_process():  # under accelerate launch, one line, not one per process
+        typer.echo(f"wrote {result}")

@@ -46,7 +46,7 @@ from excise import __version__
 from excise.errors import ConfigError
 from excise.pipeline.recipe import BASE, Recipe
 
-__all__ = ["MANIFEST", "RUN_INFO", "Stage", "plan", "run_recipe"]
+__all__ = ["MANIFEST", "RUN_INFO", "Stage", "is_main_process", "plan", "run_recipe"]
 
 MANIFEST = "stages.json"
 RUN_INFO = "run.json"
@@ -99,10 +99,11 @@ def run_recipe(
         ConfigError: the run folder holds other files or another recipe's run, or is in use.
         ExciseError: whatever a stage raises (the stages done so far stay done).
     """
-    log = log or _stderr
     out = recipe.out
-    main = _is_main_process()
-    _check_run_folder(out, recipe)
+    main = is_main_process()
+    log = (log or _stderr) if main else (lambda _line: None)
+    if main:
+        _check_run_folder(out, recipe)
     stages = plan(recipe)
     with _locked(out) if main else contextlib.nullcontext():
         if main:
@@ -452,19 +453,24 @@ def _locked(out: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _is_main_process() -> bool:
+def is_main_process() -> bool:
+    """False only in the non-first processes of an ``accelerate launch`` / ``torchrun`` run."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return True
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
+    return _state().is_main_process
 
 
 def _wait_for_everyone() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
+        _state().wait_for_everyone()
 
-        PartialState().wait_for_everyone()
+
+def _state() -> Any:
+    """accelerate's process state, joined as the trainers join it (``cpu=True`` without CUDA)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def _stderr(line: str) -> None:

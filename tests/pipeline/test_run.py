@@ -304,3 +304,36 @@ def test_a_foreign_or_other_recipes_folder_is_refused(project, tmp_path, done_ru
     as_file = write_recipe(tmp_path / "f.yaml", tiny_recipe(project, tmp_path / "file"))
     with pytest.raises(ConfigError, match="is a file"):
         run_recipe(load_recipe(as_file), log=lambda _line: None)
+
+
+def test_two_processes_train_together_and_the_first_does_the_rest(project, tmp_path):
+    """Under `accelerate launch` the trainers split the data (as one process with 2 accumulated
+    micro-batches), and one process applies, evaluates and writes the manifest."""
+    import os
+    import subprocess
+    import sys
+
+    recipe = tiny_recipe(project, tmp_path / "run", sweeps=None)
+    recipe["train"] |= {"lora_dropout": 0.2}
+    recipe["evaluations"] = {"halueval": recipe["evaluations"]["halueval"] | {"models": ["base", "ext_sub"]}}
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    assert launcher is not None
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "EXCISE_CACHE": str(tmp_path / "c")}
+    proc = subprocess.run(
+        [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29519",
+         "-m", "excise", "run", str(path)],
+        capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote ") == 1
+    assert proc.stderr.count("] op ext_sub → ") == 1  # progress from the first process only
+    manifest = json.loads((tmp_path / "run" / MANIFEST).read_text())["stages"]
+    assert all(e["status"] == "done" for e in manifest.values()) and "eval halueval/ext_sub" in manifest
+
+    from excise.train.sft import run as sft_run
+
+    cfg = load_recipe(path).adapters["expert"].config
+    sft_run(cfg.model_copy(update={"out": tmp_path / "one", "grad_accum": 2}), progress=False)
+    _assert_same_adapter(tmp_path / "run" / "adapters" / "expert", tmp_path / "one")
