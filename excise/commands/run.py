@@ -53,7 +53,7 @@ def run(
         raise typer.Exit(2) from None
     if check:
         stages = plan(loaded)
-        typer.echo(f"{recipe}: valid; {len(stages)} stages into {loaded.out}")
+        typer.echo(f"{recipe}: valid; {len(stages)} stages into {loaded.out} (data: {loaded.data_dir})")
         for i, stage in enumerate(stages, start=1):
             typer.echo(f"  {i:>2}. {stage.name} → {stage.output}")
         return

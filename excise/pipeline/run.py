@@ -109,7 +109,7 @@ def run_recipe(
         if main:
             _write_run_info(recipe, command)
         manifest = _read_manifest(out)
-        result: Path = out / "report" / "report.html"
+        result: Path = out / "report" / "report.html" if stages and stages[-1].name == "report" else out
         width = len(str(len(stages)))
         started = time.perf_counter()
         for i, stage in enumerate(stages, start=1):
@@ -143,9 +143,9 @@ def run_recipe(
                 }  # fmt: skip
                 _write_manifest(out, manifest)
         log(f"done in {time.perf_counter() - started:.0f} s: {out}")
-        if recipe.report:
+        if result != out:
             log(f"report: {result}")
-    return result if recipe.report else out
+    return result
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -201,7 +201,8 @@ def plan(recipe: Recipe) -> list[Stage]:
             )
     for name in recipe.sweeps:
         stages.append(_sweep_stage(recipe, name))
-    if recipe.report:
+    reportable = [s.output for s in stages if s.output.parts[0] in ("results", "sweeps", "diagnostics")]
+    if recipe.report and reportable:  # a recipe that only trains has nothing to report
         stages.append(_report_stage(recipe, [s.output for s in stages]))
     return stages
 

@@ -54,6 +54,15 @@ def test_valid_recipe_resolves_everything(project, tmp_path):
     assert not (tmp_path / "run").exists()  # loading writes nothing
 
 
+def test_the_report_comes_last_when_there_is_something_to_report(project, tmp_path):
+    recipe = tiny_recipe(project, tmp_path / "run", report=True)
+    assert [s.name for s in plan(load_recipe(write_recipe(tmp_path / "r.yaml", recipe)))][-1] == "report"
+    only_training = tiny_recipe(project, tmp_path / "run", report=True, operations=None, evaluations=None,
+                                sweeps=None)  # fmt: skip
+    names = [s.name for s in plan(load_recipe(write_recipe(tmp_path / "r.yaml", only_training)))]
+    assert names == ["train expert (sft)", "train anti_expert (sft)"]
+
+
 def test_typo_key_names_the_nearest_key_and_writes_nothing(project, tmp_path):
     recipe = tiny_recipe(project, tmp_path / "run")
     recipe["adapters"]["expert"]["lora_rank"] = 4
@@ -258,6 +267,9 @@ def test_cli_check_lists_the_stages(project, tmp_path):
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[0] == f"{path}: valid; 16 stages into {tmp_path / 'run'}"
+    assert (
+        proc.stdout.splitlines()[0]
+        == f"{path}: valid; 16 stages into {tmp_path / 'run'} (data: {project / 'data'})"
+    )
     assert "  16. sweep ext_sub → sweeps/ext_sub" in proc.stdout
     assert not (tmp_path / "run").exists()
