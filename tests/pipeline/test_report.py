@@ -180,3 +180,23 @@ def test_empty_or_missing_run_folder_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         write_report(tmp_path)
     assert not (tmp_path / "report").exists()
+
+
+def test_report_cli(run_dir, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from excise.cli import main
+
+    def excise(*args: str) -> int:
+        monkeypatch.setattr(sys, "argv", ["excise", *args])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        return exit_info.value.code
+
+    out = tmp_path / "rep"
+    assert excise("report", str(run_dir), "--out", str(out), "--title", "Mine") == 0
+    assert f"wrote {out / 'report.html'}" in capsys.readouterr().out
+    assert "<title>Mine</title>" in (out / "report.html").read_text()
+    assert excise("report", str(tmp_path / "none")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: run folder") and err.count("\n") == 1
