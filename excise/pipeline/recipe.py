@@ -494,11 +494,14 @@ class _Checker:
             fixed: dict[str, Any] = {"base": base, "out": out / "adapters" / name}
             if "method" in cls.model_fields:
                 fixed["method"] = method
-            settings = {k: v for k, v in train.items() if k in cls.model_fields} | own
+            defaults = {k: v for k, v in train.items() if k in cls.model_fields}
+            if {"steps", "epochs"} & set(own):  # an adapter's own run length replaces the default one
+                defaults = {k: v for k, v in defaults.items() if k not in ("steps", "epochs")}
+            settings = defaults | own
             unknown = [k for k in settings if k not in cls.model_fields]
             self.unknown_keys(unknown, [k for k in cls.model_fields if k not in _PIPELINE_KEYS],
                               loc, f"method {method}")  # fmt: skip
-            inherited = {k: v for k, v in train.items() if k in cls.model_fields and k not in own}
+            inherited = {k: v for k, v in defaults.items() if k not in own}
             config = self.validate(
                 cls,
                 {k: v for k, v in settings.items() if k not in unknown},

@@ -221,6 +221,17 @@ def test_overrides_are_typed_through_the_models(project, tmp_path):
     ]
 
 
+def test_an_adapters_own_run_length_replaces_the_default(project, tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(project, tmp_path / "run"))
+    recipe = load_recipe(path, ["adapters.expert.epochs=2"])
+    expert, anti = recipe.adapters["expert"].config, recipe.adapters["anti_expert"].config
+    assert (expert.steps, expert.epochs, anti.steps, anti.epochs) == (None, 2.0, 2, None)
+    problems = _problems(path, ["adapters.expert.epochs=2", "adapters.expert.steps=3"])
+    assert [p.split(": ", 1)[1] for p in problems] == [
+        "adapters.expert: give --steps or --epochs, not both (from a command-line override)"
+    ]
+
+
 def test_apply_overrides_leaves_the_input_alone():
     raw = {"train": {"steps": 1}}
     result, problems = apply_overrides(raw, ["train.steps=2", "new.deep.key=x"])
