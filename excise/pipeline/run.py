@@ -121,7 +121,10 @@ def run_recipe(
             if not force and _up_to_date(entry, fingerprint, out / stage.output):
                 log(f"{label}: up to date, skipped")
                 continue
-            resume = entry.get("status") == "started" and entry.get("fingerprint") == fingerprint
+            # An attempt with these very inputs was cut short: continue from its checkpoints.
+            resume = (
+                not force and entry.get("status") == "started" and entry.get("fingerprint") == fingerprint
+            )
             log(f"{label} → {out / stage.output}")
             if main:
                 manifest[stage.name] = {
