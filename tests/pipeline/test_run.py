@@ -195,6 +195,15 @@ def test_the_report_stage_reports_the_run(done_run, project, tmp_path):
     assert ran == []
 
 
+def test_force_runs_every_stage_again(done_run, project, tmp_path):
+    out, path = _copy(done_run, tmp_path, project, evaluations=None, sweeps=None)
+    lines: list[str] = []
+    run_recipe(load_recipe(path), force=True, log=lines.append)
+    ran = [line.split("] ", 1)[1].split(" → ")[0] for line in lines if " → " in line]
+    assert ran == [*STAGES[:5]]
+    _assert_same_adapter(out / "ops" / "ext_sub", done_run / "ops" / "ext_sub")  # training is seeded
+
+
 def test_a_deleted_or_edited_output_is_made_again(done_run, project, tmp_path):
     out, path = _copy(done_run, tmp_path, project)
     shutil.rmtree(out / "ops" / "subtract")
