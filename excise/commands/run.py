@@ -25,8 +25,8 @@ def run(
     data_dir: Annotated[
         Path | None,
         typer.Option(
-            help="What ${data} stands for. [default: the recipe's data_dir, $EXCISE_DATA_DIR, "
-            "or ../shared/data]"
+            help="What ${data} stands for (default: the recipe's data_dir, else $EXCISE_DATA_DIR, "
+            "else ../shared/data beside the working folder or the repository)."
         ),
     ] = None,
     check: Annotated[
