@@ -34,6 +34,8 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -105,7 +107,7 @@ def run_recipe(
     if main:
         _check_run_folder(out, recipe)
     stages = plan(recipe)
-    with _locked(out) if main else contextlib.nullcontext():
+    with _locked(out) if main else contextlib.nullcontext(), _terminate_as_exit():
         if main:
             _write_run_info(recipe, command)
         manifest = _read_manifest(out)
@@ -133,6 +135,7 @@ def run_recipe(
                     "output": str(stage.output),
                 }
                 _write_manifest(out, manifest)
+            _remove_leftovers(out / stage.output)
             clock = time.perf_counter()
             stage.action(resume and _has_checkpoints(out / stage.output))
             if stage.distributed:
@@ -342,6 +345,20 @@ def _up_to_date(entry: dict[str, Any], fingerprint: str, output: Path) -> bool:
     )
 
 
+def _remove_leftovers(output: Path) -> None:
+    """Delete the temporary siblings a killed attempt left beside ``output`` (``.NAME.tmp-…``,
+    ``.NAME.….tmp``): the lock makes this run their only possible owner."""
+    if not output.parent.is_dir():
+        return
+    for p in output.parent.glob(f".{output.name}.*"):
+        if "tmp" not in p.name[len(output.name) + 2 :]:
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
 def _has_checkpoints(output: Path) -> bool:
     return output.is_dir() and [p.name for p in output.iterdir()] == [_CHECKPOINTS]
 
@@ -455,6 +472,24 @@ def _locked(out: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """SIGTERM (``kill``, a scheduler's stop) unwinds like Ctrl-C: temporary outputs are removed."""
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def is_main_process() -> bool:

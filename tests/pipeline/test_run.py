@@ -208,9 +208,12 @@ def test_a_deleted_or_edited_output_is_made_again(done_run, project, tmp_path):
     out, path = _copy(done_run, tmp_path, project)
     shutil.rmtree(out / "ops" / "subtract")
     (out / "results" / "base" / "halueval.json").write_text("{}")
+    (out / "ops" / ".subtract.tmp-0badf00d").mkdir()  # what a killed (SIGKILL) attempt leaves
+    (out / "results" / "base" / ".halueval.json.x1y2.tmp").write_text("{")
     ran, _ = _run(path)
     assert ran == ["op subtract", "eval halueval/base", "eval halueval/subtract", "eval perplexity/subtract"]
     _assert_same_adapter(out / "ops" / "subtract", done_run / "ops" / "subtract")
+    assert not [p for p in out.rglob(".*") if p.name != ".excise-run.lock"]
 
 
 def test_a_killed_run_resumes_where_it_stopped(done_run, project, tmp_path, monkeypatch):
@@ -346,3 +349,37 @@ def test_two_processes_train_together_and_the_first_does_the_rest(project, tmp_p
     cfg = load_recipe(path).adapters["expert"].config
     sft_run(cfg.model_copy(update={"out": tmp_path / "one", "grad_accum": 2}), progress=False)
     _assert_same_adapter(tmp_path / "run" / "adapters" / "expert", tmp_path / "one")
+
+
+def test_a_run_killed_by_sigterm_leaves_no_temporary_files_and_resumes(project, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    recipe = tiny_recipe(project, tmp_path / "run", operations=None, evaluations=None, sweeps=None)
+    recipe["train"] |= {"steps": 150, "save_every": 1}
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "EXCISE_CACHE": str(tmp_path / "c")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "excise", "run", str(path)],
+        cwd=Path(__file__).resolve().parents[2], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    checkpoints = tmp_path / "run" / "adapters" / "expert" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not (checkpoints.is_dir() and list(checkpoints.glob("step-*"))) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    leftovers = [p for p in (tmp_path / "run").rglob("*") if "tmp" in p.name]
+    assert leftovers == []
+    manifest = json.loads((tmp_path / "run" / MANIFEST).read_text())["stages"]
+    assert manifest["train expert (sft)"]["status"] == "started"
+
+    ran, _ = _run(path)
+    assert ran == ["train expert (sft)", "train anti_expert (sft)"]
+    config = json.loads((tmp_path / "run" / "adapters" / "expert" / "train_config.json").read_text())
+    assert config["resumed_from"] >= 1 and config["steps"] == 150
