@@ -32,6 +32,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError
 
 from excise.errors import ConfigError
+from excise.train.baselines import BASELINES
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -97,13 +98,12 @@ class Trainer:
         return importlib.import_module(self.module).run(cfg, progress=progress)
 
 
-_BASELINES = ("ga", "ga_mismatch", "llmu", "finetune")  # excise.train.baselines.BASELINES
 TRAINERS: dict[str, Trainer] = {
     row.name: row
     for row in [
         Trainer("sft", "excise.train.sft", "SftConfig", ("data",)),
         Trainer("sku", "excise.train.sku", "SkuConfig", ("harmful", "normal")),
-        *(Trainer(b, "excise.train.baselines", "BaselineConfig", ("harmful", "normal")) for b in _BASELINES),
+        *(Trainer(b, "excise.train.baselines", "BaselineConfig", ("harmful", "normal")) for b in BASELINES),
     ]
 }
 
