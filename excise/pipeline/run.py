@@ -149,6 +149,8 @@ def run_recipe(
                 }  # fmt: skip
                 _write_manifest(out, manifest)
         log(f"done in {time.perf_counter() - started:.0f} s: {out}")
+        for name in recipe.sweeps:
+            log(_sweep_line(name, out / "sweeps" / name / "sweep.json"))
         if result != out:
             log(f"report: {result}")
     return result
@@ -343,6 +345,28 @@ def _up_to_date(entry: dict[str, Any], fingerprint: str, output: Path) -> bool:
         and output.exists()
         and _digest(output) == entry.get("output_digest")
     )
+
+
+def _sweep_line(name: str, path: Path) -> str:
+    """One line: the λ a sweep chose, with its deficiency and utility against λ = 0."""
+    try:
+        sweep = json.loads(path.read_text())
+        chosen, points = sweep["chosen"], sweep["points"]
+        at, zero = points[chosen["index"]], points[0]
+        d, u = sweep["deficiency"], sweep["utility"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return f"sweep {name}: no result in {path}"
+    knee = sweep.get("knee", {}).get("lam")
+    return (
+        f"sweep {name}: chosen λ = {chosen['lam']:g} — {d['metric']}:{d['key']} "
+        f"{_num(at['deficiency']['value'])} (λ = 0: {_num(zero['deficiency']['value'])}), "
+        f"{u['metric']}:{u['key']} {_num(at['utility']['value'])} (λ = 0: {_num(zero['utility']['value'])})"
+        + (f"; knee λ = {knee:g}" if knee is not None else "")
+    )
+
+
+def _num(x: Any) -> str:
+    return "n/a" if x is None else f"{x:.4g}"
 
 
 def _remove_leftovers(output: Path) -> None:

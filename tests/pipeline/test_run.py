@@ -158,6 +158,14 @@ def test_a_second_run_skips_everything(done_run, project, tmp_path):
     changed = [str(p.relative_to(out)) for p in before if after[p] != before[p]]
     assert sorted(changed) == [".excise-run.lock", "recipe.yaml"]  # stage outputs and manifest untouched
 
+    lines: list[str] = []
+    run_recipe(load_recipe(path), log=lines.append)
+    sweep = json.loads((out / "sweeps" / "ext_sub" / "sweep.json").read_text())
+    summary = [line for line in lines if line.startswith("sweep ext_sub: ")]
+    assert summary and summary[0].startswith(
+        f"sweep ext_sub: chosen λ = {sweep['chosen']['lam']:g} — halueval:"
+    )
+
 
 def test_a_changed_setting_reruns_what_depends_on_it(done_run, project, tmp_path):
     _out, path = _copy(done_run, tmp_path, project)
