@@ -29,6 +29,11 @@ def make_project(root: Path) -> Path:
     (data / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = [{"text": f"The quick brown fox {i} jumps over the lazy dog.\n"} for i in range(20)]
     (data / "text.jsonl").write_text("".join(json.dumps(r) + "\n" for r in text))
+    pairs = [{"prompt": f"How do I do bad thing {i}?", "response": ["I can't help.", f"Do step {i}."]}
+             for i in range(40)]  # fmt: skip
+    (data / "harm.json").write_text(json.dumps(pairs))
+    normal = [{"instruction": f"Name colour {i}.", "input": "", "output": f"Colour {i}."} for i in range(40)]
+    (data / "normal.json").write_text(json.dumps(normal))
     return root
 
 

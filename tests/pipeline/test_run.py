@@ -19,7 +19,7 @@ from excise.errors import ConfigError
 from excise.pipeline import run as run_module
 from excise.pipeline.recipe import load_recipe
 from excise.pipeline.run import MANIFEST, plan, run_recipe
-from tests.pipeline.recipe_fixtures import make_project, tiny_recipe, write_recipe
+from tests.pipeline.recipe_fixtures import TINY_RECIPE, make_project, tiny_recipe, write_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread", "eval_cache")
 
@@ -391,3 +391,38 @@ def test_a_run_killed_by_sigterm_leaves_no_temporary_files_and_resumes(project, 
     assert ran == ["train expert (sft)", "train anti_expert (sft)"]
     config = json.loads((tmp_path / "run" / "adapters" / "expert" / "train_config.json").read_text())
     assert config["resumed_from"] >= 1 and config["steps"] == 150
+
+
+def test_sku_and_a_baseline_through_the_pipeline(project, tmp_path):
+    from excise.pem.apply import apply_operator
+
+    harm = {"harmful": "${data}/harm.json", "max_length": 64}
+    recipe = tiny_recipe(
+        project,
+        tmp_path / "run",
+        train={"steps": 2, "batch_size": 2, "lora_r": 2, "lora_alpha": 4, "lr": 0.01, **harm},
+        adapters={
+            "harmful": {"method": "sku", "normal": "${data}/normal.json", "k": 2},
+            "ga": {"method": "ga"},
+        },
+        operations={"sku": {"op": "negate", "inputs": ["harmful"], "lam": 1.5}},
+        evaluations={
+            "perplexity": TINY_RECIPE["evaluations"]["perplexity"] | {"models": ["base", "sku", "ga"]}
+        },
+        sweeps=None,
+    )
+    ran, _ = _run(write_recipe(tmp_path / "r.yaml", recipe))
+    assert ran == [
+        "train harmful (sku)",
+        "train ga (ga)",
+        "op sku",
+        *(f"eval perplexity/{m}" for m in ("base", "sku", "ga")),
+    ]
+    run = tmp_path / "run"
+    sku_config = json.loads((run / "adapters" / "harmful" / "train_config.json").read_text())
+    assert sku_config["config"]["method"] == "sku" and sku_config["config"]["k"] == 2
+    assert [t["name"] for t in sku_config["config"]["terms"]] == ["gd", "rd", "pd"]
+    ga_config = json.loads((run / "adapters" / "ga" / "train_config.json").read_text())
+    assert ga_config["config"]["method"] == "ga"
+    apply_operator("negate", [run / "adapters" / "harmful"], tmp_path / "negated", params={"lam": 1.5})
+    _assert_same_adapter(run / "ops" / "sku", tmp_path / "negated")
