@@ -249,6 +249,10 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
+def _lam(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:g}"
+
+
 def _ci(entry: dict[str, Any]) -> str:
     ci = entry.get("ci")
     return "" if ci is None else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
@@ -271,12 +275,11 @@ def _tables(data: dict[str, Any]) -> dict[str, Any]:
     columns = sorted(
         {(metric, key) for by in data["methods"].values() for metric, ks in by.items() for key in ks}
     )
+    # One column per method (side by side), one row per number: methods are few, numbers many.
+    names = list(data["methods"])
     methods = (
-        ["method", *[f"{m}:{k}" for m, k in columns]],
-        [
-            [method, *[_fmt(by.get(m, {}).get(k)) if m in by else "" for m, k in columns]]
-            for method, by in data["methods"].items()
-        ],
+        ["result", *names],
+        [[f"{m}:{k}", *[_fmt(data["methods"][n].get(m, {}).get(k)) for n in names]] for m, k in columns],
     )
     sweeps = {}
     for name, s in data["sweeps"].items():
@@ -287,7 +290,7 @@ def _tables(data: dict[str, Any]) -> dict[str, Any]:
             marks = [m for m, on in [("Pareto", p["pareto"]), ("over tolerance", not p["admissible"]),
                                      ("CHOSEN", p["lam"] == s["chosen"]["lam"]),
                                      ("knee", p["lam"] == s["knee"]["lam"])] if on]  # fmt: skip
-            rows.append([_fmt(p["lam"]), _fmt(p["deficiency"]["value"]), _ci(p["deficiency"]),
+            rows.append([_lam(p["lam"]), _fmt(p["deficiency"]["value"]), _ci(p["deficiency"]),
                          _fmt(p["utility"]["value"]), _ci(p["utility"]), _fmt(p.get("utility_loss")),
                          ", ".join(marks)])  # fmt: skip
         header = ["λ", dname, "Δ vs λ=0 (CI)", uname, "Δ vs λ=0 (CI)", "utility loss", ""]
@@ -405,8 +408,8 @@ def _sweep_summary(s: dict[str, Any]) -> dict[str, Any]:
 def _sweep_lines(s: dict[str, Any]) -> list[str]:
     chosen, knee = s["chosen"], s["knee"]
     return [
-        f"Chosen λ = {_fmt(chosen['lam'])}: {chosen['rule']}.",
-        f"Knee λ = {_fmt(knee['lam'])}" + (f" ({knee['reason']})." if knee.get("reason") else "."),
+        f"Chosen λ = {_lam(chosen['lam'])}: {chosen['rule']}.",
+        f"Knee λ = {_lam(knee['lam'])}" + (f" ({knee['reason']})." if knee.get("reason") else "."),
         f"Pareto front: λ ∈ {{{', '.join(f'{x:g}' for x in s['pareto'])}}}.",
         f"Intervals: {s.get('confidence', 0.95):.0%} paired bootstrap ({s.get('bootstrap')} resamples) "
         "of the difference against λ = 0, the same items at every λ.",

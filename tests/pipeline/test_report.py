@@ -128,15 +128,14 @@ def test_report_is_self_contained_and_shows_every_part(run_dir):
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     text = " ".join(parser.text)
     # Methods side by side, in the papers' order, with the numbers of the result files.
-    methods = [c for c in parser.cells if c in ("base", "expert", "ext_sub")]
-    assert methods[:3] == ["base", "expert", "ext_sub"]
+    assert parser.cells[:4] == ["result", "base", "expert", "ext_sub"]  # one column per method
     ppl = json.loads((run_dir / "results" / "ext_sub" / "perplexity.json").read_text())["metrics"][
         "perplexity"
     ]
     assert f"{ppl:.4f}" in parser.cells
     # The sweep: chosen λ as sweep.json says, the rule, the knee line.
     sweep = json.loads((run_dir / "sweeps" / "ext_sub" / "sweep.json").read_text())
-    assert f"Chosen λ = {sweep['chosen']['lam']:.4f}" in text and "utility loss" in text and "Knee λ" in text
+    assert f"Chosen λ = {sweep['chosen']['lam']:g}:" in text and "utility loss" in text and "Knee λ" in text
     # Judge named, with its agreement status; generations before/after; the command and recipe.
     assert "refusal (used by harmful-rate): agreement not measured" in text
     assert "Say something | odd <b>." in text  # escaped in the HTML, text again once parsed
