@@ -199,3 +199,21 @@ def test_report_cli(run_dir, tmp_path, monkeypatch, capsys):
     assert excise("report", str(tmp_path / "none")) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: run folder") and err.count("\n") == 1
+
+
+@pytest.mark.skipif(__import__("shutil").which("chromium") is None, reason="needs Debian's chromium")
+def test_render_script_makes_a_png(run_dir, tmp_path):
+    import subprocess
+
+    from excise.pipeline.report import write_report
+
+    html = write_report(run_dir)
+    png = tmp_path / "shot.png"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "render_report.sh"
+    done = subprocess.run([str(script), str(html), str(png), "800", "600"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    missing = subprocess.run(
+        [str(script), str(tmp_path / "no.html"), str(png)], capture_output=True, text=True
+    )
+    assert missing.returncode == 2 and missing.stderr.startswith("error:")
