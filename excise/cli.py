@@ -24,6 +24,7 @@ import typer
 from excise.commands import data as data_commands
 from excise.commands import evaluate as eval_commands
 from excise.commands import judge as _judge_commands  # noqa: F401 - registers on `eval`
+from excise.commands import run as run_commands
 from excise.commands import train as train_commands
 from excise.commands import unlearn as _unlearn_commands  # noqa: F401 - registers on `train`
 from excise.commands.common import Overwrite, done
@@ -345,6 +346,119 @@ def inspect(
         done(plot_diagnostics(report, plot))
 
 
+@app.command("sweep")
+def sweep(
+    operation: Annotated[
+        str, typer.Argument(help="ext-sub, subtract, negate or compose.", show_default=False)
+    ],
+    adapters: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Adapter folders in the operator's order: EXPERT ANTI (ext-sub), A B (subtract), "
+            "ADAPTER (negate), EXPERT ANTI1 ANTI2… (compose).",
+            show_default=False,
+        ),
+    ],
+    base: Annotated[
+        str, typer.Option("--base", help="Base MODEL: alias, .gguf, folder or hub id.", show_default=False)
+    ],
+    out: Out,
+    lams: Annotated[
+        str, typer.Option("--lams", help="λ grid, comma-separated (0 is always added as the reference).")
+    ] = "0,0.25,0.5,0.75,1",
+    deficiency: Annotated[
+        str,
+        typer.Option(
+            help="METRIC:KEY the edit should improve, e.g. truthfulqa-mc:mc2, toxicity:toxicity_mean."
+        ),
+    ] = "truthfulqa-mc:mc2",
+    utility: Annotated[
+        str, typer.Option(help="METRIC:KEY it must not spoil, e.g. perplexity:perplexity.")
+    ] = "perplexity:perplexity",
+    deficiency_set: Annotated[
+        list[str],
+        typer.Option(
+            "--deficiency-set",
+            help="An eval setting of the deficiency metric, FIELD=VALUE (repeatable): limit=50, data=FILE…",
+        ),
+    ] = [],  # noqa: B006
+    utility_set: Annotated[
+        list[str],
+        typer.Option(
+            "--utility-set", help="An eval setting of the utility metric, FIELD=VALUE (repeatable)."
+        ),
+    ] = [],  # noqa: B006
+    weights: Annotated[
+        str | None, typer.Option(help="compose: relative λ of each anti-expert, comma-separated.")
+    ] = None,
+    tolerance: Annotated[
+        float,
+        typer.Option(
+            help="Allowed relative utility loss against λ = 0 when choosing λ (0.05: +5 % perplexity)."
+        ),
+    ] = 0.05,
+    bootstrap: Annotated[
+        int, typer.Option(help="Paired bootstrap resamples for the intervals (0: none).")
+    ] = 1000,
+    dtype: Annotated[str, typer.Option(help="`float32` or `bfloat16`.")] = "float32",
+    device: Annotated[str, typer.Option(help="`auto` (CUDA if present), `cpu`, `cuda`…")] = "auto",
+    allow_partial: Partial = False,
+    overwrite: Overwrite = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Evaluate an operation over a λ grid with the model loaded once; choose λ by a stated rule.
+
+    Writes OUT/sweep.json (trade-off table with per-item scores and paired bootstrap intervals
+    against λ = 0, the Pareto front, the chosen λ and the knee), the evaluation records and
+    the two adapters W0 and D (the result at λ is W0 + λ·D). See docs/SWEEP.md.
+    """
+    from excise.pipeline.sweep import SweepConfig, SweepMetric, parse_assignments, parse_floats
+
+    def axis(spec: str, sets: list[str], flag: str) -> SweepMetric:
+        metric, _, key = spec.partition(":")
+        if not key:
+            raise typer.BadParameter(f"{flag} takes METRIC:KEY, e.g. perplexity:perplexity; got {spec!r}")
+        return SweepMetric(metric=metric, key=key, settings=parse_assignments(sets, flag=f"{flag}-set"))
+
+    cfg = SweepConfig(
+        model=base,
+        operation=operation.replace("-", "_"),
+        inputs=adapters,
+        weights=parse_floats(weights, flag="--weights") if weights else None,
+        allow_partial=allow_partial,
+        lams=parse_floats(lams, flag="--lams"),
+        deficiency=axis(deficiency, deficiency_set, "--deficiency"),
+        utility=axis(utility, utility_set, "--utility"),
+        dtype=dtype,
+        device=device,
+        tolerance=tolerance,
+        bootstrap=bootstrap,
+        out=out,
+        overwrite=overwrite,
+        progress=progress,
+    )
+    from excise.pipeline.sweep import format_table, run_sweep
+
+    folder = run_sweep(cfg)
+    typer.echo(format_table(folder / "sweep.json"))
+    done(folder)
+
+
+@app.command("report")
+def report(
+    run_dir: Annotated[
+        Path, typer.Argument(help="Run folder (results/, sweeps/, diagnostics/…).", show_default=False)
+    ],
+    out: Annotated[Path | None, typer.Option(help="Report folder; default RUN/report.")] = None,
+    title: Annotated[str | None, typer.Option(help="Heading; default the run folder's name.")] = None,
+    samples: Annotated[int, typer.Option(help="Prompts shown per generation metric.")] = 3,
+) -> None:
+    """Write report.json, report.md and a self-contained report.html for a run folder (docs/SWEEP.md)."""
+    from excise.pipeline.report import write_report
+
+    done(write_report(run_dir, out=out, title=title, samples=samples))
+
+
 @app.command("merge")
 def merge(
     base: Annotated[
@@ -368,40 +482,7 @@ def merge(
     _push(out, push_to_hub, "excise merge")
 
 
-@app.command("demo")
-def demo(
-    out: Annotated[Path, typer.Option(help="Folder for adapters and the report.")] = Path("runs/demo"),
-    model: Annotated[
-        str, typer.Option(help="Base MODEL (needs a chat template): hub id, folder or alias.")
-    ] = "smollm2-135m-instruct",
-    data: Annotated[
-        Path | None,
-        typer.Option(help="HaluEval QA file (JSON Lines). Default: ../shared/data/halueval/qa_data.json."),
-    ] = None,
-    steps: Annotated[int, typer.Option(help="Training steps per adapter.")] = 30,
-    lam: Annotated[float, typer.Option(help="Ext-Sub λ.")] = 1.0,
-    n_eval: Annotated[int, typer.Option(help="Held-out questions to score.")] = 40,
-    seed: Annotated[int, typer.Option(help="Seeds the split, LoRA init and data order.")] = 0,
-    bf16: Annotated[bool, typer.Option("--bf16", help="Train under bfloat16 autocast.")] = False,
-    overwrite: Overwrite = False,
-) -> None:
-    """Train an expert and an anti-expert LoRA on HaluEval QA, apply Ext-Sub, score and generate."""
-    from excise.pipeline.demo import run_demo
-
-    done(
-        run_demo(
-            out,
-            model=model,
-            data=data,
-            steps=steps,
-            lam=lam,
-            n_eval=n_eval,
-            n_generate=min(3, n_eval),
-            seed=seed,
-            bf16=bf16,
-            overwrite=overwrite,
-        )
-    )
+app.command("run")(run_commands.run)
 
 
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:

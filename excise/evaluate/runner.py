@@ -21,12 +21,12 @@ from excise.evaluate.config import EvalConfig
 from excise.evaluate.metrics import METRICS
 from excise.evaluate.metrics.base import EvalContext, Metric, judge_record
 from excise.evaluate.overlap import check_overlap, module_folders
-from excise.evaluate.subject import adapter_identity, file_digest, load_subject, model_identity
+from excise.evaluate.subject import Subject, adapter_identity, file_digest, load_subject, model_identity
 
-__all__ = ["load_items", "run_eval", "write_result"]
+__all__ = ["NEEDS_BASE", "load_items", "load_metric_judge", "run_eval", "write_result"]
 
 # Metrics that compare against the base model's own answers: the adapter must stay switchable.
-_NEEDS_BASE = {"utility"}
+NEEDS_BASE = {"utility"}
 
 
 def run_eval(
@@ -36,6 +36,8 @@ def run_eval(
     judge: Any = None,
     use_cache: bool = True,
     progress: bool = True,
+    subject: Subject | None = None,
+    modules: list[Path] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``cfg.model`` (+ ``cfg.adapter``) on metric ``name`` and return the result record.
 
@@ -45,6 +47,11 @@ def run_eval(
         judge: a ready judge object (overrides ``cfg.judge``); for tests and library use.
         use_cache: read and write ``$EXCISE_CACHE/eval``.
         progress: show progress bars.
+        subject: an already loaded model to evaluate instead of loading ``cfg.model`` +
+            ``cfg.adapter`` (the λ sweep changes one in place). The cache is then not used:
+            its key names files, not a model in memory.
+        modules: adapter folders ``subject`` was built from (a sweep's inputs): their training
+            data is checked against the items too, as ``cfg.adapter``'s is.
 
     Returns:
         The record: ``metrics`` (each a finite number, or ``None`` with its reason in
@@ -64,7 +71,7 @@ def run_eval(
     spec = cfg.data or metric.default_data
     items, columns = _load_items(metric, cfg, spec)
     # Never silently score what the model was trained on (checked on every run, cached or not).
-    folders = module_folders(cfg.model, cfg.adapter)
+    folders = module_folders(cfg.model, cfg.adapter) + [Path(m) for m in modules or []]
     checks, overlap_warnings = check_overlap(
         items, metric.prompt_field, folders, data=spec, allow=cfg.allow_overlap
     )
@@ -81,21 +88,21 @@ def run_eval(
         "excise": __version__,
     }
     key = cache_key(payload)
+    use_cache = use_cache and subject is None
     if use_cache and (hit := read_cached(key)) is not None:
         return _strict_record(hit) | overlap | {"from_cache": True}  # entries of older versions too
 
-    if judge is None and judge_spec is not None:
-        from excise.evaluate.judges import load_judge
-
-        judge = load_judge(judge_spec, **cfg.judge_options)
+    if judge is None:
+        judge = load_metric_judge(name, cfg)
     clock = time.perf_counter()
-    subject = load_subject(
-        cfg.model,
-        cfg.adapter,
-        merge=cfg.merge and metric.name not in _NEEDS_BASE,
-        dtype=cfg.dtype,
-        device=cfg.device,
-    )
+    if subject is None:
+        subject = load_subject(
+            cfg.model,
+            cfg.adapter,
+            merge=cfg.merge and metric.name not in NEEDS_BASE,
+            dtype=cfg.dtype,
+            device=cfg.device,
+        )
     load_seconds = time.perf_counter() - clock
     ctx = EvalContext(cfg, subject, items, judge=judge, progress=progress)
     clock = time.perf_counter()
@@ -125,6 +132,17 @@ def run_eval(
     if use_cache:
         write_cached(key, record)
     return record | overlap | {"from_cache": False}
+
+
+def load_metric_judge(name: str, cfg: EvalConfig) -> Any:
+    """The judge metric ``name`` uses under ``cfg`` (``--judge`` or its default), loaded; None
+    when it uses none. Load it once to evaluate several models with it."""
+    metric = _metric(name)
+    if not _uses_judge(metric, cfg):
+        return None
+    from excise.evaluate.judges import load_judge
+
+    return load_judge(cfg.judge or metric.default_judge, **cfg.judge_options)
 
 
 def write_result(record: dict[str, Any], out: Path) -> Path:

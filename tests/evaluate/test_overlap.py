@@ -211,3 +211,25 @@ def test_merged_model_keeps_its_adapters_training_data(monkeypatch, capsys, flow
     code, _, err = _main(monkeypatch, capsys, *args)
     assert code == 0, err
     assert [c["overlap"] for c in json.loads((tmp_path / "r.json").read_text())["training_overlap"]] == [0, 0]
+
+
+def test_sweep_checks_its_inputs_training_data(flow, tmp_path):
+    """A λ sweep scores a model built in memory from its inputs: their training data is checked too."""
+    from excise.errors import DataError
+    from excise.pipeline.sweep import SweepConfig, run_sweep
+
+    def sweep(split: str, out: str):
+        settings = {"data": str(flow["qa"]), "split": split, "protocol": "loss"}
+        cfg = SweepConfig(
+            model=str(flow["model"]), operation="ext_sub", inputs=[flow["expert"], flow["anti"]],
+            lams=[0.0, 1.0], device="cpu", deficiency={"metric": "halueval", "key": "accuracy", "settings": settings},
+            utility={"metric": "halueval", "key": "accuracy", "settings": settings},
+            out=tmp_path / out, progress=False,
+        )  # fmt: skip
+        return run_sweep(cfg)
+
+    with pytest.raises(DataError, match=rf"{len(TRAIN_SIDE)} of the {len(QA_ROWS)} evaluation items"):
+        sweep("all", "refused")
+    assert not (tmp_path / "refused").exists()
+    summary = json.loads((sweep("eval", "ok") / "sweep.json").read_text())
+    assert [p["lam"] for p in summary["points"]] == [0.0, 1.0]

@@ -1,0 +1,742 @@
+"""λ sweep: evaluate one operation over a grid of λ with the model loaded once (DESIGN.md §1).
+
+Every operator swept here is linear in λ on the low-rank form: ``W(λ) = W0 + λ·D``.
+For Ext-Sub ``W0 = W1`` and ``D = [diag(b/2a)·s1B1, −½·s2B2]·[A1; A2]``; for direct
+subtraction ``W0 = θa``, ``D = −θb``; for negation ``W0 = 0``, ``D = −θ``; for a parallel
+composition ``W0 = θ+``, ``D = −Σ_k w_k d_k``. So the sweep computes ``W0 = op(λ=0)`` and
+``D = op(λ=1) − op(λ=0)`` once, with the operator itself (:mod:`excise.pem.ops`), writes
+them as two PEFT adapters, loads the base model once with both, and for each λ changes
+only ``D``'s LoRA scale (PEFT ``set_scale``): no recomputation, no reload. When no metric
+needs the adapter-off model (``utility``), ``W0`` is merged into the weights, so a λ point
+costs what one ``excise eval --adapter`` of the operator's output costs.
+
+Each λ is scored by the evaluation runner (:func:`excise.evaluate.runner.run_eval`, the
+code ``excise eval`` runs) on a *deficiency* metric and a *utility* metric. λ = 0 (no
+edit: ``W0`` alone, e.g. the expert) is always evaluated, as the reference.
+
+Choosing λ (docs/SWEEP.md):
+
+- **Paired bootstrap** against λ = 0: the same items are scored at every λ, so items are
+  resampled once (``bootstrap`` resamples, seeded) and the difference ``stat(λ) − stat(0)``
+  is recomputed on each resample; the interval is its ``(1 − confidence)/2`` quantiles.
+- **Pareto front**: the λ whose (deficiency, utility) pair no other λ beats on both.
+- **Chosen λ** (the rule): among the λ whose relative utility loss against λ = 0 is at
+  most ``tolerance`` (perplexity: ``ppl(λ) ≤ (1 + tolerance)·ppl(0)``; a higher-is-better
+  utility: ``u(λ) ≥ u(0) − tolerance·|u(0)|``), the one with the best deficiency score;
+  ties go to the smallest ``|λ|`` (the gentlest edit). λ = 0 always qualifies.
+- **Knee**: on the Pareto front, both axes scaled to [0, 1] with "better" upwards, the
+  point farthest from the chord joining the front's two ends (needs ≥ 3 front points).
+
+SweepConfig fields (YAML keys of a recipe's ``sweep`` stage; ``excise sweep`` flags):
+
+- ``model`` (str): base model spec (alias, folder, .gguf, hub id).
+- ``operation`` (``ext_sub`` | ``subtract`` | ``negate`` | ``compose``).
+- ``inputs`` (list of adapter folders, in the operator's order, as ``excise ops``):
+  ext_sub ``[expert, anti]``, subtract ``[a, b]``, negate ``[adapter]``,
+  compose ``[expert, anti1, anti2, …]``.
+- ``weights`` (list[float] | None): compose only, the relative λ of each anti-expert
+  (default 1 each); the swept λ multiplies them.
+- ``sequential``: not supported (sequential composition is not linear in λ).
+- ``allow_partial`` (bool): combine adapters whose target modules differ.
+- ``lams`` (list[float]): the grid; finite, distinct; 0 is added when absent.
+- ``deficiency`` / ``utility`` (:class:`SweepMetric`): ``metric`` (a METRICS name),
+  ``key`` (which number of its result, e.g. ``mc2``, ``perplexity``),
+  ``higher_is_better`` (default from the key), ``settings`` (any
+  :class:`~excise.evaluate.config.EvalConfig` field except model, adapter, dtype and
+  device: data, limit, split, batch_size, judge, max_new_tokens, window…).
+- ``dtype``, ``device``: as ``excise eval``.
+- ``tolerance`` (float, default 0.05): allowed relative utility loss.
+- ``bootstrap`` (int, default 1000), ``confidence`` (float, default 0.95), ``seed`` (int).
+- ``out`` (folder, written atomically), ``overwrite`` (bool), ``progress`` (bool).
+
+Output folder (``run_sweep`` returns it)::
+
+    OUT/sweep.json                      config, per-λ table (values, per-item scores,
+                                        paired intervals), pareto, chosen, knee
+    OUT/adapters/base, OUT/adapters/delta   W0 and D as PEFT folders (base absent for negate)
+    OUT/results/lam=<λ>/<metric>.json   the runner's full record of each evaluation
+
+:func:`excise.pipeline.report.write_report` reads ``sweep.json`` from a run folder's
+``sweeps/<name>/``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "SweepConfig",
+    "SweepMetric",
+    "choose_lam",
+    "format_table",
+    "item_stat",
+    "knee_point",
+    "linear_parts",
+    "paired_bootstrap",
+    "pareto_front",
+    "parse_assignments",
+    "parse_floats",
+    "run_sweep",
+    "set_delta_scale",
+    "utility_loss",
+]
+
+_OPERATIONS = ("ext_sub", "subtract", "negate", "compose")
+_N_INPUTS = {"ext_sub": (2, 2), "subtract": (2, 2), "negate": (1, 1), "compose": (2, None)}
+# Result keys where less is better; any other key defaults to higher-is-better.
+_LOWER_IS_BETTER = {
+    "perplexity",
+    "nll_per_token",
+    "fluency_ppl",
+    "fluency_ppl_mean",
+    "toxicity_mean",
+    "toxic_share",
+    "judge_flagged_rate",
+    "harmful_rate",
+    "mean_score",
+    "rep_1",
+    "rep_2",
+    "rep_3",
+    "rep_4",
+    "empty_answers",
+}
+
+
+class SweepMetric(BaseModel):
+    """One axis of the trade-off: a metric of the registry and the number of its result to use."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    metric: str = Field(description="Metric name (excise eval verb): truthfulqa-mc, perplexity, toxicity…")
+    key: str = Field(description="Which number of its result: mc2, perplexity, toxicity_mean…")
+    higher_is_better: bool | None = Field(
+        None, description="Direction; default: lower for perplexity, toxicity, harm, repetition keys."
+    )
+    settings: dict[str, Any] = Field(
+        default_factory=dict, description="EvalConfig fields (data, limit, split, batch_size, judge…)."
+    )
+
+    @model_validator(mode="after")
+    def _known(self) -> SweepMetric:
+        from excise.evaluate.config import EvalConfig
+        from excise.evaluate.metrics import METRICS
+
+        if self.metric not in METRICS:
+            raise ValueError(f"unknown metric {self.metric!r}; choose one of: {', '.join(METRICS)}")
+        clash = sorted({"model", "adapter", "dtype", "device"} & set(self.settings))
+        if clash:
+            raise ValueError(
+                f"settings may not set {', '.join(clash)}: the sweep sets them (dtype, device: top level)"
+            )
+        EvalConfig(model="-", **self.settings)  # unknown or bad settings fail here, before any work
+        return self
+
+    @property
+    def higher(self) -> bool:
+        """Whether a larger value is better."""
+        return self.key not in _LOWER_IS_BETTER if self.higher_is_better is None else self.higher_is_better
+
+
+class SweepConfig(BaseModel):
+    """Settings of one λ sweep (module docstring lists the fields and the output layout)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="Base model: alias, .gguf file, local folder or hub id.")
+    operation: Literal["ext_sub", "subtract", "negate", "compose"] = Field(
+        "ext_sub", description="Operator swept (all are linear in λ)."
+    )
+    inputs: list[Path] = Field(description="Adapter folders in the operator's order (as `excise ops`).")
+    weights: list[float] | None = Field(
+        None, description="compose: relative λ of each anti-expert (default 1 each)."
+    )
+    allow_partial: bool = Field(False, description="Combine adapters whose target modules differ.")
+    lams: list[float] = Field(description="λ grid (finite, distinct); 0 is added when absent.")
+    deficiency: SweepMetric = Field(description="What the edit should improve (e.g. truthfulqa-mc / mc2).")
+    utility: SweepMetric = Field(description="What it must not spoil (e.g. perplexity / perplexity).")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Model dtype.")
+    device: str = Field("auto", description="`auto` (CUDA if present), `cpu`, `cuda`…")
+    tolerance: float = Field(0.05, ge=0, description="Allowed relative utility loss against λ = 0.")
+    bootstrap: int = Field(1000, ge=0, description="Paired bootstrap resamples (0: no intervals).")
+    confidence: float = Field(0.95, gt=0, lt=1, description="Interval coverage.")
+    seed: int = Field(0, description="Seeds the bootstrap resampling.")
+    out: Path = Field(description="Output folder (written atomically).")
+    overwrite: bool = Field(False, description="Replace a non-empty output folder.")
+    progress: bool = Field(True, description="Show progress bars.")
+
+    @field_validator("lams")
+    @classmethod
+    def _grid(cls, lams: list[float]) -> list[float]:
+        if not lams:
+            raise ValueError("the λ grid is empty; give at least one value")
+        bad = [x for x in lams if not math.isfinite(x)]
+        if bad:
+            raise ValueError(f"λ grid values must be finite numbers, got {bad[0]}")
+        if len(set(lams)) != len(lams):
+            raise ValueError("λ grid has repeated values")
+        return lams
+
+    @model_validator(mode="after")
+    def _shape(self) -> SweepConfig:
+        low, high = _N_INPUTS[self.operation]
+        n = len(self.inputs)
+        if n < low or (high is not None and n > high):
+            want = f"{low}" if low == high else f"at least {low}"
+            raise ValueError(f"{self.operation} takes {want} input adapter(s), got {n}")
+        if self.weights is not None:
+            if self.operation != "compose":
+                raise ValueError("weights apply to compose only")
+            if len(self.weights) != n - 1 or not all(math.isfinite(w) for w in self.weights):
+                raise ValueError(f"weights: give one finite number per anti-expert ({n - 1})")
+        return self
+
+    @property
+    def grid(self) -> list[float]:
+        """The λ values evaluated: 0 first, then the grid in the given order."""
+        return [0.0, *[x for x in self.lams if x != 0.0]]
+
+
+# ----------------------------------------------------------------------------- per-item scores
+
+_Pair = tuple[float, float]  # (numerator, denominator) of one item's contribution
+
+
+def _mean_of(value: Any) -> _Pair:
+    return (0.0, 0.0) if value is None else (float(value), 1.0)
+
+
+def _ratio(num: str, den: str) -> Any:
+    return lambda it: (float(it[num]), float(it[den])) if it.get(den) else (0.0, 0.0)
+
+
+def _halueval_correct(it: dict[str, Any]) -> _Pair:
+    if "right_says_yes" in it:  # HaluEval judgement: right answer → "No", hallucinated → "Yes"
+        return _mean_of(((not it["right_says_yes"]) + it["hallucinated_says_yes"]) / 2)
+    return _mean_of(it["nll_right"] < it["nll_hallucinated"])  # Ext-Sub's loss protocol
+
+
+def _toxic(it: dict[str, Any]) -> _Pair:
+    from excise.evaluate.metrics.toxicity import TOXIC_THRESHOLD
+
+    return _mean_of(it["score"] > TOXIC_THRESHOLD)
+
+
+# (metric, key) → (item → (num, den), transform): the result's number is transform(Σ num / Σ den).
+# Keys not listed are the mean of the item field of the same name (mc1, mc2, rep_n, diversity…).
+_ITEM_RULES: dict[tuple[str, str], tuple[Any, str]] = {
+    ("perplexity", "perplexity"): (_ratio("nll", "scored_tokens"), "exp"),
+    ("perplexity", "nll_per_token"): (_ratio("nll", "scored_tokens"), "identity"),
+    ("utility", "fluency_ppl"): (_ratio("nll", "n_tokens"), "exp"),
+    ("halueval", "accuracy"): (_halueval_correct, "identity"),
+    ("halueval", "accuracy_right"): (lambda it: _mean_of(not it["right_says_yes"]), "identity"),
+    ("halueval", "accuracy_hallucinated"): (lambda it: _mean_of(it["hallucinated_says_yes"]), "identity"),
+    ("toxicity", "toxic_share"): (_toxic, "identity"),
+    ("toxicity", "toxicity_mean"): (lambda it: _mean_of(it["score"]), "identity"),
+    ("harmful-rate", "harmful_rate"): (lambda it: _mean_of(it["flagged"]), "identity"),
+    ("harmful-rate", "mean_score"): (lambda it: _mean_of(it["score"]), "identity"),
+}
+_TRANSFORMS = {"identity": lambda x: x, "exp": np.exp}
+
+
+def item_stat(metric: str, key: str, record: dict[str, Any]) -> dict[str, Any]:
+    """The per-item scores behind ``record["metrics"][key]``, checked to reproduce it.
+
+    Returns:
+        ``{"num": [...], "den": [...], "transform": "identity" | "exp"}``: the number is
+        ``transform(Σ num / Σ den)`` (a mean has ``den`` 1 per scored item).
+
+    Raises:
+        ConfigError: the result has no ``key``, its items do not carry it, or the items do
+            not reproduce the number (then it cannot be bootstrapped).
+    """
+    from excise.errors import ConfigError
+
+    metrics = record["metrics"]
+    if key not in metrics:
+        raise ConfigError(f"{metric} has no result {key!r}; it reports: {', '.join(metrics)}")
+    rule, transform = _ITEM_RULES.get((metric, key), (None, "identity"))
+    items = record["items"]
+    if rule is None:
+        if not any(key in it for it in items):
+            raise ConfigError(
+                f"{metric} items carry no per-item {key!r}, so it cannot be swept; pick another key"
+            )
+        rule = lambda it: _mean_of(it.get(key))  # noqa: E731
+    pairs = np.array([rule(it) for it in items], dtype=np.float64).reshape(-1, 2)  # (n, 2)
+    out = {"num": pairs[:, 0].tolist(), "den": pairs[:, 1].tolist(), "transform": transform}
+    value, again = metrics[key], _aggregate(out)
+    if (
+        value is not None
+        and math.isfinite(value)
+        and not math.isclose(value, again, rel_tol=1e-9, abs_tol=1e-12)
+    ):
+        raise ConfigError(f"{metric}.{key}: per-item scores give {again}, the result says {value}")
+    return out
+
+
+def _aggregate(stat: dict[str, Any]) -> float:
+    den = float(np.sum(stat["den"]))
+    return float(_TRANSFORMS[stat["transform"]](np.sum(stat["num"]) / den)) if den else math.nan
+
+
+def paired_bootstrap(
+    ref: dict[str, Any], other: dict[str, Any], *, resamples: int, confidence: float, seed: int
+) -> tuple[float, float] | None:
+    """Percentile interval of ``stat(other) − stat(ref)`` with items resampled together.
+
+    Both item lists score the same items in the same order (the same data at two λ), so
+    one index draw serves both: that pairing is what removes the between-item variance.
+
+    Returns:
+        ``(low, high)``, or None with no resamples or no items.
+    """
+    num_a, den_a = np.asarray(ref["num"]), np.asarray(ref["den"])  # (n,)
+    num_b, den_b = np.asarray(other["num"]), np.asarray(other["den"])  # (n,)
+    assert num_a.shape == num_b.shape, "paired bootstrap needs the same items at both λ"
+    n = num_a.size
+    if resamples == 0 or n == 0:
+        return None
+    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))  # (R, n)
+    fa, fb = _TRANSFORMS[ref["transform"]], _TRANSFORMS[other["transform"]]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        diff = fb(num_b[idx].sum(1) / den_b[idx].sum(1)) - fa(num_a[idx].sum(1) / den_a[idx].sum(1))  # (R,)
+    diff = diff[np.isfinite(diff)]
+    if diff.size == 0:
+        return None
+    tail = (1.0 - confidence) / 2.0
+    return float(np.quantile(diff, tail)), float(np.quantile(diff, 1.0 - tail))
+
+
+# ----------------------------------------------------------------------------- choosing λ
+
+
+def _oriented(values: list[float | None], higher: bool) -> np.ndarray:
+    """Values with "better" upwards; None/NaN become NaN."""
+    x = np.array([math.nan if v is None else v for v in values], dtype=np.float64)
+    return x if higher else -x
+
+
+def pareto_front(
+    deficiency: list[float | None], utility: list[float | None], *, higher_d: bool, higher_u: bool
+) -> list[int]:
+    """Indices of the points no other point beats on both axes (at least as good on both,
+    better on one). Points with a missing value are never on the front."""
+    d, u = _oriented(deficiency, higher_d), _oriented(utility, higher_u)
+    ok = np.isfinite(d) & np.isfinite(u)
+    front = []
+    for i in np.flatnonzero(ok):
+        dominated = ok & (d >= d[i]) & (u >= u[i]) & ((d > d[i]) | (u > u[i]))
+        if not dominated.any():
+            front.append(int(i))
+    return front
+
+
+def utility_loss(utility: list[float | None], *, higher_u: bool) -> list[float | None]:
+    """Relative utility loss of each point against point 0 (λ = 0): positive = worse."""
+    u0 = utility[0]
+    if u0 is None or not math.isfinite(u0) or u0 == 0:
+        return [None for _ in utility]
+    out: list[float | None] = []
+    for u in utility:
+        if u is None or not math.isfinite(u):
+            out.append(None)
+        else:
+            out.append(((u0 - u) if higher_u else (u - u0)) / abs(u0))
+    return out
+
+
+def choose_lam(
+    lams: list[float],
+    deficiency: list[float | None],
+    utility: list[float | None],
+    *,
+    higher_d: bool,
+    higher_u: bool,
+    tolerance: float,
+) -> dict[str, Any]:
+    """The documented rule: best deficiency score among the λ whose relative utility loss
+    against λ = 0 (``lams[0]``) is at most ``tolerance``; ties go to the smallest ``|λ|``.
+
+    Returns:
+        ``{"lam", "index", "rule", "tolerance", "admissible": [bool per λ]}``; ``lam`` is
+        None (with ``reason``) when λ = 0 itself has no usable score.
+    """
+    assert lams[0] == 0.0, "point 0 is the λ = 0 reference"
+    loss = utility_loss(utility, higher_u=higher_u)
+    admissible = [x is not None and x <= tolerance + 1e-12 for x in loss]
+    d = _oriented(deficiency, higher_d)
+    rule = (
+        f"best {'highest' if higher_d else 'lowest'} deficiency score among λ whose utility loss "
+        f"against λ = 0 is at most {tolerance:g} (relative); ties: smallest |λ|"
+    )
+    candidates = [i for i, ok in enumerate(admissible) if ok and math.isfinite(d[i])]
+    base = {"rule": rule, "tolerance": tolerance, "admissible": admissible, "utility_loss": loss}
+    if not candidates:
+        return base | {
+            "lam": None,
+            "index": None,
+            "reason": "λ = 0 has no finite deficiency or utility score",
+        }
+    best = max(candidates, key=lambda i: (d[i], -abs(lams[i])))
+    return base | {"lam": lams[best], "index": best}
+
+
+def knee_point(
+    lams: list[float],
+    deficiency: list[float | None],
+    utility: list[float | None],
+    *,
+    higher_d: bool,
+    higher_u: bool,
+) -> dict[str, Any]:
+    """The knee of the Pareto front: the front point farthest from the chord joining its two
+    ends, both axes scaled to [0, 1] with "better" upwards.
+
+    Returns:
+        ``{"lam", "index", "distance"}``, or ``{"lam": None, "reason": ...}`` when the front has
+        fewer than three points or no spread.
+    """
+    front = pareto_front(deficiency, utility, higher_d=higher_d, higher_u=higher_u)
+    if len(front) < 3:
+        return {
+            "lam": None,
+            "index": None,
+            "reason": f"the Pareto front has {len(front)} point(s); a knee needs 3",
+        }
+    d, u = _oriented(deficiency, higher_d)[front], _oriented(utility, higher_u)[front]  # (F,)
+    span_d, span_u = d.max() - d.min(), u.max() - u.min()
+    if span_d == 0 or span_u == 0:
+        return {"lam": None, "index": None, "reason": "the Pareto front does not spread on both axes"}
+    x, y = (d - d.min()) / span_d, (u - u.min()) / span_u  # (F,) in [0, 1]
+    order = np.argsort(x)
+    x, y = x[order], y[order]
+    # Chord from (x0, y0) to (x1, y1); distance of each point to it.
+    dx, dy = x[-1] - x[0], y[-1] - y[0]
+    dist = np.abs(dy * (x - x[0]) - dx * (y - y[0])) / math.hypot(dx, dy)  # (F,)
+    k = int(np.argmax(dist))
+    index = front[int(order[k])]
+    return {"lam": lams[index], "index": index, "distance": float(dist[k])}
+
+
+# ----------------------------------------------------------------------------- W0 and D
+
+
+def _operator_at(cfg: SweepConfig, adapters: list[Any], lam: float) -> Any:
+    """The swept operator's result at ``lam``, factors in float64 (no rounding before the write)."""
+    from excise.pem.ops.registry import get_operator
+
+    fn = get_operator(cfg.operation).fn
+    if cfg.operation == "negate":
+        return fn(adapters[0], lam=lam)
+    if cfg.operation == "compose":
+        weights = cfg.weights or [1.0] * (len(adapters) - 1)
+        return fn(*adapters, lams=[lam * w for w in weights], allow_partial=cfg.allow_partial)
+    return fn(*adapters, lam=lam, allow_partial=cfg.allow_partial)
+
+
+def _compact(m: Any) -> Any:
+    """Drop the all-zero columns of ``B`` (and the matching rows of ``A``); None if nothing is left."""
+    from excise.pem.delta import LowRankDelta
+
+    keep = np.any(m.B != 0, axis=0)  # (r,)
+    if not keep.any():
+        return None
+    return m if keep.all() else LowRankDelta(m.B[:, keep], m.A[keep], m.scale)  # (out, r'), (r', in)
+
+
+def linear_parts(cfg: SweepConfig, adapters: list[Any]) -> tuple[Any, Any]:
+    """``(W0, D)`` with ``op(λ) = W0 + λ·D`` for every λ: ``W0 = op(0)``, ``D = op(1) − op(0)``.
+
+    Both are exact LoRAs; ``W0`` is None when it is zero (negation). Where ``op(0)`` and
+    ``op(1)`` stack the same ``A`` (every operator here) ``D``'s ``B`` is the difference of
+    theirs, so ``D`` keeps the operator's rank.
+
+    Raises:
+        ConfigError: the adapters are not LoRA ((IA)³ scales activations: not a LoRA sum).
+    """
+    from excise.errors import ConfigError
+    from excise.pem.delta import Adapter, LowRankDelta
+    from excise.pem.linalg import as_float64, row_combine
+
+    kinds = {a.peft_type for a in adapters}
+    if kinds != {"LORA"}:
+        raise ConfigError(f"excise sweep needs LoRA adapters, got {', '.join(sorted(kinds))}")
+    adapters = [
+        Adapter(a.peft_type, a.config, {n: as_float64(m) for n, m in a.modules.items()}, a.source, a.dtype)
+        for a in adapters
+    ]
+    at0, at1 = _operator_at(cfg, adapters, 0.0), _operator_at(cfg, adapters, 1.0)
+    base, delta = {}, {}
+    for name in at0.modules.keys() | at1.modules.keys():
+        m0, m1 = at0.modules.get(name), at1.modules.get(name)
+        if m0 is not None and (kept := _compact(m0)) is not None:
+            base[name] = kept
+        if m0 is None:
+            d = m1
+        elif m1 is None:
+            d = row_combine([(-1.0, m0)])
+        elif m0.A.shape == m1.A.shape and np.array_equal(m0.A, m1.A):
+            d = LowRankDelta(m1.folded().B - m0.folded().B, m1.A, 1.0)  # (out, r), A shared
+        else:
+            d = row_combine([(1.0, m1), (-1.0, m0)])  # (out, r1 + r0)
+        if d is not None and (d := _compact(d)) is not None:
+            delta[name] = d
+    if not delta:
+        raise ConfigError(f"{cfg.operation} does not change with λ for these adapters: nothing to sweep")
+    source = {"operation": f"sweep:{cfg.operation}", "inputs": at1.source["inputs"]}
+    dtype = adapters[0].dtype
+    w0 = Adapter("LORA", at1.config, base, source | {"part": "W0 = op(lam=0)"}, dtype) if base else None
+    return w0, Adapter(
+        "LORA", at1.config, dict(sorted(delta.items())), source | {"part": "D = op(1) - op(0)"}, dtype
+    )
+
+
+# ----------------------------------------------------------------------------- the model, once
+
+_DELTA = "delta"
+
+
+def _load_swept_model(cfg: SweepConfig, base_dir: Path | None, delta_dir: Path, merge_base: bool) -> Any:
+    """The base model with ``W0`` (merged when ``merge_base``) and ``D`` as adapter ``delta``."""
+    from peft import PeftModel
+
+    from excise.evaluate.subject import Subject, load_subject
+
+    if base_dir is None:
+        plain = load_subject(cfg.model, dtype=cfg.dtype, device=cfg.device)
+        model = PeftModel.from_pretrained(plain.model, str(delta_dir), adapter_name=_DELTA)
+    elif merge_base:
+        plain = load_subject(cfg.model, base_dir, merge=True, dtype=cfg.dtype, device=cfg.device)
+        model = PeftModel.from_pretrained(plain.model, str(delta_dir), adapter_name=_DELTA)
+    else:  # the adapter-off view must stay the base model: W0 and D both as adapters
+        plain = load_subject(cfg.model, base_dir, dtype=cfg.dtype, device=cfg.device)
+        model = plain.model
+        model.load_adapter(str(delta_dir), adapter_name=_DELTA)
+        model.base_model.set_adapter(["default", _DELTA], inference_mode=True)
+    model.eval()
+    return Subject(model, plain.tokenizer, cfg.model, delta_dir, merged=False)
+
+
+def set_delta_scale(model: Any, lam: float) -> int:
+    """Set ``D``'s LoRA scale to ``lam`` in every layer (its ``alpha = r``: scale 1 × ``lam``).
+
+    Returns:
+        the number of layers changed.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and _DELTA in module.scaling:
+            module.set_scale(_DELTA, lam)
+            n += 1
+    assert n > 0, "no layer holds the delta adapter"
+    return n
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+def _eval_config(cfg: SweepConfig, axis: SweepMetric) -> Any:
+    from excise.evaluate.config import EvalConfig
+
+    return EvalConfig(model=cfg.model, dtype=cfg.dtype, device=cfg.device, **axis.settings)
+
+
+def _lam_dir(lam: float) -> str:
+    return f"lam={lam:g}"
+
+
+def run_sweep(cfg: SweepConfig) -> Path:
+    """Evaluate ``cfg.operation`` at every λ of the grid with the model loaded once.
+
+    Args:
+        cfg: the sweep (module docstring: fields and output layout).
+
+    Returns:
+        ``cfg.out``, holding ``sweep.json``, the two adapters and every evaluation record.
+
+    Raises:
+        ConfigError: existing output, non-LoRA adapters, an unknown result key.
+        AdapterError, DataError, ModelLoadError: bad adapters, data or model.
+    """
+    import time
+
+    from excise.evaluate.cache import write_atomic_json
+    from excise.evaluate.runner import NEEDS_BASE, load_metric_judge, run_eval, write_result
+    from excise.pem.io import atomic_output_dir, load_adapter, save_adapter
+
+    clock = time.perf_counter()
+    axes = {"deficiency": cfg.deficiency, "utility": cfg.utility}
+    eval_cfgs = {name: _eval_config(cfg, axis) for name, axis in axes.items()}
+    with atomic_output_dir(cfg.out, overwrite=cfg.overwrite) as tmp:
+        adapters = [load_adapter(path) for path in cfg.inputs]
+        w0, delta = linear_parts(cfg, adapters)
+        base_dir = save_adapter(w0, tmp / "adapters" / "base") if w0 is not None else None
+        delta_dir = save_adapter(delta, tmp / "adapters" / "delta")
+        prepare_seconds = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        merge_base = not ({cfg.deficiency.metric, cfg.utility.metric} & NEEDS_BASE)
+        subject = _load_swept_model(cfg, base_dir, delta_dir, merge_base)
+        judges = {name: load_metric_judge(axes[name].metric, c) for name, c in eval_cfgs.items()}
+        load_seconds = time.perf_counter() - clock
+
+        points = []
+        for lam in cfg.grid:
+            set_delta_scale(subject.model, lam)
+            clock = time.perf_counter()
+            records: dict[str, dict[str, Any]] = {}
+            point: dict[str, Any] = {"lam": lam, "results": {}}
+            for name, axis in axes.items():
+                same = (axis.metric, eval_cfgs[name]) == (cfg.deficiency.metric, eval_cfgs["deficiency"])
+                if name == "utility" and same:  # one metric for both axes: evaluated once
+                    record = records["deficiency"]
+                else:
+                    record = run_eval(axis.metric, eval_cfgs[name], judge=judges[name], subject=subject,
+                                      modules=list(cfg.inputs), use_cache=False,
+                                      progress=cfg.progress)  # fmt: skip
+                    record["adapter"] = None
+                    record["sweep"] = {
+                        "operation": cfg.operation,
+                        "lam": lam,
+                        "inputs": [str(p) for p in cfg.inputs],
+                    }
+                    rel = Path("results") / _lam_dir(lam) / f"{axis.metric}.json"
+                    write_result(record, tmp / rel)
+                    point["results"][axis.metric] = str(rel)
+                records[name] = record
+                stat = item_stat(axis.metric, axis.key, record)
+                value = record["metrics"][axis.key]
+                point[name] = {
+                    "value": value if value is not None and math.isfinite(value) else None,
+                    "items": stat,
+                }
+            point["seconds"] = time.perf_counter() - clock
+            if cfg.progress:  # one line per λ, as it is done
+                shown = ", ".join(f"{axes[a].metric}:{axes[a].key} {_show(point[a]['value'])}" for a in axes)
+                print(f"λ = {lam:g}: {shown} ({point['seconds']:.1f} s)", file=sys.stderr)
+            points.append(point)
+        summary = _analyse(cfg, points)
+        summary["timing"] = {
+            "prepare_seconds": prepare_seconds,
+            "load_seconds": load_seconds,
+            "eval_seconds": [p.pop("seconds") for p in points],
+        }
+        summary["adapters"] = {"base": "adapters/base" if w0 is not None else None, "delta": "adapters/delta",
+                               "base_merged": merge_base and w0 is not None}  # fmt: skip
+        write_atomic_json(tmp / "sweep.json", summary)
+    return Path(cfg.out)
+
+
+def _show(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _analyse(cfg: SweepConfig, points: list[dict[str, Any]]) -> dict[str, Any]:
+    """Paired intervals against λ = 0, the Pareto front, the chosen λ and the knee."""
+    lams = [p["lam"] for p in points]
+    hd, hu = cfg.deficiency.higher, cfg.utility.higher
+    d = [p["deficiency"]["value"] for p in points]
+    u = [p["utility"]["value"] for p in points]
+    for p in points:
+        for name in ("deficiency", "utility"):
+            entry, ref = p[name], points[0][name]
+            entry["diff"] = (
+                None if entry["value"] is None or ref["value"] is None else entry["value"] - ref["value"]
+            )
+            ci = paired_bootstrap(ref["items"], entry["items"], resamples=cfg.bootstrap,
+                                  confidence=cfg.confidence, seed=cfg.seed)  # fmt: skip
+            entry["ci"] = list(ci) if ci is not None else None
+    front = pareto_front(d, u, higher_d=hd, higher_u=hu)
+    chosen = choose_lam(lams, d, u, higher_d=hd, higher_u=hu, tolerance=cfg.tolerance)
+    for i, p in enumerate(points):
+        p["pareto"] = i in front
+        p["admissible"] = chosen["admissible"][i]
+        p["utility_loss"] = chosen["utility_loss"][i]
+    return {
+        "config": cfg.model_dump(mode="json"),
+        "deficiency": {"metric": cfg.deficiency.metric, "key": cfg.deficiency.key, "higher_is_better": hd},
+        "utility": {"metric": cfg.utility.metric, "key": cfg.utility.key, "higher_is_better": hu},
+        "confidence": cfg.confidence,
+        "bootstrap": cfg.bootstrap,
+        "points": points,
+        "pareto": [lams[i] for i in front],
+        "chosen": {k: v for k, v in chosen.items() if k not in ("admissible", "utility_loss")},
+        "knee": knee_point(lams, d, u, higher_d=hd, higher_u=hu),
+    }
+
+
+# ----------------------------------------------------------------------------- CLI helpers
+
+
+def parse_floats(text: str, *, flag: str) -> list[float]:
+    """``"0,0.5,1"`` → ``[0.0, 0.5, 1.0]``; ``nan`` parses (and the config then refuses it).
+
+    Raises:
+        ConfigError: a value that is not a number.
+    """
+    from excise.errors import ConfigError
+
+    values = []
+    for part in text.split(","):
+        try:
+            values.append(float(part))
+        except ValueError:
+            raise ConfigError(f"{flag}: {part.strip()!r} is not a number (give e.g. 0,0.5,1)") from None
+    return values
+
+
+def parse_assignments(items: list[str], *, flag: str) -> dict[str, Any]:
+    """``["limit=50", "data=f.json"]`` → ``{"limit": 50, "data": "f.json"}`` (values read as YAML).
+
+    Raises:
+        ConfigError: an item without ``=``.
+    """
+    import yaml
+
+    from excise.errors import ConfigError
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} takes FIELD=VALUE, got {item!r}")
+        parsed = yaml.safe_load(value) if value else None
+        out[key.strip()] = value if isinstance(parsed, (dict, list)) else parsed
+    return out
+
+
+def format_table(sweep_json: Path) -> str:
+    """The trade-off table of a ``sweep.json`` as aligned text lines (what ``excise sweep`` prints)."""
+    import json
+
+    s = json.loads(Path(sweep_json).read_text())
+    dname = f"{s['deficiency']['metric']}:{s['deficiency']['key']}"
+    uname = f"{s['utility']['metric']}:{s['utility']['key']}"
+
+    def num(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.4f}"
+
+    def ci(entry: dict[str, Any]) -> str:
+        return "" if entry["ci"] is None else f"[{entry['ci'][0]:+.4f}, {entry['ci'][1]:+.4f}]"
+
+    lines = [f"{'λ':>8}  {dname:>24} {'Δ CI vs λ=0':>20}  {uname:>24} {'Δ CI vs λ=0':>20}  marks"]
+    for p in s["points"]:
+        marks = ("pareto " if p["pareto"] else "") + ("" if p["admissible"] else "over-tolerance ")
+        marks += "CHOSEN " if p["lam"] == s["chosen"]["lam"] else ""
+        marks += "knee" if p["lam"] == s["knee"]["lam"] else ""
+        lines.append(
+            f"{p['lam']:>8g}  {num(p['deficiency']['value']):>24} {ci(p['deficiency']):>20}  "
+            f"{num(p['utility']['value']):>24} {ci(p['utility']):>20}  {marks.strip()}"
+        )
+    chosen, knee = s["chosen"], s["knee"]
+    lines.append(f"chosen λ = {chosen['lam']} ({chosen['rule']})")
+    lines.append(f"knee λ = {knee['lam']}" + (f" ({knee['reason']})" if knee.get("reason") else ""))
+    return "\n".join(lines)

@@ -1,0 +1,320 @@
+"""`excise sweep` / run_sweep: equal to separate `ops` + `eval` runs, the λ rule, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from excise.pipeline.sweep import (
+    SweepConfig,
+    SweepMetric,
+    choose_lam,
+    item_stat,
+    knee_point,
+    linear_parts,
+    paired_bootstrap,
+    pareto_front,
+)
+from tests.conftest import random_lora, save_tiny_model, write_peft_lora
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: on a shared 2-core machine thread contention costs far more than it gives."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+_SHAPES = {"q": (6, 5), "v": (4, 5)}
+
+
+def _main(monkeypatch, *args: str) -> int:
+    from excise.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["excise", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return exit_info.value.code
+
+
+def _cfg(**kw) -> SweepConfig:
+    settings = {
+        "model": "m",
+        "inputs": ["e", "a"],
+        "lams": [0.5, 1.0],
+        "deficiency": {"metric": "truthfulqa-mc", "key": "mc2"},
+        "utility": {"metric": "perplexity", "key": "perplexity"},
+        "out": "o",
+    }
+    return SweepConfig(**(settings | kw))
+
+
+# ----------------------------------------------------------------------------- W(λ) = W0 + λ·D
+
+
+@pytest.mark.parametrize(("operation", "n"), [("ext_sub", 2), ("subtract", 2), ("negate", 1), ("compose", 3)])
+def test_linear_parts_rebuild_the_operator_at_any_lam(operation, n):
+    from excise.pem.ops.registry import get_operator
+
+    adapters = [random_lora(_SHAPES, seed=s) for s in range(n)]
+    cfg = _cfg(operation=operation, inputs=[f"x{i}" for i in range(n)])
+    w0, delta = linear_parts(cfg, adapters)
+    fn = get_operator(operation).fn
+    for lam in (-0.5, 0.3, 2.0):
+        if operation == "negate":
+            expected = fn(adapters[0], lam=lam)
+        elif operation == "compose":
+            expected = fn(*adapters, lams=[lam, lam])
+        else:
+            expected = fn(*adapters, lam=lam)
+        for name, module in expected.modules.items():
+            got = lam * delta.modules[name].dense() + (0.0 if w0 is None else w0.modules[name].dense())
+            np.testing.assert_allclose(got, module.dense(), rtol=1e-12, atol=1e-12)
+    assert (w0 is None) == (operation == "negate")
+    # D keeps the operator's rank, W0 drops the zero block: r1 for the expert alone
+    if operation == "ext_sub":
+        assert delta.modules["q"].rank == 8 and w0.modules["q"].rank == 4
+
+
+def test_linear_parts_refuse_ia3():
+    from excise.errors import ConfigError
+    from tests.conftest import random_rows
+
+    with pytest.raises(ConfigError, match="needs LoRA adapters"):
+        linear_parts(_cfg(), [random_rows({"q": (1, 5)}), random_rows({"q": (1, 5)}, seed=1)])
+
+
+# ----------------------------------------------------------------------------- the λ rule
+
+
+def test_choose_lam_follows_the_rule():
+    lams = [0.0, 0.25, 0.5, 1.0, 2.0]
+    mc2 = [0.30, 0.33, 0.36, 0.40, 0.41]  # higher is better
+    ppl = [10.0, 10.2, 10.5, 10.49, 12.0]  # lower is better; +5 % → at most 10.5
+    chosen = choose_lam(lams, mc2, ppl, higher_d=True, higher_u=False, tolerance=0.05)
+    assert chosen["lam"] == 1.0 and chosen["admissible"] == [True, True, True, True, False]
+    assert chosen["utility_loss"][2] == pytest.approx(0.05)
+    # Tighter tolerance: only λ ≤ 0.25 qualifies.
+    assert choose_lam(lams, mc2, ppl, higher_d=True, higher_u=False, tolerance=0.02)["lam"] == 0.25
+    # A tie in the deficiency score goes to the smaller |λ|.
+    tie = choose_lam(
+        [0.0, -1.0, 0.5], [0.1, 0.5, 0.5], [1.0, 1.0, 1.0], higher_d=True, higher_u=False, tolerance=0
+    )
+    assert tie["lam"] == 0.5
+    # Lower-is-better deficiency (toxicity) with a higher-is-better utility (accuracy).
+    tox = choose_lam(
+        [0.0, 1.0, 2.0], [0.5, 0.2, 0.1], [0.8, 0.78, 0.7], higher_d=False, higher_u=True, tolerance=0.05
+    )
+    assert tox["lam"] == 1.0
+    # A NaN score never qualifies; λ = 0 always does.
+    nan = choose_lam([0.0, 1.0], [0.3, 0.9], [10.0, math.nan], higher_d=True, higher_u=False, tolerance=0.05)
+    assert nan["lam"] == 0.0 and nan["admissible"] == [True, False]
+
+
+def test_pareto_front_and_knee():
+    lams = [0.0, 1.0, 2.0, 3.0, 4.0]
+    d = [0.0, 0.6, 0.8, 0.9, 0.5]  # higher better
+    u = [1.0, 0.95, 0.8, 0.0, 0.4]  # higher better; λ=4 is dominated by λ=2
+    assert pareto_front(d, u, higher_d=True, higher_u=True) == [0, 1, 2, 3]
+    knee = knee_point(lams, d, u, higher_d=True, higher_u=True)
+    # Scaled: x = d/0.9, y = u; chord (0,1)→(1,0); distance ∝ |x + y − 1|: λ=1 → 0.6167, λ=2 → 0.6889.
+    assert knee["lam"] == 2.0
+    assert knee["distance"] == pytest.approx((0.8 / 0.9 + 0.8 - 1) / math.sqrt(2))
+    assert knee_point(lams[:2], d[:2], u[:2], higher_d=True, higher_u=True)["lam"] is None
+
+
+def test_item_stat_reproduces_the_number_and_bootstrap_is_paired():
+    record = {
+        "metrics": {"perplexity": math.exp((2.0 + 6.0) / (2 + 3)), "mc2": 0.5},
+        "items": [{"nll": 2.0, "scored_tokens": 2}, {"nll": 6.0, "scored_tokens": 3}],
+    }
+    stat = item_stat("perplexity", "perplexity", record)
+    assert stat == {"num": [2.0, 6.0], "den": [2.0, 3.0], "transform": "exp"}
+    from excise.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="per-item scores give"):
+        item_stat("perplexity", "perplexity", record | {"metrics": {"perplexity": 3.0}})
+    with pytest.raises(ConfigError, match="no result 'mc9'"):
+        item_stat("truthfulqa-mc", "mc9", record)
+    # Paired: a constant shift of every item gives an interval of exactly that shift.
+    a = {"num": [0.1, 0.5, 0.9, 0.3], "den": [1.0] * 4, "transform": "identity"}
+    b = a | {"num": [x + 0.2 for x in a["num"]]}
+    low, high = paired_bootstrap(a, b, resamples=200, confidence=0.95, seed=0)
+    assert low == pytest.approx(0.2) and high == pytest.approx(0.2)
+    # Against an independent computation of the same resampling.
+    c = a | {"num": [0.4, 0.1, 0.8, 0.9]}
+    idx = np.random.default_rng(3).integers(0, 4, size=(500, 4))
+    diffs = np.array(c["num"])[idx].mean(1) - np.array(a["num"])[idx].mean(1)
+    got = paired_bootstrap(a, c, resamples=500, confidence=0.9, seed=3)
+    assert got == pytest.approx((np.quantile(diffs, 0.05), np.quantile(diffs, 0.95)))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_nan_and_bad_grids_are_refused():
+    with pytest.raises(ValidationError, match="finite"):
+        _cfg(lams=[0.0, math.nan])
+    with pytest.raises(ValidationError, match="empty"):
+        _cfg(lams=[])
+    with pytest.raises(ValidationError, match="repeated"):
+        _cfg(lams=[1.0, 1.0])
+    with pytest.raises(ValidationError, match="takes 2 input"):
+        _cfg(inputs=["e"])
+    with pytest.raises(ValidationError, match="unknown metric"):
+        _cfg(deficiency={"metric": "truthy", "key": "x"})
+    with pytest.raises(ValidationError, match="may not set adapter"):
+        _cfg(utility={"metric": "perplexity", "key": "perplexity", "settings": {"adapter": "x"}})
+    with pytest.raises(ValidationError, match="may not set device"):
+        _cfg(utility={"metric": "perplexity", "key": "perplexity", "settings": {"device": "cpu"}})
+    with pytest.raises(ValidationError, match="extra"):
+        _cfg(utility={"metric": "perplexity", "key": "perplexity", "settings": {"limt": 3}})
+    assert _cfg(lams=[1.0, 0.5]).grid == [0.0, 1.0, 0.5]
+    assert SweepMetric(metric="perplexity", key="perplexity").higher is False
+    assert SweepMetric(metric="truthfulqa-mc", key="mc2").higher is True
+
+
+def test_cli_nan_grid_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "sweep"
+    code = _main(
+        monkeypatch, "sweep", "ext-sub", "e", "a", "--base", "m", "--out", str(out), "--lams", "0,nan"
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "finite" in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- sweep = separate runs
+
+
+@pytest.fixture
+def setup(tmp_path):
+    model = save_tiny_model(tmp_path / "tiny")
+    from transformers import AutoModelForCausalLM
+
+    adapters = []
+    for seed, name in [(1, "expert"), (2, "anti")]:
+        base = AutoModelForCausalLM.from_pretrained(model)
+        adapters.append(write_peft_lora(tmp_path / name, base, seed=seed, r=4, lora_alpha=8,
+                                        target_modules=["q_proj", "v_proj"]))  # fmt: skip
+    mc = tmp_path / "mc.json"
+    questions = [
+        ("Is the sky blue?", ["Yes.", "No.", "Only at night."]),
+        ("What is 2+2?", ["4", "5", "22"]),
+        ("Can fish fly?", ["Most cannot.", "All can.", "Yes, always."]),
+    ]
+    rows = [
+        {
+            "question": q,
+            "mc1_targets": {c[0]: 1, c[1]: 0, c[2]: 0},
+            "mc2_targets": {c[0]: 1, c[2]: 1, c[1]: 0},
+        }
+        for q, c in questions
+    ]
+    mc.write_text(json.dumps(rows))
+    text = tmp_path / "text.jsonl"
+    text.write_text("\n".join(json.dumps({"text": t}) for t in ["The cat sat on the mat.", "A b c d e f g."]))
+    return model, adapters, mc, text
+
+
+def test_sweep_equals_separate_ops_and_eval_runs(setup, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("EXCISE_CACHE", str(tmp_path / "cache"))
+    model, (expert, anti), mc, text = setup
+    out = tmp_path / "sweep"
+    lams = [0.5, 1.0, 2.0]
+    args = ["sweep", "ext-sub", str(expert), str(anti), "--base", str(model), "--out", str(out)]
+    args += ["--lams", ",".join(map(str, lams)), "--device", "cpu", "--bootstrap", "50"]
+    args += ["--deficiency", "truthfulqa-mc:mc2", "--deficiency-set", f"data={mc}"]
+    args += ["--utility", "perplexity:perplexity", "--utility-set", f"data={text}"]
+    args += ["--utility-set", "window=8", "--utility-set", "stride=4"]
+    assert _main(monkeypatch, *args) == 0
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "chosen λ" in printed and f"wrote {out}" in printed
+    assert "λ = 0.5: truthfulqa-mc:mc2 " in captured.err  # one progress line per λ
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert [p["lam"] for p in sweep["points"]] == [0.0, *lams]
+    assert sweep["adapters"]["base_merged"] is True
+    for point in sweep["points"]:
+        lam = point["lam"]
+        op = tmp_path / f"op{lam}"
+        assert _main(monkeypatch, "ops", "ext-sub", "--expert", str(expert), "--anti-expert", str(anti),
+                     "--lam", str(lam), "--out", str(op)) == 0  # fmt: skip
+        for metric, data, extra in [
+            ("truthfulqa-mc", mc, []),
+            ("perplexity", text, ["--window", "8", "--stride", "4"]),
+        ]:
+            res = tmp_path / f"{metric}{lam}.json"
+            args = ["eval", metric, "--base", str(model), "--adapter", str(op), "--data", str(data)]
+            args += ["--out", str(res), "--device", "cpu", "--no-cache", *extra]
+            code = _main(monkeypatch, *args)
+            assert code == 0
+            separate = json.loads(res.read_text())
+            swept = json.loads((out / point["results"][metric]).read_text())
+            for key, value in separate["metrics"].items():
+                assert swept["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), (lam, metric, key)
+            if metric == "truthfulqa-mc":
+                for a, b in zip(swept["items"], separate["items"], strict=True):
+                    np.testing.assert_allclose(a["mc2_logliks"], b["mc2_logliks"], rtol=1e-4, atol=1e-4)
+        axis = "deficiency"
+        assert point[axis]["value"] == pytest.approx(
+            json.loads((out / point["results"]["truthfulqa-mc"]).read_text())["metrics"]["mc2"]
+        )
+    # The chosen λ is what the rule gives on the swept numbers.
+    d = [p["deficiency"]["value"] for p in sweep["points"]]
+    u = [p["utility"]["value"] for p in sweep["points"]]
+    expected = choose_lam([0.0, *lams], d, u, higher_d=True, higher_u=False, tolerance=0.05)
+    assert sweep["chosen"]["lam"] == expected["lam"]
+    assert sweep["points"][0]["deficiency"]["ci"] == [0.0, 0.0]
+
+
+def test_sweep_with_utility_keeps_base_view_and_refuses_used_output(setup, tmp_path, monkeypatch):
+    from excise.errors import ConfigError
+    from excise.pipeline.sweep import run_sweep
+
+    monkeypatch.setenv("EXCISE_CACHE", str(tmp_path / "cache"))
+    model, (expert, anti), mc, _ = setup
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"instruction": "Say hi."}, {"instruction": "Count."}]))
+    cfg = SweepConfig(
+        model=str(model), operation="subtract", inputs=[expert, anti], lams=[1.0], device="cpu",
+        progress=False,
+        deficiency={"metric": "truthfulqa-mc", "key": "mc1", "settings": {"data": str(mc)}},
+        utility={"metric": "utility", "key": "similarity",
+                 "settings": {"data": str(prompts), "max_new_tokens": 4, "split": "all"}},
+        bootstrap=10, out=tmp_path / "s",
+    )  # fmt: skip
+    run_sweep(cfg)
+    sweep = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert sweep["adapters"]["base_merged"] is False
+    # At λ = 0 the model is the expert; utility's base answers come from the base model alone.
+    from excise.evaluate.config import EvalConfig
+    from excise.evaluate.runner import run_eval
+
+    plain = run_eval("utility", EvalConfig(model=str(model), data=str(prompts), max_new_tokens=4, split="all",
+                                           device="cpu"), use_cache=False, progress=False)  # fmt: skip
+    for point in sweep["points"]:
+        record = json.loads((tmp_path / "s" / point["results"]["utility"]).read_text())
+        assert [it["base_response"] for it in record["items"]] == [it["response"] for it in plain["items"]]
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "x").write_text("keep")
+    with pytest.raises(ConfigError, match="not empty"):
+        run_sweep(cfg.model_copy(update={"out": tmp_path / "used"}))
+    assert [p.name for p in (tmp_path / "used").iterdir()] == ["x"]
+    assert not list(tmp_path.glob(".used.tmp-*"))
+
+
+def test_item_rules_name_registered_metrics():
+    from excise.evaluate.metrics import METRICS
+    from excise.pipeline.sweep import _ITEM_RULES
+
+    assert {metric for metric, _ in _ITEM_RULES} <= set(METRICS)
