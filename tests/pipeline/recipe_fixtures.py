@@ -55,7 +55,7 @@ TINY_RECIPE: dict[str, Any] = {
         "halueval": {
             "metric": "halueval",
             "protocol": "loss",
-            "split": "all",
+            "split": "eval",  # the adapters train on the `train` side
             "limit": 6,
             "data": "${data}/qa.jsonl",
         },
