@@ -15,6 +15,16 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
+# Memory flags shared by every `excise train` command (also appended by excise.commands.unlearn).
+GradientCheckpointing = Annotated[
+    bool,
+    typer.Option(
+        "--gradient-checkpointing",
+        help="Recompute each layer's activations in the backward instead of storing them: much less "
+        "memory per token for about a third more compute.",
+    ),
+]
+
 _FORMAT_HELP = (
     "Loader and side: instruction (instruction/input/output), paired-expert / paired-anti (HaluEval "
     "question with right_answer / hallucinated_answer), harmful / safe (PKU-SafeRLHF response[1] / "
@@ -71,6 +81,7 @@ def sft(
             "everywhere, but without bf16 instructions (AVX512-BF16, AMX) it is much slower than float32.",
         ),
     ] = False,
+    gradient_checkpointing: GradientCheckpointing = False,
     save_every: flags.SaveEvery = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the newest checkpoint in OUT (none: start).")
@@ -99,6 +110,7 @@ def sft(
         rslora=rslora, steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         schedule=schedule, warmup_steps=warmup_steps, weight_decay=weight_decay,
         max_grad_norm=max_grad_norm or None, seed=seed, bf16=bf16, save_every=save_every,
+        gradient_checkpointing=gradient_checkpointing,
         resume=resume, overwrite=overwrite,
     )  # fmt: skip
     report = run(cfg, progress=progress)

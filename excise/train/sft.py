@@ -33,7 +33,7 @@ from excise.data import (
 )
 from excise.models import load_model, load_tokenizer, resolve_model
 from excise.train.loop import TrainReport, TrainSettings, train
-from excise.train.lora import attach_lora, unfreeze_all
+from excise.train.lora import attach_lora, enable_activation_checkpointing, unfreeze_all
 from excise.train.nll import response_nll
 from excise.train.options import TrainOptions
 
@@ -179,6 +179,8 @@ def run(cfg: SftConfig, *, progress: bool = True, accelerator: Any = None) -> Tr
     model = load_model(cfg.base)
     torch.manual_seed(cfg.seed)
     model = unfreeze_all(model) if cfg.full else attach_lora(model, lora)
+    if cfg.gradient_checkpointing:
+        model = enable_activation_checkpointing(model)
 
     config = cfg.model_dump(mode="json", exclude={"resume", "overwrite"})
     config |= {

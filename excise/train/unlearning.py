@@ -46,7 +46,7 @@ from excise.data import (
 from excise.errors import ConfigError, DataError
 from excise.models import load_model, load_tokenizer, resolve_model
 from excise.train.loop import TrainReport, TrainSettings, train
-from excise.train.lora import attach_lora, unfreeze_all
+from excise.train.lora import attach_lora, enable_activation_checkpointing, unfreeze_all
 from excise.train.losses import Reference, adapter_disabled_reference, frozen_model_reference
 from excise.train.mismatch import MismatchSampler
 from excise.train.options import TrainOptions
@@ -340,6 +340,9 @@ def run_objective(
         model = attach_lora(model, cfg.lora_settings())
         if needs_reference:
             reference = adapter_disabled_reference(model)  # the same weights, adapter off
+    if cfg.gradient_checkpointing:
+        # The reference runs under torch.no_grad(), where transformers does not checkpoint.
+        model = enable_activation_checkpointing(model)
 
     def loss_fn(m: Any, batch: dict[str, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, dict[str, float]]:
         total = torch.zeros((), device=accelerator.device)
