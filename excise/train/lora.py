@@ -111,7 +111,8 @@ def enable_activation_checkpointing(model: Any) -> Any:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # inside a PeftModel
     if not getattr(base, "supports_gradient_checkpointing", False):
         raise ConfigError(
-            f"{type(base).__name__} does not support activation checkpointing; train without --gradient-checkpointing"
+            f"{type(base).__name__} does not support activation checkpointing; "
+            "train without --gradient-checkpointing"
         )
     enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
     enable({"use_reentrant": False})  # also calls enable_input_require_grads

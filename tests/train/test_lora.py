@@ -1,4 +1,4 @@
-"""Activation checkpointing (excise/train/lora.py ``enable_activation_checkpointing``) changes memory, not results."""
+"""Activation checkpointing (``excise.train.lora.enable_activation_checkpointing``): memory, not results."""
 
 from __future__ import annotations
 
