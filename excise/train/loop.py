@@ -30,7 +30,9 @@ What the loop guarantees:
   unless ``overwrite`` (or ``resume`` with checkpoints of an unfinished run).
 - **Logs.** A progress bar shows the running loss and the logged terms; ``loss_log.json``
   has one record per step: ``step``, ``lr``, ``loss``, each term, ``tokens`` (the sum of
-  every ``attention_mask`` in the step's batches, all processes) and ``seconds``.
+  every ``attention_mask`` in the step's batches, all processes), ``padding`` (the share of
+  the step's batch slots, rows × columns, that were padding) and ``seconds``;
+  ``train_config.json`` has the run's ``padding_share``.
 - **Devices and processes** through accelerate: the model goes to the accelerator's
   device and is wrapped for data parallelism under ``accelerate launch``; only the main
   process writes. bf16 is autocast (weights stay float32).
@@ -149,6 +151,7 @@ class TrainReport:
         log: one record per step (see the module docstring).
         seconds: wall time of this call.
         peak_rss_mb: the process's peak resident memory (MiB).
+        padding_share: share of all batch slots (rows × columns) of the run that were padding.
     """
 
     out: Path
@@ -157,6 +160,7 @@ class TrainReport:
     log: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
+    padding_share: float = 0.0
 
 
 def train(
@@ -242,12 +246,13 @@ def train(
         t0 = time.perf_counter()
         lr = scheduler.get_last_lr()[0]
         model.train()
-        loss_sum, terms_sum, tokens = torch.zeros((), device=accelerator.device), {}, 0
+        loss_sum, terms_sum, tokens, slots = torch.zeros((), device=accelerator.device), {}, 0, 0
         for g in range(settings.grad_accum):
             index = (step * settings.grad_accum + g) * world + rank
             torch.manual_seed(_micro_seed(settings.seed, index))  # dropout depends on `index` only
             batch = _to_device(micro_batch(index), accelerator.device)
-            tokens += _count_tokens(batch)
+            read, held = _count_tokens(batch)
+            tokens, slots = tokens + read, slots + held
             last = g == settings.grad_accum - 1
             with contextlib.ExitStack() as stack:
                 if not last:
@@ -271,6 +276,7 @@ def train(
             loss_sum,
             terms_sum,
             tokens,
+            slots,
             settings.grad_accum,
             time.perf_counter() - t0,
         )
@@ -278,7 +284,9 @@ def train(
         running = record["loss"] if running is None else 0.9 * running + 0.1 * record["loss"]
         bar.update(1)
         if (step + 1) % settings.log_every == 0 or step + 1 == total:
-            shown = {k: v for k, v in record.items() if k not in ("step", "tokens", "seconds", "lr")}
+            shown = {
+                k: v for k, v in record.items() if k not in ("step", "tokens", "padding", "seconds", "lr")
+            }
             bar.set_postfix({"running": f"{running:.4f}", **{k: f"{v:.4f}" for k, v in shown.items()}})
         if settings.save_every and (step + 1) % settings.save_every == 0 and step + 1 < total:
             if accelerator.is_main_process:
@@ -293,6 +301,7 @@ def train(
         log=log,
         seconds=round(time.perf_counter() - started, 3),
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        padding_share=_padding_share(log),
     )
     if accelerator.is_main_process:
         _write_final(out, raw, save, report, fingerprint)
@@ -327,19 +336,27 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def _count_tokens(batch: Any) -> int:
-    """The sum of every ``attention_mask`` in a (nested) batch: the tokens the step read."""
+def _count_tokens(batch: Any) -> tuple[int, int]:
+    """``(tokens, slots)`` of a (nested) batch: the sum and the size of every ``attention_mask``."""
     if isinstance(batch, Mapping):
-        total = 0
+        tokens = slots = 0
         for key, value in batch.items():
             if key == "attention_mask" and isinstance(value, torch.Tensor):
-                total += int(value.sum())
+                read, held = int(value.sum()), value.numel()
             else:
-                total += _count_tokens(value)
-        return total
+                read, held = _count_tokens(value)
+            tokens, slots = tokens + read, slots + held
+        return tokens, slots
     if isinstance(batch, (list, tuple)):
-        return sum(_count_tokens(v) for v in batch)
-    return 0
+        counts = [_count_tokens(v) for v in batch]
+        return sum(c[0] for c in counts), sum(c[1] for c in counts)
+    return 0, 0
+
+
+def _padding_share(log: list[dict[str, float]]) -> float:
+    """Padding slots over all slots of the logged steps (each record's ``padding`` weighted by its slots)."""
+    slots = sum(r["tokens"] / (1 - r["padding"]) for r in log if r.get("padding", 1) < 1)
+    return round(1 - sum(r["tokens"] for r in log) / slots, 4) if slots else 0.0
 
 
 def _step_record(
@@ -349,6 +366,7 @@ def _step_record(
     loss_sum: torch.Tensor,
     terms_sum: dict[str, float],
     tokens: int,
+    slots: int,
     grad_accum: int,
     seconds: float,
 ) -> dict[str, float]:
@@ -360,14 +378,16 @@ def _step_record(
         )
         / grad_accum
     )
-    counts = torch.tensor([tokens], dtype=torch.float64, device=accelerator.device)
+    counts = torch.tensor([tokens, slots], dtype=torch.float64, device=accelerator.device)
     if accelerator.num_processes > 1:
         values = accelerator.reduce(values, reduction="mean")
         counts = accelerator.reduce(counts, reduction="sum")
     means = values.tolist()
     record: dict[str, float] = {"step": step, "lr": lr, "loss": means[0]}
     record |= dict(zip(names, means[1:], strict=True))
-    record |= {"tokens": int(counts.item()), "seconds": round(seconds, 4)}
+    read, held = counts.tolist()
+    padding = round(1 - read / held, 6) if held else 0.0
+    record |= {"tokens": int(read), "padding": padding, "seconds": round(seconds, 4)}
     return record
 
 
@@ -504,6 +524,7 @@ def _write_final(
             "resumed_from": report.resumed_from,
             "seconds": report.seconds,
             "peak_rss_mb": report.peak_rss_mb,
+            "padding_share": report.padding_share,
         }
         (tmp / TRAIN_CONFIG).write_text(json.dumps(summary, indent=2) + "\n")
 

@@ -114,7 +114,8 @@ def response_hidden(model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tenso
 
     Args:
         model: a causal LM (a transformers model, a PEFT model around one, a DDP wrapper…).
-        batch: ``input_ids``, ``attention_mask``, ``labels``, each ``(B, T)``.
+        batch: ``input_ids``, ``attention_mask``, ``labels``, each ``(B, T)``; optionally
+            ``position_ids`` (packed rows: restarting at each example).
 
     Returns:
         ``(hidden, targets, rows)``: ``(N, H)`` hidden states after the final norm (the head's
@@ -123,10 +124,14 @@ def response_hidden(model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tenso
     """
     input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     positions = _response_positions(labels)  # (B, T)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): real tokens only
+    derived = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): real tokens only
+    position_ids = batch.get("position_ids", derived)
+    # Position ids that restart inside a row mark packed examples (excise.train.packing): without
+    # a 2D mask transformers isolates each one with a block-diagonal causal mask.
+    packed = not torch.equal(position_ids, derived)
     out = model(
         input_ids=input_ids,
-        attention_mask=attention_mask,
+        attention_mask=None if packed else attention_mask,
         position_ids=position_ids,
         logits_to_keep=1,  # the head runs on one position per row here; the losses run it in chunks
         output_hidden_states=True,

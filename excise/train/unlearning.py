@@ -131,6 +131,7 @@ class UnlearningData:
         pool: encoded responses the mismatch stream draws from.
         sampler: draws K pool indices of other prompts (None without a mismatch term).
         batch_size, pad_id, max_length, seed: as configured.
+        group_by_length: batch harmful (and normal) rows of similar length together.
         counts: per stream, examples loaded, on the split side, dropped as too long.
     """
 
@@ -146,6 +147,7 @@ class UnlearningData:
     max_length: int
     seed: int
     counts: dict[str, dict[str, int]]
+    group_by_length: bool = False
 
     @property
     def micro_batches_per_epoch(self) -> int:
@@ -155,7 +157,7 @@ class UnlearningData:
     def micro_batch(self, i: int, streams: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
         """Micro-batch ``i``: one collated (left-padded) batch per stream in ``streams``."""
         batch: dict[str, dict[str, torch.Tensor]] = {}
-        rows = _pick(len(self.primary), self.batch_size, self.seed, i)
+        rows = _pick(self.primary, self.batch_size, self.seed, i, self.group_by_length)
         if "harmful" in streams:
             batch["harmful"] = collate([self.harmful[r] for r in rows], self.pad_id)  # (B, T)
         if "safe" in streams:
@@ -170,7 +172,7 @@ class UnlearningData:
             ]
             batch["mismatch"] = collate(mismatched, self.pad_id)  # (B·K, T)
         if "normal" in streams:
-            normal_rows = _pick(len(self.normal), self.batch_size, self.seed + 1, i)
+            normal_rows = _pick(self.normal, self.batch_size, self.seed + 1, i, self.group_by_length)
             batch["normal"] = collate([self.normal[r] for r in normal_rows], self.pad_id)  # (B, T)
         return batch
 
@@ -182,11 +184,13 @@ class UnlearningData:
         return Encoded(prompt_of.prompt_ids, response, truncated=truncated)
 
 
-def _pick(n: int, batch_size: int, seed: int, i: int) -> list[int]:
-    """Rows of micro-batch ``i`` of ``n`` items: batch ``i % per_epoch`` of epoch ``i // per_epoch``."""
+def _pick(items: Sequence[Encoded], batch_size: int, seed: int, i: int, group_by_length: bool) -> list[int]:
+    """Rows of micro-batch ``i`` of ``items``: batch ``i % per_epoch`` of epoch ``i // per_epoch``."""
+    n = len(items)
     per_epoch = len(epoch_batches(n, batch_size, seed, 0))
     epoch, j = divmod(i, per_epoch)
-    return epoch_batches(n, batch_size, seed, epoch)[j]
+    lengths = [len(e) for e in items] if group_by_length else None
+    return epoch_batches(n, batch_size, seed, epoch, lengths)[j]
 
 
 def _encode_kept(
@@ -275,7 +279,7 @@ def prepare_data(
         primary=encoded[primary], primary_keys=keys[primary], harmful=encoded["harmful"],
         normal=encoded["normal"], safe=encoded["safe"], pool=pool, sampler=sampler,
         batch_size=cfg.batch_size, pad_id=pad_id_of(tokenizer), max_length=cfg.max_length, seed=cfg.seed,
-        counts=counts,
+        counts=counts, group_by_length=cfg.group_by_length,
     )  # fmt: skip
 
 
