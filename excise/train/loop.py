@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 from excise.errors import ConfigError
 from excise.pem.io import atomic_output_dir
 
-__all__ = ["SCHEDULES", "TrainReport", "TrainSettings", "train"]
+__all__ = ["SCHEDULES", "TrainReport", "TrainSettings", "new_accelerator", "train"]
 
 SCHEDULES = ("constant", "linear", "cosine")
 _HF_SCHEDULE = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -203,10 +203,8 @@ def train(
         ConfigError: bad settings, a non-empty ``out_dir``, no trainable parameter, or a
             checkpoint made with other settings.
     """
-    from accelerate import Accelerator
-
     started = time.perf_counter()
-    accelerator = accelerator or Accelerator(cpu=_multi_process_cpu())
+    accelerator = accelerator or new_accelerator()
     if settings.bf16 and accelerator.device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("this GPU has no bfloat16 support; train without --bf16")
     out = Path(out_dir)
@@ -310,6 +308,13 @@ def train(
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def new_accelerator() -> Any:
+    """An ``accelerate.Accelerator`` for this launch: joins CPU-only processes too (see below)."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=_multi_process_cpu())
 
 
 def _multi_process_cpu() -> bool:

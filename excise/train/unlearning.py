@@ -45,7 +45,7 @@ from excise.data import (
 )
 from excise.errors import ConfigError, DataError
 from excise.models import load_model, load_tokenizer, resolve_model
-from excise.train.loop import TrainReport, TrainSettings, train
+from excise.train.loop import TrainReport, TrainSettings, new_accelerator, train
 from excise.train.lora import attach_lora, enable_activation_checkpointing, unfreeze_all
 from excise.train.losses import Reference, adapter_disabled_reference, frozen_model_reference
 from excise.train.mismatch import MismatchSampler
@@ -314,8 +314,6 @@ def run_objective(
         DataError: data missing, malformed, empty after the split, or too few other prompts for K.
         ModelLoadError: the base model cannot be loaded.
     """
-    from accelerate import Accelerator
-
     terms = [t for t in terms if t.weight != 0]
     if not terms:
         raise ConfigError("every loss term has weight 0: nothing to train")
@@ -328,7 +326,9 @@ def run_objective(
     data = prepare_data(cfg, tokenizer, streams, mismatch_pool=mismatch_pool)
 
     # Model: a fresh LoRA from the seed, or every weight; then where p_θo comes from.
-    accelerator = accelerator or Accelerator()
+    accelerator = (
+        accelerator or new_accelerator()
+    )  # CPU processes too: Accelerator() alone would not join them
     model = load_model(cfg.base)
     reference: Reference | None = None
     needs_reference = any(t.uses_reference for t in terms)
