@@ -212,17 +212,40 @@ def train(
     total = settings.total_steps(micro_batches_per_epoch, world)
     fingerprint = _fingerprint(settings, config, world, total)
     checkpoint = _prepare_out_dir(out, resume=resume, overwrite=overwrite)
+    kind = _sharding(accelerator)
+    if kind and (settings.save_every or checkpoint is not None):
+        raise ConfigError(
+            f"checkpoints (--save-every, --resume) are not supported under {kind}: each process holds "
+            "only a shard; drop --save-every or launch with configs/accelerate/ddp.yaml"
+        )
     accelerator.wait_for_everyone()  # every process has checked before the main one writes
     if overwrite and checkpoint is None and out.is_dir() and accelerator.is_main_process:
         shutil.rmtree(out)  # asked to replace it: stale checkpoints must not mix with this run's
     accelerator.wait_for_everyone()
 
-    model = accelerator.prepare_model(model)
-    raw = accelerator.unwrap_model(model)
-    params = [p for p in raw.parameters() if p.requires_grad]
-    if not params:
-        raise ConfigError("the model has no trainable parameter")
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    if kind == "DeepSpeed":
+        # Not run here (no GPU, no DeepSpeed): the engine takes the optimizer with the model,
+        # divides the loss by its accumulation steps and steps (clipping included) at the
+        # boundary accelerate marks; our own AdamW and scheduler keep the arithmetic.
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError("the model has no trainable parameter")
+        optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds |= {
+            "train_micro_batch_size_per_gpu": settings.batch_size,
+            "gradient_accumulation_steps": settings.grad_accum,
+            "gradient_clipping": settings.max_grad_norm or 0.0,
+        }
+        model, optimizer = accelerator.prepare(model, optimizer)
+        raw = accelerator.unwrap_model(model)
+    else:
+        model = accelerator.prepare_model(model)
+        raw = accelerator.unwrap_model(model)
+        params = [p for p in raw.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError("the model has no trainable parameter")
+        optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = _scheduler(optimizer, settings, total)
 
     log: list[dict[str, float]] = []
@@ -257,12 +280,16 @@ def train(
                     stack.enter_context(accelerator.no_sync(model))  # all-reduce once per step
                 with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=settings.bf16):
                     loss, terms = loss_fn(model, batch)
-                accelerator.backward(loss / settings.grad_accum)
+                if kind == "DeepSpeed":
+                    accelerator.gradient_state._set_sync_gradients(last)  # the engine steps at the boundary
+                    accelerator.backward(loss)  # the engine divides by its accumulation steps
+                else:
+                    accelerator.backward(loss / settings.grad_accum)
             loss_sum += loss.detach().float()
             for name, value in terms.items():
                 terms_sum[name] = terms_sum.get(name, 0.0) + float(value)
         if settings.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(params, settings.max_grad_norm)
+            _clip_grad_norm(accelerator, kind, params, settings.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -301,13 +328,54 @@ def train(
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         padding_share=_padding_share(log),
     )
-    if accelerator.is_main_process:
-        _write_final(out, raw, save, report, fingerprint)
-    accelerator.wait_for_everyone()
+    with _whole_weights(accelerator, model, kind):  # every process enters: gathering is collective
+        if accelerator.is_main_process:
+            _write_final(out, raw, save, report, fingerprint)
+        accelerator.wait_for_everyone()
     return report
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _sharding(accelerator: Any) -> str | None:
+    """``FSDP`` or ``DeepSpeed`` when the launch shards training state across processes, else None."""
+    from accelerate.utils import DistributedType
+
+    kind = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed"}.get(
+        accelerator.distributed_type
+    )
+    if kind == "FSDP" and accelerator.is_fsdp2:
+        raise ConfigError(
+            "FSDP version 2 is not supported yet: launch with configs/accelerate/fsdp.yaml (version 1)"
+        )
+    return kind
+
+
+def _clip_grad_norm(accelerator: Any, kind: str | None, params: list[torch.Tensor], max_norm: float) -> None:
+    """Clip the global gradient norm of ``params`` to ``max_norm``, whatever holds the gradients."""
+    if kind == "DeepSpeed":
+        return  # the engine clips (gradient_clipping in its config)
+    if kind != "FSDP":
+        accelerator.clip_grad_norm_(params, max_norm)
+        return
+    # Each process holds a shard of every gradient (accelerate clips through FSDP only when every
+    # parameter trains): the global norm is the root of the all-reduced sum of the shards' squares.
+    grads = [p.grad for p in params if p.grad is not None]
+    local = sum((g.detach().float().pow(2).sum() for g in grads), torch.zeros((), device=accelerator.device))
+    total = accelerator.reduce(local, reduction="sum").sqrt()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)  # torch.nn.utils.clip_grad_norm_'s rule
+    for g in grads:
+        g.mul_(scale.to(g.dtype))
+
+
+def _whole_weights(accelerator: Any, model: Any, kind: str | None) -> Any:
+    """A context in which the model's parameters are whole on every process (FSDP gathers them)."""
+    if kind != "FSDP":
+        return contextlib.nullcontext()
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel.summon_full_params(model, writeback=False)
 
 
 def new_accelerator() -> Any:

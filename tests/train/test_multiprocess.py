@@ -7,9 +7,8 @@ micro-batches (dropout included: it is seeded by the micro-batch index). Checked
 (gloo on CPU): the same loss curve to 1e-5 and the same weights to 1e-6 (+1e-5 relative),
 float32 sums taken in another order.
 
-``configs/accelerate/fsdp.yaml`` is launched too, but accelerate enables FSDP on GPUs only:
-on CPU processes it runs plain data parallelism (asserted below), so FSDP's sharding itself
-is not exercised here. ``deepspeed_zero2.yaml`` is only read (no DeepSpeed, no GPU here).
+``configs/accelerate/fsdp.yaml`` and ``deepspeed_zero2.yaml`` are only read here: accelerate
+refuses FSDP without a GPU ("no available devices found") and DeepSpeed is not installed.
 """
 
 from __future__ import annotations
@@ -30,28 +29,15 @@ from tests.train.test_sku import write_data
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs" / "accelerate"
 # Tiny runs: 3 steps (sft) or 2, lr high enough that every step moves the weights.
-_UNLEARN = [
-    "--split",
-    "all",
-    "--k",
-    "2",
-    "--batch-size",
-    "2",
-    "--steps",
-    "2",
-    "--lr",
-    "1e-2",
-    "--max-length",
-    "96",
-]
+_UNLEARN = ["--split", "all", "--batch-size", "2", "--steps", "2", "--lr", "1e-2", "--max-length", "96"]
 _COMMANDS = {
     "sft": ["--format", "paired-expert", "--steps", "3", "--batch-size", "2", "--lr", "1e-2"],
-    "sku": _UNLEARN,
+    "sku": [*_UNLEARN, "--k", "2"],
     "ga": _UNLEARN,
-    "ga-mismatch": _UNLEARN,
-    "llmu": _UNLEARN,
+    "ga-mismatch": [*_UNLEARN, "--k", "2"],
+    "llmu": [*_UNLEARN, "--k", "2"],
     "finetune": _UNLEARN,
-}
+}  # fmt: skip
 
 
 def _data_args(method: str, model: Path, tmp_path: Path) -> list[str]:
@@ -111,16 +97,6 @@ def test_two_processes_equal_one_with_accumulation(method, tiny_model_dir, tmp_p
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("wrote ") == 1  # only the main process writes and reports
     _one_process(method, args, tmp_path / "one", monkeypatch, capsys)
-    _assert_same_run(tmp_path / "two", tmp_path / "one")
-
-
-def test_the_fsdp_config_launches_and_on_cpus_trains_as_data_parallel(
-    tiny_model_dir, tmp_path, monkeypatch, capsys
-):
-    args = _data_args("sku", tiny_model_dir, tmp_path) + _COMMANDS["sku"]
-    two = _launch("fsdp.yaml", "sku", args, tmp_path / "two", 29520)
-    assert two.returncode == 0, two.stderr[-3000:]
-    _one_process("sku", args, tmp_path / "one", monkeypatch, capsys)
     _assert_same_run(tmp_path / "two", tmp_path / "one")
 
 
