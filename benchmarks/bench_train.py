@@ -32,8 +32,11 @@ the loss:
 Reported: the process's peak resident memory (``getrusage(RUSAGE_SELF).ru_maxrss``: weights,
 activations, optimizer state and the Python runtime, the whole process as a user sees it),
 its resident memory just before the first step and the growth over it, the growth per
-token of a step (MiB per real token), and tokens/s: real tokens (attention mask) over the
-step's wall time, on steps after the first (the first one warms up allocators).
+token of a step (MiB per real token), tokens/s (real tokens over the step's wall time) and
+tokens per CPU second (over the process's CPU time, ``time.process_time``: far less
+sensitive than wall time to other jobs on a shared machine), on steps after the first (the
+first one warms up allocators; CPU time is taken between the starts of consecutive steps,
+so the last step is not counted: run 3 steps or more).
 
 One torch thread by default: on this shared 2-core VM, with other work running, a forward
 pass of SmolLM2 took 8 s with 2 threads and 2 s with 1 (OpenMP threads spin-wait for a
@@ -43,6 +46,7 @@ core another process holds).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -88,6 +92,8 @@ def worker(args: argparse.Namespace) -> dict:
         result = _sku_step(args, name, checkpointing)
     timed = slice(1, None) if len(result["seconds_per_step"]) > 1 else slice(None)
     tokens, seconds = result["tokens_per_step"][timed], result["seconds_per_step"][timed]
+    cpu = result["cpu_seconds_per_step"]
+    cpu_timed = slice(1, None) if len(cpu) > 1 else slice(None)
     growth = _peak_mb() - result["rss_after_setup_mb"]
     return {
         "variant": args.variant,
@@ -96,6 +102,9 @@ def worker(args: argparse.Namespace) -> dict:
         "step_growth_mb": round(growth, 1),
         "mib_per_token": round(growth / max(result["tokens_per_step"]), 3),
         "tokens_per_s": round(sum(tokens) / sum(seconds), 1),
+        "tokens_per_cpu_s": round(
+            sum(result["tokens_per_step"][: len(cpu)][cpu_timed]) / sum(cpu[cpu_timed]), 1
+        ),
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -129,6 +138,7 @@ def _ours(args: argparse.Namespace, checkpointing: bool) -> dict:
 
     _, rows = _full_length_rows(args)
     setup: list[float] = []
+    calls: list[float] = []  # process CPU time at each micro-batch request: one per step
     made = sft.sft_micro_batches
 
     def sampled(*a: Any, **k: Any) -> Any:
@@ -137,6 +147,7 @@ def _ours(args: argparse.Namespace, checkpointing: bool) -> dict:
         def first_sampled(i: int) -> Any:
             if not setup:
                 setup.append(_rss_mb())
+            calls.append(time.process_time())
             return micro_batch(i)
 
         return first_sampled, per_epoch
@@ -160,6 +171,7 @@ def _ours(args: argparse.Namespace, checkpointing: bool) -> dict:
         "rss_after_setup_mb": round(setup[0], 1),
         "tokens_per_step": [int(r["tokens"]) for r in report.log],
         "seconds_per_step": [round(r["seconds"], 3) for r in report.log],
+        "cpu_seconds_per_step": [round(b - a, 3) for a, b in itertools.pairwise(calls)],  # not the last step
         "loss_per_step": [round(r["loss"], 4) for r in report.log],
     }
 
@@ -187,17 +199,18 @@ def _trl(args: argparse.Namespace, checkpointing: bool) -> dict:
             for _, e in rows
         ]
     )
-    measured: dict[str, list[float]] = {"seconds": [], "tokens": [], "setup": []}
+    measured: dict[str, list[float]] = {"seconds": [], "cpu": [], "setup": []}
 
     class Timer(TrainerCallback):
         def on_train_begin(self, *a: Any, **k: Any) -> None:
             measured["setup"].append(_rss_mb())
 
         def on_step_begin(self, *a: Any, **k: Any) -> None:
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *a: Any, **k: Any) -> None:
             measured["seconds"].append(time.perf_counter() - self.t0)
+            measured["cpu"].append(time.process_time() - self.c0)
 
     torch.manual_seed(0)
     model = load_model(args.model)
@@ -222,6 +235,7 @@ def _trl(args: argparse.Namespace, checkpointing: bool) -> dict:
         "rss_after_setup_mb": round(measured["setup"][0], 1),
         "tokens_per_step": [args.batch_size * args.max_length] * len(measured["seconds"]),
         "seconds_per_step": [round(t, 3) for t in measured["seconds"]],
+        "cpu_seconds_per_step": [round(t, 3) for t in measured["cpu"][:-1]],  # as ours: all but the last
         "loss_per_step": losses,
     }
 
@@ -261,21 +275,23 @@ def _sku_step(args: argparse.Namespace, variant: str, checkpointing: bool) -> di
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     rss_setup = _rss_mb()
 
-    seconds, tokens = [], []
+    seconds, cpu, tokens = [], [], []
     for step in range(args.steps):
         batch = data.micro_batch(step, streams)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = sum(t.weight * t.loss(model, batch[t.stream], reference) for t in terms)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seconds.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         tokens.append(sum(int(batch[s]["attention_mask"].sum()) for s in streams))
     return {
         "rss_after_setup_mb": round(rss_setup, 1),
         "tokens_per_step": tokens,
         "rows_per_step": {s: int(data.micro_batch(0, streams)[s]["input_ids"].shape[0]) for s in streams},
         "seconds_per_step": [round(s, 3) for s in seconds],
+        "cpu_seconds_per_step": [round(c, 3) for c in cpu],
     }
 
 
@@ -338,20 +354,22 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {args.threads}; {loads}")
     print(
         "| variant | peak RSS (MiB) | RSS before step 1 | growth (MiB) | MiB / token | tokens/s "
-        "| against | peak × | tokens/s × |"
+        "| tokens / CPU s | against | peak × | tokens/s × | tokens / CPU s × |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |")
     for name, r in results.items():
         base = results.get(_baseline_of(name) or "")
         ratios = (
             f"{_baseline_of(name)} | {r['peak_rss_mb'] / base['peak_rss_mb']:.3f} | "
-            f"{r['tokens_per_s'] / base['tokens_per_s']:.3f}"
+            f"{r['tokens_per_s'] / base['tokens_per_s']:.3f} | "
+            f"{r['tokens_per_cpu_s'] / base['tokens_per_cpu_s']:.3f}"
             if base
-            else "– | – | –"
+            else "– | – | – | –"
         )
         print(
             f"| {name} | {r['peak_rss_mb']:.0f} | {r['rss_after_setup_mb']:.0f} | "
-            f"{r['step_growth_mb']:.0f} | {r['mib_per_token']:.3f} | {r['tokens_per_s']:.1f} | {ratios} |"
+            f"{r['step_growth_mb']:.0f} | {r['mib_per_token']:.3f} | {r['tokens_per_s']:.1f} | "
+            f"{r['tokens_per_cpu_s']:.1f} | {ratios} |"
         )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
