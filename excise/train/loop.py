@@ -34,8 +34,10 @@ What the loop guarantees:
   the step's batch slots, rows × columns, that were padding) and ``seconds``;
   ``train_config.json`` has the run's ``padding_share``.
 - **Devices and processes** through accelerate: the model goes to the accelerator's
-  device and is wrapped for data parallelism under ``accelerate launch``; only the main
-  process writes. bf16 is autocast (weights stay float32).
+  device and is wrapped for data parallelism under ``accelerate launch`` (the configs in
+  ``configs/accelerate/``: DDP; FSDP v1 and DeepSpeed ZeRO-2 as well, untested here, with
+  checkpoints refused under them); only the main process writes. bf16 is autocast
+  (weights stay float32).
 """
 
 from __future__ import annotations
