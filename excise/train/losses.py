@@ -50,6 +50,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the PyTorch convention)
 from torch.utils.checkpoint import checkpoint
 
+from excise.errors import ConfigError
+
 __all__ = [
     "CHUNK_TOKENS",
     "IGNORE_INDEX",
@@ -93,8 +95,23 @@ def _unwrapped(model: Any) -> Any:
 
 
 def output_head(model: Any) -> torch.nn.Module:
-    """The LM head of ``model`` (through DDP/FSDP and PEFT wrappers; a LoRA on it included)."""
-    return _unwrapped(model).get_output_embeddings()
+    """The LM head of ``model`` (through DDP/FSDP and PEFT wrappers; a LoRA on it included).
+
+    Raises:
+        ConfigError: the model transforms its logits after the head (Gemma 2's soft-capping,
+            Cohere's ``logit_scale``), which the chunked losses do not reproduce.
+    """
+    inner = _unwrapped(model)
+    config = getattr(inner, "config", None)
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", 1.0) not in (
+        None,
+        1.0,
+    ):
+        raise ConfigError(
+            f"{type(config).__name__} transforms its logits after the LM head (soft-capping or logit_scale); "
+            "excise's chunked training losses support plain heads only"
+        )
+    return inner.get_output_embeddings()
 
 
 def _base_head(head: torch.nn.Module) -> torch.nn.Module:

@@ -268,3 +268,12 @@ def test_the_head_never_sees_more_than_a_chunk_of_tokens(lora_model, monkeypatch
         + kl_to_reference_loss(lora_model, batch, chunk_tokens=2)
     ).backward()
     assert seen and max(seen) <= 2  # the model's own forward ran it on one position per row (B = 2)
+
+
+def test_a_model_that_rescales_its_logits_is_refused(tiny_llama):
+    """The chunks apply the head alone: a head followed by soft-capping must not be trained silently wrong."""
+    from excise.errors import ConfigError
+
+    tiny_llama.config.final_logit_softcapping = 30.0
+    with pytest.raises(ConfigError, match="soft-capping"):
+        sequence_nll(tiny_llama, _batch())
