@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -14,6 +14,30 @@ app = typer.Typer(
     help="Train adapters: expert / anti-expert SFT, SKU harmful-knowledge acquisition, unlearning baselines.",
     no_args_is_help=True,
 )
+
+# Memory flags shared by every `excise train` command (also appended by excise.commands.unlearn).
+GradientCheckpointing = Annotated[
+    bool,
+    typer.Option(
+        "--gradient-checkpointing",
+        help="Recompute each layer's activations in the backward instead of storing them: much less "
+        "memory per token for about a third more compute.",
+    ),
+]
+
+
+def report_padding(report: Any) -> None:
+    """One stderr line: how much of the run's batches was padding (also in train_config.json)."""
+    typer.echo(f"padding: {report.padding_share:.1%} of the batch slots", err=True)
+
+
+GroupByLength = Annotated[
+    bool,
+    typer.Option(
+        help="Batch rows of similar length together (batches in random order): less padding, the same "
+        "examples per epoch.",
+    ),
+]
 
 _FORMAT_HELP = (
     "Loader and side: instruction (instruction/input/output), paired-expert / paired-anti (HaluEval "
@@ -71,6 +95,17 @@ def sft(
             "everywhere, but without bf16 instructions (AVX512-BF16, AMX) it is much slower than float32.",
         ),
     ] = False,
+    group_by_length: GroupByLength = True,
+    packing: Annotated[
+        bool,
+        typer.Option(
+            "--packing",
+            help="Pack several examples into each row of --max-length tokens (--batch-size rows per "
+            "micro-batch): no padding; each example attends only to itself on models whose mask "
+            "transformers builds from position ids (Llama, Qwen, Mistral, SmolLM2…).",
+        ),
+    ] = False,
+    gradient_checkpointing: GradientCheckpointing = False,
     save_every: flags.SaveEvery = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the newest checkpoint in OUT (none: start).")
@@ -99,10 +134,12 @@ def sft(
         rslora=rslora, steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         schedule=schedule, warmup_steps=warmup_steps, weight_decay=weight_decay,
         max_grad_norm=max_grad_norm or None, seed=seed, bf16=bf16, save_every=save_every,
+        gradient_checkpointing=gradient_checkpointing, group_by_length=group_by_length, packing=packing,
         resume=resume, overwrite=overwrite,
     )  # fmt: skip
     report = run(cfg, progress=progress)
     from accelerate import PartialState
 
     if PartialState().is_main_process:
+        report_padding(report)
         done(report.out)

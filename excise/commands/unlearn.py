@@ -17,7 +17,7 @@ import typer
 
 from excise.commands import common as flags
 from excise.commands.common import Overwrite, done, module_names
-from excise.commands.train import app
+from excise.commands.train import GradientCheckpointing, GroupByLength, app, report_padding
 
 __all__ = ["app"]
 
@@ -91,6 +91,8 @@ _SHARED: list[tuple[str, Any, Any]] = [
     ("max_grad_norm", flags.MaxGradNorm, 1.0),
     ("seed", Annotated[int, _opt("Seeds the LoRA init, data order, random responses and dropout.")], 0),
     ("bf16", Annotated[bool, _opt("bfloat16 autocast (weights stay float32).", "--bf16")], False),
+    ("group_by_length", GroupByLength, True),
+    ("gradient_checkpointing", GradientCheckpointing, False),
     ("save_every", flags.SaveEvery, None),
     ("resume", Annotated[bool, _opt("Continue from the newest checkpoint in OUT.", "--resume")], False),
     ("overwrite", Overwrite, False),
@@ -161,6 +163,7 @@ def _finish(report: Any) -> None:
     from accelerate import PartialState
 
     if PartialState().is_main_process:
+        report_padding(report)
         done(report.out)
 
 

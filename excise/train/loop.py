@@ -30,10 +30,14 @@ What the loop guarantees:
   unless ``overwrite`` (or ``resume`` with checkpoints of an unfinished run).
 - **Logs.** A progress bar shows the running loss and the logged terms; ``loss_log.json``
   has one record per step: ``step``, ``lr``, ``loss``, each term, ``tokens`` (the sum of
-  every ``attention_mask`` in the step's batches, all processes) and ``seconds``.
+  every ``attention_mask`` in the step's batches, all processes), ``padding`` (the share of
+  the step's batch slots, rows × columns, that were padding) and ``seconds``;
+  ``train_config.json`` has the run's ``padding_share``.
 - **Devices and processes** through accelerate: the model goes to the accelerator's
-  device and is wrapped for data parallelism under ``accelerate launch``; only the main
-  process writes. bf16 is autocast (weights stay float32).
+  device and is wrapped for data parallelism under ``accelerate launch`` (the configs in
+  ``configs/accelerate/``: DDP; FSDP v1 and DeepSpeed ZeRO-2 as well, untested here, with
+  checkpoints refused under them); only the main process writes. bf16 is autocast
+  (weights stay float32).
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ from tqdm.auto import tqdm
 from excise.errors import ConfigError
 from excise.pem.io import atomic_output_dir
 
-__all__ = ["SCHEDULES", "TrainReport", "TrainSettings", "train"]
+__all__ = ["SCHEDULES", "TrainReport", "TrainSettings", "new_accelerator", "train"]
 
 SCHEDULES = ("constant", "linear", "cosine")
 _HF_SCHEDULE = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -149,6 +153,7 @@ class TrainReport:
         log: one record per step (see the module docstring).
         seconds: wall time of this call.
         peak_rss_mb: the process's peak resident memory (MiB).
+        padding_share: share of all batch slots (rows × columns) of the run that were padding.
     """
 
     out: Path
@@ -157,6 +162,7 @@ class TrainReport:
     log: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
+    padding_share: float = 0.0
 
 
 def train(
@@ -199,10 +205,8 @@ def train(
         ConfigError: bad settings, a non-empty ``out_dir``, no trainable parameter, or a
             checkpoint made with other settings.
     """
-    from accelerate import Accelerator
-
     started = time.perf_counter()
-    accelerator = accelerator or Accelerator(cpu=_multi_process_cpu())
+    accelerator = accelerator or new_accelerator()
     if settings.bf16 and accelerator.device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("this GPU has no bfloat16 support; train without --bf16")
     out = Path(out_dir)
@@ -210,17 +214,40 @@ def train(
     total = settings.total_steps(micro_batches_per_epoch, world)
     fingerprint = _fingerprint(settings, config, world, total)
     checkpoint = _prepare_out_dir(out, resume=resume, overwrite=overwrite)
+    kind = _sharding(accelerator)
+    if kind and (settings.save_every or checkpoint is not None):
+        raise ConfigError(
+            f"checkpoints (--save-every, --resume) are not supported under {kind}: each process holds "
+            "only a shard; drop --save-every or launch with configs/accelerate/ddp.yaml"
+        )
     accelerator.wait_for_everyone()  # every process has checked before the main one writes
     if overwrite and checkpoint is None and out.is_dir() and accelerator.is_main_process:
         shutil.rmtree(out)  # asked to replace it: stale checkpoints must not mix with this run's
     accelerator.wait_for_everyone()
 
-    model = accelerator.prepare_model(model)
-    raw = accelerator.unwrap_model(model)
-    params = [p for p in raw.parameters() if p.requires_grad]
-    if not params:
-        raise ConfigError("the model has no trainable parameter")
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    if kind == "DeepSpeed":
+        # Not run here (no GPU, no DeepSpeed): the engine takes the optimizer with the model,
+        # divides the loss by its accumulation steps and steps (clipping included) at the
+        # boundary accelerate marks; our own AdamW and scheduler keep the arithmetic.
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError("the model has no trainable parameter")
+        optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds |= {
+            "train_micro_batch_size_per_gpu": settings.batch_size,
+            "gradient_accumulation_steps": settings.grad_accum,
+            "gradient_clipping": settings.max_grad_norm or 0.0,
+        }
+        model, optimizer = accelerator.prepare(model, optimizer)
+        raw = accelerator.unwrap_model(model)
+    else:
+        model = accelerator.prepare_model(model)
+        raw = accelerator.unwrap_model(model)
+        params = [p for p in raw.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError("the model has no trainable parameter")
+        optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = _scheduler(optimizer, settings, total)
 
     log: list[dict[str, float]] = []
@@ -242,24 +269,29 @@ def train(
         t0 = time.perf_counter()
         lr = scheduler.get_last_lr()[0]
         model.train()
-        loss_sum, terms_sum, tokens = torch.zeros((), device=accelerator.device), {}, 0
+        loss_sum, terms_sum, tokens, slots = torch.zeros((), device=accelerator.device), {}, 0, 0
         for g in range(settings.grad_accum):
             index = (step * settings.grad_accum + g) * world + rank
             torch.manual_seed(_micro_seed(settings.seed, index))  # dropout depends on `index` only
             batch = _to_device(micro_batch(index), accelerator.device)
-            tokens += _count_tokens(batch)
+            read, held = _count_tokens(batch)
+            tokens, slots = tokens + read, slots + held
             last = g == settings.grad_accum - 1
             with contextlib.ExitStack() as stack:
                 if not last:
                     stack.enter_context(accelerator.no_sync(model))  # all-reduce once per step
                 with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=settings.bf16):
                     loss, terms = loss_fn(model, batch)
-                accelerator.backward(loss / settings.grad_accum)
+                if kind == "DeepSpeed":
+                    accelerator.gradient_state._set_sync_gradients(last)  # the engine steps at the boundary
+                    accelerator.backward(loss)  # the engine divides by its accumulation steps
+                else:
+                    accelerator.backward(loss / settings.grad_accum)
             loss_sum += loss.detach().float()
             for name, value in terms.items():
                 terms_sum[name] = terms_sum.get(name, 0.0) + float(value)
         if settings.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(params, settings.max_grad_norm)
+            _clip_grad_norm(accelerator, kind, params, settings.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -271,6 +303,7 @@ def train(
             loss_sum,
             terms_sum,
             tokens,
+            slots,
             settings.grad_accum,
             time.perf_counter() - t0,
         )
@@ -278,7 +311,9 @@ def train(
         running = record["loss"] if running is None else 0.9 * running + 0.1 * record["loss"]
         bar.update(1)
         if (step + 1) % settings.log_every == 0 or step + 1 == total:
-            shown = {k: v for k, v in record.items() if k not in ("step", "tokens", "seconds", "lr")}
+            shown = {
+                k: v for k, v in record.items() if k not in ("step", "tokens", "padding", "seconds", "lr")
+            }
             bar.set_postfix({"running": f"{running:.4f}", **{k: f"{v:.4f}" for k, v in shown.items()}})
         if settings.save_every and (step + 1) % settings.save_every == 0 and step + 1 < total:
             if accelerator.is_main_process:
@@ -293,14 +328,63 @@ def train(
         log=log,
         seconds=round(time.perf_counter() - started, 3),
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        padding_share=_padding_share(log),
     )
-    if accelerator.is_main_process:
-        _write_final(out, raw, save, report, fingerprint)
-    accelerator.wait_for_everyone()
+    with _whole_weights(accelerator, model, kind):  # every process enters: gathering is collective
+        if accelerator.is_main_process:
+            _write_final(out, raw, save, report, fingerprint)
+        accelerator.wait_for_everyone()
     return report
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _sharding(accelerator: Any) -> str | None:
+    """``FSDP`` or ``DeepSpeed`` when the launch shards training state across processes, else None."""
+    from accelerate.utils import DistributedType
+
+    kind = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed"}.get(
+        accelerator.distributed_type
+    )
+    if kind == "FSDP" and accelerator.is_fsdp2:
+        raise ConfigError(
+            "FSDP version 2 is not supported yet: launch with configs/accelerate/fsdp.yaml (version 1)"
+        )
+    return kind
+
+
+def _clip_grad_norm(accelerator: Any, kind: str | None, params: list[torch.Tensor], max_norm: float) -> None:
+    """Clip the global gradient norm of ``params`` to ``max_norm``, whatever holds the gradients."""
+    if kind == "DeepSpeed":
+        return  # the engine clips (gradient_clipping in its config)
+    if kind != "FSDP":
+        accelerator.clip_grad_norm_(params, max_norm)
+        return
+    # Each process holds a shard of every gradient (accelerate clips through FSDP only when every
+    # parameter trains): the global norm is the root of the all-reduced sum of the shards' squares.
+    grads = [p.grad for p in params if p.grad is not None]
+    local = sum((g.detach().float().pow(2).sum() for g in grads), torch.zeros((), device=accelerator.device))
+    total = accelerator.reduce(local, reduction="sum").sqrt()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)  # torch.nn.utils.clip_grad_norm_'s rule
+    for g in grads:
+        g.mul_(scale.to(g.dtype))
+
+
+def _whole_weights(accelerator: Any, model: Any, kind: str | None) -> Any:
+    """A context in which the model's parameters are whole on every process (FSDP gathers them)."""
+    if kind != "FSDP":
+        return contextlib.nullcontext()
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel.summon_full_params(model, writeback=False)
+
+
+def new_accelerator() -> Any:
+    """An ``accelerate.Accelerator`` for this launch: joins CPU-only processes too (see below)."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=_multi_process_cpu())
 
 
 def _multi_process_cpu() -> bool:
@@ -327,19 +411,27 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def _count_tokens(batch: Any) -> int:
-    """The sum of every ``attention_mask`` in a (nested) batch: the tokens the step read."""
+def _count_tokens(batch: Any) -> tuple[int, int]:
+    """``(tokens, slots)`` of a (nested) batch: the sum and the size of every ``attention_mask``."""
     if isinstance(batch, Mapping):
-        total = 0
+        tokens = slots = 0
         for key, value in batch.items():
             if key == "attention_mask" and isinstance(value, torch.Tensor):
-                total += int(value.sum())
+                read, held = int(value.sum()), value.numel()
             else:
-                total += _count_tokens(value)
-        return total
+                read, held = _count_tokens(value)
+            tokens, slots = tokens + read, slots + held
+        return tokens, slots
     if isinstance(batch, (list, tuple)):
-        return sum(_count_tokens(v) for v in batch)
-    return 0
+        counts = [_count_tokens(v) for v in batch]
+        return sum(c[0] for c in counts), sum(c[1] for c in counts)
+    return 0, 0
+
+
+def _padding_share(log: list[dict[str, float]]) -> float:
+    """Padding slots over all slots of the logged steps (each record's ``padding`` weighted by its slots)."""
+    slots = sum(r["tokens"] / (1 - r["padding"]) for r in log if r.get("padding", 1) < 1)
+    return round(1 - sum(r["tokens"] for r in log) / slots, 4) if slots else 0.0
 
 
 def _step_record(
@@ -349,6 +441,7 @@ def _step_record(
     loss_sum: torch.Tensor,
     terms_sum: dict[str, float],
     tokens: int,
+    slots: int,
     grad_accum: int,
     seconds: float,
 ) -> dict[str, float]:
@@ -360,14 +453,16 @@ def _step_record(
         )
         / grad_accum
     )
-    counts = torch.tensor([tokens], dtype=torch.float64, device=accelerator.device)
+    counts = torch.tensor([tokens, slots], dtype=torch.float64, device=accelerator.device)
     if accelerator.num_processes > 1:
         values = accelerator.reduce(values, reduction="mean")
         counts = accelerator.reduce(counts, reduction="sum")
     means = values.tolist()
     record: dict[str, float] = {"step": step, "lr": lr, "loss": means[0]}
     record |= dict(zip(names, means[1:], strict=True))
-    record |= {"tokens": int(counts.item()), "seconds": round(seconds, 4)}
+    read, held = counts.tolist()
+    padding = round(1 - read / held, 6) if held else 0.0
+    record |= {"tokens": int(read), "padding": padding, "seconds": round(seconds, 4)}
     return record
 
 
@@ -504,6 +599,7 @@ def _write_final(
             "resumed_from": report.resumed_from,
             "seconds": report.seconds,
             "peak_rss_mb": report.peak_rss_mb,
+            "padding_share": report.padding_share,
         }
         (tmp / TRAIN_CONFIG).write_text(json.dumps(summary, indent=2) + "\n")
 

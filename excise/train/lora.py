@@ -15,7 +15,14 @@ from typing import Any
 
 from excise.errors import ConfigError, first_line
 
-__all__ = ["LoraSettings", "attach_lora", "save_trained", "trainable_parameters", "unfreeze_all"]
+__all__ = [
+    "LoraSettings",
+    "attach_lora",
+    "enable_activation_checkpointing",
+    "save_trained",
+    "trainable_parameters",
+    "unfreeze_all",
+]
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,29 @@ def unfreeze_all(model: Any) -> Any:
     """Full-parameter training: every parameter trains. Returns ``model``."""
     for p in model.parameters():
         p.requires_grad_(True)
+    return model
+
+
+def enable_activation_checkpointing(model: Any) -> Any:
+    """Recompute each decoder layer's activations in the backward instead of keeping them. Returns ``model``.
+
+    Uses the model's own checkpointing (transformers' ``activation_checkpointing_enable``, non-reentrant
+    ``torch.utils.checkpoint``, dropout masks replayed from the saved RNG state), which also
+    registers the input-embedding hook PEFT needs (``enable_input_require_grads``) so that
+    gradients reach a LoRA behind frozen embeddings. transformers skips it where gradients
+    are off, so a reference forward under ``torch.no_grad()`` (SKU's ``p_θo``) runs as is.
+
+    Raises:
+        ConfigError: the model's architecture has no activation checkpointing.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # inside a PeftModel
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ConfigError(
+            f"{type(base).__name__} does not support activation checkpointing; "
+            "train without --gradient-checkpointing"
+        )
+    enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
+    enable({"use_reentrant": False})  # also calls enable_input_require_grads
     return model
 
 

@@ -24,41 +24,62 @@ reference code's weighting for its CE terms (``get_answer_loss`` in franciscoliu
 ``utils.py``), here used for the KL term as well (the reference averages its KL over all
 positions, prompt and padding included).
 
-Only the response positions reach the LM head (``logits_to_keep`` with a boolean mask), so
-the ``(B, T, V)`` logits of a batch are never formed: ``(N, V)`` for its N response tokens.
+No loss ever holds ``(tokens × vocabulary)`` logits for the whole batch. The model is asked
+for its final hidden states (``output_hidden_states``; the LM head runs on one position per
+row only), the ``(N, H)`` states at the N response positions are kept, and the head runs on
+chunks of :data:`CHUNK_TOKENS` of them, each under ``torch.utils.checkpoint``: the forward
+keeps only each chunk's per-token values, the backward recomputes the chunk's logits. Peak
+memory for the head is ``chunk × V`` instead of ``N × V``; the gradients are the same sums,
+only grouped differently (tests check them to 1e-6). This also holds for a LoRA on the head
+(``target_modules`` with ``lm_head``): the chunk calls the adapted head itself.
 
 The reference distribution ``p_θo`` comes from a :data:`Reference`: by default the same
 PEFT model under ``disable_adapter()`` in ``torch.no_grad()`` (one copy of the weights —
 the reference code loads a second full model, DESIGN.md §2); for full-parameter training a
-frozen copy (:func:`frozen_model_reference`).
+frozen copy (:func:`frozen_model_reference`). A reference returns its final hidden states at
+the response positions and the head that turns them into logits (for an adapter-disabled
+PEFT model, the head's base layer), so ``p_θo`` is also formed one chunk at a time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812 (the PyTorch convention)
+from torch.utils.checkpoint import checkpoint
+
+from excise.errors import ConfigError
 
 __all__ = [
+    "CHUNK_TOKENS",
     "IGNORE_INDEX",
     "Reference",
     "adapter_disabled_reference",
+    "eval_mode",
     "frozen_model_reference",
     "gradient_ascent_loss",
     "guided_distortion_loss",
     "kl_to_reference_loss",
+    "output_head",
     "preservation_divergence_loss",
     "random_disassociation_loss",
+    "response_hidden",
     "response_logits",
+    "response_token_nll",
     "sequence_nll",
 ]
 
 IGNORE_INDEX = -100
+# Response tokens per head chunk: the head's logits (and their gradient) never exceed
+# CHUNK_TOKENS × V floats (SmolLM2, V = 49 152: 96 MiB each), whatever the batch.
+CHUNK_TOKENS = 512
 Batch = Mapping[str, torch.Tensor]
-# batch → the reference model's logits at the batch's response positions, (N, V), no grad.
-Reference = Callable[[Batch], torch.Tensor]
+# batch → the reference model's final hidden states at the batch's response positions, (N, H),
+# no grad, and the head that turns them into p_θo's logits.
+Reference = Callable[[Batch], tuple[torch.Tensor, torch.nn.Module]]
 
 
 def _response_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -68,78 +89,170 @@ def _response_positions(labels: torch.Tensor) -> torch.Tensor:
     return positions
 
 
-def response_logits(model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits at the response positions only, their targets, and each one's row.
+def _unwrapped(model: Any) -> Any:
+    """The model inside DDP / FSDP wrappers (they hold it as ``.module``)."""
+    while isinstance(model, torch.nn.Module) and "module" in model._modules:
+        model = model._modules["module"]
+    return model
+
+
+def output_head(model: Any) -> torch.nn.Module:
+    """The LM head of ``model`` (through DDP/FSDP and PEFT wrappers; a LoRA on it included).
+
+    Raises:
+        ConfigError: the model transforms its logits after the head (Gemma 2's soft-capping,
+            Cohere's ``logit_scale``), which the chunked losses do not reproduce.
+    """
+    inner = _unwrapped(model)
+    config = getattr(inner, "config", None)
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", 1.0) not in (
+        None,
+        1.0,
+    ):
+        raise ConfigError(
+            f"{type(config).__name__} transforms its logits after the LM head (soft-capping or logit_scale); "
+            "excise's chunked training losses support plain heads only"
+        )
+    return inner.get_output_embeddings()
+
+
+def _base_head(head: torch.nn.Module) -> torch.nn.Module:
+    """``head`` without its PEFT adapter: what it computes under ``disable_adapter()``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    if isinstance(head, BaseTunerLayer):
+        return head.get_base_layer()
+    if isinstance(head, ModulesToSaveWrapper):
+        return head.original_module
+    return head
+
+
+def response_hidden(model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Final hidden states at the response positions, their targets, and each one's row.
 
     Args:
-        model: a causal LM (a transformers model or a PEFT model around one).
-        batch: ``input_ids``, ``attention_mask``, ``labels``, each ``(B, T)``.
+        model: a causal LM (a transformers model, a PEFT model around one, a DDP wrapper…).
+        batch: ``input_ids``, ``attention_mask``, ``labels``, each ``(B, T)``; optionally
+            ``position_ids`` (packed rows: restarting at each example).
 
     Returns:
-        ``(logits, targets, rows)``: ``(N, V)`` float32 logits, ``(N,)`` target ids and
-        ``(N,)`` row index of each of the batch's N response tokens, in (row, position) order.
+        ``(hidden, targets, rows)``: ``(N, H)`` hidden states after the final norm (the head's
+        input), ``(N,)`` target ids and ``(N,)`` row index of each of the batch's N response
+        tokens, in (row, position) order.
     """
     input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     positions = _response_positions(labels)  # (B, T)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): real tokens only
+    derived = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): real tokens only
+    position_ids = batch.get("position_ids", derived)
+    # Position ids that restart inside a row mark packed examples (excise.train.packing): without
+    # a 2D mask transformers isolates each one with a block-diagonal causal mask.
+    packed = not torch.equal(position_ids, derived)
     out = model(
         input_ids=input_ids,
-        attention_mask=attention_mask,
+        attention_mask=None if packed else attention_mask,
         position_ids=position_ids,
-        logits_to_keep=positions,  # a boolean mask: the head runs on the N response positions only
+        logits_to_keep=1,  # the head runs on one position per row here; the losses run it in chunks
+        output_hidden_states=True,
         use_cache=False,
     )
-    logits = out.logits
-    if logits.dim() == 3:  # a model whose head ignores logits_to_keep masks: select here
-        logits = logits[positions]
+    hidden = out.hidden_states[-1][positions]  # (N, H): transformers ties the last entry to the normed output
     targets = labels[:, 1:][positions[:, :-1]]  # (N,)
     rows = positions.nonzero()[:, 0]  # (N,)
-    return logits.float(), targets, rows  # (N, V), (N,), (N,)
+    return hidden, targets, rows
+
+
+def response_logits(model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits at the response positions, ``(N, V)`` float32, with targets and rows (for tests and tools).
+
+    The losses never call this: they run the head in chunks (see the module docstring).
+    """
+    hidden, targets, rows = response_hidden(model, batch)
+    return output_head(model)(hidden).float(), targets, rows  # (N, V), (N,), (N,)
+
+
+def _chunks(n: int, chunk_tokens: int) -> list[slice]:
+    return [slice(s, min(s + chunk_tokens, n)) for s in range(0, n, chunk_tokens)]
+
+
+def _chunk_nll(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="none")  # (C,)
+
+
+def response_token_nll(
+    model: Any, batch: Batch, *, chunk_tokens: int = CHUNK_TOKENS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of every response token, ``(N,)``, and its row ``(N,)``; the head runs in chunks."""
+    hidden, targets, rows = response_hidden(model, batch)
+    head = output_head(model)
+    token_nll = [
+        checkpoint(_chunk_nll, head, hidden[c], targets[c], use_reentrant=False)
+        for c in _chunks(len(targets), chunk_tokens)
+    ]
+    return (torch.cat(token_nll) if token_nll else hidden.new_zeros(0)), rows  # (N,), (N,)
 
 
 def _mean_per_row(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
     """Mean of ``values`` (N,) within each row, then over the rows that have any: a scalar."""
-    sums = values.new_zeros(n_rows).index_add(0, rows, values)  # (B,)
     counts = torch.bincount(rows, minlength=n_rows)  # (B,)
     present = counts > 0
     if not present.any():
         raise ValueError("the batch holds no response tokens (labels are all -100)")
+    sums = values.new_zeros(n_rows).index_add(0, rows, values)  # (B,)
     return (sums[present] / counts[present]).mean()
 
 
-def sequence_nll(model: Any, batch: Batch) -> torch.Tensor:
+def sequence_nll(model: Any, batch: Batch, *, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
     """Next-token cross-entropy on response tokens: mean per row, then over rows (a scalar)."""
-    logits, targets, rows = response_logits(model, batch)
-    token_nll = F.cross_entropy(logits, targets, reduction="none")  # (N,)
+    token_nll, rows = response_token_nll(model, batch, chunk_tokens=chunk_tokens)
     return _mean_per_row(token_nll, rows, batch["labels"].shape[0])
 
 
-def guided_distortion_loss(model: Any, batch: Batch) -> torch.Tensor:
+def guided_distortion_loss(model: Any, batch: Batch, *, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
     """``L_GD``: cross-entropy on (harmful prompt, harmful response) pairs, response tokens only."""
-    return sequence_nll(model, batch)
+    return sequence_nll(model, batch, chunk_tokens=chunk_tokens)
 
 
-def random_disassociation_loss(model: Any, batch: Batch) -> torch.Tensor:
+def random_disassociation_loss(model: Any, batch: Batch, *, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
     """``L_RD``: cross-entropy on harmful prompts paired with K responses of *other* prompts.
 
     The batch holds B·K rows (each harmful prompt once per mismatched response, built by
     :class:`excise.train.sku.MismatchSampler`); the mean over rows is the average over the K
     responses, then over the B prompts.
     """
-    return sequence_nll(model, batch)
+    return sequence_nll(model, batch, chunk_tokens=chunk_tokens)
 
 
-def gradient_ascent_loss(model: Any, batch: Batch) -> torch.Tensor:
+def gradient_ascent_loss(model: Any, batch: Batch, *, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
     """GA baseline: ``−NLL`` of the harmful responses, so minimising it ascends the NLL."""
-    return -sequence_nll(model, batch)
+    return -sequence_nll(model, batch, chunk_tokens=chunk_tokens)
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``module`` in eval mode (no dropout) inside the block; every submodule's own mode restored after.
+
+    The reference ``p_θo`` is the original model itself, not a dropout sample of it: on a
+    model with dropout (OPT, one of SKU's paper models) a train-mode reference would make
+    L_PD reward diverging from noise. The SKU reference code never puts its frozen model in
+    train mode either.
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def adapter_disabled_reference(model: Any) -> Reference:
     """``p_θo`` from the PEFT ``model`` itself with its adapter disabled: no second copy of the weights."""
 
-    def reference(batch: Batch) -> torch.Tensor:
-        with torch.no_grad(), model.disable_adapter():
-            return response_logits(model, batch)[0]  # (N, V)
+    def reference(batch: Batch) -> tuple[torch.Tensor, torch.nn.Module]:
+        with torch.no_grad(), model.disable_adapter(), eval_mode(model):
+            hidden = response_hidden(model, batch)[0]  # (N, H)
+        return hidden, _base_head(output_head(model))
 
     return reference
 
@@ -147,33 +260,54 @@ def adapter_disabled_reference(model: Any) -> Reference:
 def frozen_model_reference(reference_model: Any) -> Reference:
     """``p_θo`` from a separate frozen model (full-parameter training, where no adapter can be disabled)."""
 
-    def reference(batch: Batch) -> torch.Tensor:
-        with torch.no_grad():
-            return response_logits(reference_model, batch)[0]  # (N, V)
+    def reference(batch: Batch) -> tuple[torch.Tensor, torch.nn.Module]:
+        with torch.no_grad(), eval_mode(reference_model):
+            hidden = response_hidden(reference_model, batch)[0]  # (N, H)
+        return hidden, output_head(reference_model)
 
     return reference
 
 
-def _kl_reference_to_model(model: Any, batch: Batch, reference: Reference | None) -> torch.Tensor:
+def _chunk_kl(
+    head: torch.nn.Module, ref_head: torch.nn.Module, hidden: torch.Tensor, ref_hidden: torch.Tensor
+) -> torch.Tensor:
+    """``KL(p_ref ‖ p_model)`` of each of a chunk's C tokens, ``(C,)``."""
+    with torch.no_grad():
+        log_p_ref = ref_head(ref_hidden).float()  # (C, V) logits
+        log_p_ref -= log_p_ref.logsumexp(-1, keepdim=True)  # in place: log p_ref
+        p_ref = log_p_ref.exp()  # (C, V)
+    logits = head(hidden).float()  # (C, V)
+    # log p_ref − log p_model, written into log_p_ref's buffer: with p_ref and the logits
+    # that is all the graph keeps (3 × (C, V); F.kl_div on two log_softmax outputs keeps 5).
+    # Both log-probabilities are computed the same way, so it is exactly 0 where logits agree.
+    log_p_model = logits - logits.logsumexp(-1, keepdim=True)  # (C, V), freed after the next line
+    log_ratio = log_p_ref.sub_(log_p_model)  # (C, V)
+    del log_p_model
+    return torch.einsum("nv,nv->n", p_ref, log_ratio)  # (C,): Σ_v p_ref · log(p_ref / p_model)
+
+
+def _kl_reference_to_model(
+    model: Any, batch: Batch, reference: Reference | None, chunk_tokens: int
+) -> torch.Tensor:
     """``KL(p_ref ‖ p_model)`` per response position, averaged per row then over rows."""
     reference = reference or adapter_disabled_reference(model)
-    with torch.no_grad():
-        log_p_ref = reference(batch)  # (N, V) logits
-        log_p_ref -= log_p_ref.logsumexp(-1, keepdim=True)  # in place: log p_ref
-        p_ref = log_p_ref.exp()  # (N, V)
-    logits, _, rows = response_logits(model, batch)  # (N, V)
-    # log p_ref − log p_model, written into log_p_ref's buffer: with p_ref and the logits
-    # that is all the graph keeps (3 × (N, V); F.kl_div on two log_softmax outputs keeps 5).
-    # Both log-probabilities are computed the same way, so it is exactly 0 where logits agree.
-    log_p_model = logits - logits.logsumexp(-1, keepdim=True)  # (N, V), freed after the next line
-    log_ratio = log_p_ref.sub_(log_p_model)  # (N, V)
-    del log_p_model
-    token_kl = torch.einsum("nv,nv->n", p_ref, log_ratio)  # (N,): Σ_v p_ref · log(p_ref / p_model)
+    ref_hidden, ref_head = reference(batch)  # (N, H), no grad
+    hidden, _, rows = response_hidden(model, batch)  # (N, H)
+    head = output_head(model)
+    # Each chunk's logits exist only inside it; the backward recomputes them (p_ref included,
+    # from the reference's hidden states: the reference's head holds no adapter to toggle).
+    token_kl = torch.cat(
+        [
+            checkpoint(_chunk_kl, head, ref_head, hidden[c], ref_hidden[c], use_reentrant=False)
+            for c in _chunks(len(rows), chunk_tokens)
+        ]
+        or [hidden.new_zeros(0)]
+    )  # (N,)
     return _mean_per_row(token_kl, rows, batch["labels"].shape[0])
 
 
 def preservation_divergence_loss(
-    model: Any, batch: Batch, reference: Reference | None = None
+    model: Any, batch: Batch, reference: Reference | None = None, *, chunk_tokens: int = CHUNK_TOKENS
 ) -> torch.Tensor:
     """``L_PD = −KL(p_θo ‖ p_θh)`` on normal (prompt, answer) data.
 
@@ -182,13 +316,16 @@ def preservation_divergence_loss(
         batch: normal data, labels on the answer tokens.
         reference: where ``p_θo`` comes from; default the same PEFT model with its adapter
             disabled (:func:`adapter_disabled_reference`).
+        chunk_tokens: response tokens per head chunk.
 
     Returns:
         A scalar; exactly 0 while the adapter is a no-op (LoRA ``B = 0`` at step 0).
     """
-    return -_kl_reference_to_model(model, batch, reference)
+    return -_kl_reference_to_model(model, batch, reference, chunk_tokens)
 
 
-def kl_to_reference_loss(model: Any, batch: Batch, reference: Reference | None = None) -> torch.Tensor:
+def kl_to_reference_loss(
+    model: Any, batch: Batch, reference: Reference | None = None, *, chunk_tokens: int = CHUNK_TOKENS
+) -> torch.Tensor:
     """LLMU's normal-data term ``+KL(p_θo ‖ p_θ)``: minimised, it keeps the model close to the original."""
-    return _kl_reference_to_model(model, batch, reference)
+    return _kl_reference_to_model(model, batch, reference, chunk_tokens)

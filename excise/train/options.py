@@ -38,6 +38,16 @@ class TrainOptions(BaseModel):
     max_grad_norm: float | None = Field(1.0, gt=0)
     seed: int = 0
     bf16: bool = False
+    group_by_length: bool = Field(
+        True,
+        description="Batch rows of similar length together (random batch order): less padding, the "
+        "same examples per epoch.",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each decoder layer's activations in the backward (less memory, ~1/3 more "
+        "compute); the no-grad reference forward of KL terms is not checkpointed.",
+    )
     save_every: int | None = Field(None, ge=1)
     resume: bool = False
     overwrite: bool = False

@@ -34,9 +34,10 @@ from excise.data import (
 )
 from excise.models import load_model, load_tokenizer, resolve_model
 from excise.train.loop import TrainReport, TrainSettings, train
-from excise.train.lora import attach_lora, save_trained, unfreeze_all
+from excise.train.lora import attach_lora, enable_activation_checkpointing, save_trained, unfreeze_all
 from excise.train.nll import response_nll
 from excise.train.options import TrainOptions
+from excise.train.packing import collate_packed, pack
 
 __all__ = ["FORMATS", "SftConfig", "epoch_batches", "load_examples", "run", "sft_micro_batches"]
 
@@ -88,6 +89,12 @@ class SftConfig(TrainOptions):
     limit: int | None = Field(None, ge=1, description="Read only the first rows of the data.")
     max_examples: int | None = Field(None, ge=1, description="Train on at most this many examples.")
     max_length: int = Field(512, ge=2, description="Tokens per example; longer responses are cut.")
+    packing: bool = Field(
+        False,
+        description="Pack several examples into each row of max_length tokens (batch_size rows per "
+        "micro-batch); each example attends only to itself where the model builds its mask from "
+        "position ids (transformers' Llama, Qwen, Mistral…).",
+    )
     steps: int | None = Field(None, ge=1)
     epochs: float | None = Field(None, gt=0)
 
@@ -113,35 +120,72 @@ def load_examples(cfg: SftConfig) -> list[Example]:
     return examples[: cfg.max_examples] if cfg.max_examples else examples
 
 
-def epoch_batches(n_items: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+# Batches per length-sorted span (transformers' LengthGroupedSampler uses the same 50): rows of
+# a batch have similar lengths, yet the span is small enough that batch order stays random.
+GROUP_SPAN = 50
+
+
+def epoch_batches(
+    n_items: int, batch_size: int, seed: int, epoch: int, lengths: Sequence[int] | None = None
+) -> list[list[int]]:
     """One epoch's micro-batches of item indices: a permutation seeded by ``(seed, epoch)``.
 
     The last partial batch is dropped (every micro-batch has ``batch_size`` items, so each
     step's gradient weighs its examples alike); with fewer items than ``batch_size`` the
-    single batch holds them all.
+    single batch holds them all. The dropped items are the permutation's tail, so random.
+
+    With ``lengths`` (one per item) batches are *length-grouped*: the permutation is cut into
+    spans of ``GROUP_SPAN`` batches, each span sorted by length, cut into batches, and the
+    batches shuffled — the same examples per epoch, far less padding, still a random order.
     """
+    rng = random.Random(f"{seed}:{epoch}")
     order = list(range(n_items))
-    random.Random(f"{seed}:{epoch}").shuffle(order)
+    rng.shuffle(order)
     size = min(batch_size, n_items)
-    return [order[i : i + size] for i in range(0, n_items - size + 1, size)]
+    order = order[: n_items - n_items % size]
+    if lengths is None:
+        return [order[i : i + size] for i in range(0, len(order), size)]
+    span = size * GROUP_SPAN
+    order = [
+        i for s in range(0, len(order), span) for i in sorted(order[s : s + span], key=lengths.__getitem__)
+    ]
+    batches = [order[i : i + size] for i in range(0, len(order), size)]
+    rng.shuffle(batches)
+    return batches
 
 
 def sft_micro_batches(
-    encoded: Sequence[Encoded], batch_size: int, pad_id: int, seed: int
+    encoded: Sequence[Encoded],
+    batch_size: int,
+    pad_id: int,
+    seed: int,
+    *,
+    group_by_length: bool = False,
+    packing: int | None = None,
 ) -> tuple[Callable[[int], dict[str, torch.Tensor]], int]:
     """``(micro_batch, per_epoch)``: micro-batch ``i`` is batch ``i % per_epoch`` of epoch ``i // per_epoch``.
 
-    Micro-batches are collated with left padding (:func:`excise.data.collate`).
+    Micro-batches are collated with left padding (:func:`excise.data.collate`); with
+    ``group_by_length`` rows of similar length share a batch (:func:`epoch_batches`). With
+    ``packing`` (a row length), the examples are first packed into rows of at most that many
+    tokens (:func:`excise.train.packing.pack`) and a micro-batch holds ``batch_size`` such rows.
     """
-    per_epoch = len(epoch_batches(len(encoded), batch_size, seed, 0))
+    items: Sequence[Any] = encoded
+    collate_items: Callable[[list[Any]], dict[str, torch.Tensor]] = lambda rows: collate(rows, pad_id)  # noqa: E731
+    if packing is not None:
+        items = pack(encoded, packing)
+        collate_items = lambda rows: collate_packed(rows, pad_id)  # noqa: E731
+    lengths = [sum(len(e) for e in item) if packing else len(item) for item in items]
+    lengths_or_none = lengths if group_by_length else None
+    per_epoch = len(epoch_batches(len(items), batch_size, seed, 0))
     cache: dict[int, list[list[int]]] = {}
 
     def micro_batch(i: int) -> dict[str, torch.Tensor]:
         epoch, j = divmod(i, per_epoch)
         if epoch not in cache:
             cache.clear()
-            cache[epoch] = epoch_batches(len(encoded), batch_size, seed, epoch)
-        return collate([encoded[k] for k in cache[epoch][j]], pad_id)
+            cache[epoch] = epoch_batches(len(items), batch_size, seed, epoch, lengths_or_none)
+        return collate_items([items[k] for k in cache[epoch][j]])
 
     return micro_batch, per_epoch
 
@@ -175,12 +219,17 @@ def run(cfg: SftConfig, *, progress: bool = True, accelerator: Any = None) -> Tr
     encoded, dropped = encode_examples(
         tokenizer, examples, cfg.resolved_template, system=cfg.system, max_length=cfg.max_length
     )
-    micro_batch, per_epoch = sft_micro_batches(encoded, settings.batch_size, pad_id_of(tokenizer), cfg.seed)
+    micro_batch, per_epoch = sft_micro_batches(
+        encoded, settings.batch_size, pad_id_of(tokenizer), cfg.seed,
+        group_by_length=cfg.group_by_length, packing=cfg.max_length if cfg.packing else None,
+    )  # fmt: skip
 
     # Model: fresh adapter, initialised from the seed (same init for expert and anti-expert).
     model = load_model(cfg.base)
     torch.manual_seed(cfg.seed)
     model = unfreeze_all(model) if cfg.full else attach_lora(model, lora)
+    if cfg.gradient_checkpointing:
+        model = enable_activation_checkpointing(model)
 
     config = cfg.model_dump(mode="json", exclude={"resume", "overwrite"})
     config |= {

@@ -28,10 +28,9 @@ are drawn from a generator seeded by ``(seed, i)``.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -53,8 +52,8 @@ from excise.data import (
 )
 from excise.errors import ConfigError, DataError
 from excise.models import load_model, load_tokenizer, resolve_model
-from excise.train.loop import TrainReport, TrainSettings, train
-from excise.train.lora import attach_lora, save_trained, unfreeze_all
+from excise.train.loop import TrainReport, TrainSettings, new_accelerator, train
+from excise.train.lora import attach_lora, enable_activation_checkpointing, save_trained, unfreeze_all
 from excise.train.losses import Reference, adapter_disabled_reference, frozen_model_reference
 from excise.train.mismatch import MismatchSampler
 from excise.train.options import TrainOptions
@@ -65,8 +64,6 @@ __all__ = [
     "Term",
     "UnlearnConfig",
     "UnlearningData",
-    "eval_mode",
-    "in_eval_mode",
     "prepare_data",
     "run_objective",
 ]
@@ -148,6 +145,7 @@ class UnlearningData:
         pool: encoded responses the mismatch stream draws from.
         sampler: draws K pool indices of other prompts (None without a mismatch term).
         batch_size, pad_id, max_length, seed: as configured.
+        group_by_length: batch harmful (and normal) rows of similar length together.
         counts: per stream, examples loaded, on the split side, dropped as too long.
     """
 
@@ -163,6 +161,7 @@ class UnlearningData:
     max_length: int
     seed: int
     counts: dict[str, dict[str, int]]
+    group_by_length: bool = False
 
     @property
     def micro_batches_per_epoch(self) -> int:
@@ -172,7 +171,7 @@ class UnlearningData:
     def micro_batch(self, i: int, streams: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
         """Micro-batch ``i``: one collated (left-padded) batch per stream in ``streams``."""
         batch: dict[str, dict[str, torch.Tensor]] = {}
-        rows = _pick(len(self.primary), self.batch_size, self.seed, i)
+        rows = _pick(self.primary, self.batch_size, self.seed, i, self.group_by_length)
         if "harmful" in streams:
             batch["harmful"] = collate([self.harmful[r] for r in rows], self.pad_id)  # (B, T)
         if "safe" in streams:
@@ -187,7 +186,7 @@ class UnlearningData:
             ]
             batch["mismatch"] = collate(mismatched, self.pad_id)  # (B·K, T)
         if "normal" in streams:
-            normal_rows = _pick(len(self.normal), self.batch_size, self.seed + 1, i)
+            normal_rows = _pick(self.normal, self.batch_size, self.seed + 1, i, self.group_by_length)
             batch["normal"] = collate([self.normal[r] for r in normal_rows], self.pad_id)  # (B, T)
         return batch
 
@@ -199,33 +198,13 @@ class UnlearningData:
         return Encoded(prompt_of.prompt_ids, response, truncated=truncated)
 
 
-@contextlib.contextmanager
-def eval_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """``module`` in eval mode (no dropout) inside the block; every submodule's own mode restored after."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield module
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
-def in_eval_mode(module: torch.nn.Module, reference: Reference) -> Reference:
-    """``reference`` run with ``module`` in eval mode: ``p_θo`` itself, not a dropout sample of it."""
-
-    def deterministic(batch: Any) -> torch.Tensor:
-        with eval_mode(module):
-            return reference(batch)
-
-    return deterministic
-
-
-def _pick(n: int, batch_size: int, seed: int, i: int) -> list[int]:
-    """Rows of micro-batch ``i`` of ``n`` items: batch ``i % per_epoch`` of epoch ``i // per_epoch``."""
+def _pick(items: Sequence[Encoded], batch_size: int, seed: int, i: int, group_by_length: bool) -> list[int]:
+    """Rows of micro-batch ``i`` of ``items``: batch ``i % per_epoch`` of epoch ``i // per_epoch``."""
+    n = len(items)
     per_epoch = len(epoch_batches(n, batch_size, seed, 0))
     epoch, j = divmod(i, per_epoch)
-    return epoch_batches(n, batch_size, seed, epoch)[j]
+    lengths = [len(e) for e in items] if group_by_length else None
+    return epoch_batches(n, batch_size, seed, epoch, lengths)[j]
 
 
 def _encode_kept(
@@ -314,7 +293,7 @@ def prepare_data(
         primary=encoded[primary], primary_keys=keys[primary], harmful=encoded["harmful"],
         normal=encoded["normal"], safe=encoded["safe"], pool=pool, sampler=sampler,
         batch_size=cfg.batch_size, pad_id=pad_id_of(tokenizer), max_length=cfg.max_length, seed=cfg.seed,
-        counts=counts,
+        counts=counts, group_by_length=cfg.group_by_length,
     )  # fmt: skip
 
 
@@ -359,8 +338,6 @@ def run_objective(
         DataError: data missing, malformed, empty after the split, or too few other prompts for K.
         ModelLoadError: the base model cannot be loaded.
     """
-    from accelerate import Accelerator
-
     terms = [t for t in terms if t.weight != 0]
     if not terms:
         raise ConfigError("every loss term has weight 0: nothing to train")
@@ -373,7 +350,9 @@ def run_objective(
     data = prepare_data(cfg, tokenizer, streams, mismatch_pool=mismatch_pool)
 
     # Model: a fresh LoRA from the seed, or every weight; then where p_θo comes from.
-    accelerator = accelerator or Accelerator()
+    accelerator = (
+        accelerator or new_accelerator()
+    )  # CPU processes too: Accelerator() alone would not join them
     model = load_model(cfg.base)
     reference: Reference | None = None
     needs_reference = any(t.uses_reference for t in terms)
@@ -382,14 +361,17 @@ def run_objective(
             # No adapter to disable: a frozen copy (+1× the weights, no gradients or optimizer
             # state). Exact; precomputing p_θo instead would store steps × tokens × vocabulary.
             frozen = copy.deepcopy(model).requires_grad_(False).eval().to(accelerator.device)
-            reference = in_eval_mode(frozen, frozen_model_reference(frozen))
+            reference = frozen_model_reference(frozen)
         model = unfreeze_all(model)
     else:
         torch.manual_seed(cfg.seed)
         model = attach_lora(model, cfg.lora_settings())
         if needs_reference:
-            # The same weights, adapter off, and in eval mode while the model trains.
-            reference = in_eval_mode(model, adapter_disabled_reference(model))
+            # The same weights, adapter off, in eval mode while the model trains.
+            reference = adapter_disabled_reference(model)
+    if cfg.gradient_checkpointing:
+        # The reference runs under torch.no_grad(), where transformers does not checkpoint.
+        model = enable_activation_checkpointing(model)
 
     def loss_fn(m: Any, batch: dict[str, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, dict[str, float]]:
         total = torch.zeros((), device=accelerator.device)

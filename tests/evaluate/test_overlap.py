@@ -222,7 +222,8 @@ def test_sweep_checks_its_inputs_training_data(flow, tmp_path):
         settings = {"data": str(flow["qa"]), "split": split, "protocol": "loss"}
         cfg = SweepConfig(
             model=str(flow["model"]), operation="ext_sub", inputs=[flow["expert"], flow["anti"]],
-            lams=[0.0, 1.0], device="cpu", deficiency={"metric": "halueval", "key": "accuracy", "settings": settings},
+            lams=[0.0, 1.0], device="cpu",
+            deficiency={"metric": "halueval", "key": "accuracy", "settings": settings},
             utility={"metric": "halueval", "key": "accuracy", "settings": settings},
             out=tmp_path / out, progress=False,
         )  # fmt: skip

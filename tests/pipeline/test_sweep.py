@@ -300,8 +300,10 @@ def test_sweep_with_utility_keeps_base_view_and_refuses_used_output(setup, tmp_p
     from excise.evaluate.config import EvalConfig
     from excise.evaluate.runner import run_eval
 
-    plain = run_eval("utility", EvalConfig(model=str(model), reference=str(model), data=str(prompts),
-                                           max_new_tokens=4, split="all", device="cpu"), use_cache=False, progress=False)  # fmt: skip
+    plain_cfg = EvalConfig(
+        model=str(model), reference=str(model), data=str(prompts), max_new_tokens=4, split="all", device="cpu"
+    )
+    plain = run_eval("utility", plain_cfg, use_cache=False, progress=False)
     for point in sweep["points"]:
         record = json.loads((tmp_path / "s" / point["results"]["utility"]).read_text())
         assert [it["base_response"] for it in record["items"]] == [it["response"] for it in plain["items"]]

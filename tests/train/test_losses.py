@@ -112,7 +112,8 @@ def test_pd_reference_is_the_adapter_disabled_model_and_no_copy_is_made(lora_mod
     created = []
     monkeypatch.setattr(PreTrainedModel, "__init__", lambda *a, **k: created.append(1))
     monkeypatch.setattr("copy.deepcopy", lambda *a, **k: created.append(1))
-    ref_logits = adapter_disabled_reference(lora_model)(batch)
+    ref_hidden, ref_head = adapter_disabled_reference(lora_model)(batch)
+    ref_logits = ref_head(ref_hidden)
     loss = preservation_divergence_loss(lora_model, batch)
     assert not created  # no second model was constructed or copied
     expected_ref = torch.cat([_row_logits(untouched, p, r) for p, r in ROWS])
@@ -166,3 +167,113 @@ def test_a_batch_without_response_tokens_is_refused(tiny_llama):
     batch["labels"].fill_(-100)
     with pytest.raises(ValueError, match="no response tokens"):
         sequence_nll(tiny_llama, batch)
+
+
+# ----------------------------------------------------------------------------- chunked head
+
+
+def _plain_losses(model, batch, ref_model=None) -> dict[str, torch.Tensor]:
+    """Every loss from the full ``(B, T, V)`` logits of one forward (the pre-chunking computation)."""
+    positions = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    positions[:, :-1] = batch["labels"][:, 1:] != -100
+    position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    logits = model(**inputs, position_ids=position_ids).logits.float()[positions]  # (N, V)
+    targets = batch["labels"][:, 1:][positions[:, :-1]]
+    rows = positions.nonzero()[:, 0]
+    with torch.no_grad():
+        if ref_model is None:
+            with model.disable_adapter():
+                ref = model(**inputs, position_ids=position_ids).logits.float()[positions]
+        else:
+            ref = ref_model(**inputs, position_ids=position_ids).logits.float()[positions]
+    nll = F.cross_entropy(logits, targets, reduction="none")
+    kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(ref, -1), log_target=True, reduction="none").sum(
+        -1
+    )
+    per_row = lambda v: torch.stack([v[rows == r].mean() for r in rows.unique()]).mean()  # noqa: E731
+    return {"ce": per_row(nll), "kl": per_row(kl), "token_ce": nll.mean()}
+
+
+def _chunked_losses(model, batch, chunk, ref_model=None) -> dict[str, torch.Tensor]:
+    from excise.train.nll import response_nll
+
+    reference = None if ref_model is None else frozen_model_reference(ref_model)
+    return {
+        "ce": sequence_nll(model, batch, chunk_tokens=chunk),
+        "kl": kl_to_reference_loss(model, batch, reference, chunk_tokens=chunk),
+        "token_ce": response_nll(model, batch, chunk_tokens=chunk),
+    }
+
+
+def _grads(model, loss) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "v_proj", "lm_head"]])
+@pytest.mark.parametrize("chunk", [1, 3, 512])
+@pytest.mark.parametrize("term", ["ce", "kl", "token_ce"])
+def test_chunked_losses_have_the_full_logits_value_and_gradient(tiny_llama, targets, chunk, term):
+    """Chunks of 1, 3 and all tokens; a LoRA on the head or not: value and gradient to 1e-6."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        tiny_llama, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0)
+    )
+    _perturb_lora(model)
+    batch = _batch()
+    expected = _plain_losses(model, batch)[term]
+    expected_grads = _grads(model, expected)
+    got = _chunked_losses(model, batch, chunk)[term]
+    got_grads = _grads(model, got)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    assert got_grads.keys() == expected_grads.keys()
+    assert any("lm_head" in n for n in got_grads) == ("lm_head" in targets)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("term", ["ce", "kl"])
+def test_chunked_losses_match_for_full_training_with_a_frozen_reference(term):
+    """Every weight trains (head and tied embeddings included); p_θo from a separate model."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True)).eval()
+    torch.manual_seed(1)
+    ref_model = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True)).eval().requires_grad_(False)
+    batch = _batch("right")
+    expected = _plain_losses(model, batch, ref_model)[term]
+    expected_grads = _grads(model, expected)
+    got = _chunked_losses(model, batch, 2, ref_model)[term]
+    got_grads = _grads(model, got)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, atol=1e-6, rtol=1e-5)
+
+
+def test_the_head_never_sees_more_than_a_chunk_of_tokens(lora_model, monkeypatch):
+    """No (N, V) logits: every head call, forward and recomputed backward, gets ≤ chunk rows."""
+    _perturb_lora(lora_model)
+    head = lora_model.get_output_embeddings()
+    seen: list[int] = []
+    head.register_forward_hook(lambda mod, args, out: seen.append(out.shape[:-1].numel()))
+    batch = _batch()
+    n = int((batch["labels"] != -100).sum())
+    assert n == 7
+    (
+        sequence_nll(lora_model, batch, chunk_tokens=2)
+        + kl_to_reference_loss(lora_model, batch, chunk_tokens=2)
+    ).backward()
+    assert seen and max(seen) <= 2  # the model's own forward ran it on one position per row (B = 2)
+
+
+def test_a_model_that_rescales_its_logits_is_refused(tiny_llama):
+    """The chunks apply the head alone: a head followed by soft-capping must not be trained silently wrong."""
+    from excise.errors import ConfigError
+
+    tiny_llama.config.final_logit_softcapping = 30.0
+    with pytest.raises(ConfigError, match="soft-capping"):
+        sequence_nll(tiny_llama, _batch())

@@ -2,7 +2,13 @@
 
 Process ``p`` reads global micro-batches ``s·G·W + g·W + p`` and gradients are averaged
 across processes, so 2 processes × 1 micro-batch per step equal 1 process × 2 accumulated
-micro-batches (dropout included: it is seeded by the micro-batch index).
+micro-batches (dropout included: it is seeded by the micro-batch index). Checked for
+``sft``, ``sku`` and every baseline, launched with the shipped ``configs/accelerate/ddp.yaml``
+(gloo on CPU): the same loss curve to 1e-5 and the same weights to 1e-6 (+1e-5 relative),
+float32 sums taken in another order.
+
+``configs/accelerate/fsdp.yaml`` and ``deepspeed_zero2.yaml`` are only read here: accelerate
+refuses FSDP without a GPU ("no available devices found") and DeepSpeed is not installed.
 """
 
 from __future__ import annotations
@@ -18,48 +24,92 @@ import pytest
 import torch
 
 from tests.train.test_sft import QA_ROWS
+from tests.train.test_sku import write_data
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "configs" / "accelerate"
+# Tiny runs: 3 steps (sft) or 2, lr high enough that every step moves the weights.
+_UNLEARN = ["--split", "all", "--batch-size", "2", "--steps", "2", "--lr", "1e-2", "--max-length", "96"]
+_COMMANDS = {
+    "sft": ["--format", "paired-expert", "--steps", "3", "--batch-size", "2", "--lr", "1e-2"],
+    "sku": [*_UNLEARN, "--k", "2"],
+    "ga": _UNLEARN,
+    "ga-mismatch": [*_UNLEARN, "--k", "2"],
+    "llmu": [*_UNLEARN, "--k", "2"],
+    "finetune": _UNLEARN,
+}  # fmt: skip
 
 
-def _args(model: Path, data: Path, out: Path) -> list[str]:
-    return [
-        "train", "sft", "--base", str(model), "--data", str(data), "--out", str(out),
-        "--format", "paired-expert", "--steps", "3", "--batch-size", "2", "--lr", "1e-2",
-        "--lora-dropout", "0.2", "--no-progress",
-    ]  # fmt: skip
+def _data_args(method: str, model: Path, tmp_path: Path) -> list[str]:
+    if method == "sft":
+        data = tmp_path / "qa.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in QA_ROWS))
+        return ["--base", str(model), "--data", str(data)]
+    harmful, normal = write_data(tmp_path)
+    normal_args = ["--normal", str(normal)] if method in ("sku", "llmu") else []
+    return ["--base", str(model), "--harmful", str(harmful), *normal_args]
 
 
-def test_two_processes_equal_one_with_accumulation(tiny_model_dir, tmp_path):
-    from safetensors.torch import load_file
-
-    from excise.train.sft import SftConfig, run
-
-    data = tmp_path / "qa.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in QA_ROWS))
+def _launch(config: str, method: str, args: list[str], out: Path, port: int) -> subprocess.CompletedProcess:
     launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     assert launcher is not None
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    two = subprocess.run(
-        [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-         "-m", "excise", *_args(tiny_model_dir, data, tmp_path / "two")],
-        capture_output=True, text=True, timeout=300, env=env,
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return subprocess.run(
+        [launcher, "launch", "--config_file", str(CONFIGS / config), "--num_processes", "2",
+         "--main_process_port", str(port), "-m", "excise", "train", method, *args, "--out", str(out),
+         "--lora-dropout", "0.2", "--no-progress"],
+        capture_output=True, text=True, timeout=400, env=env, cwd=ROOT,
     )  # fmt: skip
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert two.stdout.count("wrote ") == 1  # only the main process writes and reports
 
-    one = run(
-        SftConfig(
-            base=str(tiny_model_dir), data=str(data), out=tmp_path / "one", format="paired-expert",
-            steps=3, batch_size=2, grad_accum=2, lr=1e-2, lora_dropout=0.2,
-        ),
-        progress=False,
-    )  # fmt: skip
-    a = load_file(tmp_path / "two" / "adapter_model.safetensors")
-    b = load_file(one.out / "adapter_model.safetensors")
+
+def _one_process(method: str, args: list[str], out: Path, monkeypatch, capsys) -> None:
+    """The same command in this process, with twice the accumulation."""
+    from excise.cli import main
+
+    argv = ["excise", "train", method, *args, "--out", str(out), "--lora-dropout", "0.2", "--no-progress"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--grad-accum", "2"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert not exit_.value.code, capsys.readouterr().err[-2000:]
+
+
+def _assert_same_run(two: Path, one: Path) -> None:
+    from safetensors.torch import load_file
+
+    a, b = load_file(two / "adapter_model.safetensors"), load_file(one / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
-    log_two = json.loads((tmp_path / "two" / "loss_log.json").read_text())
-    assert [r["tokens"] for r in log_two] == [r["tokens"] for r in one.log]  # both processes' tokens
-    assert [r["loss"] for r in log_two] == pytest.approx([r["loss"] for r in one.log], abs=1e-5)
-    assert json.loads((tmp_path / "two" / "train_config.json").read_text())["processes"] == 2
+    log_two = json.loads((two / "loss_log.json").read_text())
+    log_one = json.loads((one / "loss_log.json").read_text())
+    assert [r["tokens"] for r in log_two] == [r["tokens"] for r in log_one]  # both processes' tokens
+    for r2, r1 in zip(log_two, log_one, strict=True):
+        terms = set(r1) - {"step", "lr", "tokens", "padding", "seconds"}
+        assert {k: r2[k] for k in terms} == pytest.approx({k: r1[k] for k in terms}, abs=1e-5)
+    assert json.loads((two / "train_config.json").read_text())["processes"] == 2
+
+
+@pytest.mark.parametrize("method", list(_COMMANDS))
+def test_two_processes_equal_one_with_accumulation(method, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    args = _data_args(method, tiny_model_dir, tmp_path) + _COMMANDS[method]
+    two = _launch("ddp.yaml", method, args, tmp_path / "two", 29510 + list(_COMMANDS).index(method))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("wrote ") == 1  # only the main process writes and reports
+    _one_process(method, args, tmp_path / "one", monkeypatch, capsys)
+    _assert_same_run(tmp_path / "two", tmp_path / "one")
+
+
+@pytest.mark.parametrize("name", ["ddp.yaml", "fsdp.yaml", "deepspeed_zero2.yaml"])
+def test_shipped_accelerate_configs_are_read_by_accelerate(name):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(CONFIGS / name)
+    expected = {"ddp.yaml": "MULTI_GPU", "fsdp.yaml": "FSDP", "deepspeed_zero2.yaml": "DEEPSPEED"}[name]
+    assert str(config.distributed_type).endswith(expected)
+    assert config.mixed_precision == "no"  # excise autocasts itself (--bf16)
+    if name == "fsdp.yaml":
+        assert config.fsdp_config["fsdp_use_orig_params"] is True
+        assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    if name == "deepspeed_zero2.yaml":
+        assert config.deepspeed_config["zero_stage"] == 2

@@ -157,3 +157,24 @@ def test_sft_help_lists_the_options():
     )
     for flag in flags.split():
         assert flag in result.output, flag
+
+
+def test_length_grouped_batches_hold_the_same_examples_with_less_padding():
+    from excise.train.sft import epoch_batches
+
+    rng = __import__("random").Random(0)
+    lengths = [rng.randint(5, 300) for _ in range(203)]
+    for epoch in range(3):
+        plain = epoch_batches(203, 4, 7, epoch)
+        grouped = epoch_batches(203, 4, 7, epoch, lengths)
+        assert sorted(i for b in grouped for i in b) == sorted(i for b in plain for i in b)  # same examples
+        assert all(len(b) == 4 for b in grouped)
+        assert epoch_batches(203, 4, 7, epoch, lengths) == grouped  # deterministic
+
+        def padding(batches):
+            return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in batches)
+
+        assert padding(grouped) < 0.25 * padding(plain)
+    # Batch order is shuffled, not longest-first: lengths do not simply rise or fall.
+    firsts = [min(lengths[i] for i in b) for b in epoch_batches(203, 4, 7, 0, lengths)]
+    assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True)

@@ -15,11 +15,11 @@ import torch.nn.functional as F  # noqa: N812
 
 from excise.train.losses import (
     adapter_disabled_reference,
+    eval_mode,
     kl_to_reference_loss,
     preservation_divergence_loss,
     response_logits,
 )
-from excise.train.unlearning import eval_mode, in_eval_mode
 from tests.train.test_sku import sku_config
 
 
@@ -69,7 +69,7 @@ def _base_logits(model, batch) -> torch.Tensor:
 
 def test_the_reference_is_the_eval_mode_original_model_while_the_model_trains(opt_lora, batch):
     expected = _base_logits(opt_lora, batch)
-    reference = in_eval_mode(opt_lora, adapter_disabled_reference(opt_lora))
+    reference = adapter_disabled_reference(opt_lora)
     first, second = reference(batch), reference(batch)
     assert torch.equal(first, expected) and torch.equal(second, expected)  # no dropout sample
     assert opt_lora.training and all(m.training for m in opt_lora.modules())  # train mode restored
@@ -94,7 +94,7 @@ def test_step_zero_divergence_is_against_p_theta_o_itself(opt_lora, batch, loss,
     In eval mode both sides are the same distribution: exactly 0. In train mode only the model
     being trained has dropout (as in the reference code, whose frozen model stays in eval mode).
     """
-    reference = in_eval_mode(opt_lora, adapter_disabled_reference(opt_lora))
+    reference = adapter_disabled_reference(opt_lora)
     log_p_ref = F.log_softmax(_base_logits(opt_lora, batch), -1)  # (N, V)
 
     torch.manual_seed(7)
