@@ -70,7 +70,8 @@ def _base_logits(model, batch) -> torch.Tensor:
 def test_the_reference_is_the_eval_mode_original_model_while_the_model_trains(opt_lora, batch):
     expected = _base_logits(opt_lora, batch)
     reference = adapter_disabled_reference(opt_lora)
-    first, second = reference(batch), reference(batch)
+    with torch.no_grad():
+        first, second = (head(hidden) for hidden, head in (reference(batch), reference(batch)))  # (N, V)
     assert torch.equal(first, expected) and torch.equal(second, expected)  # no dropout sample
     assert opt_lora.training and all(m.training for m in opt_lora.modules())  # train mode restored
 
@@ -135,7 +136,9 @@ def test_sku_run_logs_step_zero_pd_against_the_eval_mode_reference(tmp_path):
     batch = prepare_data(cfg, tokenizer, streams).micro_batch(0, streams)
     torch.manual_seed(_micro_seed(cfg.seed, 0))  # the loop's dropout seed of micro-batch 0
     values = {  # the loop's loss_fn, with p_θo computed here independently
-        t.name: float(t.loss(model, batch[t.stream], lambda b: _base_logits(model, b)).detach())
+        t.name: float(
+            t.loss(model, batch[t.stream], lambda b: (_base_logits(model, b), torch.nn.Identity())).detach()
+        )
         for t in sku_terms(cfg)
     }
     assert logged == pytest.approx(values["pd"], abs=1e-7)
