@@ -77,6 +77,7 @@ def sft(
     ] = False,
     overwrite: Overwrite = False,
     progress: flags.Progress = True,
+    threads: flags.Threads = None,
 ) -> None:
     """Fine-tune a LoRA (expert or anti-expert) on (prompt, response) data; the loss covers responses only.
 
@@ -84,8 +85,10 @@ def sft(
     accelerate launch --num_processes N -m excise train sft ...
     """
     from excise.data import parse_field_mapping
+    from excise.runtime import set_threads
     from excise.train.sft import SftConfig, run
 
+    set_threads(threads)
     if not progress:
         from transformers.utils import logging as hf_logging
 

@@ -7,6 +7,7 @@ record everything that made the number, store it in the cache.
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,14 +15,25 @@ from typing import Any
 
 from excise import __version__
 from excise.data import assign_split, load_records, prompt_key, require_fields
-from excise.errors import ConfigError, DataError
+from excise.errors import ConfigError, DataError, first_line
 from excise.evaluate.cache import cache_key, read_cached, write_atomic_json, write_cached
 from excise.evaluate.config import EvalConfig
 from excise.evaluate.metrics import METRICS
 from excise.evaluate.metrics.base import EvalContext, Metric, judge_record
-from excise.evaluate.subject import adapter_identity, file_digest, load_subject, model_identity
+from excise.evaluate.stats import item_stderrs
+from excise.evaluate.subject import Subject, adapter_identity, file_digest, load_subject, model_identity
+from excise.models import load_tokenizer
 
-__all__ = ["load_items", "run_eval", "write_result"]
+__all__ = [
+    "JUDGED",
+    "check_result_path",
+    "judge_saved",
+    "load_items",
+    "resolve_split",
+    "run_eval",
+    "run_many",
+    "write_result",
+]
 
 # Metrics that compare against the base model's own answers: the adapter must stay switchable.
 _NEEDS_BASE = {"utility"}
@@ -34,6 +46,8 @@ def run_eval(
     judge: Any = None,
     use_cache: bool = True,
     progress: bool = True,
+    subject: Any = None,
+    answers: list[str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``cfg.model`` (+ ``cfg.adapter``) on metric ``name`` and return the result record.
 
@@ -43,28 +57,27 @@ def run_eval(
         judge: a ready judge object (overrides ``cfg.judge``); for tests and library use.
         use_cache: read and write ``$EXCISE_CACHE/eval``.
         progress: show progress bars.
+        subject: the model already loaded (:func:`load_subject` of ``cfg``, unmerged), to share
+            one load between metrics (:func:`run_many`).
+        answers: saved answers to judge instead of generating (``excise eval judge``): only the
+            tokenizer is loaded.
 
     Returns:
-        The record: ``metrics``, ``items`` (per-item outputs) and provenance (model, adapter,
-        data, limit, seed, judge, settings, version), plus ``from_cache``.
+        The record: ``metrics``, ``stderr`` (standard error of each metric, None where it has
+        no spread), ``items`` (per-item outputs), ``data_summary`` (rows read and kept, split,
+        ignored columns) and provenance (model, adapter, data, limit, seed, judge, settings,
+        version), plus ``from_cache``.
 
     Raises:
         ConfigError, DataError, ModelLoadError, AdapterError: bad settings, data, model or adapter.
     """
     metric = _metric(name)
     spec = cfg.data or metric.default_data
-    items = load_items(metric, cfg, spec)
+    items, data_summary = _load_items(metric, cfg, spec)
     judge_spec = (cfg.judge or metric.default_judge) if _uses_judge(metric, cfg) else None
-    payload = {
-        "metric": metric.name,
-        "model": model_identity(cfg.model),
-        "adapter": adapter_identity(cfg.adapter),
-        "reference": model_identity(cfg.reference) if cfg.reference else None,
-        "data": _data_identity(spec),
-        "settings": cfg.settings(),
-        "judge": judge_spec if judge is None else judge_record(judge),
-        "excise": __version__,
-    }
+    payload = _payload(metric, cfg, spec, data_summary["split"], judge_spec if judge is None else judge)
+    if answers is not None:
+        payload["answers_sha256"] = cache_key({"answers": answers})
     key = cache_key(payload)
     if use_cache and (hit := read_cached(key)) is not None:
         return hit | {"from_cache": True}
@@ -74,26 +87,33 @@ def run_eval(
 
         judge = load_judge(judge_spec, **cfg.judge_options)
     clock = time.perf_counter()
-    subject = load_subject(
-        cfg.model,
-        cfg.adapter,
-        merge=cfg.merge and metric.name not in _NEEDS_BASE,
-        dtype=cfg.dtype,
-        device=cfg.device,
-    )
+    if subject is None and answers is not None:
+        subject = Subject(None, load_tokenizer(cfg.model, padding_side="left"), cfg.model, cfg.adapter, False)
+    if subject is None:
+        subject = load_subject(
+            cfg.model,
+            cfg.adapter,
+            merge=cfg.merge and metric.name not in _NEEDS_BASE,
+            dtype=cfg.dtype,
+            device=cfg.device,
+        )
     load_seconds = time.perf_counter() - clock
-    ctx = EvalContext(cfg, subject, items, judge=judge, progress=progress)
+    ctx = EvalContext(
+        cfg, subject, items, judge=judge, progress=progress, use_cache=use_cache, saved_answers=answers
+    )
     clock = time.perf_counter()
     outcome = metric.run(ctx)
     record = {
         "metric": metric.name,
         "metrics": outcome.metrics,
+        "stderr": item_stderrs(outcome.metrics, outcome.items) | outcome.stderr,
         "judge": judge_record(judge) if judge is not None else None,
         "model": cfg.model,
         "adapter": str(cfg.adapter) if cfg.adapter else None,
         "data": spec,
         "n_items": len(items),
-        "split": cfg.split or metric.default_split,
+        "split": data_summary["split"],
+        "data_summary": data_summary,
         "limit": cfg.limit,
         "seed": cfg.seed,
         "settings": cfg.settings(),
@@ -109,13 +129,153 @@ def run_eval(
     return record | {"from_cache": False}
 
 
-def write_result(record: dict[str, Any], out: Path) -> Path:
-    """Write a result record as JSON, atomically (temp file beside ``out``, then rename)."""
+def run_many(
+    names: list[str], cfg: EvalConfig, *, use_cache: bool = True, progress: bool = True
+) -> list[dict[str, Any]]:
+    """Evaluate several metrics on one model load (unmerged, so every metric can use it).
+
+    Data, split and limit errors of every metric are reported before the model loads.
+
+    Returns:
+        One record per name, as :func:`run_eval` returns it.
+    """
+    for name in names:
+        _load_items(_metric(name), cfg, cfg.data or _metric(name).default_data)
+    subject = None
+    records = []
+    for name in names:
+        if subject is None and not (use_cache and _cached(name, cfg)):
+            subject = load_subject(cfg.model, cfg.adapter, dtype=cfg.dtype, device=cfg.device)
+        records.append(run_eval(name, cfg, use_cache=use_cache, progress=progress, subject=subject))
+    return records
+
+
+# Metrics whose answers a judge scores: `excise eval judge` re-scores their saved generations.
+JUDGED = ("toxicity", "harmful-rate", "truthfulqa-gen")
+_PROMPT_KEYS = ("prompt", "instruction", "question")
+
+
+def judge_saved(
+    generations: Path,
+    judge: str | None,
+    judge_options: list[str],
+    *,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score the answers saved in a result file with another judge, loading only the tokenizer.
+
+    The prompts are rebuilt from the record's own data and settings and must match the saved ones.
+
+    Raises:
+        DataError: the file is not a result of a judged metric, or its data changed since.
+    """
+    from excise.evaluate.judges import parse_options
+
+    path = Path(generations)
+    try:
+        saved = json.loads(path.read_text())
+        name, settings, items = saved["metric"], dict(saved["settings"]), saved["items"]
+    except FileNotFoundError as err:
+        raise DataError(f"--generations {path} not found") from err
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(
+            f"--generations {path} is not an excise eval result file ({first_line(err)})"
+        ) from err
+    if name not in JUDGED:
+        raise DataError(
+            f"--generations {path} holds {name!r} results; judged metrics are: {', '.join(JUDGED)}"
+        )
+    answers = [it.get("response", it.get("answer")) for it in items]
+    if not answers or not all(isinstance(a, str) for a in answers):
+        raise DataError(f"--generations {path}: its items hold no saved answers")
+    settings |= {"judge": judge, "judge_options": parse_options(judge_options), "split": saved.get("split")}
+    record = run_eval(name, EvalConfig(**settings), use_cache=use_cache, progress=progress, answers=answers)
+    if _prompts(record["items"]) != _prompts(items):
+        raise DataError(
+            f"--generations {path}: the prompts of {settings['data'] or 'the default data'} differ from the "
+            "saved ones (the data changed since); regenerate with excise eval " + name
+        )
+    return record | {"generations_from": str(path)}
+
+
+def _prompts(items: list[dict[str, Any]]) -> list[Any]:
+    return [next((it[k] for k in _PROMPT_KEYS if k in it), None) for it in items]
+
+
+def _cached(name: str, cfg: EvalConfig) -> bool:
+    """Whether ``run_eval(name, cfg)`` would be read from the cache (no model needed)."""
+    metric = _metric(name)
+    spec = cfg.data or metric.default_data
+    _, summary = _load_items(metric, cfg, spec)
+    judge_spec = (cfg.judge or metric.default_judge) if _uses_judge(metric, cfg) else None
+    return read_cached(cache_key(_payload(metric, cfg, spec, summary["split"], judge_spec))) is not None
+
+
+def write_result(record: dict[str, Any], out: Path, *, overwrite: bool = True) -> Path:
+    """Write a result record as JSON, atomically (temp file beside ``out``, then rename).
+
+    Raises:
+        ConfigError: ``out`` exists and ``overwrite`` is False.
+    """
+    check_result_path(out, overwrite=overwrite)
     return write_atomic_json(Path(out), record)
+
+
+def check_result_path(out: Path, *, overwrite: bool) -> None:
+    """Refuse to replace an existing result file unless asked (as ``ops`` and ``train`` do)."""
+    out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give a result file path such as {out / 'result.json'}")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"result file {out} exists; pass --overwrite to replace it")
+
+
+def resolve_split(metric: Metric, cfg: EvalConfig, spec: str) -> str:
+    """The split a run uses: ``--split`` if given; else ``eval`` only where the data may have been
+    trained on (the metric's own default data, or a file named in the adapter's
+    ``train_config.json``); any other file is used whole (``all``)."""
+    if cfg.split:
+        return cfg.split
+    if metric.default_split != "eval" or spec == metric.default_data:
+        return metric.default_split
+    return "eval" if _trained_on(cfg.adapter, spec) else "all"
+
+
+def _trained_on(adapter: Path | None, spec: str) -> bool:
+    """Whether the adapter's ``train_config.json`` names ``spec`` among its training data."""
+    if adapter is None:
+        return False
+    config = Path(adapter) / "train_config.json"
+    try:
+        recorded = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+    wanted = _same_file_key(spec)
+    return any(
+        isinstance(recorded.get(k), str) and _same_file_key(recorded[k]) == wanted
+        for k in ("data", "harmful", "normal")
+    )
+
+
+def _same_file_key(spec: str) -> str:
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
 
 
 def load_items(metric: Metric, cfg: EvalConfig, spec: str) -> list[dict[str, Any]]:
     """The metric's items from ``spec``: fields mapped to canonical names, split, de-duplicated, limited.
+
+    Raises:
+        ConfigError: ``--field`` names a field the metric does not use.
+        DataError: the data is missing or empty, a row lacks a required field, or nothing is
+            left after the split.
+    """
+    return _load_items(metric, cfg, spec)[0]
+
+
+def _load_items(metric: Metric, cfg: EvalConfig, spec: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """:func:`load_items` and a summary: rows read, split, rows kept, columns ignored.
 
     Raises:
         ConfigError: ``--field`` names a field the metric does not use.
@@ -140,12 +300,20 @@ def load_items(metric: Metric, cfg: EvalConfig, spec: str) -> list[dict[str, Any
     except DataError as err:  # name the source columns, not our canonical names
         mapping = ", ".join(f"{k}={v}" for k, v in columns.items() if k in metric.fields)
         raise DataError(f"{err} (reading columns {mapping})") from err
-    split = cfg.split or metric.default_split
+    n_read = len(items)
+    used = set(columns.values())
+    ignored: dict[str, int] = {}
+    for row in rows:
+        for col, value in row.items():
+            if col not in used and value not in (None, "", [], {}):
+                ignored[col] = ignored.get(col, 0) + 1
+    split = resolve_split(metric, cfg, spec)
     if split == "eval":
         items = [it for it in items if assign_split(str(it[metric.prompt_field])) == "eval"]
+    n_split = len(items)
     if metric.dedupe:
         seen: set[str] = set()
-        unique = []
+        unique: list[dict[str, Any]] = []
         for it in items:
             k = prompt_key(str(it[metric.prompt_field]))
             if k not in seen:
@@ -154,7 +322,16 @@ def load_items(metric: Metric, cfg: EvalConfig, spec: str) -> list[dict[str, Any
         items = unique
     if not items:
         raise DataError(f"{where}: no items left after the {split!r} split; pass --split all or other data")
-    return items[: cfg.limit] if cfg.limit else items
+    items = items[: cfg.limit] if cfg.limit else items
+    summary = {
+        "split": split,
+        "rows_read": n_read,
+        "after_split": n_split,
+        "duplicates_dropped": n_split - len(unique) if metric.dedupe else 0,
+        "kept": len(items),
+        "ignored_columns": ignored,
+    }
+    return items, summary
 
 
 def _require_present(items: list[dict[str, Any]], fields: list[str], *, where: str) -> None:
@@ -164,6 +341,21 @@ def _require_present(items: list[dict[str, Any]], fields: list[str], *, where: s
             raise DataError(
                 f"{where}: row {i} lacks field(s) {', '.join(missing)}; map fields with --field NAME=COLUMN"
             )
+
+
+def _payload(metric: Metric, cfg: EvalConfig, spec: str, split: str, judge: Any) -> dict[str, Any]:
+    """What a result depends on: its cache key is the hash of this."""
+    return {
+        "metric": metric.name,
+        "model": model_identity(cfg.model),
+        "adapter": adapter_identity(cfg.adapter),
+        "reference": model_identity(cfg.reference) if cfg.reference else None,
+        "data": _data_identity(spec),
+        "settings": cfg.settings(),
+        "split": split,
+        "judge": judge if judge is None or isinstance(judge, str) else judge_record(judge),
+        "excise": __version__,
+    }
 
 
 def _metric(name: str) -> Metric:

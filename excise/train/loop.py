@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 from excise.errors import ConfigError
 from excise.pem.io import atomic_output_dir
 
-__all__ = ["SCHEDULES", "TrainReport", "TrainSettings", "train"]
+__all__ = ["SCHEDULES", "TrainReport", "TrainSettings", "check_output", "train"]
 
 SCHEDULES = ("constant", "linear", "cosine")
 _HF_SCHEDULE = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -389,6 +389,15 @@ def _fingerprint(
     shared = {k: v for k, v in asdict(settings).items() if k not in _FREE_ON_RESUME}
     payload = {"settings": shared, "config": dict(config or {}), "processes": world, "total_steps": total}
     return json.loads(json.dumps(payload, default=str))
+
+
+def check_output(out: str | Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse an occupied ``out`` (or a resume with nothing to resume) before anything is loaded.
+
+    Raises:
+        ConfigError: as :func:`train` would, only sooner.
+    """
+    _prepare_out_dir(Path(out), resume=resume, overwrite=overwrite)
 
 
 def _prepare_out_dir(out: Path, *, resume: bool, overwrite: bool) -> Path | None:

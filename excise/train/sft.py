@@ -32,7 +32,7 @@ from excise.data import (
     select_split,
 )
 from excise.models import load_model, load_tokenizer, resolve_model
-from excise.train.loop import TrainReport, TrainSettings, train
+from excise.train.loop import TrainReport, TrainSettings, check_output, train
 from excise.train.lora import attach_lora, unfreeze_all
 from excise.train.nll import response_nll
 from excise.train.options import TrainOptions
@@ -165,6 +165,7 @@ def run(cfg: SftConfig, *, progress: bool = True, accelerator: Any = None) -> Tr
         ModelLoadError: the base model cannot be loaded.
     """
     settings, lora = cfg.train_settings(), cfg.lora_settings()
+    check_output(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)  # before the slow loads
     torch.manual_seed(cfg.seed)
 
     # Data: the split side, encoded once (prompt / response boundary exact, see excise.data).

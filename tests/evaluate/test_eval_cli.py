@@ -39,7 +39,11 @@ def test_cli_writes_result_and_uses_cache(tmp_path, monkeypatch, capsys):
     record = json.loads(out.read_text())
     assert record["metric"] == "repetition" and record["n_items"] == 2 and len(record["items"]) == 2
     assert f"wrote {out}" in capsys.readouterr().out
-    assert _main(monkeypatch, *args) == 0
+    before = out.read_text()
+    assert _main(monkeypatch, *args) == 2  # an existing result is not replaced silently
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: result file {out} exists; pass --overwrite") and out.read_text() == before
+    assert _main(monkeypatch, *args, "--overwrite") == 0
     assert "cache" in capsys.readouterr().err
     assert not list(out.parent.glob(".*tmp"))  # no temp file left beside the result
 

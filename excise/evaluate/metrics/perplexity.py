@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from excise.evaluate.metrics.base import SHARED_DATA, EvalContext, Metric, MetricResult
 from excise.evaluate.scoring import encode_text
+from excise.evaluate.stats import bootstrap_ratio_stderr
 
 __all__ = ["METRIC", "sliding_windows"]
 
@@ -70,7 +71,12 @@ def run(ctx: EvalContext) -> MetricResult:
     total = sum(it["nll"] for it in items)
     count = sum(it["scored_tokens"] for it in items)
     metrics = {"perplexity": math.exp(total / count) if count else math.nan, "nll_per_token": total / count}
-    return MetricResult(metrics, items, {"n_tokens": len(tokens), "scored_tokens": count})
+    nlls, counts = [it["nll"] for it in items], [it["scored_tokens"] for it in items]
+    stderr = {  # windows score disjoint tokens: resample them
+        "perplexity": bootstrap_ratio_stderr(nlls, counts, math.exp, seed=ctx.cfg.seed),
+        "nll_per_token": bootstrap_ratio_stderr(nlls, counts, seed=ctx.cfg.seed),
+    }
+    return MetricResult(metrics, items, {"n_tokens": len(tokens), "scored_tokens": count}, stderr=stderr)
 
 
 def _shape(w: tuple[int, int, int]) -> tuple[int, int]:

@@ -27,6 +27,7 @@ from excise.evaluate.metrics.base import (
     prompt_ids,
     subject_logliks,
 )
+from excise.evaluate.stats import bootstrap_ratio_stderr, mean_stderr
 from excise.evaluate.text import distinct_share, rouge_l
 
 __all__ = ["METRIC"]
@@ -43,8 +44,7 @@ def run(ctx: EvalContext) -> MetricResult:
     prompts = [prompt_ids(ctx, t) for t in texts]
     answers = generate_answers(ctx, prompts, desc="utility")
     if ctx.subject.adapter is not None:
-        with ctx.subject.base_only() as base:
-            base_answers = generate_answers(ctx, prompts, model=base, desc="utility (base)")
+        base_answers = generate_answers(ctx, prompts, base=True, desc="utility (base)")
     else:
         base_answers = answers
     nll = _reference_nll(ctx, texts, prompts, answers)
@@ -66,7 +66,16 @@ def run(ctx: EvalContext) -> MetricResult:
         "similarity": _mean([it["similarity"] for it in items]),
         "empty_answers": float(len(items) - len(scored)),
     }
-    return MetricResult(metrics, items, {"reference_model": ctx.cfg.reference or ctx.cfg.model})
+    stderr = {
+        "diversity": mean_stderr([it["diversity"] for it in scored]),
+        "fluency_ppl": bootstrap_ratio_stderr(
+            [it["nll"] for it in scored], [it["n_tokens"] for it in scored], math.exp, seed=ctx.cfg.seed
+        ),
+        "fluency_ppl_mean": mean_stderr([it["ppl"] for it in scored]),
+        "similarity": mean_stderr([it["similarity"] for it in items]),
+    }
+    extra = {"reference_model": ctx.cfg.reference or ctx.cfg.model}
+    return MetricResult(metrics, items, extra, stderr=stderr)
 
 
 def _reference_nll(
