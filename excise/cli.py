@@ -390,7 +390,7 @@ def _resume_hint(argv: list[str]) -> str | None:
 
 
 def main() -> None:
-    """Entry point: run the app; user errors (ours, pydantic's, click's) become one ``error:`` line, exit 2."""
+    """Run the app; user errors (ours, pydantic's, click's) become one ``error:`` line and exit 2."""
     _show_warnings()
     argv = sys.argv[1:]
     try:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from excise.errors import AdapterError, ConfigError
+from excise.models.adapter_fit import check_adapter_fits, require_adapter_folder
 from excise.models.loading import load_model, load_tokenizer
 
 __all__ = ["merge_adapter"]
@@ -51,16 +52,13 @@ def merge_adapter(
             a file.
         ModelLoadError: the base model or tokenizer cannot be loaded.
     """
-    adapter, out = Path(adapter), Path(out)
-    if not adapter.is_dir():
-        raise AdapterError(f"adapter folder {adapter} does not exist")
-    if not (adapter / "adapter_config.json").is_file():
-        raise AdapterError(f"{adapter} has no adapter_config.json; is it a PEFT adapter folder?")
+    adapter, out = require_adapter_folder(adapter), Path(out)
     if out.is_file():
         raise ConfigError(f"output {out} is a file; pass a folder path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"output folder {out} is not empty; pass overwrite=True to replace it")
 
+    check_adapter_fits(base, adapter)  # before loading, naming the module whose shapes differ
     from peft import PeftModel  # after the cheap checks: importing peft takes seconds
 
     model = load_model(base, dtype=dtype)
