@@ -224,8 +224,9 @@ for _name, _summary in _COMMANDS.items():
     app.command(_name)(_make_command(_name, _summary))
 
 
-# `excise eval multi`: the flags of every metric but the per-metric ones (data, fields, judge, merge).
-_MULTI_SKIP = {"out", "data", "field", "merge", "judge", "judge_option"}
+# `excise eval multi`: the flags of every metric but the per-metric ones (judge) and --merge (utility
+# needs the adapter switchable). --data and --field, when given, apply to every metric.
+_MULTI_SKIP = {"out", "merge", "judge", "judge_option"}
 
 
 def _multi_params() -> list[inspect.Parameter]:
@@ -254,7 +255,7 @@ def _multi_params() -> list[inspect.Parameter]:
 
 
 def multi(**flags: Any) -> None:
-    """Several metrics on one model load (each on its own default data and judge); METRIC.json each."""
+    """Several metrics on one model load, each with its own judge (and data, unless --data)."""
     from excise.errors import ConfigError
     from excise.evaluate.runner import check_result_path, run_many, write_result
     from excise.runtime import set_threads

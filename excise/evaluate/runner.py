@@ -139,14 +139,23 @@ def run_many(
     Returns:
         One record per name, as :func:`run_eval` returns it.
     """
-    for name in names:
-        _load_items(_metric(name), cfg, cfg.data or _metric(name).default_data)
+    metrics = [_metric(name) for name in names]
+    known = {f for m in metrics for f in {**m.fields, **m.optional_fields}}
+    unknown = sorted(set(cfg.fields) - known)
+    if unknown:
+        raise ConfigError(f"no metric of {', '.join(names)} reads field(s) {', '.join(unknown)}")
+    configs = []
+    for metric in metrics:  # each metric takes the --field mappings it reads
+        accepted = {**metric.fields, **metric.optional_fields}
+        own = cfg.model_copy(update={"fields": {k: v for k, v in cfg.fields.items() if k in accepted}})
+        _load_items(metric, own, own.data or metric.default_data)  # data errors before the load
+        configs.append(own)
     subject = None
     records = []
-    for name in names:
-        if subject is None and not (use_cache and _cached(name, cfg)):
+    for name, own in zip(names, configs, strict=True):
+        if subject is None and not (use_cache and _cached(name, own)):
             subject = load_subject(cfg.model, cfg.adapter, dtype=cfg.dtype, device=cfg.device)
-        records.append(run_eval(name, cfg, use_cache=use_cache, progress=progress, subject=subject))
+        records.append(run_eval(name, own, use_cache=use_cache, progress=progress, subject=subject))
     return records
 
 

@@ -75,3 +75,60 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
     )
     err = capsys.readouterr().err
     assert code == 2 and "not found" in err and not out.exists()
+
+
+def test_cli_multi_and_judge(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("EXCISE_CACHE", str(tmp_path / "cache"))
+    model = save_tiny_model(tmp_path / "tiny")
+    data = tmp_path / "p.json"
+    data.write_text(
+        json.dumps(
+            [{"prompt": "How to a?", "instruction": "Say a."}, {"prompt": "How?", "instruction": "B."}]
+        )
+    )
+    common = [
+        "--base",
+        str(model),
+        "--data",
+        str(data),
+        "--max-new-tokens",
+        "3",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    ]
+    assert (
+        _main(
+            monkeypatch,
+            "eval",
+            "multi",
+            "--metrics",
+            "repetition,harmful-rate",
+            "--out-dir",
+            str(tmp_path / "r"),
+            *common,
+        )
+        == 0
+    )
+    assert {p.name for p in (tmp_path / "r").iterdir()} == {"repetition.json", "harmful-rate.json"}
+    err = capsys.readouterr().err
+    assert "± stderr" in err and "split all: 2 of 2 rows kept" in err
+    out = tmp_path / "judged.json"
+    args = ["eval", "judge", "--generations", str(tmp_path / "r" / "harmful-rate.json"), "--judge", "refusal"]
+    assert _main(monkeypatch, *args, "--out", str(out)) == 0
+    judged = json.loads(out.read_text())
+    saved = json.loads((tmp_path / "r" / "harmful-rate.json").read_text())
+    assert [it["response"] for it in judged["items"]] == [it["response"] for it in saved["items"]]
+    assert judged["judge"]["name"] == "refusal"
+    code = _main(
+        monkeypatch,
+        "eval",
+        "multi",
+        "--metrics",
+        "repetition,nope",
+        "--out-dir",
+        str(tmp_path / "r"),
+        *common,
+    )
+    assert code == 2 and "unknown nope; choose from: truthfulqa-mc" in capsys.readouterr().err
