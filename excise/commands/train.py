@@ -71,6 +71,16 @@ def sft(
             "everywhere, but without bf16 instructions (AVX512-BF16, AMX) it is much slower than float32.",
         ),
     ] = False,
+    eval_data: Annotated[
+        str | None,
+        typer.Option(
+            help="Validation DATA (same --format and --field as --data): val_loss in loss_log.json."
+        ),
+    ] = None,
+    eval_every: Annotated[
+        int, typer.Option(help="Steps between validation losses (and after the last).")
+    ] = 25,
+    eval_limit: Annotated[int, typer.Option(help="Validation examples used (the first N).")] = 100,
     save_every: flags.SaveEvery = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the newest checkpoint in OUT (none: start).")
@@ -102,6 +112,7 @@ def sft(
         rslora=rslora, steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         schedule=schedule, warmup_steps=warmup_steps, weight_decay=weight_decay,
         max_grad_norm=max_grad_norm or None, seed=seed, bf16=bf16, save_every=save_every,
+        eval_data=eval_data, eval_every=eval_every, eval_limit=eval_limit,
         resume=resume, overwrite=overwrite,
     )  # fmt: skip
     report = run(cfg, progress=progress)

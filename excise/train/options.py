@@ -42,7 +42,9 @@ class TrainOptions(BaseModel):
     seed: int = 0
     bf16: bool = False
     save_every: int | None = Field(
-        None, ge=0, description=f"Checkpoint every N steps; None: every {DEFAULT_SAVE_EVERY} for a LoRA, "
+        None,
+        ge=0,
+        description=f"Checkpoint every N steps; None: every {DEFAULT_SAVE_EVERY} for a LoRA, "
         "never for full weights (each would hold the whole model); 0: never.",
     )
     resume: bool = False

@@ -31,13 +31,23 @@ from excise.data import (
     pad_id_of,
     select_split,
 )
+from excise.errors import DataError
 from excise.models import load_model, load_tokenizer, resolve_model
 from excise.train.loop import TrainReport, TrainSettings, check_output, train
 from excise.train.lora import attach_lora, unfreeze_all
-from excise.train.nll import response_nll
+from excise.train.nll import response_logprobs, response_nll
 from excise.train.options import TrainOptions
 
-__all__ = ["FORMATS", "SftConfig", "epoch_batches", "load_examples", "run", "sft_micro_batches"]
+__all__ = [
+    "FORMATS",
+    "SftConfig",
+    "epoch_batches",
+    "load_examples",
+    "run",
+    "sft_micro_batches",
+    "validation_hook",
+    "validation_loss",
+]
 
 
 def _instruction(spec: str, fields: dict[str, str], limit: int | None) -> list[Example]:
@@ -89,6 +99,14 @@ class SftConfig(TrainOptions):
     max_length: int = Field(512, ge=2, description="Tokens per example; longer responses are cut.")
     steps: int | None = Field(None, ge=1)
     epochs: float | None = Field(None, gt=0)
+    eval_data: str | None = Field(
+        None,
+        description="Validation data (same format and fields as `data`); its loss is logged as val_loss.",
+    )
+    eval_every: int = Field(
+        25, ge=1, description="Steps between validation losses (and after the last step)."
+    )
+    eval_limit: int = Field(100, ge=1, description="Validation examples used (the first N).")
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> SftConfig:
@@ -145,6 +163,48 @@ def sft_micro_batches(
     return micro_batch, per_epoch
 
 
+def validation_loss(model: Any, batches: Sequence[dict[str, torch.Tensor]]) -> float:
+    """Mean NLL per response token over ``batches`` (eval mode, no gradients, mode restored)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                logprobs, mask = response_logprobs(model, {k: v.to(device) for k, v in batch.items()})
+                total -= float(logprobs.sum())
+                count += int(mask.sum())
+    finally:
+        model.train(was_training)
+    return total / count
+
+
+def validation_hook(
+    batches: Sequence[dict[str, torch.Tensor]], every: int, total: int
+) -> Callable[[int, Any], dict[str, float]]:
+    """``on_step`` for :func:`~excise.train.loop.train`: ``val_loss`` every ``every`` steps and at the end."""
+
+    def on_step(step: int, model: Any) -> dict[str, float]:
+        if step % every and step != total:
+            return {}
+        return {"val_loss": validation_loss(model, batches)}
+
+    return on_step
+
+
+def _validation_batches(cfg: SftConfig, tokenizer: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """The validation examples of ``cfg.eval_data``, encoded like the training ones, in batches."""
+    examples = FORMATS[cfg.format](cfg.eval_data, dict(cfg.fields), cfg.eval_limit)
+    encoded, _ = encode_examples(
+        tokenizer, examples, cfg.resolved_template, system=cfg.system, max_length=cfg.max_length
+    )
+    if not encoded:
+        raise DataError(f"--eval-data {cfg.eval_data}: no example left to validate on")
+    pad = pad_id_of(tokenizer)
+    return [collate(encoded[i : i + batch_size], pad) for i in range(0, len(encoded), batch_size)]
+
+
 def _save(model: Any, tokenizer: Any, folder: Path) -> None:
     """The adapter (PEFT folder) or, for full training, the model and its tokenizer."""
     model.save_pretrained(folder)
@@ -175,6 +235,10 @@ def run(cfg: SftConfig, *, progress: bool = True, accelerator: Any = None) -> Tr
         tokenizer, examples, cfg.resolved_template, system=cfg.system, max_length=cfg.max_length
     )
     micro_batch, per_epoch = sft_micro_batches(encoded, settings.batch_size, pad_id_of(tokenizer), cfg.seed)
+    on_step = None
+    if cfg.eval_data is not None:
+        batches = _validation_batches(cfg, tokenizer, settings.batch_size)
+        on_step = validation_hook(batches, cfg.eval_every, settings.total_steps(per_epoch))
 
     # Model: fresh adapter, initialised from the seed (same init for expert and anti-expert).
     model = load_model(cfg.base)
@@ -204,4 +268,5 @@ def run(cfg: SftConfig, *, progress: bool = True, accelerator: Any = None) -> Tr
         accelerator=accelerator,
         progress=progress,
         desc=f"sft {cfg.out.name}",
+        on_step=on_step,
     )
