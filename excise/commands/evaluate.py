@@ -186,13 +186,15 @@ def _show(record: dict[str, Any], path: Path) -> None:
 
 
 def _run(name: str, **flags: Any) -> None:
-    from excise.evaluate.runner import check_result_path, run_eval, write_result
+    from excise.evaluate.runner import check_result_path, plan, run_eval, write_result
     from excise.runtime import set_threads
 
     out, no_cache, overwrite = flags.pop("out"), flags.pop("no_cache"), flags.pop("overwrite")
     set_threads(flags.pop("threads"))
     check_result_path(out, overwrite=overwrite)  # before anything loads
-    record = run_eval(name, _config(flags), use_cache=not no_cache)
+    cfg = _config(flags)
+    typer.echo(plan(name, cfg, use_cache=not no_cache), err=True)
+    record = run_eval(name, cfg, use_cache=not no_cache)
     _show(record, write_result(record, out, overwrite=overwrite))
 
 

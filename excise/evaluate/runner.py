@@ -29,6 +29,7 @@ __all__ = [
     "check_result_path",
     "judge_saved",
     "load_items",
+    "plan",
     "resolve_split",
     "run_eval",
     "run_many",
@@ -210,6 +211,23 @@ def judge_saved(
 
 def _prompts(items: list[dict[str, Any]]) -> list[Any]:
     return [next((it[k] for k in _PROMPT_KEYS if k in it), None) for it in items]
+
+
+def plan(name: str, cfg: EvalConfig, *, use_cache: bool = True) -> str:
+    """One line saying what a run will do (metric, items, split, batch size) before the model loads.
+
+    Raises:
+        ConfigError, DataError: as :func:`run_eval` would, only sooner.
+    """
+    from excise.evaluate.report import data_line
+
+    metric = _metric(name)
+    items, summary = _load_items(metric, cfg, cfg.data or metric.default_data)
+    cached = " (cached: no model needed)" if use_cache and _cached(name, cfg) else ""
+    return (
+        f"plan: {metric.name} on {len(items)} items ({data_line(summary)}), batch size {cfg.batch_size}"
+        f"{cached}; the progress bar estimates the time left from its first batch"
+    )
 
 
 def _cached(name: str, cfg: EvalConfig) -> bool:
