@@ -324,8 +324,8 @@ def _plan(
     text += f" x {world} processes)" if world > 1 else ")"
     n = (config or {}).get("n_examples")
     if isinstance(n, int) and n:
-        text += f", from {n} examples ({total * per_step / n:.1f} epochs)"
-    if settings.save_every:
+        text += f", from {n} examples ({total * per_step / n:.2g} epochs)"
+    if settings.save_every and settings.save_every < total:
         text += f"; a checkpoint every {settings.save_every} steps (--resume continues)"
     return text
 
