@@ -61,3 +61,19 @@ def test_validation_loss_is_logged_and_exact(monkeypatch, capsys, tiny_model_dir
     template_check = _independent_val_loss(tiny_model_dir, out, eval_rows)
     assert log[-1]["val_loss"] == pytest.approx(template_check, rel=1e-4)
     assert log[1]["val_loss"] != log[2]["val_loss"]
+
+
+def test_validation_does_not_change_the_training(monkeypatch, capsys, tiny_model_dir, qa_file, tmp_path):
+    from safetensors.torch import load_file
+
+    eval_file = tmp_path / "val.json"
+    eval_file.write_text("".join(json.dumps(r) + "\n" for r in QA_ROWS[:3]))
+    common = ["train", "sft", "--base", str(tiny_model_dir), "--data", str(qa_file),
+              "--format", "paired-expert", "--steps", "2", "--batch-size", "2", "--lora-dropout", "0.3",
+              "--no-progress"]  # fmt: skip
+    assert run_cli(monkeypatch, capsys, *common, "--out", str(tmp_path / "a"))[0] == 0
+    args = [*common, "--out", str(tmp_path / "b"), "--eval-data", str(eval_file), "--eval-every", "1"]
+    assert run_cli(monkeypatch, capsys, *args)[0] == 0
+    a = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
