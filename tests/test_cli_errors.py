@@ -173,3 +173,17 @@ def test_library_warnings_stay_out_of_the_output():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == "warning: ours"
+
+
+def test_ext_sub_of_adapters_from_other_bases_fails_without_a_false_warning(tmp_path):
+    """Before, it warned "continuing because their shapes agree" and then failed on the shapes."""
+    from tests.test_cli import SHAPES, _write_lora
+
+    e = _write_lora(tmp_path / "e", 1, SHAPES, base="org/base-a")
+    wide = {name: (n_out * 2, n_in * 2) for name, (n_out, n_in) in SHAPES.items()}
+    a = _write_lora(tmp_path / "a", 2, wide, base="org/base-b")
+    result = excise(
+        "ops", "ext-sub", "--expert", str(e), "--anti-expert", str(a), "--out", str(tmp_path / "o")
+    )
+    line = _one_error_line(result)
+    assert "trained on different base models (made for 'org/base-a' and 'org/base-b')" in line
