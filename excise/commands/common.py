@@ -25,6 +25,7 @@ __all__ = [
     "WarmupSteps",
     "WeightDecay",
     "done",
+    "hide_library_bars",
     "module_names",
 ]
 
@@ -70,3 +71,10 @@ def module_names(text: str) -> tuple[str, ...]:
 def done(out: Path) -> None:
     """Say where the output went (stdout, one line)."""
     typer.echo(f"wrote {out}")
+
+
+def hide_library_bars() -> None:
+    """No progress bars from transformers either (model loading), for ``--no-progress``."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from excise.commands.common import Overwrite, Threads, done
+from excise.commands.common import Overwrite, Progress, Threads, done, hide_library_bars
 
 app = typer.Typer(
     help="Evaluate a base model (optionally with an adapter): truthfulness, hallucination, toxicity, "
@@ -81,6 +81,7 @@ _COMMON = [
     ),
     _opt("overwrite", Overwrite, False),
     _opt("threads", Threads, None),
+    _opt("progress", Progress, True),
 ]
 _SCORING = [
     _opt(
@@ -192,9 +193,12 @@ def _run(name: str, **flags: Any) -> None:
     out, no_cache, overwrite = flags.pop("out"), flags.pop("no_cache"), flags.pop("overwrite")
     set_threads(flags.pop("threads"))
     check_result_path(out, overwrite=overwrite)  # before anything loads
+    progress = flags.pop("progress")
+    if not progress:
+        hide_library_bars()
     cfg = _config(flags)
     typer.echo(plan(name, cfg, use_cache=not no_cache), err=True)
-    record = run_eval(name, cfg, use_cache=not no_cache)
+    record = run_eval(name, cfg, use_cache=not no_cache, progress=progress)
     _show(record, write_result(record, out, overwrite=overwrite))
 
 
@@ -272,10 +276,13 @@ def multi(**flags: Any) -> None:
         raise ConfigError(f"--metrics names a metric twice: {', '.join(names)}")
     out_dir, no_cache, overwrite = flags.pop("out_dir"), flags.pop("no_cache"), flags.pop("overwrite")
     set_threads(flags.pop("threads"))
+    progress = flags.pop("progress")
+    if not progress:
+        hide_library_bars()
     paths = {name: out_dir / f"{name}.json" for name in names}
     for path in paths.values():
         check_result_path(path, overwrite=overwrite)
-    records = run_many(names, _config(flags), use_cache=not no_cache)
+    records = run_many(names, _config(flags), use_cache=not no_cache, progress=progress)
     for name, record in zip(names, records, strict=True):
         _show(record, write_result(record, paths[name], overwrite=overwrite))
 
@@ -303,6 +310,7 @@ def judge(
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute even if cached.")] = False,
     overwrite: Overwrite = False,
     threads: Threads = None,
+    progress: Progress = True,
 ) -> None:
     """Score saved answers with another judge, without loading the model (only its tokenizer)."""
     from excise.evaluate.runner import check_result_path, judge_saved, write_result
@@ -310,7 +318,7 @@ def judge(
 
     set_threads(threads)
     check_result_path(out, overwrite=overwrite)
-    record = judge_saved(generations, judge, judge_option, use_cache=not no_cache)
+    record = judge_saved(generations, judge, judge_option, use_cache=not no_cache, progress=progress)
     _show(record, write_result(record, out, overwrite=overwrite))
 
 

@@ -100,9 +100,7 @@ def sft(
 
     set_threads(threads)
     if not progress:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # also the model-loading bars
+        flags.hide_library_bars()  # also the model-loading bars
 
     cfg = SftConfig(
         base=base, data=data, out=out, format=format, fields=parse_field_mapping(field or []),
