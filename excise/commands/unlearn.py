@@ -148,6 +148,8 @@ def _shared_config(kwargs: dict[str, Any]) -> dict[str, Any]:
     from excise.runtime import set_threads
 
     set_threads(kwargs["threads"])
+    if not kwargs["progress"]:
+        flags.hide_library_bars()
     dropped = ("harmful_field", "normal_field", "progress", "threads")
     cfg = {k: v for k, v in kwargs.items() if k not in dropped}
     cfg["harmful_fields"] = parse_field_mapping(kwargs["harmful_field"] or [])
