@@ -225,7 +225,7 @@ def plan(name: str, cfg: EvalConfig, *, use_cache: bool = True) -> str:
     items, summary = _load_items(metric, cfg, cfg.data or metric.default_data)
     cached = " (cached: no model needed)" if use_cache and _cached(name, cfg) else ""
     return (
-        f"plan: {metric.name} on {len(items)} items ({data_line(summary)}), batch size {cfg.batch_size}"
+        f"plan: {metric.name} on {len(items)} items; {data_line(summary)}; batch size {cfg.batch_size}"
         f"{cached}; the progress bar estimates the time left from its first batch"
     )
 

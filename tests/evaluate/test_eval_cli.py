@@ -40,7 +40,7 @@ def test_cli_writes_result_and_uses_cache(tmp_path, monkeypatch, capsys):
     assert record["metric"] == "repetition" and record["n_items"] == 2 and len(record["items"]) == 2
     printed = capsys.readouterr()
     assert f"wrote {out}" in printed.out
-    assert "plan: repetition on 2 items (split all: 2 of 2 rows kept), batch size 16" in printed.err
+    assert "plan: repetition on 2 items; split all: 2 of 2 rows kept; batch size 16" in printed.err
     before = out.read_text()
     assert _main(monkeypatch, *args) == 2  # an existing result is not replaced silently
     err = capsys.readouterr().err
