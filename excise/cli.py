@@ -378,10 +378,11 @@ def _usage_message(err: typer.TyperException) -> str:
 
 def _resume_hint(argv: list[str]) -> str | None:
     """The command that continues an interrupted ``excise train`` run, if it left a checkpoint."""
-    if len(argv) < 2 or argv[0] != "train" or "--out" not in argv[:-1]:
+    if len(argv) < 2 or argv[0] != "train":
         return None
-    out = Path(argv[argv.index("--out") + 1])
-    if not any((out / "checkpoints").glob("step-*")):
+    values = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--out"]
+    values += [a.removeprefix("--out=") for a in argv if a.startswith("--out=")]
+    if not values or not any((Path(values[-1]) / "checkpoints").glob("step-*")):
         return None
     import shlex
 
