@@ -350,7 +350,7 @@ def _show_warnings() -> None:
 _FLAG_OF_FIELD = {"model": "base", "fields": "field", "judge_options": "judge-option"}
 
 
-def validation_message(err: Any) -> str:
+def _validation_message(err: Any) -> str:
     """A pydantic ``ValidationError`` as one line naming each flag, the value and the valid choices."""
     parts = []
     for e in err.errors(include_url=False):
@@ -409,7 +409,7 @@ def main() -> None:
         from pydantic import ValidationError
 
         if isinstance(e, ValidationError):
-            print(f"error: {validation_message(e)}", file=sys.stderr)
+            print(f"error: {_validation_message(e)}", file=sys.stderr)
             sys.exit(2)
         raise
     if code == 130:  # Ctrl-C (typer turns KeyboardInterrupt into exit code 130)
