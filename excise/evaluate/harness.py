@@ -25,7 +25,7 @@ import torch
 from excise.errors import AdapterError, ConfigError, DataError, first_line
 from excise.evaluate.cache import write_atomic_json
 from excise.models import load_model, load_tokenizer
-from excise.models.adapter_fit import check_adapter_fits, require_adapter_folder
+from excise.models.adapter_fit import check_adapter_fits, loading_error_line, require_adapter_folder
 
 __all__ = ["HarnessRun", "run_harness", "write_results"]
 
@@ -210,7 +210,9 @@ def _with_adapter(model: Any, adapter: Path) -> Any:
     try:
         return PeftModel.from_pretrained(model, str(adapter)).eval()
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise AdapterError(f"cannot load adapter {adapter} on this base model: {first_line(err)}") from err
+        raise AdapterError(
+            f"cannot load adapter {adapter} on this base model: {loading_error_line(err)}"
+        ) from err
 
 
 def _is_dataset_error(err: BaseException) -> bool:

@@ -19,7 +19,7 @@ import torch
 
 from excise.errors import AdapterError, ModelLoadError, first_line
 from excise.models import load_model, load_tokenizer, resolve_model
-from excise.models.adapter_fit import check_adapter_fits, require_adapter_folder
+from excise.models.adapter_fit import check_adapter_fits, loading_error_line, require_adapter_folder
 
 __all__ = ["Subject", "adapter_identity", "file_digest", "load_subject", "model_identity", "pick_device"]
 
@@ -91,7 +91,7 @@ def load_subject(
     try:
         wrapped = PeftModel.from_pretrained(base, str(adapter))
     except (OSError, ValueError, RuntimeError, KeyError) as err:
-        raise AdapterError(f"cannot apply adapter {adapter} to {model}: {first_line(err)}") from err
+        raise AdapterError(f"cannot apply adapter {adapter} to {model}: {loading_error_line(err)}") from err
     wrapped.eval()
     if merge:
         return Subject(wrapped.merge_and_unload().eval(), tokenizer, model, adapter, merged=True)

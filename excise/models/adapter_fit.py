@@ -18,7 +18,7 @@ from typing import Any
 
 from excise.errors import AdapterError, ExciseWarning, ModelLoadError
 
-__all__ = ["adapter_shapes", "check_adapter_fits", "require_adapter_folder"]
+__all__ = ["adapter_shapes", "check_adapter_fits", "loading_error_line", "require_adapter_folder"]
 
 # base_model.model.<module>.lora_A.weight / .lora_A.default.weight / .ia3_l(.default)
 _KEY = re.compile(
@@ -89,6 +89,22 @@ def check_adapter_fits(base: str, adapter: Path) -> None:
             ExciseWarning,
             stacklevel=2,
         )
+
+
+def loading_error_line(err: Exception) -> str:
+    """One informative line of a (possibly multi-line) adapter loading error.
+
+    torch's ``load_state_dict`` puts only a header on the first line ("Error(s) in
+    loading state_dict for PeftModel:") and one line per mismatched tensor below it,
+    so the first detail line is kept, with a count of the rest.
+    """
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    if lines[0].endswith(":") and len(lines) > 1:
+        more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+        return f"{lines[1]}{more}"
+    return lines[0]
 
 
 def _adapter_in_out(parts: dict[str, tuple[int, ...]]) -> tuple[int | None, int | None] | None:
