@@ -19,7 +19,7 @@ from excise.errors import ConfigError, DataError, first_line
 from excise.evaluate.cache import cache_key, read_cached, write_atomic_json, write_cached
 from excise.evaluate.config import EvalConfig
 from excise.evaluate.metrics import METRICS
-from excise.evaluate.metrics.base import EvalContext, Metric, judge_record
+from excise.evaluate.metrics.base import EvalContext, Metric, NotCachedError, judge_record
 from excise.evaluate.stats import item_stderrs
 from excise.evaluate.subject import Subject, adapter_identity, file_digest, load_subject, model_identity
 from excise.models import load_tokenizer
@@ -87,23 +87,32 @@ def run_eval(
         from excise.evaluate.judges import load_judge
 
         judge = load_judge(judge_spec, **cfg.judge_options)
+    merged = bool(cfg.merge and cfg.adapter is not None and metric.name not in _NEEDS_BASE)
+    outcome = None
     clock = time.perf_counter()
-    if subject is None and answers is not None:
-        subject = Subject(None, load_tokenizer(cfg.model, padding_side="left"), cfg.model, cfg.adapter, False)
-    if subject is None:
-        subject = load_subject(
-            cfg.model,
-            cfg.adapter,
-            merge=cfg.merge and metric.name not in _NEEDS_BASE,
-            dtype=cfg.dtype,
-            device=cfg.device,
+    load_seconds = 0.0
+    if subject is None and (answers is not None or (use_cache and metric.name in JUDGED)):
+        # Saved answers, or maybe cached generations (another judge): the tokenizer may be enough.
+        bare = Subject(None, load_tokenizer(cfg.model, padding_side="left"), cfg.model, cfg.adapter, merged)
+        ctx = EvalContext(
+            cfg, bare, items, judge=judge, progress=progress, use_cache=use_cache, saved_answers=answers,
+            cached_only=answers is None,
+        )  # fmt: skip
+        try:
+            outcome = metric.run(ctx)
+        except NotCachedError:
+            clock = time.perf_counter()
+    if outcome is None:
+        if subject is None:
+            subject = load_subject(
+                cfg.model, cfg.adapter, merge=merged, dtype=cfg.dtype, device=cfg.device
+            )  # fmt: skip
+        load_seconds = time.perf_counter() - clock
+        ctx = EvalContext(
+            cfg, subject, items, judge=judge, progress=progress, use_cache=use_cache, saved_answers=answers
         )
-    load_seconds = time.perf_counter() - clock
-    ctx = EvalContext(
-        cfg, subject, items, judge=judge, progress=progress, use_cache=use_cache, saved_answers=answers
-    )
-    clock = time.perf_counter()
-    outcome = metric.run(ctx)
+        clock = time.perf_counter()
+        outcome = metric.run(ctx)
     record = {
         "metric": metric.name,
         "metrics": outcome.metrics,

@@ -117,9 +117,14 @@ def test_stats_by_hand():
 def test_switching_the_judge_reuses_the_generations(model_dir, prompts, monkeypatch):
     first = run_eval("harmful-rate", _cfg(model_dir, prompts, judge="refusal"), progress=False)
     generate = _Counter(monkeypatch, "excise.models.generation.generate")
+    load = _Counter(monkeypatch, "excise.evaluate.runner.load_subject")
     cfg = _cfg(model_dir, prompts, judge="refusal", judge_options={"case_sensitive": False})
     second = run_eval("harmful-rate", cfg, progress=False)
-    assert not second["from_cache"] and generate.calls == 0
+    assert not second["from_cache"] and generate.calls == 0 and load.calls == 0  # no model needed
+    assert second["timing"]["load_seconds"] == 0.0
+    other_seed = _cfg(model_dir, prompts, judge="refusal", seed=1)  # another generation key
+    run_eval("harmful-rate", other_seed, progress=False)
+    assert generate.calls == 1 and load.calls == 1  # not cached: the model is loaded after all
     assert [it["response"] for it in second["items"]] == [it["response"] for it in first["items"]]
 
 

@@ -15,13 +15,14 @@ from excise.errors import ConfigError, DataError
 from excise.evaluate.cache import cache_key, read_generations, write_generations
 from excise.evaluate.config import EvalConfig
 from excise.evaluate.scoring import Loglik, continuation_logliks
-from excise.evaluate.subject import Subject, adapter_identity, model_identity
+from excise.evaluate.subject import Subject, adapter_identity, model_identity, pick_device
 
 __all__ = [
     "SHARED_DATA",
     "EvalContext",
     "Metric",
     "MetricResult",
+    "NotCachedError",
     "answer_field",
     "generate_answers",
     "judge_scores",
@@ -31,6 +32,10 @@ __all__ = [
 
 # The shared data folder sits beside the repository (DESIGN.md §5).
 SHARED_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
+
+
+class NotCachedError(Exception):
+    """Raised by :func:`generate_answers` under ``cached_only`` when the answers are not cached."""
 
 
 @dataclass
@@ -44,6 +49,7 @@ class EvalContext:
     progress: bool = True
     use_cache: bool = True  # read and write the generation cache
     saved_answers: list[str] | None = None  # answers to judge instead of generating (`eval judge`)
+    cached_only: bool = False  # no model loaded: a generation cache miss raises NotCachedError
 
     @property
     def chat(self) -> bool:
@@ -131,6 +137,8 @@ def generate_answers(
     key = cache_key(payload)
     if ctx.use_cache and (hit := read_generations(key)) is not None and len(hit) == len(prompts):
         return hit
+    if ctx.cached_only:
+        raise NotCachedError(desc)
     with ctx.subject.base_only() if base else contextlib.nullcontext(ctx.subject.model) as model:
         answers = generate(model, ctx.subject.tokenizer, prompts, settings, progress=ctx.progress, desc=desc)
     if ctx.use_cache:
@@ -151,7 +159,7 @@ def _generation_payload(
         "adapter": None if base else adapter_identity(subject.adapter),
         "merged": False if base else subject.merged,
         "dtype": ctx.cfg.dtype,
-        "device": subject.device.type,
+        "device": pick_device(ctx.cfg.device).type,  # without touching the model (maybe not loaded)
         "settings": dataclasses.asdict(settings),
         "prompts_sha256": hashlib.sha256(prompt_text.encode()).hexdigest(),
         "n_prompts": len(prompts),
