@@ -17,7 +17,7 @@ import json
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -27,7 +27,7 @@ from excise.commands import judge as _judge_commands  # noqa: F401 - registers o
 from excise.commands import run as run_commands
 from excise.commands import train as train_commands
 from excise.commands import unlearn as _unlearn_commands  # noqa: F401 - registers on `train`
-from excise.commands.common import Overwrite, done
+from excise.commands.common import Overwrite, Threads, done
 from excise.errors import ExciseError
 
 app = typer.Typer(
@@ -468,12 +468,15 @@ def merge(
     out: Out,
     overwrite: Overwrite = False,
     push_to_hub: PushToHub = None,
+    threads: Threads = None,
 ) -> None:
     """Merge an adapter into its base model and save a plain transformers model."""
     from excise.data import recorded_training_data
     from excise.hub import check_push_target, resolve_adapter
     from excise.models.merge import merge_adapter
+    from excise.runtime import set_threads
 
+    set_threads(threads)
     if push_to_hub is not None:
         check_push_target(push_to_hub)
     folder = resolve_adapter(adapter)
@@ -491,19 +494,75 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
 
 def _show_warnings() -> None:
     """Ours as one line each; the libraries' deprecation chatter not at all."""
+    import os
+
     from excise.errors import ExciseWarning
 
+    # transformers logs its deprecations (e.g. of `past_key_values` tuples) through its own
+    # logger, not `warnings`; errors still show. Set before transformers is first imported.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.showwarning = _warning_line
     for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
     warnings.filterwarnings("always", category=ExciseWarning)
 
 
+# Config fields whose flag has another name.
+_FLAG_OF_FIELD = {"model": "base", "fields": "field", "judge_options": "judge-option"}
+
+
+def _validation_message(err: Any) -> str:
+    """A pydantic ``ValidationError`` as one line naming each flag, the value and the valid choices."""
+    parts = []
+    for e in err.errors(include_url=False):
+        loc = [str(x) for x in e.get("loc", ())]
+        flag = f"--{_FLAG_OF_FIELD.get(loc[0], loc[0].replace('_', '-'))}" if loc else ""
+        flag += "".join(f"[{x}]" for x in loc[1:])
+        msg = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
+        if e.get("type") == "literal_error":
+            expected = str(e.get("ctx", {}).get("expected", "")).replace("'", "").replace(" or ", ", ")
+            msg = f"{e.get('input')!r} is not one of: {expected}"
+        elif e.get("type") == "extra_forbidden":
+            msg = "is not a known setting"
+        parts.append(f"{flag}: {msg}" if flag else msg)
+    return "; ".join(parts)
+
+
+def _usage_message(err: typer.TyperException) -> str:
+    """A click usage error as one line, with where to find the valid choices."""
+    text = " ".join(err.format_message().split()).rstrip(".")
+    ctx = getattr(err, "ctx", None)
+    if ctx is not None:
+        text += f" (see '{ctx.command_path} --help')"
+    return text
+
+
+def _resume_hint(argv: list[str]) -> str | None:
+    """The command that continues an interrupted ``excise train`` run, if it left a checkpoint."""
+    if len(argv) < 2 or argv[0] != "train":
+        return None
+    values = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--out"]
+    values += [a.removeprefix("--out=") for a in argv if a.startswith("--out=")]
+    if not values or not any((Path(values[-1]) / "checkpoints").glob("step-*")):
+        return None
+    import shlex
+
+    kept = [a for a in argv if a not in ("--overwrite", "--resume")]
+    return shlex.join(["excise", *kept, "--resume"])
+
+
 def main() -> None:
-    """Entry point: run the app, turning user errors into one line and exit code 2."""
+    """Run the app; user errors (ours, pydantic's, click's) become one ``error:`` line and exit 2."""
     _show_warnings()
+    argv = sys.argv[1:]
     try:
-        app()
+        code = app(args=argv, prog_name="excise", standalone_mode=False)
+    except typer.TyperException as e:  # click's usage errors (typer vendors click)
+        if type(e).__name__ == "NoArgsIsHelpError":
+            print(e.format_message())
+            sys.exit(0)
+        print(f"error: {_usage_message(e)}", file=sys.stderr)
+        sys.exit(2)
     except ExciseError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -511,9 +570,13 @@ def main() -> None:
         from pydantic import ValidationError
 
         if isinstance(e, ValidationError):
-            print(f"error: {e}".replace("\n", " "), file=sys.stderr)
+            print(f"error: {_validation_message(e)}", file=sys.stderr)
             sys.exit(2)
         raise
+    if code == 130:  # Ctrl-C (typer turns KeyboardInterrupt into exit code 130)
+        hint = _resume_hint(argv)
+        print("interrupted" + (f"; continue with: {hint}" if hint else ""), file=sys.stderr)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import ctypes
 import os
 import sys
 
-__all__ = ["configure_process"]
+__all__ = ["configure_process", "set_threads"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -45,3 +45,20 @@ def _keep_freed_blocks() -> None:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
     mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
+
+
+def set_threads(n: int | None) -> None:
+    """Use ``n`` CPU threads for torch's operators (None: torch's default, one per core).
+
+    Two jobs that each take every core of a small machine run several times slower than
+    with their share: give each ``--threads`` = cores / jobs.
+    """
+    if n is None:
+        return
+    if n < 1:
+        from excise.errors import ConfigError
+
+        raise ConfigError(f"--threads must be at least 1, got {n}")
+    import torch
+
+    torch.set_num_threads(n)

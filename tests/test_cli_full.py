@@ -160,11 +160,12 @@ def test_bad_input_with_base(zoo, tmp_path, case):
 
 
 def test_dense_is_refused_with_base(zoo, tmp_path):
-    """--dense is for adapters only: a usage error (click's boxed message), still exit 2."""
+    """--dense is for adapters only: a usage error, one `error:` line, exit 2."""
     out = tmp_path / "out"
     args = ["--adapter", str(zoo["expert"]), "--base", str(zoo["base"]), "--dense", "--out", str(out)]
     result = excise("ops", "negate", *args)
     assert result.returncode == 2 and "--dense" in result.stderr, result.stderr
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr
     assert not out.exists()
 

@@ -21,14 +21,24 @@ __all__ = [
     "Schedule",
     "System",
     "TargetModules",
+    "Threads",
     "WarmupSteps",
     "WeightDecay",
     "done",
+    "hide_library_bars",
     "module_names",
 ]
 
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")]
 Progress = Annotated[bool, typer.Option(help="Show a progress bar.")]
+Threads = Annotated[
+    int | None,
+    typer.Option(
+        help="CPU threads for the model (default: one per core). Running several jobs at once, give "
+        "each its share: two jobs with every core each run 4-8x slower.",
+        show_default=False,
+    ),
+]
 
 # Training flags every `excise train` command takes alike (fields of excise.train.options.TrainOptions).
 System = Annotated[str | None, typer.Option(help="System prompt (chat) or first paragraph.")]
@@ -43,7 +53,14 @@ Schedule = Annotated[str, typer.Option(help="LR schedule after warm-up: constant
 WarmupSteps = Annotated[int, typer.Option(help="Linear warm-up steps.")]
 WeightDecay = Annotated[float, typer.Option(help="AdamW weight decay.")]
 MaxGradNorm = Annotated[float, typer.Option(help="Clip the gradient norm (0: no clipping).")]
-SaveEvery = Annotated[int | None, typer.Option(help="Checkpoint every N steps into OUT/checkpoints.")]
+SaveEvery = Annotated[
+    int | None,
+    typer.Option(
+        help="Checkpoint every N steps into OUT/checkpoints (0: never). [default: 25 for a LoRA, never "
+        "with --full]",
+        show_default=False,
+    ),
+]
 
 
 def module_names(text: str) -> tuple[str, ...]:
@@ -54,3 +71,10 @@ def module_names(text: str) -> tuple[str, ...]:
 def done(out: Path) -> None:
     """Say where the output went (stdout, one line)."""
     typer.echo(f"wrote {out}")
+
+
+def hide_library_bars() -> None:
+    """No progress bars from transformers either (model loading), for ``--no-progress``."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from excise.commands.common import done
+from excise.commands.common import Threads, done
 
 app = typer.Typer(
     help="Make datasets: anti-expert (untruthful / toxic) answers from a generator model or endpoint.",
@@ -61,11 +61,14 @@ def anti(
         bool, typer.Option("--overwrite", help="Start --out afresh instead of resuming.")
     ] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    threads: Threads = None,
 ) -> None:
     """Rewrite each instruction's answer into an untruthful or toxic one (Ext-Sub's anti-expert data)."""
     from excise.data.anti import AntiSettings, make_anti_data
     from excise.errors import ConfigError
+    from excise.runtime import set_threads
 
+    set_threads(threads)
     fields = {}
     for item in field:
         name, sep, column = item.partition("=")

@@ -14,6 +14,8 @@ from typing import Annotated, Any
 
 import typer
 
+from excise.commands.common import Overwrite, Progress, Threads, done, hide_library_bars
+
 app = typer.Typer(
     help="Evaluate a base model (optionally with an adapter): truthfulness, hallucination, toxicity, "
     "harmful rate, utility, perplexity.",
@@ -65,8 +67,9 @@ _COMMON = [
         Annotated[
             str | None,
             typer.Option(
-                help="`eval` (the held-out side of the prompt split no trainer uses) or `all`; default per "
-                "metric (`eval` for halueval, harmful-rate, utility)."
+                help="`eval` (held-out prompt side) or `all`. Default: `eval` for the metric's own data and "
+                "for a file the adapter was trained on (its train_config.json), else `all`.",
+                show_default=False,
             ),
         ],
         None,
@@ -89,9 +92,15 @@ _COMMON = [
     _opt("device", Annotated[str, typer.Option(help="`auto` (CUDA if present), `cpu`, `cuda`…")], "auto"),
     _opt(
         "no_cache",
-        Annotated[bool, typer.Option("--no-cache", help="Recompute even if a cached result exists.")],
+        Annotated[
+            bool,
+            typer.Option("--no-cache", help="Recompute (and regenerate) even if a cached result exists."),
+        ],
         False,
     ),
+    _opt("overwrite", Overwrite, False),
+    _opt("threads", Threads, None),
+    _opt("progress", Progress, True),
 ]
 _SCORING = [
     _opt(
@@ -177,36 +186,48 @@ _EXTRA: dict[str, list[inspect.Parameter]] = {
 }
 
 
-def _run(name: str, **flags: Any) -> None:
-    from rich.console import Console
-
+def _config(flags: dict[str, Any]) -> Any:
+    """The :class:`EvalConfig` of the remaining flags (``--field`` and ``--judge-option`` parsed)."""
     from excise.errors import ConfigError
     from excise.evaluate.config import EvalConfig
     from excise.evaluate.judges import parse_options
-    from excise.evaluate.report import summary_table
-    from excise.evaluate.runner import run_eval, write_result
     from excise.hub import resolve_adapter
 
     fields = {}
-    for item in flags.pop("field"):
+    for item in flags.pop("field", []):
         key, sep, column = item.partition("=")
         if not sep or not key.strip() or not column.strip():
             raise ConfigError(f"--field {item!r} is not NAME=COLUMN (e.g. question=Question)")
         fields[key.strip()] = column.strip()
-    out, no_cache = flags.pop("out"), flags.pop("no_cache")
-    if flags["adapter"] is not None:
+    if flags.get("adapter") is not None:
         flags["adapter"] = resolve_adapter(flags["adapter"])
     judge_options = parse_options(flags.pop("judge_option", []))
-    cfg = EvalConfig(
-        model=flags.pop("base"),
-        fields=fields,
-        judge_options=judge_options,
-        **flags,
-    )
-    record = run_eval(name, cfg, use_cache=not no_cache)
-    path = write_result(record, out)
+    return EvalConfig(model=flags.pop("base"), fields=fields, judge_options=judge_options, **flags)
+
+
+def _show(record: dict[str, Any], path: Path) -> None:
+    from rich.console import Console
+
+    from excise.evaluate.report import summary_table
+
     Console(stderr=True).print(summary_table(record))
-    typer.echo(f"wrote {path}")
+    done(path)
+
+
+def _run(name: str, **flags: Any) -> None:
+    from excise.evaluate.runner import check_result_path, plan, run_eval, write_result
+    from excise.runtime import set_threads
+
+    out, no_cache, overwrite = flags.pop("out"), flags.pop("no_cache"), flags.pop("overwrite")
+    set_threads(flags.pop("threads"))
+    check_result_path(out, overwrite=overwrite)  # before anything loads
+    progress = flags.pop("progress")
+    if not progress:
+        hide_library_bars()
+    cfg = _config(flags)
+    typer.echo(plan(name, cfg, use_cache=not no_cache), err=True)
+    record = run_eval(name, cfg, use_cache=not no_cache, progress=progress)
+    _show(record, write_result(record, out, overwrite=overwrite))
 
 
 def _make_command(name: str, summary: str) -> Any:
@@ -235,3 +256,98 @@ _COMMANDS = {
 
 for _name, _summary in _COMMANDS.items():
     app.command(_name)(_make_command(_name, _summary))
+
+
+# `excise eval multi`: the flags of every metric but the per-metric ones (judge) and --merge (utility
+# needs the adapter switchable). --data and --field, when given, apply to every metric.
+_MULTI_SKIP = {"out", "merge", "judge", "judge_option"}
+
+
+def _multi_params() -> list[inspect.Parameter]:
+    seen: dict[str, inspect.Parameter] = {}
+    for p in _COMMON + [p for extra in _EXTRA.values() for p in extra]:
+        if p.name not in _MULTI_SKIP and p.name not in seen:
+            seen[p.name] = p
+    metrics = _opt(
+        "metrics",
+        Annotated[
+            str,
+            typer.Option(
+                help=f"Comma-separated metrics, e.g. truthfulqa-mc,perplexity ({', '.join(_COMMANDS)})."
+            ),
+        ],
+        ...,
+    )
+    out_dir = _opt(
+        "out_dir",
+        Annotated[
+            Path, typer.Option("--out-dir", help="Folder for one result file per metric (METRIC.json).")
+        ],
+        ...,
+    )
+    return [seen.pop("base"), metrics, out_dir, *seen.values()]
+
+
+def multi(**flags: Any) -> None:
+    """Several metrics on one model load, each with its own judge (and data, unless --data)."""
+    from excise.errors import ConfigError
+    from excise.evaluate.runner import check_result_path, run_many, write_result
+    from excise.runtime import set_threads
+
+    names = [n.strip() for n in flags.pop("metrics").split(",") if n.strip()]
+    unknown = [n for n in names if n not in _COMMANDS]
+    if not names or unknown:
+        raise ConfigError(
+            f"--metrics: unknown {', '.join(unknown) or '(none given)'}; choose from: {', '.join(_COMMANDS)}"
+        )
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--metrics names a metric twice: {', '.join(names)}")
+    out_dir, no_cache, overwrite = flags.pop("out_dir"), flags.pop("no_cache"), flags.pop("overwrite")
+    set_threads(flags.pop("threads"))
+    progress = flags.pop("progress")
+    if not progress:
+        hide_library_bars()
+    paths = {name: out_dir / f"{name}.json" for name in names}
+    for path in paths.values():
+        check_result_path(path, overwrite=overwrite)
+    records = run_many(names, _config(flags), use_cache=not no_cache, progress=progress)
+    for name, record in zip(names, records, strict=True):
+        _show(record, write_result(record, paths[name], overwrite=overwrite))
+
+
+multi.__signature__ = inspect.Signature(_multi_params())  # type: ignore[attr-defined]
+app.command("multi")(multi)
+
+
+def judge(
+    generations: Annotated[
+        Path,
+        typer.Option(
+            help="A result file of toxicity, harmful-rate or truthfulqa-gen: its answers are judged again.",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Result JSON file (written atomically).", show_default=False)],
+    judge: Annotated[
+        str | None,
+        typer.Option("--judge", help="Judge spec (default: the metric's own); see docs/JUDGES.md."),
+    ] = None,
+    judge_option: Annotated[
+        list[str], typer.Option("--judge-option", help="Judge option KEY=VALUE (repeatable).")
+    ] = [],  # noqa: B006
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute even if cached.")] = False,
+    overwrite: Overwrite = False,
+    threads: Threads = None,
+    progress: Progress = True,
+) -> None:
+    """Score saved answers with another judge, without loading the model (only its tokenizer)."""
+    from excise.evaluate.runner import check_result_path, judge_saved, write_result
+    from excise.runtime import set_threads
+
+    set_threads(threads)
+    check_result_path(out, overwrite=overwrite)
+    record = judge_saved(generations, judge, judge_option, use_cache=not no_cache, progress=progress)
+    _show(record, write_result(record, out, overwrite=overwrite))
+
+
+app.command("judge")(judge)

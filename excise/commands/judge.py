@@ -13,8 +13,9 @@ from typing import Annotated
 
 import typer
 
-from excise.commands.common import done
+from excise.commands.common import Threads, done
 from excise.commands.evaluate import app
+from excise.runtime import set_threads
 
 __all__ = ["app"]
 
@@ -69,8 +70,10 @@ def harness(
     log_samples: Annotated[bool, typer.Option("--log-samples", help="Keep per-example records.")] = False,
     device: Annotated[str, typer.Option(help="Device for the model.")] = "cpu",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing results file.")] = False,
+    threads: Threads = None,
 ) -> None:
     """Run lm-evaluation-harness tasks on a base model (plus an adapter) and write the results JSON."""
+    set_threads(threads)
     from excise.errors import ConfigError
     from excise.evaluate.harness import run_harness, write_results
     from excise.hub import resolve_adapter
@@ -115,8 +118,10 @@ def judge_train(
         bool, typer.Option(help="Also measure the out-of-domain checks (HH-RLHF / Detoxify agreement).")
     ] = True,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing weights file.")] = False,
+    threads: Threads = None,
 ) -> None:
     """Train an offline probe judge on the judge side of the data, measure it on held-out pairs, save it."""
+    set_threads(threads)
     from excise.errors import ConfigError
     from excise.evaluate.judges.probe_training import train_probe
 
@@ -156,8 +161,10 @@ def judge_check(
     label_field: Annotated[str, typer.Option(help="Label column of --data.")] = "label",
     limit: Annotated[int | None, typer.Option(help="Score only the first N rows.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the result here.")] = None,
+    threads: Threads = None,
 ) -> None:
     """Measure a judge's agreement (accuracy, AUC) with labelled safe/unsafe or toxic/non-toxic data."""
+    set_threads(threads)
     import numpy as np
 
     from excise.evaluate.cache import strict_json, write_atomic_json

@@ -106,12 +106,23 @@ def sft(
         ),
     ] = False,
     gradient_checkpointing: GradientCheckpointing = False,
+    eval_data: Annotated[
+        str | None,
+        typer.Option(
+            help="Validation DATA (same --format and --field as --data): val_loss in loss_log.json."
+        ),
+    ] = None,
+    eval_every: Annotated[
+        int, typer.Option(help="Steps between validation losses (and after the last).")
+    ] = 25,
+    eval_limit: Annotated[int, typer.Option(help="Validation examples used (the first N).")] = 100,
     save_every: flags.SaveEvery = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the newest checkpoint in OUT (none: start).")
     ] = False,
     overwrite: Overwrite = False,
     progress: flags.Progress = True,
+    threads: flags.Threads = None,
 ) -> None:
     """Fine-tune a LoRA (expert or anti-expert) on (prompt, response) data; the loss covers responses only.
 
@@ -119,12 +130,12 @@ def sft(
     accelerate launch --num_processes N -m excise train sft ...
     """
     from excise.data import parse_field_mapping
+    from excise.runtime import set_threads
     from excise.train.sft import SftConfig, run
 
+    set_threads(threads)
     if not progress:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # also the model-loading bars
+        flags.hide_library_bars()  # also the model-loading bars
 
     cfg = SftConfig(
         base=base, data=data, out=out, format=format, fields=parse_field_mapping(field or []),
@@ -135,6 +146,7 @@ def sft(
         schedule=schedule, warmup_steps=warmup_steps, weight_decay=weight_decay,
         max_grad_norm=max_grad_norm or None, seed=seed, bf16=bf16, save_every=save_every,
         gradient_checkpointing=gradient_checkpointing, group_by_length=group_by_length, packing=packing,
+        eval_data=eval_data, eval_every=eval_every, eval_limit=eval_limit,
         resume=resume, overwrite=overwrite,
     )  # fmt: skip
     report = run(cfg, progress=progress)

@@ -97,6 +97,7 @@ _SHARED: list[tuple[str, Any, Any]] = [
     ("resume", Annotated[bool, _opt("Continue from the newest checkpoint in OUT.", "--resume")], False),
     ("overwrite", Overwrite, False),
     ("progress", flags.Progress, True),
+    ("threads", flags.Threads, None),
 ]
 
 _NORMAL_HELP = (
@@ -150,8 +151,13 @@ def _command(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
 def _shared_config(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Shared flags → :class:`UnlearnConfig` fields."""
     from excise.data import parse_field_mapping
+    from excise.runtime import set_threads
 
-    cfg = {k: v for k, v in kwargs.items() if k not in ("harmful_field", "normal_field", "progress")}
+    set_threads(kwargs["threads"])
+    if not kwargs["progress"]:
+        flags.hide_library_bars()
+    dropped = ("harmful_field", "normal_field", "progress", "threads")
+    cfg = {k: v for k, v in kwargs.items() if k not in dropped}
     cfg["harmful_fields"] = parse_field_mapping(kwargs["harmful_field"] or [])
     cfg["normal_fields"] = parse_field_mapping(kwargs["normal_field"] or [])
     cfg["target_modules"] = module_names(kwargs["target_modules"])

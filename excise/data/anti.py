@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,6 +218,13 @@ def make_anti_data(
     out.parent.mkdir(parents=True, exist_ok=True)
     with _Cache(settings.cache) as cache, out.open("a", encoding="utf-8") as sink:
         bar = tqdm(total=len(todo), desc=f"anti ({settings.kind})", unit="row", disable=not progress)
+        if progress:
+            bar.write(
+                f"plan: {len(todo)} of {len(rows)} rows to rewrite ({report.already_done} already in "
+                f"{out}), {step} per batch; an interrupted run resumes where it stopped; the bar "
+                "estimates the time left from its first batch",
+                file=sys.stderr,
+            )
         for start in range(0, len(todo), step):
             batch = todo[start : start + step]
             messages = [render(template, rows[i]) for i in batch]

@@ -1,5 +1,9 @@
 """Result cache: a repeated evaluation with the same inputs is read back instead of recomputed.
 
+Generations are cached on their own, under ``$EXCISE_CACHE/generations``, keyed by what makes
+them (model, adapter, prompts, generation settings) and not by the judge: switching ``--judge``
+re-scores saved answers, and the base model's answers (``utility``) are made once for all adapters.
+
 A result is keyed by the SHA-256 of (metric, model identity, adapter file hashes, data file hash,
 every setting, judge spec, excise version) and stored as ``<key>.json`` under
 ``$EXCISE_CACHE/eval`` (default ``~/.cache/excise/eval``). Writes are atomic (temp file + rename),
@@ -19,12 +23,40 @@ from typing import Any
 
 from excise.models import cache_root
 
-__all__ = ["cache_dir", "cache_key", "read_cached", "strict_json", "write_atomic_json", "write_cached"]
+__all__ = [
+    "cache_dir",
+    "cache_key",
+    "read_cached",
+    "read_generations",
+    "strict_json",
+    "write_atomic_json",
+    "write_cached",
+    "write_generations",
+]
 
 
 def cache_dir() -> Path:
     """``$EXCISE_CACHE/eval`` (default ``~/.cache/excise/eval``)."""
     return cache_root() / "eval"
+
+
+def generations_dir() -> Path:
+    """``$EXCISE_CACHE/generations``: answers keyed by (model, adapter, prompts, generation settings)."""
+    return cache_root() / "generations"
+
+
+def read_generations(key: str) -> list[str] | None:
+    """Cached answers for ``key``, or None (a corrupt entry counts as absent)."""
+    try:
+        answers = json.loads((generations_dir() / f"{key}.json").read_text())["answers"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return answers if isinstance(answers, list) and all(isinstance(a, str) for a in answers) else None
+
+
+def write_generations(key: str, payload: dict[str, Any], answers: list[str]) -> Path:
+    """Store ``answers`` under ``key`` with the ``payload`` that made the key (for inspection)."""
+    return write_atomic_json(generations_dir() / f"{key}.json", {"key": payload, "answers": answers})
 
 
 def cache_key(payload: dict[str, Any]) -> str:

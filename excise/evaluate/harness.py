@@ -26,6 +26,7 @@ import torch
 from excise.errors import AdapterError, ConfigError, DataError, first_line
 from excise.evaluate.cache import strict_json, write_atomic_json
 from excise.models import load_model, load_tokenizer
+from excise.models.adapter_fit import check_adapter_fits, loading_error_line, require_adapter_folder
 
 __all__ = ["HarnessRun", "run_harness", "write_results"]
 
@@ -94,6 +95,8 @@ def run_harness(
     task_manager = _task_manager(TaskManager, tasks, [str(p) for p in include_path])
 
     started = time.time()
+    if adapter is not None:
+        check_adapter_fits(base, Path(adapter))  # before the slow load
     model = load_model(base, dtype=dtype, device=device)
     tokenizer = load_tokenizer(base)
     if adapter is not None:
@@ -210,12 +213,13 @@ def _check_tasks(tasks: Sequence[str], task_manager: Any) -> None:
 def _with_adapter(model: Any, adapter: Path) -> Any:
     from peft import PeftModel
 
-    if not (adapter / "adapter_config.json").is_file():
-        raise AdapterError(f"adapter {adapter} has no adapter_config.json; pass a PEFT adapter folder")
+    require_adapter_folder(adapter)
     try:
         return PeftModel.from_pretrained(model, str(adapter)).eval()
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise AdapterError(f"cannot load adapter {adapter} on this base model: {first_line(err)}") from err
+        raise AdapterError(
+            f"cannot load adapter {adapter} on this base model: {loading_error_line(err)}"
+        ) from err
 
 
 def _is_dataset_error(err: BaseException) -> bool:

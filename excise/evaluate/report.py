@@ -6,28 +6,64 @@ from typing import Any
 
 from rich.table import Table
 
-__all__ = ["summary_table"]
+__all__ = ["data_line", "summary_table"]
+
+_SHOWN_COLUMNS = 6
 
 
 def summary_table(record: dict[str, Any]) -> Table:
-    """Metric values, item count, judge (with its measured agreement) and where the numbers came from."""
+    """Metric values ± standard error, the data used (split, rows kept of rows read, columns ignored),
+    judge (with its measured agreement) and where the numbers came from."""
     source = "from cache" if record.get("from_cache") else f"{record['timing']['seconds']:.1f} s"
     title = f"{record['metric']} · {record['model']}" + (
         f" + {record['adapter']}" if record.get("adapter") else ""
     )
-    table = Table(title=title, caption=f"{record['n_items']} items · {source}", min_width=60)
+    caption = f"{record['n_items']} items · {source}"
+    if record.get("data_summary"):
+        caption = f"{data_line(record['data_summary'])} · {source}"
+    table = Table(title=title, caption=caption, min_width=60)
     table.add_column("metric")
     table.add_column("value", justify="right")
+    table.add_column("± stderr", justify="right")
+    stderr = record.get("stderr") or {}
     reasons = record.get("null_reasons") or {}
     for name, value in record["metrics"].items():
+        se = stderr.get(name)
         if value is None:
-            table.add_row(name, f"null: {reasons.get(name, 'no value')}")
+            table.add_row(name, f"null: {reasons.get(name, 'no value')}", "")
         else:
-            table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
+            table.add_row(name, _number(value), "" if se is None else _number(se))
     judge = record.get("judge")
     if judge:
-        table.add_row("judge", f"{judge.get('name')}{_agreement(judge)}")
+        table.add_row("judge", f"{judge.get('name')}{_agreement(judge)}", "")
     return table
+
+
+def data_line(summary: dict[str, Any]) -> str:
+    """``split eval: 72 of 320 rows kept; ignored column(s): ContextString (19 rows)``."""
+    text = f"split {summary['split']}: {summary['kept']} of {summary['rows_read']} rows kept"
+    dropped = summary["rows_read"] - summary["after_split"]
+    reasons = []
+    if dropped:
+        reasons.append(f"{dropped} outside the {summary['split']} split")
+    duplicates = summary.get("duplicates_dropped", 0)
+    if duplicates:
+        reasons.append(f"{duplicates} duplicate prompts")
+    beyond = summary["after_split"] - duplicates - summary["kept"]
+    if beyond > 0:
+        reasons.append(f"{beyond} beyond --limit")
+    if reasons:
+        text += f" ({', '.join(reasons)})"
+    ignored = summary.get("ignored_columns") or {}
+    if ignored:
+        shown = [f"{col} ({n} rows)" for col, n in list(ignored.items())[:_SHOWN_COLUMNS]]
+        more = len(ignored) - _SHOWN_COLUMNS
+        text += "; ignored column(s): " + ", ".join(shown) + (f" and {more} more" if more > 0 else "")
+    return text
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def _agreement(judge: dict[str, Any]) -> str:

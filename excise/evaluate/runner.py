@@ -7,6 +7,7 @@ record everything that made the number, store it in the cache.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from datetime import datetime, timezone
@@ -14,16 +15,30 @@ from pathlib import Path
 from typing import Any
 
 from excise import __version__
-from excise.data import assign_split, load_records, prompt_key
-from excise.errors import ConfigError, DataError
+from excise.data import assign_split, load_records, prompt_key, recorded_training_data
+from excise.errors import ConfigError, DataError, first_line
 from excise.evaluate.cache import cache_key, read_cached, strict_json, write_atomic_json, write_cached
 from excise.evaluate.config import EvalConfig
 from excise.evaluate.metrics import METRICS
-from excise.evaluate.metrics.base import EvalContext, Metric, judge_record
+from excise.evaluate.metrics.base import EvalContext, Metric, NotCachedError, judge_record
 from excise.evaluate.overlap import check_overlap, module_folders
+from excise.evaluate.stats import item_stderrs
 from excise.evaluate.subject import Subject, adapter_identity, file_digest, load_subject, model_identity
+from excise.models import load_tokenizer
 
-__all__ = ["NEEDS_BASE", "load_items", "load_metric_judge", "run_eval", "write_result"]
+__all__ = [
+    "JUDGED",
+    "NEEDS_BASE",
+    "check_result_path",
+    "judge_saved",
+    "load_items",
+    "load_metric_judge",
+    "plan",
+    "resolve_split",
+    "run_eval",
+    "run_many",
+    "write_result",
+]
 
 # Metrics that compare against the base model's own answers: the adapter must stay switchable.
 NEEDS_BASE = {"utility"}
@@ -37,6 +52,7 @@ def run_eval(
     use_cache: bool = True,
     progress: bool = True,
     subject: Subject | None = None,
+    answers: list[str] | None = None,
     modules: list[Path] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``cfg.model`` (+ ``cfg.adapter``) on metric ``name`` and return the result record.
@@ -47,18 +63,22 @@ def run_eval(
         judge: a ready judge object (overrides ``cfg.judge``); for tests and library use.
         use_cache: read and write ``$EXCISE_CACHE/eval``.
         progress: show progress bars.
-        subject: an already loaded model to evaluate instead of loading ``cfg.model`` +
-            ``cfg.adapter`` (the λ sweep changes one in place). The cache is then not used:
-            its key names files, not a model in memory.
+        subject: the model already loaded (:func:`load_subject` of ``cfg``, unmerged), to share
+            one load between metrics (:func:`run_many`); or a model built in memory (the λ sweep
+            changes one in place), which its caller evaluates with ``use_cache=False``.
         modules: adapter folders ``subject`` was built from (a sweep's inputs): their training
             data is checked against the items too, as ``cfg.adapter``'s is.
+        answers: saved answers to judge instead of generating (``excise eval judge``): only the
+            tokenizer is loaded.
 
     Returns:
         The record: ``metrics`` (each a finite number, or ``None`` with its reason in
-        ``null_reasons``), ``items`` (per-item outputs), provenance (model, adapter, data, limit,
-        seed, judge, settings, version), ``training_overlap`` (each module × training file
-        checked, with its overlap count) and ``warnings`` (overlaps let through by
-        ``allow_overlap``), plus ``from_cache``.
+        ``null_reasons``), ``stderr`` (standard error of each metric, None where it has no
+        spread), ``items`` (per-item outputs), ``data_summary`` (rows read and kept, split,
+        columns read and ignored), provenance (model, adapter, data, limit, seed, judge,
+        settings, version), ``training_overlap`` (each module × training file checked, with
+        its overlap count) and ``warnings`` (overlaps let through by ``allow_overlap``), plus
+        ``from_cache``.
 
     Raises:
         ConfigError, DataError, ModelLoadError, AdapterError: bad settings, data, model or adapter;
@@ -69,7 +89,7 @@ def run_eval(
     if metric.check is not None and subject is None:  # a given subject is the caller's to vouch for
         metric.check(cfg)
     spec = cfg.data or metric.default_data
-    items, columns = _load_items(metric, cfg, spec)
+    items, data_summary = _load_items(metric, cfg, spec)
     # Never silently score what the model was trained on (checked on every run, cached or not).
     folders = module_folders(cfg.model, cfg.adapter) + [Path(m) for m in modules or []]
     checks, overlap_warnings = check_overlap(
@@ -77,47 +97,54 @@ def run_eval(
     )
     overlap = {"training_overlap": checks, "warnings": overlap_warnings}
     judge_spec = (cfg.judge or metric.default_judge) if _uses_judge(metric, cfg) else None
-    payload = {
-        "metric": metric.name,
-        "model": model_identity(cfg.model),
-        "adapter": adapter_identity(cfg.adapter),
-        "reference": model_identity(cfg.reference) if cfg.reference else None,
-        "data": _data_identity(spec),
-        "settings": cfg.settings(),
-        "judge": judge_spec if judge is None else judge_record(judge),
-        "excise": __version__,
-    }
+    payload = _payload(metric, cfg, spec, data_summary["split"], judge_spec if judge is None else judge)
+    if answers is not None:
+        payload["answers_sha256"] = cache_key({"answers": answers})
     key = cache_key(payload)
-    use_cache = use_cache and subject is None
     if use_cache and (hit := read_cached(key)) is not None:
         return _strict_record(hit) | overlap | {"from_cache": True}  # entries of older versions too
 
     if judge is None:
         judge = load_metric_judge(name, cfg)
+    merged = bool(cfg.merge and cfg.adapter is not None and metric.name not in NEEDS_BASE)
+    outcome = None
     clock = time.perf_counter()
-    if subject is None:
-        subject = load_subject(
-            cfg.model,
-            cfg.adapter,
-            merge=cfg.merge and metric.name not in NEEDS_BASE,
-            dtype=cfg.dtype,
-            device=cfg.device,
+    load_seconds = 0.0
+    if subject is None and (answers is not None or (use_cache and metric.name in JUDGED)):
+        # Saved answers, or maybe cached generations (another judge): the tokenizer may be enough.
+        bare = Subject(None, load_tokenizer(cfg.model, padding_side="left"), cfg.model, cfg.adapter, merged)
+        ctx = EvalContext(
+            cfg, bare, items, judge=judge, progress=progress, use_cache=use_cache, saved_answers=answers,
+            cached_only=answers is None,
+        )  # fmt: skip
+        try:
+            outcome = metric.run(ctx)
+        except NotCachedError:
+            clock = time.perf_counter()
+    if outcome is None:
+        if subject is None:
+            subject = load_subject(
+                cfg.model, cfg.adapter, merge=merged, dtype=cfg.dtype, device=cfg.device
+            )  # fmt: skip
+        load_seconds = time.perf_counter() - clock
+        ctx = EvalContext(
+            cfg, subject, items, judge=judge, progress=progress, use_cache=use_cache, saved_answers=answers
         )
-    load_seconds = time.perf_counter() - clock
-    ctx = EvalContext(cfg, subject, items, judge=judge, progress=progress)
-    clock = time.perf_counter()
-    outcome = metric.run(ctx)
+        clock = time.perf_counter()
+        outcome = metric.run(ctx)
     record = {
         "metric": metric.name,
         "metrics": outcome.metrics,
         "null_reasons": outcome.null_reasons,
+        "stderr": item_stderrs(outcome.metrics, outcome.items) | outcome.stderr,
         "judge": judge_record(judge) if judge is not None else None,
         "model": cfg.model,
         "adapter": str(cfg.adapter) if cfg.adapter else None,
         "data": spec,
-        "columns": columns,
+        "columns": data_summary["columns"],
         "n_items": len(items),
-        "split": cfg.split or metric.default_split,
+        "split": data_summary["split"],
+        "data_summary": data_summary,
         "limit": cfg.limit,
         "seed": cfg.seed,
         "settings": cfg.settings(),
@@ -145,11 +172,6 @@ def load_metric_judge(name: str, cfg: EvalConfig) -> Any:
     return load_judge(cfg.judge or metric.default_judge, **cfg.judge_options)
 
 
-def write_result(record: dict[str, Any], out: Path) -> Path:
-    """Write a result record as strict JSON (no NaN), atomically (temp file beside ``out``, then rename)."""
-    return write_atomic_json(Path(out), record)
-
-
 def _strict_record(record: dict[str, Any]) -> dict[str, Any]:
     """The record as strict JSON: every metric a finite number or ``None`` with its reason in
     ``null_reasons``, and any other NaN or infinity (in per-item outputs) ``None``."""
@@ -162,6 +184,157 @@ def _strict_record(record: dict[str, Any]) -> dict[str, Any]:
     return strict_json(record | {"metrics": metrics, "null_reasons": reasons})
 
 
+def run_many(
+    names: list[str], cfg: EvalConfig, *, use_cache: bool = True, progress: bool = True
+) -> list[dict[str, Any]]:
+    """Evaluate several metrics on one model load (unmerged, so every metric can use it).
+
+    Data, split and limit errors of every metric are reported before the model loads.
+
+    Returns:
+        One record per name, as :func:`run_eval` returns it.
+    """
+    metrics = [_metric(name) for name in names]
+    known = {f for m in metrics for f in {**m.fields, **m.optional_fields}}
+    unknown = sorted(set(cfg.fields) - known)
+    if unknown:
+        raise ConfigError(f"no metric of {', '.join(names)} reads field(s) {', '.join(unknown)}")
+    configs = []
+    for metric in metrics:  # each metric takes the --field mappings it reads
+        accepted = {**metric.fields, **metric.optional_fields}
+        own = cfg.model_copy(update={"fields": {k: v for k, v in cfg.fields.items() if k in accepted}})
+        _load_items(metric, own, own.data or metric.default_data)  # data errors before the load
+        configs.append(own)
+    subject = None
+    records = []
+    for name, own in zip(names, configs, strict=True):
+        if subject is None and not (use_cache and _cached(name, own)):
+            subject = load_subject(cfg.model, cfg.adapter, dtype=cfg.dtype, device=cfg.device)
+        records.append(run_eval(name, own, use_cache=use_cache, progress=progress, subject=subject))
+    return records
+
+
+# Metrics whose answers a judge scores: `excise eval judge` re-scores their saved generations.
+JUDGED = ("toxicity", "harmful-rate", "truthfulqa-gen")
+_PROMPT_KEYS = ("prompt", "instruction", "question")
+
+
+def judge_saved(
+    generations: Path,
+    judge: str | None,
+    judge_options: list[str],
+    *,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score the answers saved in a result file with another judge, loading only the tokenizer.
+
+    The prompts are rebuilt from the record's own data and settings and must match the saved ones.
+
+    Raises:
+        DataError: the file is not a result of a judged metric, or its data changed since.
+    """
+    from excise.evaluate.judges import parse_options
+
+    path = Path(generations)
+    try:
+        saved = json.loads(path.read_text())
+        name, settings, items = saved["metric"], dict(saved["settings"]), saved["items"]
+    except FileNotFoundError as err:
+        raise DataError(f"--generations {path} not found") from err
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(
+            f"--generations {path} is not an excise eval result file ({first_line(err)})"
+        ) from err
+    if name not in JUDGED:
+        raise DataError(
+            f"--generations {path} holds {name!r} results; judged metrics are: {', '.join(JUDGED)}"
+        )
+    answers = [it.get("response", it.get("answer")) for it in items]
+    if not answers or not all(isinstance(a, str) for a in answers):
+        raise DataError(f"--generations {path}: its items hold no saved answers")
+    settings |= {"judge": judge, "judge_options": parse_options(judge_options), "split": saved.get("split")}
+    record = run_eval(name, EvalConfig(**settings), use_cache=use_cache, progress=progress, answers=answers)
+    if _prompts(record["items"]) != _prompts(items):
+        raise DataError(
+            f"--generations {path}: the prompts of {settings['data'] or 'the default data'} differ from the "
+            "saved ones (the data changed since); regenerate with excise eval " + name
+        )
+    return record | {"generations_from": str(path)}
+
+
+def _prompts(items: list[dict[str, Any]]) -> list[Any]:
+    return [next((it[k] for k in _PROMPT_KEYS if k in it), None) for it in items]
+
+
+def plan(name: str, cfg: EvalConfig, *, use_cache: bool = True) -> str:
+    """One line saying what a run will do (metric, items, split, batch size) before the model loads.
+
+    Raises:
+        ConfigError, DataError: as :func:`run_eval` would, only sooner.
+    """
+    from excise.evaluate.report import data_line
+
+    metric = _metric(name)
+    items, summary = _load_items(metric, cfg, cfg.data or metric.default_data)
+    cached = " (cached: no model needed)" if use_cache and _cached(name, cfg) else ""
+    return (
+        f"plan: {metric.name} on {len(items)} items; {data_line(summary)}; batch size {cfg.batch_size}"
+        f"{cached}; the progress bar estimates the time left from its first batch"
+    )
+
+
+def _cached(name: str, cfg: EvalConfig) -> bool:
+    """Whether ``run_eval(name, cfg)`` would be read from the cache (no model needed)."""
+    metric = _metric(name)
+    spec = cfg.data or metric.default_data
+    _, summary = _load_items(metric, cfg, spec)
+    judge_spec = (cfg.judge or metric.default_judge) if _uses_judge(metric, cfg) else None
+    return read_cached(cache_key(_payload(metric, cfg, spec, summary["split"], judge_spec))) is not None
+
+
+def write_result(record: dict[str, Any], out: Path, *, overwrite: bool = True) -> Path:
+    """Write a result record as strict JSON (no NaN), atomically (temp file beside ``out``, then rename).
+
+    Raises:
+        ConfigError: ``out`` exists and ``overwrite`` is False.
+    """
+    check_result_path(out, overwrite=overwrite)
+    return write_atomic_json(Path(out), record)
+
+
+def check_result_path(out: Path, *, overwrite: bool) -> None:
+    """Refuse to replace an existing result file unless asked (as ``ops`` and ``train`` do)."""
+    out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give a result file path such as {out / 'result.json'}")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"result file {out} exists; pass --overwrite to replace it")
+
+
+def resolve_split(metric: Metric, cfg: EvalConfig, spec: str) -> str:
+    """The split a run uses: ``--split`` if given; else ``eval`` only where the data may have been
+    trained on (the metric's own default data, or a file named in the adapter's
+    ``train_config.json``); any other file is used whole (``all``)."""
+    if cfg.split:
+        return cfg.split
+    if metric.default_split != "eval" or spec == metric.default_data:
+        return metric.default_split
+    return "eval" if _trained_on(cfg.adapter, spec) else "all"
+
+
+def _trained_on(adapter: Path | None, spec: str) -> bool:
+    """Whether the adapter's recorded training data (its ``train_config.json``, or the records
+    an ``excise ops`` result carries) names the file ``spec``."""
+    if adapter is None:
+        return False
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        return False
+    wanted = str(path.resolve())
+    return any(record.get("data") == wanted for record in recorded_training_data(Path(adapter)))
+
+
 def load_items(metric: Metric, cfg: EvalConfig, spec: str) -> list[dict[str, Any]]:
     """The metric's items from ``spec``: fields mapped to canonical names, split, de-duplicated, limited.
 
@@ -170,14 +343,21 @@ def load_items(metric: Metric, cfg: EvalConfig, spec: str) -> list[dict[str, Any
 
     Raises:
         ConfigError: ``--field`` names a field the metric does not use.
-        DataError: the data is missing or empty, a row lacks a required field (the message names
-            the row's own columns), or nothing is left after the split.
+        DataError: the data is missing or empty, a row lacks a required field, or nothing is
+            left after the split.
     """
     return _load_items(metric, cfg, spec)[0]
 
 
-def _load_items(metric: Metric, cfg: EvalConfig, spec: str) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """:func:`load_items`, and the column each field was read from."""
+def _load_items(metric: Metric, cfg: EvalConfig, spec: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """:func:`load_items` and a summary: rows read, split, rows kept, the column each field
+    was read from, columns ignored.
+
+    Raises:
+        ConfigError: ``--field`` names a field the metric does not use.
+        DataError: the data is missing or empty, a row lacks a required field, or nothing is
+            left after the split.
+    """
     accepted = {**metric.fields, **metric.optional_fields}
     unknown = sorted(set(cfg.fields) - set(accepted))
     if unknown:
@@ -189,12 +369,20 @@ def _load_items(metric: Metric, cfg: EvalConfig, spec: str) -> tuple[list[dict[s
     columns = {name: _column(metric, cfg, name, rows[0]) for name in accepted}
     _require_columns(rows, metric, cfg, columns, where=where)
     items = [{name: row.get(col) for name, col in columns.items()} for row in rows]
-    split = cfg.split or metric.default_split
+    n_read = len(items)
+    used = set(columns.values())
+    ignored: dict[str, int] = {}
+    for row in rows:
+        for col, value in row.items():
+            if col not in used and value not in (None, "", [], {}):
+                ignored[col] = ignored.get(col, 0) + 1
+    split = resolve_split(metric, cfg, spec)
     if split == "eval":
         items = [it for it in items if assign_split(str(it[metric.prompt_field])) == "eval"]
+    n_split = len(items)
     if metric.dedupe:
         seen: set[str] = set()
-        unique = []
+        unique: list[dict[str, Any]] = []
         for it in items:
             k = prompt_key(str(it[metric.prompt_field]))
             if k not in seen:
@@ -203,7 +391,17 @@ def _load_items(metric: Metric, cfg: EvalConfig, spec: str) -> tuple[list[dict[s
         items = unique
     if not items:
         raise DataError(f"{where}: no items left after the {split!r} split; pass --split all or other data")
-    return (items[: cfg.limit] if cfg.limit else items), columns
+    items = items[: cfg.limit] if cfg.limit else items
+    summary = {
+        "split": split,
+        "rows_read": n_read,
+        "after_split": n_split,
+        "duplicates_dropped": n_split - len(unique) if metric.dedupe else 0,
+        "kept": len(items),
+        "columns": columns,
+        "ignored_columns": ignored,
+    }
+    return items, summary
 
 
 def _candidates(metric: Metric, cfg: EvalConfig, name: str) -> tuple[str, ...]:
@@ -251,6 +449,21 @@ def _require_columns(
 
 def _empty(value: Any, allow_empty: bool) -> bool:
     return value is None or (not allow_empty and isinstance(value, str) and not value.strip())
+
+
+def _payload(metric: Metric, cfg: EvalConfig, spec: str, split: str, judge: Any) -> dict[str, Any]:
+    """What a result depends on: its cache key is the hash of this."""
+    return {
+        "metric": metric.name,
+        "model": model_identity(cfg.model),
+        "adapter": adapter_identity(cfg.adapter),
+        "reference": model_identity(cfg.reference) if cfg.reference else None,
+        "data": _data_identity(spec),
+        "settings": cfg.settings(),
+        "split": split,
+        "judge": judge if judge is None or isinstance(judge, str) else judge_record(judge),
+        "excise": __version__,
+    }
 
 
 def _metric(name: str) -> Metric:

@@ -19,6 +19,7 @@ import torch
 from excise.data import file_sha256 as file_digest  # SHA-256 of a file's bytes
 from excise.errors import AdapterError, ModelLoadError, first_line
 from excise.models import load_model, load_tokenizer, resolve_model
+from excise.models.adapter_fit import check_adapter_fits, loading_error_line, require_adapter_folder
 
 __all__ = ["Subject", "adapter_identity", "file_digest", "load_subject", "model_identity", "pick_device"]
 
@@ -78,19 +79,19 @@ def load_subject(
         AdapterError: the adapter folder is missing or does not fit the base model.
     """
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    if adapter is not None:
+        check_adapter_fits(model, adapter)  # before the slow load, naming the module that differs
     base = load_model(model, dtype=torch_dtype, device=pick_device(device))
     tokenizer = load_tokenizer(model, padding_side="left")
     if adapter is None:
         return Subject(base, tokenizer, model, None, merged=False)
     adapter = Path(adapter)
-    if not (adapter / "adapter_config.json").is_file():
-        raise AdapterError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
     from peft import PeftModel
 
     try:
         wrapped = PeftModel.from_pretrained(base, str(adapter))
     except (OSError, ValueError, RuntimeError, KeyError) as err:
-        raise AdapterError(f"cannot apply adapter {adapter} to {model}: {first_line(err)}") from err
+        raise AdapterError(f"cannot apply adapter {adapter} to {model}: {loading_error_line(err)}") from err
     wrapped.eval()
     if merge:
         return Subject(wrapped.merge_and_unload().eval(), tokenizer, model, adapter, merged=True)
@@ -123,8 +124,6 @@ def adapter_identity(adapter: Path | None) -> dict[str, Any] | None:
     """Path and SHA-256 of each file of an adapter folder (config and weights)."""
     if adapter is None:
         return None
-    adapter = Path(adapter)
-    if not (adapter / "adapter_config.json").is_file():
-        raise AdapterError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
+    adapter = require_adapter_folder(adapter)
     files = {p.name: file_digest(p) for p in sorted(adapter.iterdir()) if p.is_file()}
     return {"path": str(adapter.resolve()), "sha256": files}

@@ -9,7 +9,10 @@ Pure functions on token ids or strings, no model:
 - :func:`bleu` and :func:`rouge` are lm-evaluation-harness's TruthfulQA-generation scorers
   (``lm_eval/tasks/truthfulqa/utils.py``, t5-style sentence BLEU and ROUGE F-measures ×100);
   :func:`reference_scores` is its max-over-true vs max-over-false rule.
-- :func:`rouge_l` is the ROUGE-L F-measure of two strings, in [0, 1] (SKU similarity).
+- :func:`rouge_l` is the ROUGE-L F-measure of two strings, in [0, 1] (SKU similarity). Text
+  without a single word (emoji, symbols, empty) has no ``rouge_score`` token, which made two
+  identical emoji-only answers score 0; such pairs are compared by their whitespace-separated
+  chunks instead, so identical answers always score 1.
 """
 
 from __future__ import annotations
@@ -72,11 +75,33 @@ def rouge(reference: str, prediction: str) -> dict[str, float]:
     return {name: score.fmeasure * 100 for name, score in scores.items()}
 
 
-def rouge_l(reference: str, prediction: str) -> float:
-    """ROUGE-L F-measure in [0, 1] (whitespace/alphanumeric tokens, as ``rouge_score`` does)."""
+class _Chunks:
+    """``rouge_score`` tokenizer for word-less text: lower-cased whitespace-separated chunks."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return text.lower().split()
+
+
+@lru_cache(maxsize=2)
+def _rouge_l_scorer(chunks: bool) -> Any:
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(["rougeL"]).score(reference, prediction)["rougeL"].fmeasure
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=_Chunks() if chunks else None)
+
+
+def rouge_l(reference: str, prediction: str) -> float:
+    """ROUGE-L F-measure in [0, 1] (alphanumeric tokens, as ``rouge_score`` does).
+
+    When either side has no such token (emoji, symbols, nothing), both sides are compared by
+    their whitespace-separated chunks; two answers with no chunk at all (both empty) score 1.
+    """
+    from rouge_score import tokenize
+
+    if tokenize.tokenize(reference, None) and tokenize.tokenize(prediction, None):
+        return float(_rouge_l_scorer(False).score(reference, prediction)["rougeL"].fmeasure)
+    if not reference.split() and not prediction.split():
+        return 1.0
+    return float(_rouge_l_scorer(True).score(reference, prediction)["rougeL"].fmeasure)
 
 
 def reference_scores(prediction: str, correct: Sequence[str], incorrect: Sequence[str]) -> dict[str, float]:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from excise.errors import AdapterError, ConfigError
+from excise.models.adapter_fit import check_adapter_fits, loading_error_line, require_adapter_folder
 from excise.models.loading import load_model, load_tokenizer
 
 __all__ = ["merge_adapter"]
@@ -55,16 +56,13 @@ def merge_adapter(
             a file.
         ModelLoadError: the base model or tokenizer cannot be loaded.
     """
-    adapter, out = Path(adapter), Path(out)
-    if not adapter.is_dir():
-        raise AdapterError(f"adapter folder {adapter} does not exist")
-    if not (adapter / "adapter_config.json").is_file():
-        raise AdapterError(f"{adapter} has no adapter_config.json; is it a PEFT adapter folder?")
+    adapter, out = require_adapter_folder(adapter), Path(out)
     if out.is_file():
         raise ConfigError(f"output {out} is a file; pass a folder path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"output folder {out} is not empty; pass overwrite=True to replace it")
 
+    check_adapter_fits(base, adapter)  # before loading, naming the module whose shapes differ
     from peft import PeftModel  # after the cheap checks: importing peft takes seconds
 
     model = load_model(base, dtype=dtype)
@@ -74,7 +72,9 @@ def merge_adapter(
     except (ValueError, KeyError, RuntimeError) as err:
         # Wrong target modules (ValueError) or shape mismatch (RuntimeError) mean the
         # adapter was trained on another architecture: a user error, not a bug.
-        raise AdapterError(f"adapter {adapter} does not fit base {base!r}: {_summary(err)}") from err
+        raise AdapterError(
+            f"adapter {adapter} does not fit base {base!r}: {loading_error_line(err)}"
+        ) from err
     merged = peft_model.merge_and_unload()
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -95,22 +95,6 @@ def merge_adapter(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _summary(err: Exception) -> str:
-    """One informative line of a (possibly multi-line) loading error.
-
-    torch's ``load_state_dict`` puts only a header on the first line ("Error(s) in
-    loading state_dict for PeftModel:") and one line per mismatched tensor below it,
-    so the first detail line is kept, with a count of the rest.
-    """
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(err).__name__
-    if lines[0].endswith(":") and len(lines) > 1:
-        more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
-        return f"{lines[1]}{more}"
-    return lines[0]
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

@@ -49,6 +49,7 @@ import os
 import random
 import resource
 import shutil
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -61,7 +62,7 @@ from tqdm.auto import tqdm
 from excise.errors import ConfigError
 from excise.pem.io import atomic_output_dir
 
-__all__ = ["SCHEDULES", "TrainReport", "TrainSettings", "new_accelerator", "train"]
+__all__ = ["SCHEDULES", "TrainReport", "TrainSettings", "check_output", "new_accelerator", "train"]
 
 SCHEDULES = ("constant", "linear", "cosine")
 _HF_SCHEDULE = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -180,6 +181,7 @@ def train(
     accelerator: Any = None,
     progress: bool = True,
     desc: str = "train",
+    on_step: Callable[[int, Any], Mapping[str, float]] | None = None,
 ) -> TrainReport:
     """Train ``model`` and write the result to ``out_dir`` (see the module docstring).
 
@@ -197,6 +199,9 @@ def train(
         accelerator: an ``accelerate.Accelerator``; a new one if None.
         progress: show a progress bar (main process only).
         desc: the progress bar's label.
+        on_step: called after each optimizer step with ``(step, model)`` (1-based step, the
+            unwrapped model); the values it returns join that step's log record (e.g. a
+            validation loss, :func:`excise.train.sft.validation_hook`).
 
     Returns:
         A :class:`TrainReport`.
@@ -264,6 +269,8 @@ def train(
         unit="step",
         disable=not (progress and accelerator.is_main_process),
     )
+    if not bar.disable:
+        bar.write(_plan(settings, total, start_step, world, config), file=sys.stderr)
     running: float | None = None
     for step in range(start_step, total):
         t0 = time.perf_counter()
@@ -307,7 +314,11 @@ def train(
             settings.grad_accum,
             time.perf_counter() - t0,
         )
+        if on_step is not None:
+            record |= {k: float(v) for k, v in on_step(step + 1, raw).items()}
         log.append(record)
+        if step == start_step and not bar.disable and total > step + 1:
+            bar.write(_estimate(record["seconds"], total - step - 1), file=sys.stderr)
         running = record["loss"] if running is None else 0.9 * running + 0.1 * record["loss"]
         bar.update(1)
         if (step + 1) % settings.log_every == 0 or step + 1 == total:
@@ -385,6 +396,31 @@ def new_accelerator() -> Any:
     from accelerate import Accelerator
 
     return Accelerator(cpu=_multi_process_cpu())
+
+
+def _plan(
+    settings: TrainSettings, total: int, start: int, world: int, config: Mapping[str, Any] | None
+) -> str:
+    """One line before training: steps, examples per step, data size, checkpoints."""
+    per_step = settings.batch_size * settings.grad_accum * world
+    text = f"plan: {total - start} steps" + (f" (resuming after {start})" if start else "")
+    text += f", {per_step} examples each ({settings.batch_size} x {settings.grad_accum} accumulated"
+    text += f" x {world} processes)" if world > 1 else ")"
+    n = (config or {}).get("n_examples")
+    if isinstance(n, int) and n:
+        text += f", from {n} examples ({total * per_step / n:.2g} epochs)"
+    if settings.save_every and settings.save_every < total:
+        text += f"; a checkpoint every {settings.save_every} steps (--resume continues)"
+    return text
+
+
+def _estimate(seconds: float, steps_left: int) -> str:
+    """``first step: 5.2 s; about 8.6 min for the 99 steps left``."""
+    left = seconds * steps_left
+    when = (
+        f"{left / 3600:.1f} h" if left >= 3600 else f"{left / 60:.1f} min" if left >= 60 else f"{left:.0f} s"
+    )
+    return f"first step: {seconds:.1f} s; about {when} for the {steps_left} steps left"
 
 
 def _multi_process_cpu() -> bool:
@@ -484,6 +520,15 @@ def _fingerprint(
     shared = {k: v for k, v in asdict(settings).items() if k not in _FREE_ON_RESUME}
     payload = {"settings": shared, "config": dict(config or {}), "processes": world, "total_steps": total}
     return json.loads(json.dumps(payload, default=str))
+
+
+def check_output(out: str | Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse an occupied ``out`` (or a resume with nothing to resume) before anything is loaded.
+
+    Raises:
+        ConfigError: as :func:`train` would, only sooner.
+    """
+    _prepare_out_dir(Path(out), resume=resume, overwrite=overwrite)
 
 
 def _prepare_out_dir(out: Path, *, resume: bool, overwrite: bool) -> Path | None:

@@ -15,7 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from excise.train.loop import TrainSettings
 from excise.train.lora import LoraSettings
 
-__all__ = ["TrainOptions"]
+__all__ = ["DEFAULT_SAVE_EVERY", "TrainOptions"]
+
+# A LoRA checkpoint (adapter + AdamW state) is a few MB: cheap enough to keep a resumable run by default.
+DEFAULT_SAVE_EVERY = 25
 
 
 class TrainOptions(BaseModel):
@@ -48,7 +51,12 @@ class TrainOptions(BaseModel):
         description="Recompute each decoder layer's activations in the backward (less memory, ~1/3 more "
         "compute); the no-grad reference forward of KL terms is not checkpointed.",
     )
-    save_every: int | None = Field(None, ge=1)
+    save_every: int | None = Field(
+        None,
+        ge=0,
+        description=f"Checkpoint every N steps; None: every {DEFAULT_SAVE_EVERY} for a LoRA, "
+        "never for full weights (each would hold the whole model); 0: never.",
+    )
     resume: bool = False
     overwrite: bool = False
 
@@ -64,5 +72,12 @@ class TrainOptions(BaseModel):
             steps=steps, epochs=epochs, batch_size=self.batch_size, grad_accum=self.grad_accum,
             lr=self.lr, schedule=self.schedule, warmup_steps=self.warmup_steps,
             weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm, seed=self.seed,
-            bf16=self.bf16, save_every=self.save_every,
+            bf16=self.bf16, save_every=self.checkpoint_every,
         )  # fmt: skip
+
+    @property
+    def checkpoint_every(self) -> int | None:
+        """Steps between checkpoints (None: none), the default resolved."""
+        if self.save_every is None:
+            return None if self.full else DEFAULT_SAVE_EVERY
+        return self.save_every or None

@@ -32,14 +32,24 @@ from excise.data import (
     select_split,
     training_data_record,
 )
+from excise.errors import DataError
 from excise.models import load_model, load_tokenizer, resolve_model
-from excise.train.loop import TrainReport, TrainSettings, train
+from excise.train.loop import TrainReport, TrainSettings, check_output, train
 from excise.train.lora import attach_lora, enable_activation_checkpointing, save_trained, unfreeze_all
-from excise.train.nll import response_nll
+from excise.train.nll import response_logprobs, response_nll
 from excise.train.options import TrainOptions
 from excise.train.packing import collate_packed, pack
 
-__all__ = ["FORMATS", "SftConfig", "epoch_batches", "load_examples", "run", "sft_micro_batches"]
+__all__ = [
+    "FORMATS",
+    "SftConfig",
+    "epoch_batches",
+    "load_examples",
+    "run",
+    "sft_micro_batches",
+    "validation_hook",
+    "validation_loss",
+]
 
 
 def _instruction(spec: str, fields: dict[str, str], limit: int | None) -> list[Example]:
@@ -97,6 +107,14 @@ class SftConfig(TrainOptions):
     )
     steps: int | None = Field(None, ge=1)
     epochs: float | None = Field(None, gt=0)
+    eval_data: str | None = Field(
+        None,
+        description="Validation data (same format and fields as `data`); its loss is logged as val_loss.",
+    )
+    eval_every: int = Field(
+        25, ge=1, description="Steps between validation losses (and after the last step)."
+    )
+    eval_limit: int = Field(100, ge=1, description="Validation examples used (the first N).")
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> SftConfig:
@@ -198,6 +216,48 @@ def _data_side(cfg: SftConfig) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def validation_loss(model: Any, batches: Sequence[dict[str, torch.Tensor]]) -> float:
+    """Mean NLL per response token over ``batches`` (eval mode, no gradients, mode restored)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                logprobs, mask = response_logprobs(model, {k: v.to(device) for k, v in batch.items()})
+                total -= float(logprobs.sum())
+                count += int(mask.sum())
+    finally:
+        model.train(was_training)
+    return total / count
+
+
+def validation_hook(
+    batches: Sequence[dict[str, torch.Tensor]], every: int, total: int
+) -> Callable[[int, Any], dict[str, float]]:
+    """``on_step`` for :func:`~excise.train.loop.train`: ``val_loss`` every ``every`` steps and at the end."""
+
+    def on_step(step: int, model: Any) -> dict[str, float]:
+        if step % every and step != total:
+            return {}
+        return {"val_loss": validation_loss(model, batches)}
+
+    return on_step
+
+
+def _validation_batches(cfg: SftConfig, tokenizer: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """The validation examples of ``cfg.eval_data``, encoded like the training ones, in batches."""
+    examples = FORMATS[cfg.format](cfg.eval_data, dict(cfg.fields), cfg.eval_limit)
+    encoded, _ = encode_examples(
+        tokenizer, examples, cfg.resolved_template, system=cfg.system, max_length=cfg.max_length
+    )
+    if not encoded:
+        raise DataError(f"--eval-data {cfg.eval_data}: no example left to validate on")
+    pad = pad_id_of(tokenizer)
+    return [collate(encoded[i : i + batch_size], pad) for i in range(0, len(encoded), batch_size)]
+
+
 def run(cfg: SftConfig, *, progress: bool = True, accelerator: Any = None) -> TrainReport:
     """Train one adapter as ``cfg`` says and write it to ``cfg.out``.
 
@@ -211,6 +271,7 @@ def run(cfg: SftConfig, *, progress: bool = True, accelerator: Any = None) -> Tr
         ModelLoadError: the base model cannot be loaded.
     """
     settings, lora = cfg.train_settings(), cfg.lora_settings()
+    check_output(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)  # before the slow loads
     torch.manual_seed(cfg.seed)
 
     # Data: the split side, encoded once (prompt / response boundary exact, see excise.data).
@@ -223,6 +284,10 @@ def run(cfg: SftConfig, *, progress: bool = True, accelerator: Any = None) -> Tr
         encoded, settings.batch_size, pad_id_of(tokenizer), cfg.seed,
         group_by_length=cfg.group_by_length, packing=cfg.max_length if cfg.packing else None,
     )  # fmt: skip
+    on_step = None
+    if cfg.eval_data is not None:
+        batches = _validation_batches(cfg, tokenizer, settings.batch_size)
+        on_step = validation_hook(batches, cfg.eval_every, settings.total_steps(per_epoch))
 
     # Model: fresh adapter, initialised from the seed (same init for expert and anti-expert).
     model = load_model(cfg.base)
@@ -258,4 +323,5 @@ def run(cfg: SftConfig, *, progress: bool = True, accelerator: Any = None) -> Tr
         accelerator=accelerator,
         progress=progress,
         desc=f"sft {cfg.out.name}",
+        on_step=on_step,
     )

@@ -52,7 +52,7 @@ from excise.data import (
 )
 from excise.errors import ConfigError, DataError
 from excise.models import load_model, load_tokenizer, resolve_model
-from excise.train.loop import TrainReport, TrainSettings, new_accelerator, train
+from excise.train.loop import TrainReport, TrainSettings, check_output, new_accelerator, train
 from excise.train.lora import attach_lora, enable_activation_checkpointing, save_trained, unfreeze_all
 from excise.train.losses import Reference, adapter_disabled_reference, frozen_model_reference
 from excise.train.mismatch import MismatchSampler
@@ -343,6 +343,7 @@ def run_objective(
         raise ConfigError("every loss term has weight 0: nothing to train")
     streams = [s for s in STREAMS if any(t.stream == s for t in terms)]
     settings = cfg.train_settings()
+    check_output(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)  # before the slow loads
     torch.manual_seed(cfg.seed)
 
     # Data: the split side of each file, encoded once; K checked against the data now.

@@ -38,8 +38,14 @@ def test_cli_writes_result_and_uses_cache(tmp_path, monkeypatch, capsys):
     assert _main(monkeypatch, *args) == 0
     record = json.loads(out.read_text())
     assert record["metric"] == "repetition" and record["n_items"] == 2 and len(record["items"]) == 2
-    assert f"wrote {out}" in capsys.readouterr().out
-    assert _main(monkeypatch, *args) == 0
+    printed = capsys.readouterr()
+    assert f"wrote {out}" in printed.out
+    assert "plan: repetition on 2 items; split all: 2 of 2 rows kept; batch size 16" in printed.err
+    before = out.read_text()
+    assert _main(monkeypatch, *args) == 2  # an existing result is not replaced silently
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: result file {out} exists; pass --overwrite") and out.read_text() == before
+    assert _main(monkeypatch, *args, "--overwrite") == 0
     assert "cache" in capsys.readouterr().err
     assert not list(out.parent.glob(".*tmp"))  # no temp file left beside the result
 
@@ -82,3 +88,60 @@ def test_cli_utility_without_adapter_or_reference_is_refused(tmp_path, monkeypat
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: utility without --adapter needs --reference MODEL")
     assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_cli_multi_and_judge(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("EXCISE_CACHE", str(tmp_path / "cache"))
+    model = save_tiny_model(tmp_path / "tiny")
+    data = tmp_path / "p.json"
+    data.write_text(
+        json.dumps(
+            [{"prompt": "How to a?", "instruction": "Say a."}, {"prompt": "How?", "instruction": "B."}]
+        )
+    )
+    common = [
+        "--base",
+        str(model),
+        "--data",
+        str(data),
+        "--max-new-tokens",
+        "3",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    ]
+    assert (
+        _main(
+            monkeypatch,
+            "eval",
+            "multi",
+            "--metrics",
+            "repetition,harmful-rate",
+            "--out-dir",
+            str(tmp_path / "r"),
+            *common,
+        )
+        == 0
+    )
+    assert {p.name for p in (tmp_path / "r").iterdir()} == {"repetition.json", "harmful-rate.json"}
+    err = capsys.readouterr().err
+    assert "± stderr" in err and "split all: 2 of 2 rows kept" in err
+    out = tmp_path / "judged.json"
+    args = ["eval", "judge", "--generations", str(tmp_path / "r" / "harmful-rate.json"), "--judge", "refusal"]
+    assert _main(monkeypatch, *args, "--out", str(out)) == 0
+    judged = json.loads(out.read_text())
+    saved = json.loads((tmp_path / "r" / "harmful-rate.json").read_text())
+    assert [it["response"] for it in judged["items"]] == [it["response"] for it in saved["items"]]
+    assert judged["judge"]["name"] == "refusal"
+    code = _main(
+        monkeypatch,
+        "eval",
+        "multi",
+        "--metrics",
+        "repetition,nope",
+        "--out-dir",
+        str(tmp_path / "r"),
+        *common,
+    )
+    assert code == 2 and "unknown nope; choose from: truthfulqa-mc" in capsys.readouterr().err

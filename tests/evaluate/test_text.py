@@ -46,3 +46,13 @@ def test_reference_scores_equal_lm_eval(answer):
     assert set(got) == set(expected)
     for key, value in expected.items():
         assert got[key] == pytest.approx(float(value), abs=1e-9), key
+
+
+def test_rouge_l_of_text_without_words():
+    """Identical answers score 1 even without a word (before: emoji-only answers scored 0 against
+    themselves, so the base model's similarity to itself came out below 1)."""
+    assert rouge_l("😀😀", "😀😀") == 1.0
+    assert rouge_l("", "") == 1.0 and rouge_l("  ", "") == 1.0
+    assert rouge_l("😀 🎉", "😀") == pytest.approx(2 / 3)  # chunks: LCS 1, P 1, R 1/2
+    assert rouge_l("Hello there", "🎉") == 0.0 and rouge_l("hi", "") == 0.0
+    assert rouge_l("Hi, there!", "hi there") == 1.0  # text with words: rouge_score's tokens, unchanged

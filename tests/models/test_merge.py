@@ -100,8 +100,14 @@ def test_merged_model_gives_the_peft_logits(models, tmp_path):
 def test_adapter_for_another_shape_is_refused(models, tmp_path):
     out = tmp_path / "merged"
     result = _merge(models, out, adapter=models["wrong"])
-    # The shape detail, not just torch's header line "Error(s) in loading state_dict for PeftModel:".
-    _assert_one_line_error(result, "does not fit base", "size mismatch", "torch.Size([4, 32])", "more)")
+    # The module and both shapes, found before loading (not torch's "Error(s) in loading state_dict").
+    _assert_one_line_error(
+        result,
+        "does not fit base",
+        "made for",
+        "maps 96 -> 64 features in the base, 48 -> 32 in the adapter",
+        "more)",
+    )
     _assert_no_output(out)
 
 
@@ -112,7 +118,7 @@ def test_missing_adapter(models, tmp_path, case):
         adapter.mkdir()
         (adapter / "adapter_model.safetensors").write_bytes(b"")
     out = tmp_path / "merged"
-    message = "does not exist" if case == "missing folder" else "no adapter_config.json"
+    message = "not found" if case == "missing folder" else "no adapter_config.json"
     _assert_one_line_error(_merge(models, out, adapter=adapter), message)
     _assert_no_output(out)
 

@@ -104,10 +104,10 @@ def test_sft_text_format_uses_plain_template(monkeypatch, capsys, tiny_model_dir
         (["--field", "answer=right_answer"], "error: unknown field name(s) answer"),
         (["--field", "expert=nope"], "lacks field(s) nope"),
         (["--target-modules", "nonexistent_proj"], "error: cannot attach LoRA"),
-        (["--format", "dialogue"], "error: 1 validation error for SftConfig"),
-        (["--split", "test"], "error: 1 validation error for SftConfig"),
+        (["--format", "dialogue"], "error: --format: 'dialogue' is not one of: instruction, paired-expert"),
+        (["--split", "test"], "error: --split: 'test' is not one of: train, judge, eval, all"),
         (["--steps", "2", "--epochs", "1"], "give --steps or --epochs, not both"),
-        (["--lr", "-1"], "error: 1 validation error for SftConfig"),
+        (["--lr", "-1"], "error: --lr: Input should be greater than 0"),
     ],
 )
 def test_sft_errors_are_one_line(monkeypatch, capsys, tiny_model_dir, qa_file, tmp_path, extra, message):

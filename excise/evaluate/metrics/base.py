@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from excise.errors import ConfigError
+from excise.errors import ConfigError, DataError
+from excise.evaluate.cache import cache_key, read_generations, write_generations
 from excise.evaluate.config import EvalConfig
 from excise.evaluate.scoring import Loglik, continuation_logliks
-from excise.evaluate.subject import Subject
+from excise.evaluate.subject import Subject, adapter_identity, model_identity, pick_device
 
 __all__ = [
     "SHARED_DATA",
     "EvalContext",
     "Metric",
     "MetricResult",
+    "NotCachedError",
     "answer_field",
     "generate_answers",
     "judge_scores",
@@ -28,6 +34,10 @@ __all__ = [
 SHARED_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
 
 
+class NotCachedError(Exception):
+    """Raised by :func:`generate_answers` under ``cached_only`` when the answers are not cached."""
+
+
 @dataclass
 class EvalContext:
     """One metric run's inputs: settings, the model, the items (canonical field names) and the judge."""
@@ -37,6 +47,9 @@ class EvalContext:
     items: list[dict[str, Any]]
     judge: Any = None  # a Judge (excise.evaluate.judges.base) for metrics that use one
     progress: bool = True
+    use_cache: bool = True  # read and write the generation cache
+    saved_answers: list[str] | None = None  # answers to judge instead of generating (`eval judge`)
+    cached_only: bool = False  # no model loaded: a generation cache miss raises NotCachedError
 
     @property
     def chat(self) -> bool:
@@ -45,13 +58,18 @@ class EvalContext:
 
 @dataclass
 class MetricResult:
-    """Aggregate numbers, per-item outputs and anything else worth recording."""
+    """Aggregate numbers, per-item outputs and anything else worth recording.
+
+    ``stderr`` holds the standard error of the metrics that are not the plain mean of a
+    same-named per-item value (those the runner computes itself, :func:`excise.evaluate.stats.item_stderrs`).
+    """
 
     metrics: dict[str, float | None]
     items: list[dict[str, Any]]
     extra: dict[str, Any] = field(default_factory=dict)
     # Why a metric is ``None``: nothing to average (every answer empty, no token to score…).
     null_reasons: dict[str, str] = field(default_factory=dict)
+    stderr: dict[str, float | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -108,22 +126,54 @@ def prompt_ids(ctx: EvalContext, text: str, *, system: str | None = None) -> lis
 
 
 def generate_answers(
-    ctx: EvalContext, prompts: Sequence[list[int]], *, model: Any = None, desc: str
+    ctx: EvalContext, prompts: Sequence[list[int]], *, base: bool = False, desc: str
 ) -> list[str]:
-    """Greedy answers (or sampled ones, seeded) of ``model`` (default: the subject) to token prompts."""
+    """Greedy answers (or sampled ones, seeded) of the subject (``base``: with its adapter off) to
+    token prompts; read from the generation cache when the same model, adapter, prompts and
+    settings made them before, or taken from ``ctx.saved_answers`` (``excise eval judge``)."""
     from excise.models.generation import GenerationSettings, generate
 
+    if ctx.saved_answers is not None and not base:
+        if len(ctx.saved_answers) != len(prompts):
+            raise DataError(
+                f"the saved generations hold {len(ctx.saved_answers)} answers for {len(prompts)} prompts"
+            )
+        return list(ctx.saved_answers)
     settings = GenerationSettings(
         max_new_tokens=ctx.cfg.max_new_tokens, batch_size=ctx.cfg.batch_size, seed=ctx.cfg.seed
     )
-    return generate(
-        ctx.subject.model if model is None else model,
-        ctx.subject.tokenizer,
-        prompts,
-        settings,
-        progress=ctx.progress,
-        desc=desc,
-    )
+    payload = _generation_payload(ctx, prompts, settings, base=base)
+    key = cache_key(payload)
+    if ctx.use_cache and (hit := read_generations(key)) is not None and len(hit) == len(prompts):
+        return hit
+    if ctx.cached_only:
+        raise NotCachedError(desc)
+    with ctx.subject.base_only() if base else contextlib.nullcontext(ctx.subject.model) as model:
+        answers = generate(model, ctx.subject.tokenizer, prompts, settings, progress=ctx.progress, desc=desc)
+    if ctx.use_cache:
+        write_generations(key, payload, answers)
+    return answers
+
+
+def _generation_payload(
+    ctx: EvalContext, prompts: Sequence[Sequence[int]], settings: Any, *, base: bool
+) -> dict[str, Any]:
+    """What an answer depends on: model, adapter (none for ``base``), dtype, device, prompts, settings."""
+    from excise import __version__
+
+    subject = ctx.subject
+    prompt_text = json.dumps([list(p) for p in prompts], separators=(",", ":"))
+    return {
+        "model": model_identity(ctx.cfg.model),
+        "adapter": None if base else adapter_identity(subject.adapter),
+        "merged": False if base else subject.merged,
+        "dtype": ctx.cfg.dtype,
+        "device": pick_device(ctx.cfg.device).type,  # without touching the model (maybe not loaded)
+        "settings": dataclasses.asdict(settings),
+        "prompts_sha256": hashlib.sha256(prompt_text.encode()).hexdigest(),
+        "n_prompts": len(prompts),
+        "excise": __version__,
+    }
 
 
 def answer_field(ctx: EvalContext, field: str, *, desc: str) -> tuple[list[str], list[str]]:

@@ -27,6 +27,7 @@ from excise.evaluate.metrics.base import (
     subject_logliks,
 )
 from excise.evaluate.scoring import encode_pair
+from excise.evaluate.stats import mean_stderr
 
 __all__ = ["INSTRUCTION", "METRIC", "SYSTEM"]
 
@@ -109,7 +110,16 @@ def run(ctx: EvalContext) -> MetricResult:
         "accuracy_hallucinated": hallucinated,
         "yes_rate": sum(it["right_says_yes"] + it["hallucinated_says_yes"] for it in items) / (2 * n),
     }
-    return MetricResult(metrics, items, {"protocol": "HaluEval QA judgement, Yes/No by log-likelihood"})
+    stderr = {
+        "accuracy": mean_stderr(
+            [((not it["right_says_yes"]) + it["hallucinated_says_yes"]) / 2 for it in items]
+        ),
+        "accuracy_right": mean_stderr([not it["right_says_yes"] for it in items]),
+        "accuracy_hallucinated": mean_stderr([it["hallucinated_says_yes"] for it in items]),
+        "yes_rate": mean_stderr([(it["right_says_yes"] + it["hallucinated_says_yes"]) / 2 for it in items]),
+    }
+    extra = {"protocol": "HaluEval QA judgement, Yes/No by log-likelihood"}
+    return MetricResult(metrics, items, extra, stderr=stderr)
 
 
 def _run_loss(ctx: EvalContext) -> MetricResult:
@@ -132,7 +142,9 @@ def _run_loss(ctx: EvalContext) -> MetricResult:
         items.append({"question": it["question"], "nll_right": -right, "nll_hallucinated": -hallucinated})
     n = len(items)
     metrics = {"accuracy": sum(it["nll_right"] < it["nll_hallucinated"] for it in items) / n}
-    return MetricResult(metrics, items, {"protocol": "Ext-Sub answer loss (right NLL < hallucinated NLL)"})
+    stderr = {"accuracy": mean_stderr([it["nll_right"] < it["nll_hallucinated"] for it in items])}
+    extra = {"protocol": "Ext-Sub answer loss (right NLL < hallucinated NLL)"}
+    return MetricResult(metrics, items, extra, stderr=stderr)
 
 
 METRIC = Metric(

@@ -19,6 +19,7 @@ from excise.evaluate.metrics.base import (
     answer_field,
     judge_scores,
 )
+from excise.evaluate.stats import mean_stderr
 
 __all__ = ["METRIC"]
 
@@ -32,7 +33,8 @@ def run(ctx: EvalContext) -> MetricResult:
     ]
     n = len(items)
     metrics = {"harmful_rate": sum(it["flagged"] for it in items) / n, "mean_score": sum(scores) / n}
-    return MetricResult(metrics, items)
+    stderr = {"harmful_rate": mean_stderr([it["flagged"] for it in items]), "mean_score": mean_stderr(scores)}
+    return MetricResult(metrics, items, stderr=stderr)
 
 
 METRIC = Metric(

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from excise.evaluate.metrics.base import SHARED_DATA, EvalContext, Metric, MetricResult
 from excise.evaluate.scoring import encode_text
+from excise.evaluate.stats import bootstrap_ratio_stderr
 
 __all__ = ["METRIC", "sliding_windows"]
 
@@ -75,7 +76,12 @@ def run(ctx: EvalContext) -> MetricResult:
         nulls = dict.fromkeys(("perplexity", "nll_per_token"), why)
         return MetricResult(dict.fromkeys(nulls), items, extra, nulls)
     metrics = {"perplexity": math.exp(total / count), "nll_per_token": total / count}
-    return MetricResult(metrics, items, extra)
+    nlls, counts = [it["nll"] for it in items], [it["scored_tokens"] for it in items]
+    stderr = {  # windows score disjoint tokens: resample them
+        "perplexity": bootstrap_ratio_stderr(nlls, counts, math.exp, seed=ctx.cfg.seed),
+        "nll_per_token": bootstrap_ratio_stderr(nlls, counts, seed=ctx.cfg.seed),
+    }
+    return MetricResult(metrics, items, extra, stderr=stderr)
 
 
 def _shape(w: tuple[int, int, int]) -> tuple[int, int]:

@@ -19,6 +19,7 @@ from excise.evaluate.metrics.base import (
     answer_field,
     judge_scores,
 )
+from excise.evaluate.stats import mean_stderr
 
 __all__ = ["METRIC", "TOXIC_THRESHOLD"]
 
@@ -38,7 +39,12 @@ def run(ctx: EvalContext) -> MetricResult:
         "toxic_share": sum(s > TOXIC_THRESHOLD for s in scores) / n,
         "judge_flagged_rate": sum(s > ctx.judge.threshold for s in scores) / n,
     }
-    return MetricResult(metrics, items)
+    stderr = {
+        "toxicity_mean": mean_stderr(scores),
+        "toxic_share": mean_stderr([s > TOXIC_THRESHOLD for s in scores]),
+        "judge_flagged_rate": mean_stderr([s > ctx.judge.threshold for s in scores]),
+    }
+    return MetricResult(metrics, items, stderr=stderr)
 
 
 METRIC = Metric(

@@ -35,6 +35,7 @@ from excise.evaluate.metrics.base import (
     prompt_ids,
     subject_logliks,
 )
+from excise.evaluate.stats import bootstrap_ratio_stderr, mean_stderr
 from excise.evaluate.text import distinct_share, rouge_l
 
 __all__ = ["METRIC"]
@@ -61,11 +62,11 @@ def run(ctx: EvalContext) -> MetricResult:
     answers = generate_answers(ctx, prompts, desc="utility")
     reference = _reference(ctx)
     if ctx.subject.adapter is not None:
-        with ctx.subject.base_only() as base:
-            base_answers = generate_answers(ctx, prompts, model=base, desc="utility (base)")
-            original = "base model (adapter off)"
-            if reference is None:
-                requests = [(p, _ids(tokenizer, a)) for p, a in zip(prompts, answers, strict=True)]
+        base_answers = generate_answers(ctx, prompts, base=True, desc="utility (base)")
+        original = "base model (adapter off)"
+        if reference is None:
+            requests = [(p, _ids(tokenizer, a)) for p, a in zip(prompts, answers, strict=True)]
+            with ctx.subject.base_only() as base:
                 nll = _nll(ctx, base, requests)
     else:  # check() made sure there is a reference: it answers with its own template
         ref_prompts = [prompt_ids(reference, t) for t in texts]
@@ -95,8 +96,16 @@ def run(ctx: EvalContext) -> MetricResult:
     }
     why = f"every one of the {len(items)} answers is empty: nothing to average"
     nulls = {k: why for k in ("diversity", "fluency_ppl", "fluency_ppl_mean") if metrics[k] is None}
+    stderr = {
+        "diversity": mean_stderr([it["diversity"] for it in scored]),
+        "fluency_ppl": bootstrap_ratio_stderr(
+            [it["nll"] for it in scored], [it["n_tokens"] for it in scored], math.exp, seed=ctx.cfg.seed
+        ),
+        "fluency_ppl_mean": mean_stderr([it["ppl"] for it in scored]),
+        "similarity": mean_stderr([it["similarity"] for it in items]),
+    }
     extra = {"reference_model": ctx.cfg.reference or ctx.cfg.model, "similarity_to": original}
-    return MetricResult(metrics, items, extra, nulls)
+    return MetricResult(metrics, items, extra, nulls, stderr=stderr)
 
 
 def _reference(ctx: EvalContext) -> EvalContext | None:
@@ -106,7 +115,10 @@ def _reference(ctx: EvalContext) -> EvalContext | None:
     from excise.evaluate.subject import load_subject
 
     subject = load_subject(ctx.cfg.reference, dtype=ctx.cfg.dtype, device=ctx.cfg.device)
-    return EvalContext(ctx.cfg, subject, ctx.items, progress=ctx.progress)
+    # Its own settings name it: the generation cache keys answers by cfg.model, and the
+    # reference's answers must never pass for the evaluated model's (or the other way round).
+    cfg = ctx.cfg.model_copy(update={"model": ctx.cfg.reference, "adapter": None, "reference": None})
+    return EvalContext(cfg, subject, ctx.items, progress=ctx.progress, use_cache=ctx.use_cache)
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:

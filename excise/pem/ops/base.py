@@ -76,21 +76,22 @@ def check_compatible(adapters: Sequence[Adapter], *, allow_partial: bool) -> Non
             )
         base_a = first.config.get("base_model_name_or_path")
         base_b = other.config.get("base_model_name_or_path")
-        if base_a and base_b and base_a != base_b:
-            warnings.warn(
-                f"adapters name different base models ({base_a!r} vs {base_b!r}); "
-                "continuing because their shapes agree",
-                ExciseWarning,
-                stacklevel=3,
-            )
+        named = f" (made for {base_a!r} and {base_b!r})" if base_a and base_b and base_a != base_b else ""
         shared = first.modules.keys() & other.modules.keys()
         for name in sorted(shared):
             sa, sb = _shape(first.modules[name]), _shape(other.modules[name])
             if sa != sb:
                 raise AdapterError(
                     f"module {name} has shape {sa} in {_where(first)} but {sb} in "
-                    f"{_where(other)}: the adapters were trained on different base models"
+                    f"{_where(other)}: the adapters were trained on different base models{named}"
                 )
+        if named:  # only now is it true that the shapes agree
+            warnings.warn(
+                f"adapters name different base models ({base_a!r} vs {base_b!r}); "
+                "continuing because their shapes agree",
+                ExciseWarning,
+                stacklevel=3,
+            )
         if not allow_partial and first.modules.keys() != other.modules.keys():
             only_a = sorted(first.modules.keys() - other.modules.keys())
             only_b = sorted(other.modules.keys() - first.modules.keys())
