@@ -412,15 +412,15 @@ def sweep(
     against λ = 0, the Pareto front, the chosen λ and the knee), the evaluation records and
     the two adapters W0 and D (the result at λ is W0 + λ·D). See docs/SWEEP.md.
     """
-    from excise.pipeline.sweep import SweepConfig, SweepMetric, parse_assignments, parse_floats
+    from excise.pipeline.sweep import build_config, parse_assignments, parse_floats
 
-    def axis(spec: str, sets: list[str], flag: str) -> SweepMetric:
+    def axis(spec: str, sets: list[str], flag: str) -> dict:
         metric, _, key = spec.partition(":")
         if not key:
             raise typer.BadParameter(f"{flag} takes METRIC:KEY, e.g. perplexity:perplexity; got {spec!r}")
-        return SweepMetric(metric=metric, key=key, settings=parse_assignments(sets, flag=f"{flag}-set"))
+        return {"metric": metric, "key": key, "settings": parse_assignments(sets, flag=f"{flag}-set")}
 
-    cfg = SweepConfig(
+    cfg = build_config(
         model=base,
         operation=operation.replace("-", "_"),
         inputs=adapters,

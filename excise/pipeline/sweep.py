@@ -73,6 +73,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 __all__ = [
     "SweepConfig",
     "SweepMetric",
+    "build_config",
     "choose_lam",
     "format_table",
     "item_stat",
@@ -674,6 +675,26 @@ def _analyse(cfg: SweepConfig, points: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- CLI helpers
+
+
+def build_config(**fields: Any) -> SweepConfig:
+    """``SweepConfig(**fields)``, its validation errors as one ConfigError line (the CLI's).
+
+    Raises:
+        ConfigError: ``field: problem; field: problem…`` for every problem at once.
+    """
+    from pydantic import ValidationError
+
+    from excise.errors import ConfigError
+
+    try:
+        return SweepConfig(**fields)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            where = ".".join(str(x) for x in e["loc"]) or "sweep"
+            problems.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
+        raise ConfigError("; ".join(problems)) from None
 
 
 def parse_floats(text: str, *, flag: str) -> list[float]:
