@@ -276,6 +276,8 @@ def plan(name: str, cfg: EvalConfig, *, use_cache: bool = True) -> str:
     from excise.evaluate.report import data_line
 
     metric = _metric(name)
+    if metric.check is not None:
+        metric.check(cfg)
     items, summary = _load_items(metric, cfg, cfg.data or metric.default_data)
     cached = " (cached: no model needed)" if use_cache and _cached(name, cfg) else ""
     return (
