@@ -352,10 +352,10 @@ def sweep(
         str, typer.Argument(help="ext-sub, subtract, negate or compose.", show_default=False)
     ],
     adapters: Annotated[
-        list[Path],
+        list[str],
         typer.Argument(
-            help="Adapter folders in the operator's order: EXPERT ANTI (ext-sub), A B (subtract), "
-            "ADAPTER (negate), EXPERT ANTI1 ANTI2… (compose).",
+            help="Adapter folders (or hub ids org/name[@rev]) in the operator's order: EXPERT ANTI "
+            "(ext-sub), A B (subtract), ADAPTER (negate), EXPERT ANTI1 ANTI2… (compose).",
             show_default=False,
         ),
     ],
@@ -405,6 +405,7 @@ def sweep(
     allow_partial: Partial = False,
     overwrite: Overwrite = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    threads: Threads = None,
 ) -> None:
     """Evaluate an operation over a λ grid with the model loaded once; choose λ by a stated rule.
 
@@ -412,7 +413,11 @@ def sweep(
     against λ = 0, the Pareto front, the chosen λ and the knee), the evaluation records and
     the two adapters W0 and D (the result at λ is W0 + λ·D). See docs/SWEEP.md.
     """
+    from excise.hub import resolve_adapter
     from excise.pipeline.sweep import build_config, parse_assignments, parse_floats
+    from excise.runtime import set_threads
+
+    set_threads(threads)
 
     def axis(spec: str, sets: list[str], flag: str) -> dict:
         metric, _, key = spec.partition(":")
@@ -423,7 +428,7 @@ def sweep(
     cfg = build_config(
         model=base,
         operation=operation.replace("-", "_"),
-        inputs=adapters,
+        inputs=[resolve_adapter(spec) for spec in adapters],
         weights=parse_floats(weights, flag="--weights") if weights else None,
         allow_partial=allow_partial,
         lams=parse_floats(lams, flag="--lams"),

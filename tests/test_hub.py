@@ -339,3 +339,61 @@ def test_eval_harness_resolves_its_adapter_first(tmp_path, hub):
     line = _one_line_error(excise(tmp_path, hub, *args, "--adapter", "org/missing"))
     assert "adapter org/missing not found" in line
     assert hub.requests == [("GET", "/api/models/org/missing/revision/main")]
+
+
+def test_sweep_and_recipe_paths_take_hub_ids(tmp_path, hub, tiny_model_dir, tiny_llama):
+    """`excise sweep` and a recipe's `path:` adapter resolve hub ids as every other command does."""
+    from tests.conftest import write_peft_lora
+
+    expert = write_peft_lora(tmp_path / "e", tiny_llama, seed=3, r=2, lora_alpha=4, target_modules=["q_proj"])
+    hub.add_folder("org/expert", expert)
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": f"Line {i} of some text."}) + "\n" for i in range(3)))
+    sets = ["--deficiency-set", f"data={data}", "--utility-set", f"data={data}", "--device", "cpu"]
+    args = [
+        "sweep",
+        "negate",
+        "org/expert",
+        "--base",
+        str(tiny_model_dir),
+        "--lams",
+        "0,1",
+        "--bootstrap",
+        "0",
+    ]
+    args += [
+        "--deficiency",
+        "perplexity:perplexity",
+        "--utility",
+        "perplexity:perplexity",
+        *sets,
+        "--out",
+        "s",
+    ]
+    result = excise(tmp_path, hub, *args, "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    swept = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    local = excise(tmp_path, hub, *[str(expert) if a == "org/expert" else a for a in args[:-1]], "s2")
+    assert local.returncode == 0, local.stderr
+    again = json.loads((tmp_path / "s2" / "sweep.json").read_text())
+    assert [p["deficiency"]["value"] for p in swept["points"]] == [
+        p["deficiency"]["value"] for p in again["points"]
+    ]
+
+    import yaml
+
+    recipe = {
+        "name": "hub", "base": str(tiny_model_dir), "out": str(tmp_path / "run"),
+        "adapters": {"expert": {"path": "org/expert"}},
+        "operations": {"negated": {"op": "negate", "inputs": ["expert"], "lam": 1.0}},
+        "report": False,
+    }  # fmt: skip
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    checked = excise(tmp_path, hub, "run", "r.yaml", "--check")
+    assert checked.returncode == 0, checked.stderr
+    missing = excise(tmp_path, hub, "run", "r.yaml", "adapters.expert.path=org/nothing", "--check")
+    assert (
+        missing.returncode == 2
+        and "adapters.expert.path" in missing.stderr
+        and "Traceback" not in missing.stderr
+    )

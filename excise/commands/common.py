@@ -30,6 +30,9 @@ __all__ = [
 ]
 
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")]
+OverwriteResult = Annotated[
+    bool, typer.Option("--overwrite", help="Replace existing result file(s) (refused otherwise).")
+]
 Progress = Annotated[bool, typer.Option(help="Show a progress bar.")]
 Threads = Annotated[
     int | None,

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from excise.commands.common import Overwrite, Progress, Threads, done, hide_library_bars
+from excise.commands.common import OverwriteResult, Progress, Threads, done, hide_library_bars
 
 app = typer.Typer(
     help="Evaluate a base model (optionally with an adapter): truthfulness, hallucination, toxicity, "
@@ -98,7 +98,7 @@ _COMMON = [
         ],
         False,
     ),
-    _opt("overwrite", Overwrite, False),
+    _opt("overwrite", OverwriteResult, False),
     _opt("threads", Threads, None),
     _opt("progress", Progress, True),
 ]
@@ -336,7 +336,7 @@ def judge(
         list[str], typer.Option("--judge-option", help="Judge option KEY=VALUE (repeatable).")
     ] = [],  # noqa: B006
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute even if cached.")] = False,
-    overwrite: Overwrite = False,
+    overwrite: OverwriteResult = False,
     threads: Threads = None,
     progress: Progress = True,
 ) -> None:

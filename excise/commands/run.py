@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from excise.commands.common import Threads
+
 __all__ = ["run"]
 
 
@@ -35,6 +37,7 @@ def run(
     force: Annotated[
         bool, typer.Option("--force", help="Run every stage again, even when up to date.")
     ] = False,
+    threads: Threads = None,
 ) -> None:
     """Run a recipe: train → operate → evaluate → sweep λ → report; stages already done are skipped.
 
@@ -44,6 +47,9 @@ def run(
     """
     from excise.pipeline.recipe import RecipeError, load_recipe
     from excise.pipeline.run import is_main_process, plan, run_recipe
+    from excise.runtime import set_threads
+
+    set_threads(threads)
 
     try:
         loaded = load_recipe(recipe, overrides or [], data_dir=data_dir)

@@ -31,7 +31,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError
 
-from excise.errors import ConfigError
+from excise.errors import ConfigError, ExciseError
+from excise.hub import parse_hub_id, resolve_adapter
 from excise.train.baselines import BASELINES
 
 __all__ = [
@@ -526,6 +527,12 @@ class _Checker:
             self.add((*loc, "path"), "must be an adapter folder")
             return
         folder = Path(path).expanduser()
+        if not folder.exists() and parse_hub_id(path) is not None:
+            try:  # a hub id: fetched once into huggingface_hub's cache, as everywhere else
+                folder = resolve_adapter(path)
+            except ExciseError as err:
+                self.add((*loc, "path"), str(err))
+                return
         if not (folder / "adapter_config.json").is_file():
             self.add((*loc, "path"), f"{path} is not a PEFT adapter folder (no adapter_config.json)")
             return
