@@ -278,7 +278,12 @@ def plan(name: str, cfg: EvalConfig, *, use_cache: bool = True) -> str:
     metric = _metric(name)
     if metric.check is not None:
         metric.check(cfg)
-    items, summary = _load_items(metric, cfg, cfg.data or metric.default_data)
+    spec = cfg.data or metric.default_data
+    items, summary = _load_items(metric, cfg, spec)
+    if not cfg.allow_overlap:  # an overlap is refused before the plan (allowed ones warn in run_eval)
+        check_overlap(
+            items, metric.prompt_field, module_folders(cfg.model, cfg.adapter), data=spec, allow=False
+        )
     cached = " (cached: no model needed)" if use_cache and _cached(name, cfg) else ""
     return (
         f"plan: {metric.name} on {len(items)} items; {data_line(summary)}; batch size {cfg.batch_size}"
@@ -322,19 +327,19 @@ def resolve_split(metric: Metric, cfg: EvalConfig, spec: str) -> str:
         return cfg.split
     if metric.default_split != "eval" or spec == metric.default_data:
         return metric.default_split
-    return "eval" if _trained_on(cfg.adapter, spec) else "all"
+    return "eval" if _trained_on(module_folders(cfg.model, cfg.adapter), spec) else "all"
 
 
-def _trained_on(adapter: Path | None, spec: str) -> bool:
-    """Whether the adapter's recorded training data (its ``train_config.json``, or the records
-    an ``excise ops`` result carries) names the file ``spec``."""
-    if adapter is None:
-        return False
+def _trained_on(folders: list[Path], spec: str) -> bool:
+    """Whether the recorded training data of any module in ``folders`` (a ``train_config.json``,
+    or the records an ``excise ops`` result or a merged model carries) names the file ``spec``."""
     path = Path(spec).expanduser()
     if not path.is_file():
         return False
     wanted = str(path.resolve())
-    return any(record.get("data") == wanted for record in recorded_training_data(Path(adapter)))
+    return any(
+        record.get("data") == wanted for folder in folders for record in recorded_training_data(folder)
+    )
 
 
 def load_items(metric: Metric, cfg: EvalConfig, spec: str) -> list[dict[str, Any]]:

@@ -88,7 +88,12 @@ def test_a_file_the_adapter_was_trained_on_keeps_the_eval_side(model_dir, prompt
     from excise.data import assign_split
 
     adapter = _adapter(model_dir, tmp_path / "adapter", seed=1)
-    (adapter / "train_config.json").write_text(json.dumps({"harmful": str(prompts)}))
+    from excise.data import training_data_record
+
+    trained = training_data_record(
+        str(prompts), format="instruction", fields={"response": "text"}, split="train"
+    )
+    (adapter / "train_config.json").write_text(json.dumps({"config": {"training_data": [trained]}}))
     record = run_eval(
         "harmful-rate", _cfg(model_dir, prompts, judge="refusal", adapter=adapter), progress=False
     )

@@ -124,7 +124,9 @@ def test_allow_overlap_writes_the_warning(monkeypatch, capsys, flow, tmp_path):
     assert record["warnings"][0].startswith(f"{len(TRAIN_SIDE)} of the {len(QA_ROWS)} evaluation items")
     assert "warning:" in err  # and said on the terminal
     # A cached result still carries this run's warnings.
-    code, _, err = _eval(monkeypatch, capsys, flow, flow["negated"], out, "--split", "all", "--allow-overlap")
+    code, _, err = _eval(
+        monkeypatch, capsys, flow, flow["negated"], out, "--split", "all", "--allow-overlap", "--overwrite"
+    )
     assert code == 0 and len(json.loads(out.read_text())["warnings"]) == 2
 
 

@@ -46,7 +46,7 @@ def _data_args(method: str, model: Path, tmp_path: Path) -> list[str]:
         data.write_text("".join(json.dumps(r) + "\n" for r in QA_ROWS))
         return ["--base", str(model), "--data", str(data)]
     harmful, normal = write_data(tmp_path)
-    normal_args = ["--normal", str(normal)] if method in ("sku", "llmu") else []
+    normal_args = ["--normal", str(normal)] if method in ("sku", "llmu", "ga-mismatch") else []
     return ["--base", str(model), "--harmful", str(harmful), *normal_args]
 
 
