@@ -177,3 +177,28 @@ def ext_sub_rows_numpy(W1: np.ndarray, W2: np.ndarray, lam: float) -> np.ndarray
             d = w2 - g
         out[i] = w1 - lam * d
     return out
+
+
+def write_raw_lora(
+    folder: Path, seed: int, shapes: dict[str, tuple[int, int]], r: int = 3, base: str = "tiny"
+) -> Path:
+    """A PEFT LoRA folder written by hand (no model needed): random A, B for each of ``shapes``."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    tensors = {}
+    for name, (n_out, n_in) in shapes.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = rng.standard_normal((r, n_in)).astype(np.float32)
+        tensors[f"base_model.model.{name}.lora_B.weight"] = rng.standard_normal((n_out, r)).astype(np.float32)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    config = {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": 2 * r,
+        "target_modules": ["q_proj", "v_proj"],
+        "base_model_name_or_path": base,
+        "task_type": "CAUSAL_LM",
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder

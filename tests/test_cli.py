@@ -13,6 +13,7 @@ from safetensors.numpy import save_file
 
 from excise.pem.io import load_adapter
 from excise.pem.linalg import ext_sub_rows_reference
+from tests.conftest import write_raw_lora
 
 
 def excise(*args: str) -> subprocess.CompletedProcess:
@@ -21,34 +22,12 @@ def excise(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def _write_lora(
-    folder: Path, seed: int, shapes: dict[str, tuple[int, int]], r: int = 3, base: str = "tiny"
-) -> Path:
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True)
-    tensors = {}
-    for name, (n_out, n_in) in shapes.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = rng.standard_normal((r, n_in)).astype(np.float32)
-        tensors[f"base_model.model.{name}.lora_B.weight"] = rng.standard_normal((n_out, r)).astype(np.float32)
-    save_file(tensors, folder / "adapter_model.safetensors")
-    config = {
-        "peft_type": "LORA",
-        "r": r,
-        "lora_alpha": 2 * r,
-        "target_modules": ["q_proj", "v_proj"],
-        "base_model_name_or_path": base,
-        "task_type": "CAUSAL_LM",
-    }
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    return folder
-
-
 SHAPES = {"model.layers.0.self_attn.q_proj": (8, 8), "model.layers.0.self_attn.v_proj": (4, 8)}
 
 
 @pytest.fixture
 def pair(tmp_path):
-    return _write_lora(tmp_path / "e", 1, SHAPES), _write_lora(tmp_path / "a", 2, SHAPES, r=2)
+    return write_raw_lora(tmp_path / "e", 1, SHAPES), write_raw_lora(tmp_path / "a", 2, SHAPES, r=2)
 
 
 def test_ext_sub_writes_an_exact_adapter(pair, tmp_path):
@@ -90,7 +69,7 @@ def test_sha256_flag_chooses_the_input_digest(pair, tmp_path):
 
 def test_dense_flag_and_compose(pair, tmp_path):
     e, a = pair
-    a2 = _write_lora(tmp_path / "a2", 3, SHAPES, r=4)
+    a2 = write_raw_lora(tmp_path / "a2", 3, SHAPES, r=4)
     dense = excise(
         "ops", "ext-sub", "--expert", str(e), "--anti-expert", str(a), "--out", str(tmp_path / "d"), "--dense"
     )
@@ -136,22 +115,22 @@ def test_arithmetic_verbs(pair, tmp_path, verb):
 
 def _bad_cases(tmp_path: Path, e: Path, a: Path) -> dict[str, tuple[list[str], str]]:
     (tmp_path / "noconfig").mkdir()
-    corrupt = _write_lora(tmp_path / "corrupt", 4, SHAPES)
+    corrupt = write_raw_lora(tmp_path / "corrupt", 4, SHAPES)
     (corrupt / "adapter_model.safetensors").write_bytes(b"garbage")
-    other = _write_lora(
+    other = write_raw_lora(
         tmp_path / "other",
         5,
         {"model.layers.0.self_attn.q_proj": (8, 6), "model.layers.0.self_attn.v_proj": (4, 6)},
     )
-    partial = _write_lora(tmp_path / "partial", 6, {"model.layers.0.self_attn.q_proj": (8, 8)})
-    nan = _write_lora(tmp_path / "nan", 7, SHAPES)
+    partial = write_raw_lora(tmp_path / "partial", 6, {"model.layers.0.self_attn.q_proj": (8, 8)})
+    nan = write_raw_lora(tmp_path / "nan", 7, SHAPES)
     from safetensors.numpy import load_file
 
     tensors = load_file(nan / "adapter_model.safetensors")
     first = next(iter(tensors))
     tensors[first][0, 0] = np.nan
     save_file(tensors, nan / "adapter_model.safetensors")
-    pissa = _write_lora(tmp_path / "pissa", 8, SHAPES)
+    pissa = write_raw_lora(tmp_path / "pissa", 8, SHAPES)
     config = json.loads((pissa / "adapter_config.json").read_text())
     (pissa / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": "pissa_niter_4"}))
     ext = ["ops", "ext-sub", "--expert", str(e)]
@@ -185,7 +164,7 @@ def test_bad_input_is_one_line_exit_2_and_no_output(pair, tmp_path):
 
 def test_allow_partial_and_base_name_warning(pair, tmp_path):
     e, _ = pair
-    partial = _write_lora(
+    partial = write_raw_lora(
         tmp_path / "partial", 6, {"model.layers.0.self_attn.q_proj": (8, 8)}, base="other/base"
     )
     result = excise(

@@ -16,35 +16,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from excise.errors import AdapterError
 from excise.hub import ADAPTER_FILES, parse_hub_id, resolve_adapter
 from excise.pem.io import load_adapter
 from excise.pem.linalg import ext_sub_rows_reference
+from tests.conftest import write_raw_lora
 from tests.hub_server import LocalHub
 
 SHAPES = {"model.layers.0.self_attn.q_proj": (8, 8), "model.layers.0.self_attn.v_proj": (4, 8)}
 
 
 def _write_lora(folder: Path, seed: int, r: int = 3) -> Path:
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True)
-    tensors = {}
-    for name, (n_out, n_in) in SHAPES.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = rng.standard_normal((r, n_in)).astype(np.float32)
-        tensors[f"base_model.model.{name}.lora_B.weight"] = rng.standard_normal((n_out, r)).astype(np.float32)
-    save_file(tensors, folder / "adapter_model.safetensors")
-    config = {
-        "peft_type": "LORA",
-        "r": r,
-        "lora_alpha": 2 * r,
-        "target_modules": ["q_proj", "v_proj"],
-        "base_model_name_or_path": "tiny",
-        "task_type": "CAUSAL_LM",
-    }
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    return folder
+    return write_raw_lora(folder, seed, SHAPES, r=r)
 
 
 @pytest.fixture

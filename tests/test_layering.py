@@ -12,11 +12,18 @@ ROOT = Path(__file__).resolve().parents[1] / "excise"
 STDLIB = set(sys.stdlib_module_names) | {"__future__"}
 # Which excise packages each package may import.
 EXCISE_ALLOWED = {
-    "pem": ("excise.pem", "excise.errors"),
-    "models": ("excise.models", "excise.errors"),
-    "data": ("excise.data", "excise.models", "excise.errors"),
-    "train": ("excise.train", "excise.data", "excise.models", "excise.pem", "excise.errors"),
-    "evaluate": ("excise.evaluate", "excise.data", "excise.models", "excise.errors"),
+    "pem": ("excise.pem", "excise.errors", "excise.provenance"),
+    "models": ("excise.models", "excise.errors", "excise.provenance"),
+    "data": ("excise.data", "excise.models", "excise.errors", "excise.provenance"),
+    "train": (
+        "excise.train",
+        "excise.data",
+        "excise.models",
+        "excise.pem",
+        "excise.errors",
+        "excise.provenance",
+    ),
+    "evaluate": ("excise.evaluate", "excise.data", "excise.models", "excise.errors", "excise.provenance"),
 }
 # pem/ is tensors only, and numpy replaces torch there (excise/pem/delta.py says why).
 THIRD_PARTY_ALLOWED = {"pem": ("numpy", "safetensors", "xxhash")}

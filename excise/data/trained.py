@@ -15,7 +15,6 @@ among them. The file must be unchanged (same SHA-256): a changed file could name
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 from excise.data.examples import Example, load_harmful_qa, load_instructions, load_paired_qa, load_texts
 from excise.data.splits import SPLIT_SALT, STANDARD_SPLITS, prompt_key, split_by_prompt
 from excise.errors import DataError
+from excise.provenance import TRAINING_DATA, recorded_training_data
 
 __all__ = [
     "TRAINING_DATA",
@@ -32,10 +32,6 @@ __all__ = [
     "training_data_record",
 ]
 
-TRAINING_DATA = "training_data"  # the key of the records, in train_config.json and excise.json
-_TRAIN_CONFIG = "train_config.json"  # excise.train writes it beside what it trained
-_PROVENANCE = "excise.json"  # excise ops writes it beside its result
-_MERGE = "excise_merge.json"  # excise merge writes it beside the merged model
 
 # Loader format → the examples whose prompts were trained on. Both sides of paired and harmful
 # data share their prompts, so one side names them all.
@@ -95,32 +91,6 @@ def training_data_record(
     }
 
 
-def recorded_training_data(folder: str | Path) -> list[dict[str, Any]]:
-    """The training data records a module folder holds, each once.
-
-    Those its trainer wrote (``train_config.json``, ``config.training_data``) and, for a result
-    of ``excise ops`` or ``excise merge``, those its ``excise.json`` or ``excise_merge.json``
-    carries from its inputs (``excise.pem.io`` copies them the same way: ``pem/`` may not import
-    this package). Such a file without records (an older excise) yields ``{"data": None,
-    "train_config" or "provenance": path}``: the data is unknown, not absent.
-    """
-    folder = Path(folder)
-    records: list[Any] = []
-    trained = folder / _TRAIN_CONFIG
-    if trained.is_file():
-        config = _json_object(trained).get("config")
-        found = config.get(TRAINING_DATA) if isinstance(config, dict) else None
-        unrecorded = {"data": None, "train_config": str(trained.resolve())}
-        records += found if isinstance(found, list) else [unrecorded]
-    for provenance in (folder / _PROVENANCE, folder / _MERGE):
-        if provenance.is_file():
-            carried = _json_object(provenance).get(TRAINING_DATA)
-            unknown = {"data": None, "provenance": str(provenance.resolve())}
-            records += carried if isinstance(carried, list) else [unknown]
-    unique = {json.dumps(r, sort_keys=True): r for r in records if isinstance(r, dict)}
-    return list(unique.values())
-
-
 def trained_prompt_keys(record: Mapping[str, Any]) -> set[str]:
     """The normalised prompts a training data record names (empty prompts of plain text left out).
 
@@ -152,12 +122,3 @@ def trained_prompt_keys(record: Mapping[str, Any]) -> set[str]:
         rows = set(record["rows"])
         examples = [e for e in examples if e.row in rows]
     return {key for e in examples if (key := prompt_key(e.split_key))}
-
-
-def _json_object(file: Path) -> dict[str, Any]:
-    """A JSON file's object; an unreadable or non-object file reads as empty (it records nothing)."""
-    try:
-        value = json.loads(file.read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}

@@ -38,6 +38,12 @@ from excise import __version__
 from excise.errors import AdapterError, ConfigError, first_line
 from excise.pem.delta import Adapter, LowRankDelta, Module, RowDelta
 from excise.pem.stream import NUMPY_DTYPES, SafetensorsWriter, header_entry_bound, read_header
+from excise.provenance import (
+    PROVENANCE_FILE,
+    TRAINING_DATA,
+    carried_training_data,
+    recorded_training_data,
+)
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -57,10 +63,6 @@ __all__ = [
 ]
 
 ADAPTER_CONFIG = "adapter_config.json"
-PROVENANCE_FILE = "excise.json"
-TRAIN_CONFIG = "train_config.json"  # written by excise.train beside what it trained
-TRAINING_DATA = "training_data"  # its records of the data trained on (excise.data.trained)
-_MERGE_PROVENANCE = "excise_merge.json"  # `excise merge` keeps its adapter's records there
 _SAFETENSORS = "adapter_model.safetensors"
 _BIN = "adapter_model.bin"
 _PREFIX = "base_model.model."
@@ -123,51 +125,6 @@ def load_adapter(path: str | Path, *, checksum: bool = True, check_finite: bool 
     if check_finite:
         check_finite_weights(adapter)
     return adapter
-
-
-def recorded_training_data(folder: str | Path) -> list[dict[str, Any]]:
-    """The training data records of a module folder, copied as JSON, never interpreted.
-
-    Those its trainer wrote (``train_config.json``, ``config.training_data``) and, for a result
-    of ``excise ops`` or ``excise merge``, those its ``excise.json`` or ``excise_merge.json``
-    carries from its inputs. Such a file without records (an older excise) yields ``{"data":
-    None, "train_config" or "provenance": path}``, so a reader can say the data is unknown.
-    ``excise.data.recorded_training_data`` reads them the same way for ``excise eval`` (``pem/``
-    may not import ``data/``).
-    """
-    folder = Path(folder)
-    records: list[dict[str, Any]] = []
-    trained = folder / TRAIN_CONFIG
-    if trained.is_file():
-        config = _json_object(trained).get("config")
-        found = config.get(TRAINING_DATA) if isinstance(config, dict) else None
-        unrecorded = {"data": None, "train_config": str(trained.resolve())}
-        records += found if isinstance(found, list) else [unrecorded]
-    for provenance in (folder / PROVENANCE_FILE, folder / _MERGE_PROVENANCE):
-        if provenance.is_file():
-            carried = _json_object(provenance).get(TRAINING_DATA)
-            unknown = {"data": None, "provenance": str(provenance.resolve())}
-            records += carried if isinstance(carried, list) else [unknown]
-    return carried_training_data([{TRAINING_DATA: records}])
-
-
-def carried_training_data(sources: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The training data records of several inputs' provenance, each once, in order."""
-    seen: dict[str, dict[str, Any]] = {}
-    for source in sources:
-        for record in source.get(TRAINING_DATA) or []:
-            if isinstance(record, dict):
-                seen.setdefault(json.dumps(record, sort_keys=True), record)
-    return list(seen.values())
-
-
-def _json_object(file: Path) -> dict[str, Any]:
-    """A JSON file's object; an unreadable or non-object file reads as empty (it records nothing)."""
-    try:
-        value = json.loads(file.read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def check_finite_weights(adapter: Adapter) -> None:
