@@ -428,7 +428,7 @@ def sweep(
     cfg = build_config(
         model=base,
         operation=operation.replace("-", "_"),
-        inputs=[resolve_adapter(spec) for spec in adapters],
+        inputs=[Path(spec) for spec in adapters],
         weights=parse_floats(weights, flag="--weights") if weights else None,
         allow_partial=allow_partial,
         lams=parse_floats(lams, flag="--lams"),
@@ -444,6 +444,8 @@ def sweep(
     )
     from excise.pipeline.sweep import format_table, run_sweep
 
+    # Hub ids are fetched only once the settings are known to be valid.
+    cfg = cfg.model_copy(update={"inputs": [resolve_adapter(spec) for spec in adapters]})
     folder = run_sweep(cfg)
     typer.echo(format_table(folder / "sweep.json"))
     done(folder)
