@@ -215,6 +215,7 @@ def _show(record: dict[str, Any], path: Path) -> None:
 
 
 def _run(name: str, **flags: Any) -> None:
+    from excise.evaluate.parallel import is_main, processes
     from excise.evaluate.runner import check_result_path, plan, run_eval, write_result
     from excise.runtime import set_threads
 
@@ -225,9 +226,14 @@ def _run(name: str, **flags: Any) -> None:
     if not progress:
         hide_library_bars()
     cfg = _config(flags)
-    typer.echo(plan(name, cfg, use_cache=not no_cache), err=True)
-    record = run_eval(name, cfg, use_cache=not no_cache, progress=progress)
-    _show(record, write_result(record, out, overwrite=overwrite))
+    # Under `accelerate launch` the processes share the items; the first one reports and writes.
+    with processes():
+        line = plan(name, cfg, use_cache=not no_cache)
+        if is_main():
+            typer.echo(line, err=True)
+        record = run_eval(name, cfg, use_cache=not no_cache, progress=progress)
+        if is_main():
+            _show(record, write_result(record, out, overwrite=overwrite))
 
 
 def _make_command(name: str, summary: str) -> Any:
@@ -291,6 +297,7 @@ def _multi_params() -> list[inspect.Parameter]:
 def multi(**flags: Any) -> None:
     """Several metrics on one model load, each with its own judge (and data, unless --data)."""
     from excise.errors import ConfigError
+    from excise.evaluate.parallel import is_main, processes
     from excise.evaluate.runner import check_result_path, run_many, write_result
     from excise.runtime import set_threads
 
@@ -310,7 +317,10 @@ def multi(**flags: Any) -> None:
     paths = {name: out_dir / f"{name}.json" for name in names}
     for path in paths.values():
         check_result_path(path, overwrite=overwrite)
-    records = run_many(names, _config(flags), use_cache=not no_cache, progress=progress)
+    with processes():
+        records = run_many(names, _config(flags), use_cache=not no_cache, progress=progress)
+        if not is_main():
+            return
     for name, record in zip(names, records, strict=True):
         _show(record, write_result(record, paths[name], overwrite=overwrite))
 
@@ -341,13 +351,16 @@ def judge(
     progress: Progress = True,
 ) -> None:
     """Score saved answers with another judge, without loading the model (only its tokenizer)."""
+    from excise.evaluate.parallel import is_main, processes
     from excise.evaluate.runner import check_result_path, judge_saved, write_result
     from excise.runtime import set_threads
 
     set_threads(threads)
     check_result_path(out, overwrite=overwrite)
-    record = judge_saved(generations, judge, judge_option, use_cache=not no_cache, progress=progress)
-    _show(record, write_result(record, out, overwrite=overwrite))
+    with processes():
+        record = judge_saved(generations, judge, judge_option, use_cache=not no_cache, progress=progress)
+        if is_main():
+            _show(record, write_result(record, out, overwrite=overwrite))
 
 
 app.command("judge")(judge)
