@@ -19,6 +19,8 @@ from excise.commands.common import OverwriteResult, Progress, Threads, done, hid
 app = typer.Typer(
     help="Evaluate a base model (optionally with an adapter): truthfulness, hallucination, toxicity, "
     "harmful rate, utility, perplexity.",
+    epilog="Data-parallel, same result file as one process: "
+    "accelerate launch --num_processes N -m excise eval METRIC ... (docs/EVALUATION.md).",
     no_args_is_help=True,
 )
 
@@ -228,12 +230,25 @@ def _run(name: str, **flags: Any) -> None:
     cfg = _config(flags)
     # Under `accelerate launch` the processes share the items; the first one reports and writes.
     with processes():
+        _models_once(cfg.model, cfg.reference)
         line = plan(name, cfg, use_cache=not no_cache)
         if is_main():
             typer.echo(line, err=True)
         record = run_eval(name, cfg, use_cache=not no_cache, progress=progress)
         if is_main():
             _show(record, write_result(record, out, overwrite=overwrite))
+
+
+def _models_once(*specs: str | None) -> None:
+    """Resolve the models on the first process before the others (under ``accelerate launch``), so
+    that one converted into the cache on first use (a GGUF alias) is converted once."""
+    from excise.evaluate.parallel import main_first
+    from excise.models import resolve_model
+
+    with main_first():
+        for spec in specs:
+            if spec:
+                resolve_model(spec)
 
 
 def _make_command(name: str, summary: str) -> Any:
@@ -317,8 +332,10 @@ def multi(**flags: Any) -> None:
     paths = {name: out_dir / f"{name}.json" for name in names}
     for path in paths.values():
         check_result_path(path, overwrite=overwrite)
+    cfg = _config(flags)
     with processes():
-        records = run_many(names, _config(flags), use_cache=not no_cache, progress=progress)
+        _models_once(cfg.model, cfg.reference)
+        records = run_many(names, cfg, use_cache=not no_cache, progress=progress)
         if not is_main():
             return
     for name, record in zip(names, records, strict=True):
@@ -358,9 +375,20 @@ def judge(
     set_threads(threads)
     check_result_path(out, overwrite=overwrite)
     with processes():
+        _models_once(_saved_model(generations))
         record = judge_saved(generations, judge, judge_option, use_cache=not no_cache, progress=progress)
         if is_main():
             _show(record, write_result(record, out, overwrite=overwrite))
 
 
 app.command("judge")(judge)
+
+
+def _saved_model(generations: Path) -> str | None:
+    """The model a result file names, or None (``judge_saved`` reports a bad file)."""
+    import json
+
+    try:
+        return json.loads(Path(generations).read_text())["settings"]["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

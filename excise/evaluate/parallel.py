@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
-__all__ = ["from_main", "is_main", "launched_processes", "map_shared", "processes", "sharing"]
+__all__ = ["from_main", "is_main", "launched_processes", "main_first", "map_shared", "processes", "sharing"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -68,6 +68,17 @@ def is_main() -> bool:
     """Whether this process writes files and prints: always, except the non-first processes of
     a data-parallel evaluation."""
     return _STATE is None or _STATE.is_main_process
+
+
+@contextlib.contextmanager
+def main_first() -> Iterator[None]:
+    """The main process runs the block first, the others after it (a model converted into the
+    cache on first use, such as a GGUF alias, is then converted once, not by every process)."""
+    if _STATE is None:
+        yield
+        return
+    with _STATE.main_process_first():
+        yield
 
 
 def from_main(read: Callable[[], T]) -> T:
