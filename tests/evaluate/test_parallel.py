@@ -25,8 +25,8 @@ from tests.conftest import save_tiny_model
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[2]
-_VARYING = {"timing", "created", "from_cache"}
-_OVERLAP = {"training_overlap", "warnings"}  # checked on every run, not cached
+_VARYING = {"timing", "created", "from_cache", "generations_from"}  # when, how fast, which file
+_NOT_CACHED = {"training_overlap", "warnings"}  # checked on every run
 
 
 # One launch runs every case (each a full `excise eval` command line) to pay the start-up once.
@@ -106,33 +106,41 @@ def _stable(record: dict) -> dict:
 
 def test_two_processes_write_what_one_writes(tmp_path, monkeypatch, capsys):
     model = save_tiny_model(tmp_path / "tiny", max_position_embeddings=1024)
-    cases = _cases(tmp_path)
     commands = {
         name: ["eval", name, "--base", str(model), "--device", "cpu", "--no-progress", *flags]
-        for name, flags in cases.items()
+        for name, flags in _cases(tmp_path).items()
     }
-    proc = _launch(
-        [[*args, "--out", str(tmp_path / f"two-{name}.json")] for name, args in commands.items()],
-        tmp_path / "driver.py",
-        tmp_path / "cache-two",
-    )
+
+    def rejudge(run: str) -> list[str]:  # `excise eval judge` on that run's harmful-rate answers
+        saved = tmp_path / f"{run}-harmful-rate.json"
+        out = tmp_path / f"{run}-judge.json"
+        options = ["--judge", "refusal", "--judge-option", "case_sensitive=false", "--no-progress"]
+        return ["eval", "judge", "--generations", str(saved), *options, "--out", str(out)]
+
+    runs = [[*args, "--out", str(tmp_path / f"two-{name}.json")] for name, args in commands.items()]
+    proc = _launch([*runs, rejudge("two")], tmp_path / "driver.py", tmp_path / "cache-two")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # The first process alone reports and writes: one plan line, result and cache entry per case.
-    assert proc.stdout.count("wrote ") == len(cases) and proc.stderr.count("plan: ") == len(cases)
-    entries = sorted((tmp_path / "cache-two" / "eval").glob("*.json"))
-    assert len(entries) == len(cases)
-    cached = {json.loads(e.read_text())["metric"]: json.loads(e.read_text()) for e in entries}
+    # The first process alone reports and writes: one plan line per metric, one result and one
+    # cache entry per command.
+    assert proc.stdout.count("wrote ") == len(runs) + 1 and proc.stderr.count("plan: ") == len(runs)
+    assert len(list((tmp_path / "cache-two" / "eval").glob("*.json"))) == len(runs) + 1
     for name, args in commands.items():
         _one_process(
             [*args, "--out", str(tmp_path / f"one-{name}.json")], tmp_path / "cache-one", monkeypatch, capsys
         )
+    _one_process(rejudge("one"), tmp_path / "cache-one", monkeypatch, capsys)
+
+    for name in [*commands, "judge"]:
         two = json.loads((tmp_path / f"two-{name}.json").read_text())
         one = json.loads((tmp_path / f"one-{name}.json").read_text())
         assert two["n_items"] == 5 and len(two["items"]) == len(one["items"]) > 0, name
         assert two["items"] == one["items"], name  # answers, log-likelihoods, NLLs, judge scores
         assert two["metrics"] == one["metrics"] and two["stderr"] == one["stderr"], name
         assert _stable(two) == _stable(one), name
-        assert _stable(cached[name]) == {k: v for k, v in _stable(two).items() if k not in _OVERLAP}, name
+        cached = json.loads(
+            (tmp_path / "cache-two" / "eval" / f"{two['provenance']['cache_key']}.json").read_text()
+        )
+        assert _stable(cached) == {k: v for k, v in _stable(two).items() if k not in _NOT_CACHED}, name
 
 
 def test_one_process_makes_no_accelerate_state(tmp_path, monkeypatch):
