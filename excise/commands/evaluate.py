@@ -19,6 +19,8 @@ from excise.commands.common import OverwriteResult, Progress, Threads, done, hid
 app = typer.Typer(
     help="Evaluate a base model (optionally with an adapter): truthfulness, hallucination, toxicity, "
     "harmful rate, utility, perplexity.",
+    epilog="Data-parallel, same result file as one process: "
+    "accelerate launch --num_processes N -m excise eval METRIC ... (docs/EVALUATION.md).",
     no_args_is_help=True,
 )
 
@@ -215,6 +217,7 @@ def _show(record: dict[str, Any], path: Path) -> None:
 
 
 def _run(name: str, **flags: Any) -> None:
+    from excise.evaluate.parallel import is_main, processes
     from excise.evaluate.runner import check_result_path, plan, run_eval, write_result
     from excise.runtime import set_threads
 
@@ -225,9 +228,27 @@ def _run(name: str, **flags: Any) -> None:
     if not progress:
         hide_library_bars()
     cfg = _config(flags)
-    typer.echo(plan(name, cfg, use_cache=not no_cache), err=True)
-    record = run_eval(name, cfg, use_cache=not no_cache, progress=progress)
-    _show(record, write_result(record, out, overwrite=overwrite))
+    # Under `accelerate launch` the processes share the items; the first one reports and writes.
+    with processes():
+        _models_once(cfg.model, cfg.reference)
+        line = plan(name, cfg, use_cache=not no_cache)
+        if is_main():
+            typer.echo(line, err=True)
+        record = run_eval(name, cfg, use_cache=not no_cache, progress=progress)
+        if is_main():
+            _show(record, write_result(record, out, overwrite=overwrite))
+
+
+def _models_once(*specs: str | None) -> None:
+    """Resolve the models on the first process before the others (under ``accelerate launch``), so
+    that one converted into the cache on first use (a GGUF alias) is converted once."""
+    from excise.evaluate.parallel import main_first
+    from excise.models import resolve_model
+
+    with main_first():
+        for spec in specs:
+            if spec:
+                resolve_model(spec)
 
 
 def _make_command(name: str, summary: str) -> Any:
@@ -291,6 +312,7 @@ def _multi_params() -> list[inspect.Parameter]:
 def multi(**flags: Any) -> None:
     """Several metrics on one model load, each with its own judge (and data, unless --data)."""
     from excise.errors import ConfigError
+    from excise.evaluate.parallel import is_main, processes
     from excise.evaluate.runner import check_result_path, run_many, write_result
     from excise.runtime import set_threads
 
@@ -310,7 +332,12 @@ def multi(**flags: Any) -> None:
     paths = {name: out_dir / f"{name}.json" for name in names}
     for path in paths.values():
         check_result_path(path, overwrite=overwrite)
-    records = run_many(names, _config(flags), use_cache=not no_cache, progress=progress)
+    cfg = _config(flags)
+    with processes():
+        _models_once(cfg.model, cfg.reference)
+        records = run_many(names, cfg, use_cache=not no_cache, progress=progress)
+        if not is_main():
+            return
     for name, record in zip(names, records, strict=True):
         _show(record, write_result(record, paths[name], overwrite=overwrite))
 
@@ -341,13 +368,27 @@ def judge(
     progress: Progress = True,
 ) -> None:
     """Score saved answers with another judge, without loading the model (only its tokenizer)."""
+    from excise.evaluate.parallel import is_main, processes
     from excise.evaluate.runner import check_result_path, judge_saved, write_result
     from excise.runtime import set_threads
 
     set_threads(threads)
     check_result_path(out, overwrite=overwrite)
-    record = judge_saved(generations, judge, judge_option, use_cache=not no_cache, progress=progress)
-    _show(record, write_result(record, out, overwrite=overwrite))
+    with processes():
+        _models_once(_saved_model(generations))
+        record = judge_saved(generations, judge, judge_option, use_cache=not no_cache, progress=progress)
+        if is_main():
+            _show(record, write_result(record, out, overwrite=overwrite))
 
 
 app.command("judge")(judge)
+
+
+def _saved_model(generations: Path) -> str | None:
+    """The model a result file names, or None (``judge_saved`` reports a bad file)."""
+    import json
+
+    try:
+        return json.loads(Path(generations).read_text())["settings"]["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -22,6 +22,7 @@ from excise.evaluate.config import EvalConfig
 from excise.evaluate.metrics import METRICS
 from excise.evaluate.metrics.base import EvalContext, Metric, NotCachedError, judge_record
 from excise.evaluate.overlap import check_overlap, module_folders
+from excise.evaluate.parallel import from_main, is_main
 from excise.evaluate.stats import item_stderrs
 from excise.evaluate.subject import Subject, adapter_identity, file_digest, load_subject, model_identity
 from excise.models import load_tokenizer
@@ -101,7 +102,8 @@ def run_eval(
     if answers is not None:
         payload["answers_sha256"] = cache_key({"answers": answers})
     key = cache_key(payload)
-    if use_cache and (hit := read_cached(key)) is not None:
+    # The main process's look-up: in a data-parallel run every process computes, or none does.
+    if use_cache and (hit := from_main(lambda: read_cached(key))) is not None:
         return _strict_record(hit) | overlap | {"from_cache": True}  # entries of older versions too
 
     if judge is None:
@@ -156,7 +158,7 @@ def run_eval(
         "items": outcome.items,
     }
     record = _strict_record(record)
-    if use_cache:
+    if use_cache and is_main():
         write_cached(key, record)
     return record | overlap | {"from_cache": False}
 

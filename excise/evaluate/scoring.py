@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from tqdm.auto import tqdm
 
 from excise.errors import ConfigError
+from excise.evaluate.parallel import map_shared
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -156,13 +156,12 @@ def continuation_logliks(
     for i, r in enumerate(reqs):
         by_row.setdefault(r.row, []).append(i)
     order = sorted(range(len(rows)), key=lambda j: len(rows[j]), reverse=True)
-    results: list[Loglik | None] = [None] * len(reqs)
-    starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress):
-        chunk = order[start : start + batch_size]
+
+    def score(chunk: list[int]) -> list[tuple[int, Loglik]]:
         logprobs, logits_start, S = _forward(
             model, [rows[j][P:] for j in chunk], P, prefix_kv, reqs, by_row, chunk
         )
+        scored = []
         for b, j in enumerate(chunk):
             suffix_len = len(rows[j]) - P
             for i in by_row[j]:
@@ -175,7 +174,15 @@ def continuation_logliks(
                 target = torch.tensor(r.targets, device=lp.device)
                 picked = lp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (n,)
                 greedy = bool((lp.argmax(-1) == target).all())
-                results[i] = Loglik(float(picked.sum()), greedy, n)
+                scored.append((i, Loglik(float(picked.sum()), greedy, n)))
+        return scored
+
+    # Under a data-parallel `excise eval` the processes share these batches (parallel.py).
+    chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    results: list[Loglik | None] = [None] * len(reqs)
+    for scored in map_shared(score, chunks, desc=desc, progress=progress):
+        for i, loglik in scored:
+            results[i] = loglik
     return results  # type: ignore[return-value]
 
 

@@ -12,7 +12,7 @@ response) and the model's ``generation_config.eos_token_id``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 __all__ = ["GenerationSettings", "chat_prompt_ids", "end_of_turn_id", "generate", "stop_token_ids"]
+
+# ``map_batches(fn, batches, desc=..., progress=...) -> [fn(b) for b in batches]`` (see :func:`generate`).
+MapBatches = Callable[..., list[Any]]
 
 # Stands for an assistant reply when the chat template is rendered to see what closes it.
 _PROBE = "excise-end-of-turn-probe"
@@ -113,12 +116,18 @@ def generate(
     *,
     progress: bool = True,
     desc: str = "generate",
+    map_batches: MapBatches | None = None,
 ) -> list[str]:
     """Decoded continuations of ``prompts`` (special tokens dropped, stripped), in input order.
 
     Prompts are sorted by length so each batch pads little; each batch is left-padded
     (positions count real tokens only) and decoded with the model's KV cache. Decoding
     stops at any of :func:`stop_token_ids` (EOS and the chat template's end-of-turn token).
+
+    ``map_batches(fn, batches, desc=..., progress=...)`` runs ``fn`` over the batches and returns
+    their results in order (default: one after the other, with a progress bar); a data-parallel
+    evaluation passes one that shares them between processes (``excise.evaluate.parallel``).
+    Each batch is made and seeded the same either way, so the answers are too.
     """
     if not prompts:
         return []
@@ -131,10 +140,9 @@ def generate(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stops = stop_token_ids(tokenizer, model)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
-    outputs: list[str] = [""] * len(ids)
     device = next(model.parameters()).device
-    starts = range(0, len(order), settings.batch_size)
-    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress):
+
+    def run(start: int) -> list[str]:
         chunk = order[start : start + settings.batch_size]
         T = max(len(ids[i]) for i in chunk)
         input_ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)  # (B, T)
@@ -157,7 +165,15 @@ def generate(
             use_cache=True,
             **sampling,
         )  # (B, T + new)
-        texts = tokenizer.batch_decode(output[:, T:], skip_special_tokens=True)
-        for i, text in zip(chunk, texts, strict=True):
-            outputs[i] = text.strip()
+        return [text.strip() for text in tokenizer.batch_decode(output[:, T:], skip_special_tokens=True)]
+
+    starts = range(0, len(order), settings.batch_size)
+    if map_batches is None:
+        texts = [run(start) for start in tqdm(starts, desc=desc, unit="batch", disable=not progress)]
+    else:
+        texts = map_batches(run, starts, desc=desc, progress=progress)
+    outputs: list[str] = [""] * len(ids)
+    for start, batch in zip(starts, texts, strict=True):
+        for i, text in zip(order[start : start + settings.batch_size], batch, strict=True):
+            outputs[i] = text
     return outputs

@@ -14,6 +14,7 @@ from typing import Any
 from excise.errors import ConfigError, DataError
 from excise.evaluate.cache import cache_key, read_generations, write_generations
 from excise.evaluate.config import EvalConfig
+from excise.evaluate.parallel import from_main, is_main, map_shared, sharing
 from excise.evaluate.scoring import Loglik, continuation_logliks
 from excise.evaluate.subject import Subject, adapter_identity, model_identity, pick_device
 
@@ -144,13 +145,18 @@ def generate_answers(
     )
     payload = _generation_payload(ctx, prompts, settings, base=base)
     key = cache_key(payload)
-    if ctx.use_cache and (hit := read_generations(key)) is not None and len(hit) == len(prompts):
+    # The main process's look-up, so that all processes of a data-parallel run generate or none.
+    hit = from_main(lambda: read_generations(key)) if ctx.use_cache else None
+    if hit is not None and len(hit) == len(prompts):
         return hit
     if ctx.cached_only:
         raise NotCachedError(desc)
     with ctx.subject.base_only() if base else contextlib.nullcontext(ctx.subject.model) as model:
-        answers = generate(model, ctx.subject.tokenizer, prompts, settings, progress=ctx.progress, desc=desc)
-    if ctx.use_cache:
+        answers = generate(
+            model, ctx.subject.tokenizer, prompts, settings, progress=ctx.progress, desc=desc,
+            map_batches=map_shared,
+        )  # fmt: skip
+    if ctx.use_cache and is_main():
         write_generations(key, payload, answers)
     return answers
 
@@ -203,8 +209,21 @@ def judge_record(judge: Any) -> dict[str, Any]:
 
 
 def judge_scores(ctx: EvalContext, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-    """``ctx.judge``'s scores of ``responses`` to ``prompts``, checked (:func:`check_scores`)."""
-    return check_scores(ctx.judge.score(prompts, responses), len(responses), ctx.judge)
+    """``ctx.judge``'s scores of ``responses`` to ``prompts``, checked (:func:`check_scores`).
+
+    A data-parallel run shares them out in slices of the judge's own batch size (one slice per
+    process when it has none); a judge that batches in input order scores the same batches.
+    """
+    judge, n = ctx.judge, len(responses)
+    if sharing() == 1 or n == 0:
+        return check_scores(judge.score(prompts, responses), n, judge)
+    size = int(getattr(judge, "batch_size", 0) or 0) or max(1, -(-n // sharing()))
+    slices = [(list(prompts[i : i + size]), list(responses[i : i + size])) for i in range(0, n, size)]
+
+    def score(pair: tuple[list[str], list[str]]) -> list[float]:
+        return check_scores(judge.score(*pair), len(pair[1]), judge)
+
+    return [s for part in map_shared(score, slices, desc="judge", progress=False) for s in part]
 
 
 def check_scores(scores: Sequence[float], n: int, judge: Any) -> list[float]:

@@ -16,11 +16,12 @@ Windows of one length are batched, and only the scored positions are projected t
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from excise.evaluate.metrics.base import SHARED_DATA, EvalContext, Metric, MetricResult
+from excise.evaluate.parallel import map_shared
 from excise.evaluate.scoring import encode_text
 from excise.evaluate.stats import bootstrap_ratio_stderr
 
@@ -55,8 +56,8 @@ def run(ctx: EvalContext) -> MetricResult:
             groups[-1].append(w)
         else:
             groups.append([w])
-    items = []
-    for group in tqdm(groups, desc="perplexity", unit="batch", disable=not ctx.progress):
+
+    def score(group: list[tuple[int, int, int]]) -> list[dict[str, Any]]:
         begin, end, trg_len = group[0]
         length = end - begin
         keep = min(length, trg_len + 1)  # logits at the last `keep` positions predict the scored tokens
@@ -66,8 +67,15 @@ def run(ctx: EvalContext) -> MetricResult:
         nll = torch.nn.functional.cross_entropy(
             logits.transpose(1, 2), targets, reduction="none"
         )  # (B, keep-1)
-        for (b, e, _), row in zip(group, nll.sum(-1).tolist(), strict=True):
-            items.append({"begin": b, "end": e, "scored_tokens": keep - 1, "nll": row})
+        return [
+            {"begin": b, "end": e, "scored_tokens": keep - 1, "nll": row}
+            for (b, e, _), row in zip(group, nll.sum(-1).tolist(), strict=True)
+        ]
+
+    # Under a data-parallel `excise eval` the processes share these batches (parallel.py).
+    items = [
+        it for part in map_shared(score, groups, desc="perplexity", progress=ctx.progress) for it in part
+    ]
     total = sum(it["nll"] for it in items)
     count = sum(it["scored_tokens"] for it in items)
     extra = {"n_tokens": len(tokens), "scored_tokens": count}
