@@ -373,7 +373,7 @@ def choose_lam(
     admissible = [x is not None and x <= tolerance + 1e-12 for x in loss]
     d = _oriented(deficiency, higher_d)
     rule = (
-        f"best {'highest' if higher_d else 'lowest'} deficiency score among λ whose utility loss "
+        f"the {'highest' if higher_d else 'lowest'} deficiency score among λ whose utility loss "
         f"against λ = 0 is at most {tolerance:g} (relative); ties: smallest |λ|"
     )
     candidates = [i for i, ok in enumerate(admissible) if ok and math.isfinite(d[i])]
