@@ -177,7 +177,8 @@ def test_library_warnings_stay_out_of_the_output():
 
 def test_ext_sub_of_adapters_from_other_bases_fails_without_a_false_warning(tmp_path):
     """Before, it warned "continuing because their shapes agree" and then failed on the shapes."""
-    from tests.test_cli import SHAPES, _write_lora
+    from tests.conftest import write_raw_lora as _write_lora
+    from tests.test_cli import SHAPES
 
     e = _write_lora(tmp_path / "e", 1, SHAPES, base="org/base-a")
     wide = {name: (n_out * 2, n_in * 2) for name, (n_out, n_in) in SHAPES.items()}

@@ -60,11 +60,16 @@ def done_run(project, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("done")
     mp = pytest.MonkeyPatch()
     mp.setenv("EXCISE_CACHE", str(root / "cache"))
+    # One thread, as the tests that redo its parts alone (a module fixture runs before
+    # their function-scoped `one_thread`): another thread count sums in another order.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         recipe = load_recipe(write_recipe(root / "r.yaml", tiny_recipe(project, root / "run")))
         run_recipe(recipe, command="excise run r.yaml", log=lambda _line: None)
     finally:
         mp.undo()
+        torch.set_num_threads(threads)
     return root / "run"
 
 
