@@ -62,7 +62,15 @@ from tqdm.auto import tqdm
 from excise.errors import ConfigError
 from excise.pem.io import atomic_output_dir
 
-__all__ = ["SCHEDULES", "TrainReport", "TrainSettings", "check_output", "new_accelerator", "train"]
+__all__ = [
+    "SCHEDULES",
+    "TrainReport",
+    "TrainSettings",
+    "check_output",
+    "new_accelerator",
+    "resolve_base_once",
+    "train",
+]
 
 SCHEDULES = ("constant", "linear", "cosine")
 _HF_SCHEDULE = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -421,6 +429,19 @@ def _estimate(seconds: float, steps_left: int) -> str:
         f"{left / 3600:.1f} h" if left >= 3600 else f"{left / 60:.1f} min" if left >= 60 else f"{left:.0f} s"
     )
     return f"first step: {seconds:.1f} s; about {when} for the {steps_left} steps left"
+
+
+def resolve_base_once(spec: str) -> None:
+    """Under several processes, the main one resolves the base first (a GGUF alias is converted
+    into the cache once, not by every process at the same time); a no-op for one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    from accelerate import PartialState
+
+    from excise.models import resolve_model
+
+    with PartialState(cpu=_multi_process_cpu()).main_process_first():
+        resolve_model(spec)
 
 
 def _multi_process_cpu() -> bool:

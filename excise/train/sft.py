@@ -34,7 +34,7 @@ from excise.data import (
 )
 from excise.errors import DataError
 from excise.models import load_model, load_tokenizer, resolve_model
-from excise.train.loop import TrainReport, TrainSettings, check_output, train
+from excise.train.loop import TrainReport, TrainSettings, check_output, resolve_base_once, train
 from excise.train.lora import attach_lora, enable_activation_checkpointing, save_trained, unfreeze_all
 from excise.train.nll import response_logprobs, response_nll
 from excise.train.options import TrainOptions
@@ -272,6 +272,7 @@ def run(cfg: SftConfig, *, progress: bool = True, accelerator: Any = None) -> Tr
     """
     settings, lora = cfg.train_settings(), cfg.lora_settings()
     check_output(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)  # before the slow loads
+    resolve_base_once(cfg.base)
     torch.manual_seed(cfg.seed)
 
     # Data: the split side, encoded once (prompt / response boundary exact, see excise.data).

@@ -52,7 +52,14 @@ from excise.data import (
 )
 from excise.errors import ConfigError, DataError
 from excise.models import load_model, load_tokenizer, resolve_model
-from excise.train.loop import TrainReport, TrainSettings, check_output, new_accelerator, train
+from excise.train.loop import (
+    TrainReport,
+    TrainSettings,
+    check_output,
+    new_accelerator,
+    resolve_base_once,
+    train,
+)
 from excise.train.lora import attach_lora, enable_activation_checkpointing, save_trained, unfreeze_all
 from excise.train.losses import Reference, adapter_disabled_reference, frozen_model_reference
 from excise.train.mismatch import MismatchSampler
@@ -344,6 +351,7 @@ def run_objective(
     streams = [s for s in STREAMS if any(t.stream == s for t in terms)]
     settings = cfg.train_settings()
     check_output(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)  # before the slow loads
+    resolve_base_once(cfg.base)
     torch.manual_seed(cfg.seed)
 
     # Data: the split side of each file, encoded once; K checked against the data now.
