@@ -413,8 +413,10 @@ def sweep(
     against λ = 0, the Pareto front, the chosen λ and the knee), the evaluation records and
     the two adapters W0 and D (the result at λ is W0 + λ·D). See docs/SWEEP.md.
     """
+    from typing import get_args
+
     from excise.hub import resolve_adapter
-    from excise.pipeline.sweep import build_config, parse_assignments, parse_floats
+    from excise.pipeline.sweep import SweepConfig, build_config, parse_assignments, parse_floats
     from excise.runtime import set_threads
 
     set_threads(threads)
@@ -425,6 +427,9 @@ def sweep(
             raise typer.BadParameter(f"{flag} takes METRIC:KEY, e.g. perplexity:perplexity; got {spec!r}")
         return {"metric": metric, "key": key, "settings": parse_assignments(sets, flag=f"{flag}-set")}
 
+    verbs = [op.replace("_", "-") for op in get_args(SweepConfig.model_fields["operation"].annotation)]
+    if operation not in verbs:
+        raise typer.BadParameter(f"OPERATION {operation!r} is not one of: {', '.join(verbs)}")
     cfg = build_config(
         model=base,
         operation=operation.replace("-", "_"),

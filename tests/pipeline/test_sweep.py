@@ -320,3 +320,11 @@ def test_item_rules_name_registered_metrics():
     from excise.pipeline.sweep import _ITEM_RULES
 
     assert {metric for metric, _ in _ITEM_RULES} <= set(METRICS)
+
+
+def test_cli_unknown_operation_names_the_verbs(tmp_path, monkeypatch, capsys):
+    code = _main(monkeypatch, "sweep", "frob", "e", "a", "--base", "m", "--out", str(tmp_path / "s"))
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "'frob' is not one of: ext-sub, subtract, negate, compose" in err
+    assert not (tmp_path / "s").exists()
