@@ -202,3 +202,15 @@ def write_raw_lora(
     }
     (folder / "adapter_config.json").write_text(json.dumps(config))
     return folder
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a shared 2-core machine the thread pool's contention costs 50x here.
+
+    Opt in per module (or package) with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -36,14 +36,6 @@ STAGES = [
 
 
 @pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
 def eval_cache(tmp_path, monkeypatch):
     """A fresh evaluation cache per test: results must come from the stages, not an earlier test."""
     monkeypatch.setenv("EXCISE_CACHE", str(tmp_path / "cache"))

@@ -22,16 +22,7 @@ from excise.pipeline.sweep import (
 )
 from tests.conftest import random_lora, save_tiny_model, write_peft_lora
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine thread contention costs far more than it gives."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 _SHAPES = {"q": (6, 5), "v": (4, 5)}
