@@ -14,7 +14,9 @@ among them. The file must be unchanged (same SHA-256): a changed file could name
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -106,6 +108,17 @@ def trained_prompt_keys(record: Mapping[str, Any]) -> set[str]:
             raise DataError(f"training data {spec} is missing (moved or deleted since training)")
         if file_sha256(path) != digest:
             raise DataError(f"training data {spec} changed since training (SHA-256 no longer {digest[:12]}…)")
+    # Not sort_keys: the order of "fractions" is the order of the split's buckets.
+    return set(_prompt_keys(json.dumps(dict(record))))
+
+
+# A record names its file's SHA-256, checked above on every call, so the prompts it trained
+# on are computed once per process: `excise eval` checks before its plan line and again in
+# the run, and `excise run` checks every evaluation of the same modules.
+@functools.lru_cache(maxsize=32)
+def _prompt_keys(record_json: str) -> frozenset[str]:
+    record = json.loads(record_json)
+    spec = str(record["data"])
     fmt = str(record.get("format"))
     loader = _PROMPTS.get(_FAMILY.get(fmt, fmt))
     if loader is None:
@@ -121,4 +134,4 @@ def trained_prompt_keys(record: Mapping[str, Any]) -> set[str]:
     if record.get("rows") is not None:
         rows = set(record["rows"])
         examples = [e for e in examples if e.row in rows]
-    return {key for e in examples if (key := prompt_key(e.split_key))}
+    return frozenset(key for e in examples if (key := prompt_key(e.split_key)))
