@@ -70,6 +70,14 @@ def sft(
     ] = "train",
     limit: Annotated[int | None, typer.Option(help="Read only the first N rows.")] = None,
     max_examples: Annotated[int | None, typer.Option(help="Train on at most N examples.")] = None,
+    pair_max_word_ratio: Annotated[
+        float | None,
+        typer.Option(help="Paired formats: keep pairs whose longer answer has ≤ R × the shorter's words."),
+    ] = None,
+    pair_strip_period: Annotated[
+        bool,
+        typer.Option("--pair-strip-period", help="Paired formats: drop a final period from both answers."),
+    ] = False,
     max_length: Annotated[int, typer.Option(help="Max tokens per example; longer responses are cut.")] = 512,
     full: Annotated[bool, typer.Option("--full", help="Train all weights instead of a LoRA.")] = False,
     lora_r: flags.LoraR = 8,
@@ -140,6 +148,7 @@ def sft(
     cfg = SftConfig(
         base=base, data=data, out=out, format=format, fields=parse_field_mapping(field or []),
         template=template, system=system, split=split, limit=limit, max_examples=max_examples,
+        pair_max_word_ratio=pair_max_word_ratio, pair_strip_period=pair_strip_period,
         max_length=max_length, full=full, lora_r=lora_r, lora_alpha=lora_alpha,
         lora_dropout=lora_dropout, target_modules=module_names(target_modules),
         rslora=rslora, steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr,

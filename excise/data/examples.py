@@ -137,15 +137,27 @@ def load_instructions(
 
 
 def load_paired_qa(
-    spec: str, *, fields: Mapping[str, str] | None = None, limit: int | None = None
+    spec: str,
+    *,
+    fields: Mapping[str, str] | None = None,
+    limit: int | None = None,
+    max_word_ratio: float | None = None,
+    strip_final_period: bool = False,
 ) -> tuple[list[Example], list[Example]]:
     """Paired QA (HaluEval): the same questions with a right and a hallucinated answer.
+
+    Two controls keep the two sides in the same *format*, so that what differs is truth
+    (HaluEval's right answers are mostly 1–3-word spans, its hallucinated answers mostly
+    whole sentences ending in a period: subtracting the anti-expert would remove a style).
 
     Args:
         spec: data spec.
         fields: role → column overrides of :data:`PAIRED_QA_FIELDS`; HaluEval's
             ``knowledge`` is the optional ``input`` (``input=""`` leaves it out of the prompt).
         limit: read only the first rows.
+        max_word_ratio: keep only pairs whose longer answer has at most this many times the
+            words of the shorter one (both sides drop the same rows).
+        strip_final_period: drop one trailing ``.`` from both answers.
 
     Returns:
         ``(expert, anti)``: index ``i`` of both lists is the same question and context, with
@@ -161,9 +173,26 @@ def load_paired_qa(
     expert, anti = [], []
     for i, row in enumerate(rows):
         prompt, context = _text(row, columns["prompt"]), _optional_text(row, columns["input"])
-        expert.append(Example(prompt, _text(row, columns["expert"]), input=context, row=i))
-        anti.append(Example(prompt, _text(row, columns["anti"]), input=context, row=i))
+        right, wrong = _text(row, columns["expert"]), _text(row, columns["anti"])
+        if strip_final_period:
+            right, wrong = _strip_period(right), _strip_period(wrong)
+        if max_word_ratio is not None and not _comparable(right, wrong, max_word_ratio):
+            continue
+        expert.append(Example(prompt, right, input=context, row=i))
+        anti.append(Example(prompt, wrong, input=context, row=i))
+    if not expert:
+        raise DataError(f"{spec}: no pair has answers within a word ratio of {max_word_ratio}; raise it")
     return expert, anti
+
+
+def _strip_period(text: str) -> str:
+    return text[:-1].rstrip() if text.endswith(".") and not text.endswith("..") and len(text) > 1 else text
+
+
+def _comparable(a: str, b: str, ratio: float) -> bool:
+    """Whether the longer of two answers has at most ``ratio`` times the words of the shorter."""
+    na, nb = len(a.split()), len(b.split())
+    return max(na, nb) <= ratio * max(min(na, nb), 1)
 
 
 def load_harmful_qa(

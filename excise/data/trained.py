@@ -39,7 +39,7 @@ __all__ = [
 # data share their prompts, so one side names them all.
 _PROMPTS: dict[str, Callable[[str, dict[str, str], int | None], list[Example]]] = {
     "instruction": lambda spec, fields, limit: load_instructions(spec, fields=fields, limit=limit),
-    "paired": lambda spec, fields, limit: load_paired_qa(spec, fields=fields, limit=limit)[0],
+    "paired": lambda spec, fields, limit, **kw: load_paired_qa(spec, fields=fields, limit=limit, **kw)[0],
     "harmful": lambda spec, fields, limit: load_harmful_qa(spec, fields=fields, limit=limit)[0],
     "text": lambda spec, fields, limit: load_texts(spec, fields=fields, limit=limit),
 }
@@ -64,6 +64,7 @@ def training_data_record(
     limit: int | None = None,
     max_examples: int | None = None,
     rows: list[int] | None = None,
+    pairs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The record of one training data file (see the module docstring).
 
@@ -76,6 +77,8 @@ def training_data_record(
         max_examples: examples kept after the split.
         rows: for a trainer that picks its own rows (the demo's seeded shuffle): the 0-based
             rows of the file it trained on; ``split`` is then ``all`` and applies first.
+        pairs: paired data's pair controls (``max_word_ratio``, ``strip_final_period`` of
+            :func:`~excise.data.examples.load_paired_qa`), applied before the split.
     """
     path = Path(spec).expanduser()
     local = path.is_file()
@@ -90,6 +93,7 @@ def training_data_record(
         "salt": SPLIT_SALT,
         "max_examples": max_examples,
         **({"rows": sorted(rows)} if rows is not None else {}),
+        **({"pairs": dict(pairs)} if pairs else {}),
     }
 
 
@@ -123,7 +127,8 @@ def _prompt_keys(record_json: str) -> frozenset[str]:
     loader = _PROMPTS.get(_FAMILY.get(fmt, fmt))
     if loader is None:
         raise DataError(f"training data {spec}: unknown format {fmt!r} in the record")
-    examples = loader(spec, dict(record.get("fields") or {}), record.get("limit"))
+    pairs = dict(record.get("pairs") or {})
+    examples = loader(spec, dict(record.get("fields") or {}), record.get("limit"), **pairs)
     side = str(record.get("split", "all"))
     if side != "all":
         fractions = record.get("fractions") or STANDARD_SPLITS

@@ -699,6 +699,13 @@ class _Checker:
                         if evaluation is not None:
                             own.setdefault(key, getattr(evaluation.config, key))
                     own[axis] = self._axis(own[axis], evaluations, declared[1], (*loc, axis))
+            if isinstance(own.get("extra"), list):
+                own["extra"] = [
+                    self._axis(x, evaluations, declared[1], (*loc, "extra", i))
+                    if isinstance(x, dict) and "evaluation" in x
+                    else x
+                    for i, x in enumerate(own["extra"])
+                ]
             if op.op not in SweepConfig.model_fields["operation"].annotation.__args__:
                 self.add((*loc, "operation"), f"operation {op_name!r} ({op.op}) cannot be swept "
                          "(ext_sub, subtract, negate and compose can)")  # fmt: skip

@@ -290,10 +290,12 @@ def _tables(data: dict[str, Any]) -> dict[str, Any]:
             marks = [m for m, on in [("Pareto", p["pareto"]), ("over tolerance", not p["admissible"]),
                                      ("CHOSEN", p["lam"] == s["chosen"]["lam"]),
                                      ("knee", p["lam"] == s["knee"]["lam"])] if on]  # fmt: skip
+            extra = [x for e in p.get("extra", {}).values() for x in (_fmt(e["value"]), _ci(e))]
             rows.append([_lam(p["lam"]), _fmt(p["deficiency"]["value"]), _ci(p["deficiency"]),
-                         _fmt(p["utility"]["value"]), _ci(p["utility"]), _fmt(p.get("utility_loss")),
+                         _fmt(p["utility"]["value"]), _ci(p["utility"]), *extra, _fmt(p.get("utility_loss")),
                          ", ".join(marks)])  # fmt: skip
-        header = ["λ", dname, "Δ vs λ=0 (CI)", uname, "Δ vs λ=0 (CI)", "utility loss", ""]
+        extra_names = [x for e in s.get("extra", {}) for x in (e, "Δ vs λ=0 (CI)")]
+        header = ["λ", dname, "Δ vs λ=0 (CI)", uname, "Δ vs λ=0 (CI)", *extra_names, "utility loss", ""]
         sweeps[name] = (header, rows)
     return {"methods": methods, "sweeps": sweeps}
 
@@ -399,9 +401,10 @@ def _sweep_summary(s: dict[str, Any]) -> dict[str, Any]:
     points = [
         {k: p[k] for k in ("lam", "pareto", "admissible", "utility_loss")}
         | {axis: {k: p[axis][k] for k in ("value", "diff", "ci")} for axis in ("deficiency", "utility")}
+        | {"extra": {n: {k: e[k] for k in ("value", "diff", "ci")} for n, e in p.get("extra", {}).items()}}
         for p in s["points"]
     ]
-    keys = ("deficiency", "utility", "pareto", "chosen", "knee", "confidence", "bootstrap")
+    keys = ("deficiency", "utility", "extra", "pareto", "chosen", "knee", "confidence", "bootstrap")
     return {k: s.get(k) for k in keys} | {"points": points}
 
 

@@ -44,6 +44,8 @@ SweepConfig fields (YAML keys of a recipe's ``sweep`` stage; ``excise sweep`` fl
   ``higher_is_better`` (default from the key), ``settings`` (any
   :class:`~excise.evaluate.config.EvalConfig` field except model, adapter, dtype and
   device: data, limit, split, batch_size, judge, max_new_tokens, window…).
+- ``extra`` (list of :class:`SweepMetric`): more numbers scored at every λ, with paired
+  intervals, for the table (e.g. HaluEval accuracy, 4-gram repetition); they do not choose λ.
 - ``dtype``, ``device``: as ``excise eval``.
 - ``tolerance`` (float, default 0.05): allowed relative utility loss.
 - ``bootstrap`` (int, default 1000), ``confidence`` (float, default 0.95), ``seed`` (int).
@@ -161,6 +163,10 @@ class SweepConfig(BaseModel):
     lams: list[float] = Field(description="λ grid (finite, distinct); 0 is added when absent.")
     deficiency: SweepMetric = Field(description="What the edit should improve (e.g. truthfulqa-mc / mc2).")
     utility: SweepMetric = Field(description="What it must not spoil (e.g. perplexity / perplexity).")
+    extra: list[SweepMetric] = Field(
+        default_factory=list,
+        description="More numbers scored at every λ (with paired intervals); they do not choose λ.",
+    )
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Model dtype.")
     device: str = Field("auto", description="`auto` (CUDA if present), `cpu`, `cuda`…")
     tolerance: float = Field(0.05, ge=0, description="Allowed relative utility loss against λ = 0.")
@@ -195,6 +201,9 @@ class SweepConfig(BaseModel):
                 raise ValueError("weights apply to compose only")
             if len(self.weights) != n - 1 or not all(math.isfinite(w) for w in self.weights):
                 raise ValueError(f"weights: give one finite number per anti-expert ({n - 1})")
+        names = [_extra_name(a) for a in self.extra]
+        if len(set(names)) != len(names):
+            raise ValueError(f"extra: each metric:key once, got {', '.join(names)}")
         return self
 
     @property
@@ -575,6 +584,7 @@ def run_sweep(cfg: SweepConfig) -> Path:
 
     clock = time.perf_counter()
     axes = {"deficiency": cfg.deficiency, "utility": cfg.utility}
+    axes |= {_extra_name(axis): axis for axis in cfg.extra}
     eval_cfgs = {name: _eval_config(cfg, axis) for name, axis in axes.items()}
     with atomic_output_dir(cfg.out, overwrite=cfg.overwrite) as tmp:
         adapters = [load_adapter(path) for path in cfg.inputs]
@@ -584,7 +594,7 @@ def run_sweep(cfg: SweepConfig) -> Path:
         prepare_seconds = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        merge_base = not ({cfg.deficiency.metric, cfg.utility.metric} & NEEDS_BASE)
+        merge_base = not ({axis.metric for axis in axes.values()} & NEEDS_BASE)
         subject = _load_swept_model(cfg, base_dir, delta_dir, merge_base)
         judges = {name: load_metric_judge(axes[name].metric, c) for name, c in eval_cfgs.items()}
         load_seconds = time.perf_counter() - clock
@@ -593,13 +603,11 @@ def run_sweep(cfg: SweepConfig) -> Path:
         for lam in cfg.grid:
             set_delta_scale(subject.model, lam)
             clock = time.perf_counter()
-            records: dict[str, dict[str, Any]] = {}
+            done: dict[tuple[str, str], dict[str, Any]] = {}  # one evaluation per (metric, settings)
             point: dict[str, Any] = {"lam": lam, "results": {}}
             for name, axis in axes.items():
-                same = (axis.metric, eval_cfgs[name]) == (cfg.deficiency.metric, eval_cfgs["deficiency"])
-                if name == "utility" and same:  # one metric for both axes: evaluated once
-                    record = records["deficiency"]
-                else:
+                run_key = (axis.metric, eval_cfgs[name].model_dump_json())
+                if run_key not in done:
                     record = run_eval(axis.metric, eval_cfgs[name], judge=judges[name], subject=subject,
                                       modules=list(cfg.inputs), use_cache=False,
                                       progress=cfg.progress)  # fmt: skip
@@ -609,19 +617,25 @@ def run_sweep(cfg: SweepConfig) -> Path:
                         "lam": lam,
                         "inputs": [str(p) for p in cfg.inputs],
                     }
-                    rel = Path("results") / _lam_dir(lam) / f"{axis.metric}.json"
+                    file = f"{axis.metric}.json" if axis.metric not in point["results"] else f"{name}.json"
+                    rel = Path("results") / _lam_dir(lam) / file
                     write_result(record, tmp / rel)
-                    point["results"][axis.metric] = str(rel)
-                records[name] = record
+                    point["results"].setdefault(axis.metric, str(rel))
+                    done[run_key] = record
+                record = done[run_key]
                 stat = item_stat(axis.metric, axis.key, record)
                 value = record["metrics"][axis.key]
-                point[name] = {
-                    "value": value if value is not None and math.isfinite(value) else None,
-                    "items": stat,
-                }
+                finite = value is not None and math.isfinite(value)
+                entry = {"value": value if finite else None, "items": stat}
+                if name in ("deficiency", "utility"):
+                    point[name] = entry
+                else:
+                    point.setdefault("extra", {})[name] = entry
             point["seconds"] = time.perf_counter() - clock
             if cfg.progress:  # one line per λ, as it is done
-                shown = ", ".join(f"{axes[a].metric}:{axes[a].key} {_show(point[a]['value'])}" for a in axes)
+                shown = ", ".join(f"{axes[a].metric}:{axes[a].key} {_show(point[a]['value'])}"
+                                  for a in ("deficiency", "utility"))  # fmt: skip
+                shown += "".join(f", {a} {_show(e['value'])}" for a, e in point.get("extra", {}).items())
                 print(f"λ = {lam:g}: {shown} ({point['seconds']:.1f} s)", file=sys.stderr)
             points.append(point)
         summary = _analyse(cfg, points)
@@ -636,6 +650,11 @@ def run_sweep(cfg: SweepConfig) -> Path:
     return Path(cfg.out)
 
 
+def _extra_name(axis: SweepMetric) -> str:
+    """The name an extra metric has in ``sweep.json``: ``metric:key``."""
+    return f"{axis.metric}:{axis.key}"
+
+
 def _show(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
@@ -647,8 +666,9 @@ def _analyse(cfg: SweepConfig, points: list[dict[str, Any]]) -> dict[str, Any]:
     d = [p["deficiency"]["value"] for p in points]
     u = [p["utility"]["value"] for p in points]
     for p in points:
-        for name in ("deficiency", "utility"):
-            entry, ref = p[name], points[0][name]
+        pairs = [(p[name], points[0][name]) for name in ("deficiency", "utility")]
+        pairs += [(entry, points[0]["extra"][name]) for name, entry in p.get("extra", {}).items()]
+        for entry, ref in pairs:
             entry["diff"] = (
                 None if entry["value"] is None or ref["value"] is None else entry["value"] - ref["value"]
             )
@@ -665,6 +685,10 @@ def _analyse(cfg: SweepConfig, points: list[dict[str, Any]]) -> dict[str, Any]:
         "config": cfg.model_dump(mode="json"),
         "deficiency": {"metric": cfg.deficiency.metric, "key": cfg.deficiency.key, "higher_is_better": hd},
         "utility": {"metric": cfg.utility.metric, "key": cfg.utility.key, "higher_is_better": hu},
+        "extra": {
+            _extra_name(a): {"metric": a.metric, "key": a.key, "higher_is_better": a.higher}
+            for a in cfg.extra
+        },
         "confidence": cfg.confidence,
         "bootstrap": cfg.bootstrap,
         "points": points,

@@ -56,8 +56,8 @@ def _instruction(spec: str, fields: dict[str, str], limit: int | None) -> list[E
     return load_instructions(spec, fields=fields, limit=limit)
 
 
-def _paired(side: int) -> Callable[[str, dict[str, str], int | None], list[Example]]:
-    return lambda spec, fields, limit: load_paired_qa(spec, fields=fields, limit=limit)[side]
+def _paired(side: int) -> Callable[..., list[Example]]:
+    return lambda spec, fields, limit, **kw: load_paired_qa(spec, fields=fields, limit=limit, **kw)[side]
 
 
 def _harmful(side: int) -> Callable[[str, dict[str, str], int | None], list[Example]]:
@@ -69,7 +69,7 @@ def _text(spec: str, fields: dict[str, str], limit: int | None) -> list[Example]
 
 
 # --format NAME → loader returning the examples to train on.
-FORMATS: dict[str, Callable[[str, dict[str, str], int | None], list[Example]]] = {
+FORMATS: dict[str, Callable[..., list[Example]]] = {
     "instruction": _instruction,
     "paired-expert": _paired(0),
     "paired-anti": _paired(1),
@@ -97,6 +97,12 @@ class SftConfig(TrainOptions):
         "train", description="Side of the project-wide prompt split to train on (all: every row)."
     )
     limit: int | None = Field(None, ge=1, description="Read only the first rows of the data.")
+    pair_max_word_ratio: float | None = Field(
+        None,
+        ge=1,
+        description="Paired data: keep pairs whose longer answer has ≤ this × the shorter's words.",
+    )
+    pair_strip_period: bool = Field(False, description="Paired data: drop a final period from both answers.")
     max_examples: int | None = Field(None, ge=1, description="Train on at most this many examples.")
     max_length: int = Field(512, ge=2, description="Tokens per example; longer responses are cut.")
     packing: bool = Field(
@@ -120,7 +126,19 @@ class SftConfig(TrainOptions):
     def _steps_or_epochs(self) -> SftConfig:
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give --steps or --epochs, not both")
+        if self.pair_options and not self.format.startswith("paired"):
+            raise ValueError("--pair-max-word-ratio and --pair-strip-period apply to the paired formats only")
         return self
+
+    @property
+    def pair_options(self) -> dict[str, Any]:
+        """The pair controls given (keyword arguments of ``load_paired_qa``); empty when none."""
+        options: dict[str, Any] = {}
+        if self.pair_max_word_ratio is not None:
+            options["max_word_ratio"] = self.pair_max_word_ratio
+        if self.pair_strip_period:
+            options["strip_final_period"] = True
+        return options
 
     def train_settings(self) -> TrainSettings:
         steps = self.steps if self.steps is not None or self.epochs is not None else 100
@@ -133,7 +151,7 @@ class SftConfig(TrainOptions):
 
 def load_examples(cfg: SftConfig) -> list[Example]:
     """The examples ``cfg`` trains on: loaded, restricted to the split side, capped."""
-    examples = FORMATS[cfg.format](cfg.data, dict(cfg.fields), cfg.limit)
+    examples = FORMATS[cfg.format](cfg.data, dict(cfg.fields), cfg.limit, **cfg.pair_options)
     examples = select_split(examples, cfg.split)
     return examples[: cfg.max_examples] if cfg.max_examples else examples
 
@@ -212,7 +230,7 @@ def _data_side(cfg: SftConfig) -> dict[str, Any]:
     """How ``cfg.data`` was read and split, for its training data record."""
     return {
         "format": cfg.format, "fields": cfg.fields, "split": cfg.split, "limit": cfg.limit,
-        "max_examples": cfg.max_examples,
+        "max_examples": cfg.max_examples, "pairs": cfg.pair_options or None,
     }  # fmt: skip
 
 
@@ -248,7 +266,7 @@ def validation_hook(
 
 def _validation_batches(cfg: SftConfig, tokenizer: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
     """The validation examples of ``cfg.eval_data``, encoded like the training ones, in batches."""
-    examples = FORMATS[cfg.format](cfg.eval_data, dict(cfg.fields), cfg.eval_limit)
+    examples = FORMATS[cfg.format](cfg.eval_data, dict(cfg.fields), cfg.eval_limit, **cfg.pair_options)
     encoded, _ = encode_examples(
         tokenizer, examples, cfg.resolved_template, system=cfg.system, max_length=cfg.max_length
     )

@@ -303,3 +303,29 @@ def test_real_hh_rlhf():
 def test_real_wikitext():
     examples = load_texts(str(SHARED / "wikitext2/wiki_test_raw.jsonl"))
     assert 2000 < len(examples) < 4358 and all(e.response.strip() for e in examples)
+
+
+def test_paired_qa_format_controls(tmp_path):
+    rows = [
+        {"question": "Q1", "right_answer": "Paris", "hallucinated_answer": "Lyon."},  # 1 vs 1 word
+        {
+            "question": "Q2",
+            "right_answer": "Arthur's Magazine",
+            "hallucinated_answer": "First for Women was.",
+        },
+        {"question": "Q3", "right_answer": "The Five.", "hallucinated_answer": "The Four Tops."},  # 2 vs 3
+        {"question": "Q4", "right_answer": "Mr. J. R. R.", "hallucinated_answer": "Wait..."},
+    ]
+    spec = _jsonl(tmp_path / "qa.json", rows)
+    expert, anti = load_paired_qa(spec, max_word_ratio=1.5, strip_final_period=True)
+    # Independently: word counts 1/1, 2/4, 2/3, 4/1 → ratios 1, 2, 1.5, 4.
+    assert [e.prompt for e in expert] == ["Q1", "Q3"] == [a.prompt for a in anti]
+    pairs = [(e.response, a.response) for e, a in zip(expert, anti, strict=True)]
+    assert pairs == [("Paris", "Lyon"), ("The Five", "The Four Tops")]
+    assert [e.row for e in expert] == [0, 2]
+    unstripped, _ = load_paired_qa(spec, strip_final_period=False, max_word_ratio=5)
+    assert [e.response for e in unstripped][3] == "Mr. J. R. R."
+    ellipsis = load_paired_qa(spec, strip_final_period=True)[1][3]
+    assert ellipsis.response == "Wait..."  # an ellipsis is not a final period
+    with pytest.raises(DataError, match="word ratio"):
+        load_paired_qa(_jsonl(tmp_path / "q2.json", rows[1:2]), max_word_ratio=1.0)

@@ -236,3 +236,29 @@ def test_sweep_checks_its_inputs_training_data(flow, tmp_path):
     assert not (tmp_path / "refused").exists()
     summary = json.loads((sweep("eval", "ok") / "sweep.json").read_text())
     assert [p["lam"] for p in summary["points"]] == [0.0, 1.0]
+
+
+def test_pair_controls_are_recorded_and_name_the_trained_prompts(tmp_path):
+    """Filtered pairs, then a cap: the record must name exactly the capped filtered prompts."""
+    from excise.data import recorded_training_data, trained_prompt_keys
+    from excise.train.sft import SftConfig, load_examples, run
+
+    rows = [
+        {"question": f"Which way does river {i} flow?", "right_answer": "North.",
+         "hallucinated_answer": "South." if i % 2 else f"South, past the town of {i} and on."}
+        for i in range(60)
+    ]  # fmt: skip
+    qa = tmp_path / "qa.json"
+    qa.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = save_tiny_model(tmp_path / "tiny")
+    cfg = SftConfig(base=str(model), data=str(qa), out=tmp_path / "e", format="paired-expert", steps=1,
+                    batch_size=2, lora_r=2, target_modules=("q_proj",), max_examples=5,
+                    pair_max_word_ratio=1.5, pair_strip_period=True)  # fmt: skip
+    run(cfg, progress=False)
+    (record,) = recorded_training_data(tmp_path / "e")
+    assert record["pairs"] == {"max_word_ratio": 1.5, "strip_final_period": True}
+    odd_train = [r["question"] for r in rows[1::2] if assign_split(r["question"]) == "train"]
+    assert trained_prompt_keys(record) == {prompt_key(q) for q in odd_train[:5]}
+    assert [e.response for e in load_examples(cfg)] == ["North"] * 5
+    with pytest.raises(ValueError, match="paired formats only"):
+        SftConfig(base="m", data=str(qa), out=tmp_path / "x", format="instruction", pair_strip_period=True)

@@ -319,3 +319,36 @@ def test_cli_unknown_operation_names_the_verbs(tmp_path, monkeypatch, capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "'frob' is not one of: ext-sub, subtract, negate, compose" in err
     assert not (tmp_path / "s").exists()
+
+
+def test_sweep_extra_metrics_are_scored_at_every_lam(setup, tmp_path, monkeypatch):
+    from excise.pipeline.sweep import run_sweep
+
+    monkeypatch.setenv("EXCISE_CACHE", str(tmp_path / "cache"))
+    model, (expert, anti), mc, text = setup
+    ppl = {"data": str(text), "window": 8, "stride": 4}
+    cfg = SweepConfig(
+        model=str(model), operation="ext_sub", inputs=[expert, anti], lams=[1.0, 2.0], device="cpu",
+        progress=False, bootstrap=20, out=tmp_path / "s",
+        deficiency={"metric": "truthfulqa-mc", "key": "mc2", "settings": {"data": str(mc)}},
+        utility={"metric": "perplexity", "key": "perplexity", "settings": ppl},
+        extra=[{"metric": "truthfulqa-mc", "key": "mc1", "settings": {"data": str(mc)}},
+               {"metric": "perplexity", "key": "nll_per_token", "settings": ppl | {"window": 6}}],
+    )  # fmt: skip
+    run_sweep(cfg)
+    sweep = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert set(sweep["extra"]) == {"truthfulqa-mc:mc1", "perplexity:nll_per_token"}
+    for point in sweep["points"]:
+        mc_record = json.loads((tmp_path / "s" / point["results"]["truthfulqa-mc"]).read_text())
+        assert point["extra"]["truthfulqa-mc:mc1"]["value"] == mc_record["metrics"]["mc1"]
+        # Other settings than the utility's perplexity: evaluated on their own, in their own file.
+        own = tmp_path / "s" / "results" / f"lam={point['lam']:g}" / "perplexity:nll_per_token.json"
+        nll = json.loads(own.read_text())
+        assert nll["settings"]["window"] == 6
+        assert point["extra"]["perplexity:nll_per_token"]["value"] == nll["metrics"]["nll_per_token"]
+        ppl_record = json.loads((tmp_path / "s" / point["results"]["perplexity"]).read_text())
+        assert nll["metrics"]["nll_per_token"] != pytest.approx(np.log(ppl_record["metrics"]["perplexity"]))
+    assert sweep["points"][0]["extra"]["truthfulqa-mc:mc1"]["ci"] == [0.0, 0.0]
+    assert all(p["extra"]["truthfulqa-mc:mc1"]["ci"] is not None for p in sweep["points"])
+    with pytest.raises(ValueError, match="each metric:key once"):
+        SweepConfig(**(cfg.model_dump() | {"extra": [cfg.extra[0], cfg.extra[0]]}))
