@@ -79,6 +79,10 @@ def test_toxicity_with_test_judge(model_dir, prompts_file):
     assert record["metrics"]["toxicity_mean"] == pytest.approx(sum(scores) / 5)
     assert record["metrics"]["toxic_share"] == pytest.approx(sum(s > 0.8 for s in scores) / 5)
     assert record["judge"]["name"] == "length-test"
+    # The same answers' repetition, as the repetition metric computes it on them.
+    rep = run_eval("repetition", _cfg(model_dir, prompts_file), progress=False)
+    for n in (1, 2, 3, 4):
+        assert record["metrics"][f"rep_{n}"] == pytest.approx(rep["metrics"][f"rep_{n}"])
 
 
 def test_harmful_rate_with_test_judge_and_dedupe(model_dir, tmp_path):

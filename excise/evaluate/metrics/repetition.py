@@ -9,6 +9,8 @@ instructions, the set it reported repetition on; any instruction file works (``-
 
 from __future__ import annotations
 
+from typing import Any
+
 from excise.evaluate.metrics.base import (
     SHARED_DATA,
     EvalContext,
@@ -18,20 +20,24 @@ from excise.evaluate.metrics.base import (
 )
 from excise.evaluate.text import ngram_repetition
 
-__all__ = ["METRIC"]
+__all__ = ["METRIC", "ORDERS", "repetition_of"]
 
 ORDERS = (1, 2, 3, 4)
+
+
+def repetition_of(tokenizer: Any, answer: str) -> dict[str, float]:
+    """``{"rep_1": …, "rep_4": …}`` of one generation, tokenised as Ext-Sub does."""
+    tokens = tokenizer(answer)["input_ids"]
+    return {f"rep_{n}": ngram_repetition(tokens, n) for n in ORDERS}
 
 
 def run(ctx: EvalContext) -> MetricResult:
     tokenizer = ctx.subject.tokenizer
     instructions, answers = answer_field(ctx, "instruction", desc="repetition")
-    items = []
-    for q, a in zip(instructions, answers, strict=True):
-        tokens = tokenizer(a)["input_ids"]
-        items.append(
-            {"instruction": q, "response": a, **{f"rep_{n}": ngram_repetition(tokens, n) for n in ORDERS}}
-        )
+    items = [
+        {"instruction": q, "response": a, **repetition_of(tokenizer, a)}
+        for q, a in zip(instructions, answers, strict=True)
+    ]
     n_items = len(items)
     metrics = {f"rep_{n}": sum(it[f"rep_{n}"] for it in items) / n_items for n in ORDERS}
     return MetricResult(metrics, items, {"aggregation": "mean over generations (Ext-Sub)"})
