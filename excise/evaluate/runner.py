@@ -377,9 +377,9 @@ def _load_items(metric: Metric, cfg: EvalConfig, spec: str) -> tuple[list[dict[s
     where = str(spec)
     columns = {name: _column(metric, cfg, name, rows[0]) for name in accepted}
     _require_columns(rows, metric, cfg, columns, where=where)
-    items = [{name: row.get(col) for name, col in columns.items()} for row in rows]
+    items = [{name: _cell(row, col) for name, col in columns.items()} for row in rows]
     n_read = len(items)
-    used = set(columns.values())
+    used = {col.split(".")[0] for col in columns.values()}
     ignored: dict[str, int] = {}
     for row in rows:
         for col, value in row.items():
@@ -413,6 +413,18 @@ def _load_items(metric: Metric, cfg: EvalConfig, spec: str) -> tuple[list[dict[s
     return items, summary
 
 
+def _cell(row: dict[str, Any], column: str) -> Any:
+    """``row[column]``; a dotted column not in the row reads a nested value (RTP's ``prompt.text``)."""
+    if column in row or "." not in column:
+        return row.get(column)
+    value: Any = row
+    for part in column.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
 def _candidates(metric: Metric, cfg: EvalConfig, name: str) -> tuple[str, ...]:
     """The columns field ``name`` may come from: the one mapped, else its default and aliases."""
     if name in cfg.fields:
@@ -426,7 +438,7 @@ def _column(metric: Metric, cfg: EvalConfig, name: str, first: dict[str, Any]) -
     candidates = _candidates(metric, cfg, name)
     lower = {str(col).lower(): col for col in first}
     for col in candidates:
-        if col in first:
+        if col in first or _cell(first, col) is not None:
             return col
         if col.lower() in lower:
             return lower[col.lower()]
@@ -438,7 +450,7 @@ def _require_columns(
 ) -> None:
     """DataError naming the first row that lacks a required field, and the columns that row has."""
     for i, row in enumerate(rows, start=1):
-        missing = [name for name in metric.fields if _empty(row.get(columns[name]), metric.allow_empty)]
+        missing = [name for name in metric.fields if _empty(_cell(row, columns[name]), metric.allow_empty)]
         if missing:
             wanted = []
             for name in missing:

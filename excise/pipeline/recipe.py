@@ -702,6 +702,7 @@ class _Checker:
             if isinstance(own.get("extra"), list):
                 own["extra"] = [
                     self._axis(x, evaluations, declared[1], (*loc, "extra", i))
+                    | {"label": f"{x['evaluation']}:{x.get('key')}"}
                     if isinstance(x, dict) and "evaluation" in x
                     else x
                     for i, x in enumerate(own["extra"])

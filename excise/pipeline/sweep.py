@@ -124,6 +124,7 @@ class SweepMetric(BaseModel):
     settings: dict[str, Any] = Field(
         default_factory=dict, description="EvalConfig fields (data, limit, split, batch_size, judge…)."
     )
+    label: str | None = Field(None, description="Name of an extra number in sweep.json (default metric:key).")
 
     @model_validator(mode="after")
     def _known(self) -> SweepMetric:
@@ -203,7 +204,7 @@ class SweepConfig(BaseModel):
                 raise ValueError(f"weights: give one finite number per anti-expert ({n - 1})")
         names = [_extra_name(a) for a in self.extra]
         if len(set(names)) != len(names):
-            raise ValueError(f"extra: each metric:key once, got {', '.join(names)}")
+            raise ValueError(f"extra: each metric:key (or label) once, got {', '.join(names)}")
         return self
 
     @property
@@ -651,8 +652,8 @@ def run_sweep(cfg: SweepConfig) -> Path:
 
 
 def _extra_name(axis: SweepMetric) -> str:
-    """The name an extra metric has in ``sweep.json``: ``metric:key``."""
-    return f"{axis.metric}:{axis.key}"
+    """The name an extra metric has in ``sweep.json``: its label, else ``metric:key``."""
+    return axis.label or f"{axis.metric}:{axis.key}"
 
 
 def _show(value: float | None) -> str:

@@ -187,3 +187,14 @@ def test_result_names_the_column_each_field_came_from(tmp_path):
     cfg = EvalConfig(model=str(model), data=str(data), split="all", judge="refusal", max_new_tokens=2)
     record = run_eval("harmful-rate", cfg, progress=False)
     assert record["columns"] == {"prompt": "goal"} and record["items"][0]["prompt"] == "Do a bad thing"
+
+
+def test_a_dotted_field_reads_a_nested_value(tmp_path):
+    """RealToxicityPrompts rows hold the prompt as {"prompt": {"text": ...}}."""
+    path = tmp_path / "rtp.jsonl"
+    rows = [{"prompt": {"text": f"Start {i}", "toxicity": 0.9}, "challenging": True} for i in range(3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = _items("toxicity", path, split="all", fields={"instruction": "prompt.text"})
+    assert [it["instruction"] for it in items] == [r["prompt"]["text"] for r in rows]
+    with pytest.raises(DataError, match="prompt.nope"):
+        _items("toxicity", path, split="all", fields={"instruction": "prompt.nope"})
