@@ -196,5 +196,5 @@ def test_a_dotted_field_reads_a_nested_value(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     items = _items("toxicity", path, split="all", fields={"instruction": "prompt.text"})
     assert [it["instruction"] for it in items] == [r["prompt"]["text"] for r in rows]
-    with pytest.raises(DataError, match="prompt.nope"):
+    with pytest.raises(DataError, match=r"prompt\.nope"):
         _items("toxicity", path, split="all", fields={"instruction": "prompt.nope"})
