@@ -189,10 +189,16 @@ def plan(recipe: Recipe) -> list[Stage]:
                 _inspect_action(inputs, lam, recipe.out / output),
             )
         )
+    from excise.evaluate.runner import NEEDS_BASE
+
     for name, evaluation in recipe.evaluations.items():
         for model in evaluation.models:
             adapter = recipe.adapter_of(model)
-            cfg = evaluation.config.model_copy(update={"adapter": adapter})
+            update: dict[str, Any] = {"adapter": adapter}
+            if adapter is None and evaluation.metric in NEEDS_BASE and evaluation.config.reference is None:
+                update["reference"] = recipe.base  # the base model is its own reference
+
+            cfg = evaluation.config.model_copy(update=update)
             output = Path("results") / model / f"{name}.json"
             data = [cfg.data] if cfg.data else []
             stages.append(

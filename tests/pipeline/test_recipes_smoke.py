@@ -17,7 +17,7 @@ from tests.conftest import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = default_data_dir()
-RESULTS_RECIPES = ["ext-sub-truthfulness", "ext-sub-detox", "compose"]
+RESULTS_RECIPES = ["ext-sub-truthfulness", "ext-sub-detox", "compose", "sku-harmful"]
 
 pytestmark = [
     pytest.mark.skipif(DATA is None or not DATA.is_dir(), reason="needs the shared data folder"),
