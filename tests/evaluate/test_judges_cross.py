@@ -133,7 +133,7 @@ def test_training_is_deterministic_and_its_claim_is_reproducible(tmp_path):
 
 
 def test_shipped_harm_cross_reproduces_its_recorded_scores_and_claim():
-    state, calibration, meta = read_cross(CROSS_SHIPPED)
+    _, calibration, meta = read_cross(CROSS_SHIPPED)
     claim = meta["agreement"]
     assert meta["encoder"]["sha256_16"] == load_encoder().fingerprint  # scored with the encoder it was fit on
     assert "judge side" in meta["trained_on"]["split"] and "held-out" in claim["data"]

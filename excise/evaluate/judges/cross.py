@@ -172,14 +172,16 @@ def read_cross(path: Path) -> tuple[dict[str, torch.Tensor], list[float], dict[s
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(
-            f"cross-encoder weights {path} not found; train them with `excise eval judge-train --kind harm-cross`"
+            f"cross-encoder weights {path} not found; "
+            "train them with `excise eval judge-train --kind harm-cross`"
         )
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
             state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
         calibration = state.pop("calibration").tolist()
-        metadata["lora"]["rank"], metadata["lora"]["layers"]  # noqa: B018 (checks the fields exist)
+        if not {"rank", "layers", "max_length"} <= set(metadata["lora"]):
+            raise KeyError("lora settings")
     except (SafetensorError, OSError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise ModelLoadError(f"{path} is not a cross-encoder judge written by excise ({err})") from err
     if len(calibration) != 3:
@@ -261,5 +263,5 @@ class CrossJudge:
 
 def _layer_of(name: str) -> int | None:
     """The encoder layer index in a parameter name (``…layer.3.…`` → 3), or None."""
-    head, sep, tail = name.partition(".layer.")
+    _, sep, tail = name.partition(".layer.")
     return int(tail.split(".")[0]) if sep and tail.split(".")[0].isdigit() else None

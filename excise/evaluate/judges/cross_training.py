@@ -162,7 +162,8 @@ def train_cross(
             "rank": settings.rank,
             "alpha": 2 * settings.rank,
             "layers": list(settings.layers),
-            "targets": "query, key, value, attention.output.dense, intermediate.dense, output.dense; LayerNorms",
+            "targets": "query, key, value, attention.output.dense, intermediate.dense, output.dense; "
+            "LayerNorms",
             "max_length": model.max_length,
         },
         "training": settings.as_dict(),

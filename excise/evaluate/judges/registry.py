@@ -107,7 +107,7 @@ JUDGES: dict[str, JudgeKind] = {
             "harm-cross",
             _shipped_cross,
             False,
-            "offline harmful-response judge (MiniLM cross-encoder fine-tuned on PKU-SafeRLHF judge-side prompts)",
+            "offline harmful-response judge (MiniLM cross-encoder fine-tuned on PKU-SafeRLHF judge side)",
         ),
         JudgeKind(
             "harm-probe",
@@ -135,8 +135,8 @@ def load_judge(spec: str, **options: Any) -> Judge:
     """The judge a spec names (see the module docstring), built with ``options``.
 
     Args:
-        spec: ``refusal``, ``harm-cross``, ``harm-probe``, ``toxicity-probe``, ``probe:<file>``, ``cross:<file>``,
-            ``hf:<hub id or folder>`` or ``openai:<base url>``.
+        spec: ``refusal``, ``harm-cross``, ``harm-probe``, ``toxicity-probe``, ``probe:<file>``,
+            ``cross:<file>``, ``hf:<hub id or folder>`` or ``openai:<base url>``.
         **options: constructor options of that judge (e.g. ``threshold``, ``model``).
 
     Returns:
