@@ -174,7 +174,7 @@ def _train_cross(out: Path, data: Path | None, limit: int | None, checks: bool) 
 
 @app.command("judge-check")
 def judge_check(
-    judge: JudgeSpec = "harm-probe",
+    judge: JudgeSpec = "harm-cross",
     judge_option: JudgeOptions = [],  # noqa: B006
     kind: Annotated[
         str | None,
