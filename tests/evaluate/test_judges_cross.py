@@ -138,6 +138,7 @@ def test_shipped_harm_cross_reproduces_its_recorded_scores_and_claim():
     assert meta["encoder"]["sha256_16"] == load_encoder().fingerprint  # scored with the encoder it was fit on
     assert "judge side" in meta["trained_on"]["split"] and "held-out" in claim["data"]
     assert claim["n"] == len(heldout_pairs("harm")) and meta["trained_on"]["limit"] is None
+    assert meta["training"] == CrossSettings().as_dict()  # the defaults rebuild the shipped weights
     # The new default must beat harm-probe on the same held-out responses.
     probe = read_probe(SHIPPED["harm-probe"]).metadata["agreement"]
     assert claim["n"] == probe["n"] and claim["accuracy"] > probe["accuracy"] and claim["auc"] > probe["auc"]

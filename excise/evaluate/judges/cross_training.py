@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,42 +52,33 @@ __all__ = ["CALIBRATE", "CrossSettings", "calibration_mask", "train_cross"]
 CALIBRATE = {"train": 0.8, "calibrate": 0.2}
 
 
+@dataclass(frozen=True)
 class CrossSettings:
     """Training settings of ``harm-cross`` (the defaults built the shipped weights).
 
     Attributes:
         rank: LoRA rank (alpha = 2·rank).
-        layers: encoder layers that are fine-tuned (LoRA + LayerNorms).
+        layers: encoder layers that are fine-tuned (LoRA + LayerNorms); the ones below are frozen.
         epochs: passes over the training pairs.
         lr: AdamW peak learning rate (10% linear warm-up, then linear decay to 0).
         weight_decay: AdamW weight decay.
         pairs_per_batch: PKU pairs per batch (twice as many answers).
         pairwise: weight of the pairwise margin term beside the pointwise BCE.
-        seed: seeds the head's initialisation and the batch order.
+        seed: seeds the LoRA and head initialisation and the batch order.
     """
 
-    def __init__(
-        self,
-        *,
-        rank: int = 8,
-        layers: tuple[int, ...] = (3, 4, 5),
-        epochs: int = 3,
-        lr: float = 5e-4,
-        weight_decay: float = 0.01,
-        pairs_per_batch: int = 8,
-        pairwise: float = 1.0,
-        seed: int = 0,
-    ) -> None:
-        self.rank, self.layers, self.epochs, self.lr = rank, tuple(layers), epochs, lr
-        self.weight_decay, self.pairs_per_batch, self.pairwise, self.seed = (
-            weight_decay,
-            pairs_per_batch,
-            pairwise,
-            seed,
-        )
+    rank: int = 8
+    layers: tuple[int, ...] = (3, 4, 5)  # all six layers: 2x the time, no better (docs/JUDGES.md §1.2)
+    epochs: int = 3
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    pairs_per_batch: int = 8
+    pairwise: float = 1.0
+    seed: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(vars(self), layers=list(self.layers))
+        """JSON-able settings for the weights' metadata."""
+        return dict(asdict(self), layers=list(self.layers))
 
 
 def calibration_mask(pairs: LabelledPairs) -> np.ndarray:
