@@ -156,7 +156,7 @@ def test_shipped_harm_cross_reproduces_its_recorded_scores_and_claim():
     assert CROSS_SHIPPED.stat().st_size < 3_000_000
 
 
-def test_harm_cross_is_the_harmful_rate_default_and_bad_input_is_one_line():
+def test_harm_cross_is_the_harmful_rate_default_and_bad_input_is_one_line(tmp_path):
     from excise.evaluate.metrics.harmful_rate import METRIC
 
     assert METRIC.default_judge == "harm-cross"
@@ -164,6 +164,11 @@ def test_harm_cross_is_the_harmful_rate_default_and_bad_input_is_one_line():
         load_judge("harm-cross", temperature=2)
     with pytest.raises(ModelLoadError, match="judge-train --kind harm-cross"):
         load_judge("cross:/nonexistent/w.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not weights")
+    for wrong in (tmp_path / "junk.safetensors", SHIPPED["harm-probe"]):  # not safetensors; a probe
+        with pytest.raises(ModelLoadError, match="not a cross-encoder judge") as err:
+            load_judge(f"cross:{wrong}")
+        assert "\n" not in str(err.value)
 
 
 def test_judge_train_cli_builds_a_cross_encoder(tmp_path):
