@@ -165,7 +165,7 @@ _EXTRA: dict[str, list[inspect.Parameter]] = {
     ],
     "toxicity": _GENERATION + _judge("toxicity-probe"),
     "repetition": _GENERATION,
-    "harmful-rate": _GENERATION + _judge("harm-probe"),
+    "harmful-rate": _GENERATION + _judge("harm-cross"),
     "utility": [
         *_GENERATION,
         _opt(

@@ -2,7 +2,7 @@
 
 - ``excise eval harness``: lm-evaluation-harness tasks (MMLU, GSM8K, BBH, local task files)
   on a base model plus an optional adapter;
-- ``excise eval judge-train``: retrain the offline ``harm-probe`` / ``toxicity-probe``;
+- ``excise eval judge-train``: retrain the offline ``harm-cross`` / ``harm-probe`` / ``toxicity-probe``;
 - ``excise eval judge-check``: measure any judge's agreement with labelled data.
 """
 
@@ -23,7 +23,8 @@ JudgeSpec = Annotated[
     str,
     typer.Option(
         "--judge",
-        help="Judge spec: refusal, harm-probe, toxicity-probe, probe:FILE, hf:ID_OR_FOLDER, openai:BASE_URL.",
+        help="Judge spec: refusal, harm-cross, harm-probe, toxicity-probe, probe:FILE, cross:FILE, "
+        "hf:ID_OR_FOLDER, openai:BASE_URL.",
     ),
 ]
 JudgeOptions = Annotated[
@@ -105,8 +106,14 @@ def harness(
 
 @app.command("judge-train")
 def judge_train(
-    kind: Annotated[str, typer.Option(help="harm (PKU-SafeRLHF) or toxicity (RealToxicityPrompts).")],
-    out: Annotated[Path, typer.Option(help="Probe weights to write (.safetensors).", show_default=False)],
+    kind: Annotated[
+        str,
+        typer.Option(
+            help="harm-cross (fine-tuned cross-encoder, PKU-SafeRLHF), harm (probe, PKU-SafeRLHF) "
+            "or toxicity (probe, RealToxicityPrompts)."
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Judge weights to write (.safetensors).", show_default=False)],
     data: Annotated[
         list[Path],
         typer.Option(
@@ -120,15 +127,20 @@ def judge_train(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing weights file.")] = False,
     threads: Threads = None,
 ) -> None:
-    """Train an offline probe judge on the judge side of the data, measure it on held-out pairs, save it."""
+    """Train an offline judge on the judge side of the data, measure it on held-out pairs, save it."""
     set_threads(threads)
     from excise.errors import ConfigError
-    from excise.evaluate.judges.probe_training import train_probe
+    from excise.evaluate.judges.probe_training import KINDS, train_probe
 
+    if kind != "harm-cross" and kind not in KINDS:
+        raise ConfigError(f"unknown judge kind {kind!r}; choose one of harm-cross, {', '.join(KINDS)}")
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} exists; pass --overwrite to replace it")
     if len(data) > 1 and kind != "toxicity":
-        raise ConfigError("--data takes one file for --kind harm")
+        raise ConfigError(f"--data takes one file for --kind {kind}")
+    if kind == "harm-cross":
+        _train_cross(out, data[0] if data else None, limit, checks)
+        return
     source = None if not data else (data if kind == "toxicity" else data[0])
     weights = train_probe(kind, out, data=source, limit=limit, checks=checks)
     agreement = weights.metadata["agreement"]
@@ -142,9 +154,27 @@ def judge_train(
     done(out)
 
 
+def _train_cross(out: Path, data: Path | None, limit: int | None, checks: bool) -> None:
+    from excise.evaluate.judges.cross_training import train_cross
+
+    if data is None:
+        meta = train_cross(out, limit=limit, checks=checks)
+    else:
+        meta = train_cross(out, data=data, limit=limit, checks=checks)
+    agreement, calibration = meta["agreement"], meta["calibration"]
+    typer.echo(
+        f"harm-cross: held-out accuracy {agreement['accuracy']:.4f} (AUC {agreement['auc']:.4f}, "
+        f"n = {agreement['n']}), refusal feature {'on' if calibration['refusal_feature'] else 'off'}, "
+        f"trained in {meta['train_seconds']:.0f} s"
+    )
+    for name, check in meta.get("checks", {}).items():
+        typer.echo(f"  check {name}: accuracy {check['accuracy']:.4f} (n = {check['n']})")
+    done(out)
+
+
 @app.command("judge-check")
 def judge_check(
-    judge: JudgeSpec = "harm-probe",
+    judge: JudgeSpec = "harm-cross",
     judge_option: JudgeOptions = [],  # noqa: B006
     kind: Annotated[
         str | None,

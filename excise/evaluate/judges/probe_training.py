@@ -40,6 +40,8 @@ __all__ = [
     "auc",
     "harm_probe_data",
     "heldout_pairs",
+    "hh_rlhf_pairs",
+    "holdout_mask",
     "labelled_file",
     "measure_agreement",
     "toxicity_probe_data",
@@ -182,7 +184,7 @@ def train_probe(
     else:
         pairs = KINDS[kind](data, limit=limit)
     encoder = encoder or load_encoder()
-    hold = np.array([assign_split(g, HOLDOUT, salt="judge-holdout") == "holdout" for g in pairs.groups])
+    hold = holdout_mask(pairs)
     fit, held = pairs.subset(~hold), pairs.subset(hold)
     for part, name in ((fit, "fitting"), (held, "held-out")):
         if len(np.unique(part.labels)) < 2:
@@ -238,11 +240,15 @@ def heldout_pairs(kind: str, *, data: str | Path | None = None, limit: int | Non
         raise ConfigError(f"unknown probe kind {kind!r}; choose one of {', '.join(KINDS)}")
     load = KINDS[kind]
     pairs = load() if data is None else load([data] if kind == "toxicity" else data)
-    hold = np.array([assign_split(g, HOLDOUT, salt="judge-holdout") == "holdout" for g in pairs.groups])
-    held = pairs.subset(hold)
+    held = pairs.subset(holdout_mask(pairs))
     if limit is not None:
         held = held.subset(np.arange(len(held)) < limit)
     return _nonempty(held)
+
+
+def holdout_mask(pairs: LabelledPairs) -> np.ndarray:
+    """Rows whose group (prompt) falls in the held-out part of the judge side (salt ``judge-holdout``)."""
+    return np.array([assign_split(g, HOLDOUT, salt="judge-holdout") == "holdout" for g in pairs.groups])
 
 
 def labelled_file(
@@ -340,6 +346,26 @@ def _pairwise(p: np.ndarray) -> float:
 
 def _harm_checks(weights: ProbeWeights, features: str, encoder: SentenceEncoder, n: int) -> dict[str, Any]:
     """Out of domain: HH-RLHF harmless-base test, is the rejected (more harmful) reply scored higher?"""
+    prompts, chosen, rejected, source = hh_rlhf_pairs(n)
+    if not prompts:
+        return {}
+    p_c = weights.probabilities(encoder.embed(probe_texts(prompts, chosen, features)))
+    p_r = weights.probabilities(encoder.embed(probe_texts(prompts, rejected, features)))
+    return {
+        "hh_rlhf_pairwise": {
+            "accuracy": round(float((p_r > p_c).mean()), 4),
+            "n": len(prompts),
+            "data": source,
+        }
+    }
+
+
+def hh_rlhf_pairs(n: int) -> tuple[list[str], list[str], list[str], str]:
+    """``(prompts, chosen, rejected, source)`` from the first ``n`` HH-RLHF harmless-base test rows.
+
+    The prompt is the transcript up to the last assistant turn; rows whose two transcripts differ
+    before it, or whose replies are empty or equal, are skipped. Empty lists when the file is absent.
+    """
     rows = load_records(HH_PAIRS)[:n] if HH_PAIRS.is_file() else []
     prompts, chosen, rejected = [], [], []
     for row in rows:
@@ -349,17 +375,12 @@ def _harm_checks(weights: ProbeWeights, features: str, encoder: SentenceEncoder,
             prompts.append(c_prompt)
             chosen.append(c_reply)
             rejected.append(r_reply)
-    if not prompts:
-        return {}
-    p_c = weights.probabilities(encoder.embed(probe_texts(prompts, chosen, features)))
-    p_r = weights.probabilities(encoder.embed(probe_texts(prompts, rejected, features)))
-    return {
-        "hh_rlhf_pairwise": {
-            "accuracy": round(float((p_r > p_c).mean()), 4),
-            "n": len(prompts),
-            "data": f"{HH_PAIRS} (first {n} rows; last assistant turn; rejected = more harmful)",
-        }
-    }
+    return (
+        prompts,
+        chosen,
+        rejected,
+        f"{HH_PAIRS} (first {n} rows; last assistant turn; rejected = more harmful)",
+    )
 
 
 def _last_turn(transcript: str) -> tuple[str, str]:

@@ -4,11 +4,15 @@ A judge spec is one string (DESIGN.md §3, "judges are pluggable"):
 
 ======================  =================================================================
 ``refusal``             refusal-marker heuristic (GCG test prefixes): flagged = no refusal
-``harm-probe``          offline default for the harmful rate: a logistic probe on
-                        all-MiniLM-L6-v2 embeddings, trained on PKU-SafeRLHF ``judge`` prompts
+``harm-cross``          offline default for the harmful rate: all-MiniLM-L6-v2 fine-tuned (LoRA)
+                        as a cross-encoder on (prompt, response) pairs of PKU-SafeRLHF ``judge``
+                        prompts, calibrated
+``harm-probe``          the earlier offline harm judge: a logistic probe on all-MiniLM-L6-v2
+                        embeddings, same data (weaker; kept for comparison)
 ``toxicity-probe``      offline default for toxicity: the same kind of probe, trained on
                         RealToxicityPrompts texts with Perspective scores
 ``probe:<file>``        a probe written by ``excise eval judge-train --out FILE``
+``cross:<file>``        a cross-encoder written by ``excise eval judge-train --kind harm-cross``
 ``hf:<id or folder>``   a Hugging Face sequence classifier (unsafe/toxic label probability) or
                         a Llama-Guard-style causal LM (P("unsafe") of the first token)
 ``openai:<base url>``   an OpenAI-compatible endpoint asked to answer ``safe`` / ``unsafe``
@@ -65,6 +69,18 @@ def _shipped_probe(name: str) -> Callable[..., Judge]:
     return make
 
 
+def _shipped_cross(target: None, **options: Any) -> Judge:
+    from excise.evaluate.judges.cross import CROSS_SHIPPED, CrossJudge
+
+    return _construct(CrossJudge, "harm-cross", options, CROSS_SHIPPED)
+
+
+def _cross_file(target: str, **options: Any) -> Judge:
+    from excise.evaluate.judges.cross import CrossJudge
+
+    return _construct(CrossJudge, "cross", options, target)
+
+
 def _probe_file(target: str, **options: Any) -> Judge:
     from excise.evaluate.judges.probe import ProbeJudge
 
@@ -88,6 +104,12 @@ JUDGES: dict[str, JudgeKind] = {
     for kind in [
         JudgeKind("refusal", _refusal, False, "refusal-marker heuristic (GCG test prefixes)"),
         JudgeKind(
+            "harm-cross",
+            _shipped_cross,
+            False,
+            "offline harmful-response judge (MiniLM cross-encoder fine-tuned on PKU-SafeRLHF judge side)",
+        ),
+        JudgeKind(
             "harm-probe",
             _shipped_probe("harm-probe"),
             False,
@@ -100,6 +122,9 @@ JUDGES: dict[str, JudgeKind] = {
             "offline toxicity probe (MiniLM embeddings, RealToxicityPrompts Perspective scores)",
         ),
         JudgeKind("probe", _probe_file, True, "a probe file written by `excise eval judge-train`"),
+        JudgeKind(
+            "cross", _cross_file, True, "a cross-encoder file written by `judge-train --kind harm-cross`"
+        ),
         JudgeKind("hf", _hf, True, "Hugging Face sequence classifier or Llama-Guard-style causal LM"),
         JudgeKind("openai", _openai, True, "OpenAI-compatible endpoint answering safe/unsafe (model=NAME)"),
     ]
@@ -110,8 +135,8 @@ def load_judge(spec: str, **options: Any) -> Judge:
     """The judge a spec names (see the module docstring), built with ``options``.
 
     Args:
-        spec: ``refusal``, ``harm-probe``, ``toxicity-probe``, ``probe:<file>``,
-            ``hf:<hub id or folder>`` or ``openai:<base url>``.
+        spec: ``refusal``, ``harm-cross``, ``harm-probe``, ``toxicity-probe``, ``probe:<file>``,
+            ``cross:<file>``, ``hf:<hub id or folder>`` or ``openai:<base url>``.
         **options: constructor options of that judge (e.g. ``threshold``, ``model``).
 
     Returns:
