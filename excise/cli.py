@@ -388,6 +388,14 @@ def sweep(
             "--utility-set", help="An eval setting of the utility metric, FIELD=VALUE (repeatable)."
         ),
     ] = [],  # noqa: B006
+    extra: Annotated[
+        list[str],
+        typer.Option(
+            "--extra",
+            help="Another METRIC:KEY scored at every λ, with intervals, not used to choose λ (repeatable); "
+            "it takes the settings of the deficiency or utility metric of the same name.",
+        ),
+    ] = [],  # noqa: B006
     weights: Annotated[
         str | None, typer.Option(help="compose: relative λ of each anti-expert, comma-separated.")
     ] = None,
@@ -427,6 +435,18 @@ def sweep(
             raise typer.BadParameter(f"{flag} takes METRIC:KEY, e.g. perplexity:perplexity; got {spec!r}")
         return {"metric": metric, "key": key, "settings": parse_assignments(sets, flag=f"{flag}-set")}
 
+    def extra_axis(spec: str) -> dict:
+        metric, _, key = spec.partition(":")
+        if not key:
+            raise typer.BadParameter(f"--extra takes METRIC:KEY, e.g. truthfulqa-mc:mc1; got {spec!r}")
+        same = [sets for axis_spec, sets in ((deficiency, deficiency_set), (utility, utility_set))
+                if axis_spec.partition(":")[0] == metric]  # fmt: skip
+        return {
+            "metric": metric,
+            "key": key,
+            "settings": parse_assignments(same[0] if same else [], flag="--extra"),
+        }
+
     verbs = [op.replace("_", "-") for op in get_args(SweepConfig.model_fields["operation"].annotation)]
     if operation not in verbs:
         raise typer.BadParameter(f"OPERATION {operation!r} is not one of: {', '.join(verbs)}")
@@ -439,6 +459,7 @@ def sweep(
         lams=parse_floats(lams, flag="--lams"),
         deficiency=axis(deficiency, deficiency_set, "--deficiency"),
         utility=axis(utility, utility_set, "--utility"),
+        extra=[extra_axis(spec) for spec in extra],
         dtype=dtype,
         device=device,
         tolerance=tolerance,

@@ -226,7 +226,7 @@ def test_sweep_equals_separate_ops_and_eval_runs(setup, tmp_path, monkeypatch, c
     args += ["--lams", ",".join(map(str, lams)), "--device", "cpu", "--bootstrap", "50"]
     args += ["--deficiency", "truthfulqa-mc:mc2", "--deficiency-set", f"data={mc}"]
     args += ["--utility", "perplexity:perplexity", "--utility-set", f"data={text}"]
-    args += ["--utility-set", "window=8", "--utility-set", "stride=4"]
+    args += ["--utility-set", "window=8", "--utility-set", "stride=4", "--extra", "truthfulqa-mc:mc1"]
     assert _main(monkeypatch, *args) == 0
     captured = capsys.readouterr()
     printed = captured.out
@@ -256,6 +256,8 @@ def test_sweep_equals_separate_ops_and_eval_runs(setup, tmp_path, monkeypatch, c
             if metric == "truthfulqa-mc":
                 for a, b in zip(swept["items"], separate["items"], strict=True):
                     np.testing.assert_allclose(a["mc2_logliks"], b["mc2_logliks"], rtol=1e-4, atol=1e-4)
+        mc1 = json.loads((out / point["results"]["truthfulqa-mc"]).read_text())["metrics"]["mc1"]
+        assert point["extra"]["truthfulqa-mc:mc1"]["value"] == mc1
         axis = "deficiency"
         assert point[axis]["value"] == pytest.approx(
             json.loads((out / point["results"]["truthfulqa-mc"]).read_text())["metrics"]["mc2"]
