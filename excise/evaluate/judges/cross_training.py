@@ -39,8 +39,8 @@ from excise.evaluate.judges.probe import fit_logistic
 from excise.evaluate.judges.probe_training import (
     PKU_PAIRS,
     LabelledPairs,
-    auc,
     harm_probe_data,
+    heldout_agreement,
     hh_rlhf_pairs,
     holdout_mask,
 )
@@ -131,13 +131,7 @@ def train_cross(
     held = pairs.subset(hold)
     z_held = model.logits(held.prompts, held.responses)
     p_held = calibrated(z_held, refuses[hold], calibration)  # (H,)
-    agreement = {
-        "accuracy": round(float(((p_held > 0.5) == held.labels).mean()), 4),
-        "n": len(held),
-        "data": f"{held.source} — judge side of STANDARD_SPLITS, held-out part (salt judge-holdout, 25%)",
-        "auc": round(auc(p_held, held.labels), 4),
-        "positive_rate": round(float(held.labels.mean()), 4),
-        "flagged_rate": round(float((p_held > 0.5).mean()), 4),
+    agreement = heldout_agreement(p_held, held) | {
         "pairwise": round(float((p_held[1::2] > p_held[0::2]).mean()), 4),
     }
     weights = encoder_dir() / "model.safetensors"

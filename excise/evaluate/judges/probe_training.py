@@ -39,6 +39,7 @@ __all__ = [
     "LabelledPairs",
     "auc",
     "harm_probe_data",
+    "heldout_agreement",
     "heldout_pairs",
     "hh_rlhf_pairs",
     "holdout_mask",
@@ -199,14 +200,7 @@ def train_probe(
     w, b = fit_logistic(X[~hold], fit.labels, l2=l2)
     weights = ProbeWeights(w, b)
     p_held = weights.probabilities(X[hold])  # (H,)
-    agreement = {
-        "accuracy": round(float(((p_held > 0.5) == held.labels).mean()), 4),
-        "n": len(held),
-        "data": f"{held.source} — judge side of STANDARD_SPLITS, held-out part (salt judge-holdout, 25%)",
-        "auc": round(auc(p_held, held.labels), 4),
-        "positive_rate": round(float(held.labels.mean()), 4),
-        "flagged_rate": round(float((p_held > 0.5).mean()), 4),
-    }
+    agreement = heldout_agreement(p_held, held)
     if kind == "harm":
         agreement["pairwise"] = round(_pairwise(p_held), 4)
     metadata: dict[str, Any] = {
@@ -425,3 +419,15 @@ def _nonempty(pairs: LabelledPairs) -> LabelledPairs:
     if len(pairs) == 0:
         raise DataError(f"{pairs.source}: no labelled rows on the judge side of the standard split")
     return pairs
+
+
+def heldout_agreement(p_held: np.ndarray, held: LabelledPairs) -> dict[str, Any]:
+    """A judge's agreement with the held-out labels: accuracy at 0.5, AUC, rates (4 decimals)."""
+    return {
+        "accuracy": round(float(((p_held > 0.5) == held.labels).mean()), 4),
+        "n": len(held),
+        "data": f"{held.source} — judge side of STANDARD_SPLITS, held-out part (salt judge-holdout, 25%)",
+        "auc": round(auc(p_held, held.labels), 4),
+        "positive_rate": round(float(held.labels.mean()), 4),
+        "flagged_rate": round(float((p_held > 0.5).mean()), 4),
+    }
