@@ -98,16 +98,13 @@ def truthfulness(run: Run) -> str:
         ("expert_knowledge", "expert, with passage"),
         ("anti_expert_knowledge", "anti-expert, with passage"),
         ("ext_sub_knowledge", "Ext-Sub λ=1, with passage"),
-        ("expert_seed1", "expert, seed 1"),
-        ("ext_sub_seed1", "Ext-Sub λ=1, seed 1"),
     )
     for model, name in variants:
         add(name, run.record(model, "truthfulqa"), run.record(model, "halueval"), None, None)
     base = rows_by_name.get("base", {}).get("tqa")
     rows = []
     for name, r in rows_by_name.items():
-        own = "expert, seed 1" if "seed 1" in name else "expert"
-        own = "expert, with passage" if "passage" in name else own
+        own = "expert, with passage" if "passage" in name else "expert"
         ref_expert = rows_by_name.get(own, {}).get("tqa")
         rows.append([
             name, _fmt(_value(r["tqa"], "mc1")), _fmt(_value(r["tqa"], "mc2")),
@@ -291,8 +288,7 @@ def main(folders: list[str]) -> None:
         if folder.name.startswith("ext-sub-truthfulness"):
             print(truthfulness(run))
             print()
-            print(diagnostics(run, [("ext_sub", "expert vs anti-expert (seed 0)"),
-                                    ("ext_sub_seed1", "expert vs anti-expert (seed 1)"),
+            print(diagnostics(run, [("ext_sub", "expert vs anti-expert (both seed 0)"),
                                     ("ext_sub_knowledge", "expert vs anti-expert, with passage"),
                                     ("seeds", "expert seed 0 vs expert seed 1 (same data)")]))  # fmt: skip
         elif folder.name.startswith("ext-sub-detox"):
