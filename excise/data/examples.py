@@ -38,6 +38,7 @@ __all__ = [
     "PAIRED_QA_FIELDS",
     "TEXT_FIELDS",
     "Example",
+    "comparable_length",
     "load_harmful_qa",
     "load_instructions",
     "load_paired_qa",
@@ -45,6 +46,7 @@ __all__ = [
     "parse_field_mapping",
     "parse_hh_transcript",
     "select_split",
+    "strip_final_period_of",
 ]
 
 # role -> default column. Roles in *_OPTIONAL may be absent from the data (or mapped to "").
@@ -175,8 +177,8 @@ def load_paired_qa(
         prompt, context = _text(row, columns["prompt"]), _optional_text(row, columns["input"])
         right, wrong = _text(row, columns["expert"]), _text(row, columns["anti"])
         if strip_final_period:
-            right, wrong = _strip_period(right), _strip_period(wrong)
-        if max_word_ratio is not None and not _comparable(right, wrong, max_word_ratio):
+            right, wrong = strip_final_period_of(right), strip_final_period_of(wrong)
+        if max_word_ratio is not None and not comparable_length(right, wrong, max_word_ratio):
             continue
         expert.append(Example(prompt, right, input=context, row=i))
         anti.append(Example(prompt, wrong, input=context, row=i))
@@ -185,11 +187,12 @@ def load_paired_qa(
     return expert, anti
 
 
-def _strip_period(text: str) -> str:
+def strip_final_period_of(text: str) -> str:
+    """``text`` without one final period (an ellipsis is kept)."""
     return text[:-1].rstrip() if text.endswith(".") and not text.endswith("..") and len(text) > 1 else text
 
 
-def _comparable(a: str, b: str, ratio: float) -> bool:
+def comparable_length(a: str, b: str, ratio: float) -> bool:
     """Whether the longer of two answers has at most ``ratio`` times the words of the shorter."""
     na, nb = len(a.split()), len(b.split())
     return max(na, nb) <= ratio * max(min(na, nb), 1)

@@ -52,6 +52,10 @@ class EvalConfig(BaseModel):
     window: int = Field(1024, ge=2, description="perplexity: tokens per window.")
     stride: int = Field(512, ge=1, description="perplexity: tokens the window advances by.")
     share_prefix: bool = Field(True, description="Compute a prompt prefix common to all rows once.")
+    pair_max_word_ratio: float | None = Field(
+        None, ge=1, description="halueval: keep pairs whose longer answer has ≤ this × the shorter's words."
+    )
+    pair_strip_period: bool = Field(False, description="halueval: drop a final period from both answers.")
 
     @model_validator(mode="after")
     def _stride_within_window(self) -> EvalConfig:

@@ -379,6 +379,8 @@ def _load_items(metric: Metric, cfg: EvalConfig, spec: str) -> tuple[list[dict[s
     _require_columns(rows, metric, cfg, columns, where=where)
     items = [{name: _cell(row, col) for name, col in columns.items()} for row in rows]
     n_read = len(items)
+    items = _pair_controls(metric, cfg, items)
+    n_paired = len(items)
     used = {col.split(".")[0] for col in columns.values()}
     ignored: dict[str, int] = {}
     for row in rows:
@@ -404,6 +406,7 @@ def _load_items(metric: Metric, cfg: EvalConfig, spec: str) -> tuple[list[dict[s
     summary = {
         "split": split,
         "rows_read": n_read,
+        **({"after_pair_controls": n_paired} if n_paired != n_read else {}),
         "after_split": n_split,
         "duplicates_dropped": n_split - len(unique) if metric.dedupe else 0,
         "kept": len(items),
@@ -411,6 +414,31 @@ def _load_items(metric: Metric, cfg: EvalConfig, spec: str) -> tuple[list[dict[s
         "ignored_columns": ignored,
     }
     return items, summary
+
+
+# Metrics scoring two answers of one question, and their answer fields (pair controls apply).
+_PAIRED_ANSWERS = {"halueval": ("right_answer", "hallucinated_answer")}
+
+
+def _pair_controls(metric: Metric, cfg: EvalConfig, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The items with ``cfg``'s pair controls applied (as training applies them: excise.data.examples)."""
+    if cfg.pair_max_word_ratio is None and not cfg.pair_strip_period:
+        return items
+    fields = _PAIRED_ANSWERS.get(metric.name)
+    if fields is None:
+        raise ConfigError(
+            f"pair_max_word_ratio / pair_strip_period apply to {', '.join(_PAIRED_ANSWERS)} only"
+        )
+    from excise.data.examples import comparable_length, strip_final_period_of
+
+    kept = []
+    for it in items:
+        a, b = (str(it[f]) for f in fields)
+        if cfg.pair_strip_period:
+            a, b = strip_final_period_of(a), strip_final_period_of(b)
+        if cfg.pair_max_word_ratio is None or comparable_length(a, b, cfg.pair_max_word_ratio):
+            kept.append(it | dict(zip(fields, (a, b), strict=True)))
+    return kept
 
 
 def _cell(row: dict[str, Any], column: str) -> Any:

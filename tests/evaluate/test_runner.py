@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from excise.errors import DataError
+from excise.errors import ConfigError, DataError
 from excise.evaluate.config import EvalConfig
 from excise.evaluate.metrics import METRICS
 from excise.evaluate.metrics.base import SHARED_DATA
@@ -198,3 +198,25 @@ def test_a_dotted_field_reads_a_nested_value(tmp_path):
     assert [it["instruction"] for it in items] == [r["prompt"]["text"] for r in rows]
     with pytest.raises(DataError, match=r"prompt\.nope"):
         _items("toxicity", path, split="all", fields={"instruction": "prompt.nope"})
+
+
+def test_halueval_pair_controls_keep_the_format_controlled_pairs(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    rows = [
+        {"question": "Q1?", "right_answer": "Paris", "hallucinated_answer": "Lyon."},
+        {
+            "question": "Q2?",
+            "right_answer": "Arthur's Magazine",
+            "hallucinated_answer": "First for Women was.",
+        },
+        {"question": "Q3?", "right_answer": "The Five.", "hallucinated_answer": "The Four Tops."},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = _items("halueval", path, split="all", pair_max_word_ratio=1.5, pair_strip_period=True)
+    # Independently: 1/1 and 2/3 words are within 1.5×, 2/4 (Q2) is not; final periods dropped.
+    assert [(it["question"], it["right_answer"], it["hallucinated_answer"]) for it in items] == [
+        ("Q1?", "Paris", "Lyon"),
+        ("Q3?", "The Five", "The Four Tops"),
+    ]
+    with pytest.raises(ConfigError, match="apply to halueval only"):
+        _items("toxicity", path, split="all", fields={"instruction": "question"}, pair_strip_period=True)

@@ -62,5 +62,7 @@ def test_results_recipe_runs_end_to_end(name, tmp_path, monkeypatch):
             record = json.loads((out / "results" / model_name / f"{evaluation.name}.json").read_text())
             assert record["n_items"] == 3 or evaluation.metric == "perplexity"
             assert not record["warnings"]
-            assert all(check["overlap"] == 0 for check in record["training_overlap"]), record["training_overlap"]
+            assert all(check["overlap"] == 0 for check in record["training_overlap"]), record[
+                "training_overlap"
+            ]
     assert (out / "report" / "report.md").is_file()
