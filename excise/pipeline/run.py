@@ -207,7 +207,7 @@ def plan(recipe: Recipe) -> list[Stage]:
                     output,
                     {
                         "metric": evaluation.metric,
-                        "settings": cfg.model_dump(mode="json", exclude={"adapter"}),
+                        "settings": _stable(cfg.model_dump(mode="json", exclude={"adapter"})),
                     },
                     [str(adapter)] * (adapter is not None) + data,
                     _eval_action(evaluation.metric, cfg, recipe.out / output),
@@ -293,7 +293,7 @@ def _sweep_stage(recipe: Recipe, name: str) -> Stage:
 
         run_sweep(config)
 
-    settings = config.model_dump(mode="json", exclude={"inputs", "out", "overwrite", "progress"})
+    settings = _stable(config.model_dump(mode="json", exclude={"inputs", "out", "overwrite", "progress"}))
     data = [a.settings.get("data") for a in (config.deficiency, config.utility) if a.settings.get("data")]
     inputs = [str(p) for p in config.inputs] + data
     return Stage(f"sweep {name}", Path("sweeps") / name, settings, inputs, action)
@@ -310,6 +310,24 @@ def _report_stage(recipe: Recipe, outputs: list[Path]) -> Stage:
 
 
 # ----------------------------------------------------------------------------- manifest
+
+
+# Evaluation settings added after run folders existed, with their defaults: left out of a
+# fingerprint while at the default, so a run made before they existed stays up to date.
+_LATER_EVAL_DEFAULTS: dict[str, Any] = {"pair_max_word_ratio": None, "pair_strip_period": False}
+
+
+def _stable(settings: Any) -> Any:
+    """``settings`` without the later evaluation options that still hold their defaults (nested too)."""
+    if isinstance(settings, dict):
+        return {
+            k: _stable(v)
+            for k, v in settings.items()
+            if not (k in _LATER_EVAL_DEFAULTS and v == _LATER_EVAL_DEFAULTS[k])
+        }
+    if isinstance(settings, list):
+        return [_stable(v) for v in settings]
+    return settings
 
 
 def _fingerprint(stage: Stage, recipe: Recipe) -> str:

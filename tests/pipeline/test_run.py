@@ -423,3 +423,22 @@ def test_sku_and_a_baseline_through_the_pipeline(project, tmp_path):
     assert ga_config["config"]["method"] == "ga"
     apply_operator("negate", [run / "adapters" / "harmful"], tmp_path / "negated", params={"lam": 1.5})
     _assert_same_adapter(run / "ops" / "sku", tmp_path / "negated")
+
+
+def test_later_evaluation_options_at_their_defaults_leave_fingerprints_alone():
+    """A run made before an evaluation option existed stays up to date after the upgrade."""
+    from excise.pipeline.run import _stable
+
+    old = {"metric": "halueval", "settings": {"limit": 5, "deficiency": {"settings": {"split": "eval"}}}}
+    new = {
+        "metric": "halueval",
+        "settings": {
+            "limit": 5,
+            "pair_max_word_ratio": None,
+            "pair_strip_period": False,
+            "deficiency": {"settings": {"split": "eval", "pair_strip_period": False}},
+        },
+    }
+    assert _stable(new) == old
+    used = {"settings": {"pair_max_word_ratio": 1.5, "pair_strip_period": True}}
+    assert _stable(used) == used  # set options change the fingerprint, as they change the result
