@@ -76,12 +76,13 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def truthfulness(run: Run) -> str:
     rows_by_name: dict[str, dict[str, dict[str, Any] | None]] = {}
 
-    def add(name: str, tqa, hal, ppl, rep) -> None:
-        rows_by_name[name] = {"tqa": tqa, "hal": hal, "ppl": ppl, "rep": rep}
+    def add(name: str, tqa, hal, ppl, rep, model: str | None = None) -> None:
+        controlled = run.record(model, "halueval_controlled") if model else None
+        rows_by_name[name] = {"tqa": tqa, "hal": hal, "halc": controlled, "ppl": ppl, "rep": rep}
 
     for model in ("base", "anti_expert"):
         add(model, run.record(model, "truthfulqa"), run.record(model, "halueval"),
-            run.record(model, "perplexity"), run.record(model, "repetition"))  # fmt: skip
+            run.record(model, "perplexity"), run.record(model, "repetition"), model)  # fmt: skip
     for sweep, label in (("ext_sub", "Ext-Sub"), ("subtract", "subtract")):
         s = run.sweeps.get(sweep)
         for p in (s or {}).get("points", []):
@@ -93,14 +94,14 @@ def truthfulness(run: Run) -> str:
             hal = run.record(hal_model, "halueval") if hal_model else None
             files = ("truthfulqa-mc", "perplexity", "repetition")
             tqa, ppl, rep = (run.point_record(sweep, lam, f) for f in files)
-            add(name, tqa, hal, ppl, rep)
+            add(name, tqa, hal, ppl, rep, hal_model)
     variants = (
         ("expert_knowledge", "expert, with passage"),
         ("anti_expert_knowledge", "anti-expert, with passage"),
         ("ext_sub_knowledge", "Ext-Sub λ=1, with passage"),
     )
     for model, name in variants:
-        add(name, run.record(model, "truthfulqa"), run.record(model, "halueval"), None, None)
+        add(name, run.record(model, "truthfulqa"), run.record(model, "halueval"), None, None, model)
     base = rows_by_name.get("base", {}).get("tqa")
     rows = []
     for name, r in rows_by_name.items():
@@ -110,11 +111,12 @@ def truthfulness(run: Run) -> str:
             name, _fmt(_value(r["tqa"], "mc1")), _fmt(_value(r["tqa"], "mc2")),
             _ci(ref_expert, r["tqa"], "truthfulqa-mc", "mc2") if r["tqa"] is not ref_expert else "–",
             _ci(base, r["tqa"], "truthfulqa-mc", "mc2") if name != "base" else "–",
-            _fmt(_value(r["hal"], "accuracy"), 2), _fmt(_value(r["rep"], "rep_4")),
+            _fmt(_value(r["hal"], "accuracy"), 2), _fmt(_value(r["halc"], "accuracy"), 2),
+            _fmt(_value(r["rep"], "rep_4")),
             _fmt(_value(r["ppl"], "perplexity"), 2),
         ])  # fmt: skip
     header = ["model", "MC1", "MC2", "ΔMC2 vs its expert [95% CI]", "ΔMC2 vs base [95% CI]",
-              "HaluEval acc", "rep-4", "wikitext-2 ppl"]  # fmt: skip
+              "HaluEval acc (raw pairs)", "HaluEval acc (controlled)", "rep-4", "wikitext-2 ppl"]  # fmt: skip
     out = [_table(header, rows)]
     n = (base or {}).get("n_items")
     out.append(f"\nTruthfulQA: {n} questions (the first {n} of 817); * = interval excludes 0.")
