@@ -109,7 +109,8 @@ def truthfulness(run: Run) -> str:
         ref_expert = rows_by_name.get(own, {}).get("tqa")
         rows.append([
             name, _fmt(_value(r["tqa"], "mc1")), _fmt(_value(r["tqa"], "mc2")),
-            _ci(ref_expert, r["tqa"], "truthfulqa-mc", "mc2") if r["tqa"] is not ref_expert else "–",
+            _ci(ref_expert, r["tqa"], "truthfulqa-mc", "mc2") if r["tqa"] is not ref_expert and name != "base"
+            else "–",
             _ci(base, r["tqa"], "truthfulqa-mc", "mc2") if name != "base" else "–",
             _fmt(_value(r["hal"], "accuracy"), 2), _fmt(_value(r["halc"], "accuracy"), 2),
             _fmt(_value(r["rep"], "rep_4")),
