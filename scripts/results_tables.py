@@ -125,6 +125,22 @@ def truthfulness(run: Run) -> str:
     return "\n".join(out)
 
 
+def _curves(ax, run: Run, labels: dict[str, str]) -> list[tuple[str, str]]:
+    """Each sweep's (utility, deficiency) points as a line with λ marks; the (sweep, colour) drawn."""
+    drawn = []
+    for (sweep, label), colour in zip(labels.items(), ("tab:blue", "tab:red"), strict=False):
+        if sweep not in run.sweeps:
+            continue
+        pts = run.sweeps[sweep]["points"]
+        x = [p["utility"]["value"] for p in pts]
+        y = [p["deficiency"]["value"] for p in pts]
+        ax.plot(x, y, "o-", color=colour, label=label)
+        for p, xi, yi in zip(pts, x, y, strict=True):
+            ax.annotate(f"λ={p['lam']:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        drawn.append((sweep, colour))
+    return drawn
+
+
 def plot_truthfulness(run: Run) -> None:
     import matplotlib
 
@@ -132,18 +148,8 @@ def plot_truthfulness(run: Run) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for sweep, colour in (("ext_sub", "tab:blue"), ("subtract", "tab:red")):
-        s = run.sweeps.get(sweep)
-        if not s:
-            continue
-        pts = s["points"]
-        x = [p["utility"]["value"] for p in pts]
-        y = [p["deficiency"]["value"] for p in pts]
-        ax.plot(
-            x, y, "o-", color=colour, label={"ext_sub": "Ext-Sub", "subtract": "direct subtraction"}[sweep]
-        )
-        for p, xi, yi in zip(pts, x, y, strict=True):
-            ax.annotate(f"λ={p['lam']:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    for sweep, colour in _curves(ax, run, {"ext_sub": "Ext-Sub", "subtract": "direct subtraction"}):
+        pts = run.sweeps[sweep]["points"]
         rep = [p.get("extra", {}).get("repetition:rep_4", {}).get("value") for p in pts]
         bx.plot([p["lam"] for p in pts], rep, "o-", color=colour)
     for model, marker in (("base", "s"), ("anti_expert", "v")):
@@ -253,16 +259,7 @@ def plot_tradeoff(run: Run, first: str, second: str, ylabel: str, png: str) -> N
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    for sweep, colour in ((first, "tab:blue"), (second, "tab:red")):
-        s = run.sweeps.get(sweep)
-        if not s:
-            continue
-        pts = s["points"]
-        x = [p["utility"]["value"] for p in pts]
-        y = [p["deficiency"]["value"] for p in pts]
-        ax.plot(x, y, "o-", color=colour, label=sweep)
-        for p, xi, yi in zip(pts, x, y, strict=True):
-            ax.annotate(f"λ={p['lam']:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    _curves(ax, run, {first: first, second: second})
     ax.set_xlabel("wikitext-2 perplexity")
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
