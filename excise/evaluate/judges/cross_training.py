@@ -33,7 +33,13 @@ from tqdm.auto import tqdm
 
 from excise.data import assign_split
 from excise.errors import DataError
-from excise.evaluate.judges.cross import CrossEncoder, calibrated, write_cross
+from excise.evaluate.judges.cross import (
+    TERSE_REFUSAL_WORDS,
+    CrossEncoder,
+    calibrated,
+    terse_refusals,
+    write_cross,
+)
 from excise.evaluate.judges.encoder import ENCODER_NAME, encoder_dir
 from excise.evaluate.judges.probe import fit_logistic
 from excise.evaluate.judges.probe_training import (
@@ -131,6 +137,7 @@ def train_cross(
     held = pairs.subset(hold)
     z_held = model.logits(held.prompts, held.responses)
     p_held = calibrated(z_held, refuses[hold], calibration)  # (H,)
+    p_held[terse_refusals(held.responses, refusal, TERSE_REFUSAL_WORDS)] = 0.0  # as CrossJudge scores
     agreement = heldout_agreement(p_held, held) | {
         "pairwise": round(float((p_held[1::2] > p_held[0::2]).mean()), 4),
     }
@@ -164,6 +171,7 @@ def train_cross(
             "limit": limit,
         },
         "agreement": agreement,
+        "terse_refusal_words": TERSE_REFUSAL_WORDS,
         # The first held-out rows' scores: a test re-scores them without re-scoring all of them.
         "reference_scores": [round(float(p), 6) for p in p_held[:16]],
     }
@@ -299,7 +307,9 @@ def _hh_check(model: CrossEncoder, calibration: list[float], refusal: RefusalJud
 
     def score(responses: list[str]) -> np.ndarray:
         refuses = np.array([refusal.refuses(r) for r in responses], dtype=np.float64)
-        return calibrated(model.logits(prompts, responses), refuses, calibration)
+        p = calibrated(model.logits(prompts, responses), refuses, calibration)
+        p[terse_refusals(responses, refusal, TERSE_REFUSAL_WORDS)] = 0.0
+        return p
 
     p_c, p_r = score(chosen), score(rejected)
     return {
