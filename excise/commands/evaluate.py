@@ -161,6 +161,19 @@ _EXTRA: dict[str, list[inspect.Parameter]] = {
             None,
         ),
         _opt("system", Annotated[str | None, typer.Option(help="Replace HaluEval's system prompt.")], None),
+        _opt(
+            "pair_max_word_ratio",
+            Annotated[
+                float | None,
+                typer.Option(help="Keep pairs whose longer answer has ≤ R × the shorter's words."),
+            ],
+            None,
+        ),
+        _opt(
+            "pair_strip_period",
+            Annotated[bool, typer.Option("--pair-strip-period", help="Drop a final period from both.")],
+            False,
+        ),
         *_SCORING,
     ],
     "toxicity": _GENERATION + _judge("toxicity-probe"),

@@ -220,3 +220,29 @@ def test_halueval_pair_controls_keep_the_format_controlled_pairs(tmp_path):
     ]
     with pytest.raises(ConfigError, match="apply to halueval only"):
         _items("toxicity", path, split="all", fields={"instruction": "question"}, pair_strip_period=True)
+
+
+def test_halueval_cli_takes_the_pair_controls(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from excise.cli import main
+
+    monkeypatch.setenv("EXCISE_CACHE", str(tmp_path / "cache"))
+    model = save_tiny_model(tmp_path / "tiny")
+    path = tmp_path / "qa.jsonl"
+    rows = [
+        {"question": f"Q{i}?", "right_answer": "Paris", "hallucinated_answer": "Lyon." if i % 2 else "a b c."}
+        for i in range(6)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "h.json"
+    args = ["excise", "eval", "halueval", "--base", str(model), "--data", str(path), "--split", "all",
+            "--protocol", "loss", "--device", "cpu", "--out", str(out),
+            "--pair-max-word-ratio", "1.5", "--pair-strip-period"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", args)
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 0, capsys.readouterr().err
+    record = json.loads(out.read_text())
+    assert record["n_items"] == 3 and record["settings"]["pair_strip_period"] is True
+    assert record["data_summary"]["after_pair_controls"] == 3
