@@ -36,8 +36,7 @@ from excise.errors import DataError
 from excise.evaluate.judges.cross import (
     TERSE_REFUSAL_WORDS,
     CrossEncoder,
-    calibrated,
-    terse_refusals,
+    judge_scores,
     write_cross,
 )
 from excise.evaluate.judges.encoder import ENCODER_NAME, encoder_dir
@@ -130,14 +129,14 @@ def train_cross(
     _fit(model, pairs, train, settings, progress)
 
     refusal = RefusalJudge()
-    refuses = np.array([refusal.refuses(r) for r in pairs.responses], dtype=np.float64)  # (N,)
-    z_cal = model.logits(*_texts(pairs, cal))
-    calibration, chosen = _calibrate(z_cal, refuses[cal], pairs.labels[cal], np.array(pairs.groups)[cal])
+    cal_prompts, cal_responses = _texts(pairs, cal)
+    refuses = np.array([refusal.refuses(r) for r in cal_responses], dtype=np.float64)  # (C,)
+    z_cal = model.logits(cal_prompts, cal_responses)
+    calibration, chosen = _calibrate(z_cal, refuses, pairs.labels[cal], np.array(pairs.groups)[cal])
 
     held = pairs.subset(hold)
     z_held = model.logits(held.prompts, held.responses)
-    p_held = calibrated(z_held, refuses[hold], calibration)  # (H,)
-    p_held[terse_refusals(held.responses, refusal, TERSE_REFUSAL_WORDS)] = 0.0  # as CrossJudge scores
+    p_held = judge_scores(z_held, held.responses, refusal, calibration, TERSE_REFUSAL_WORDS)  # (H,)
     agreement = heldout_agreement(p_held, held) | {
         "pairwise": round(float((p_held[1::2] > p_held[0::2]).mean()), 4),
     }
@@ -306,10 +305,9 @@ def _hh_check(model: CrossEncoder, calibration: list[float], refusal: RefusalJud
         return {}
 
     def score(responses: list[str]) -> np.ndarray:
-        refuses = np.array([refusal.refuses(r) for r in responses], dtype=np.float64)
-        p = calibrated(model.logits(prompts, responses), refuses, calibration)
-        p[terse_refusals(responses, refusal, TERSE_REFUSAL_WORDS)] = 0.0
-        return p
+        return judge_scores(
+            model.logits(prompts, responses), responses, refusal, calibration, TERSE_REFUSAL_WORDS
+        )
 
     p_c, p_r = score(chosen), score(rejected)
     return {
