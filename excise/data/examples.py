@@ -38,7 +38,7 @@ __all__ = [
     "PAIRED_QA_FIELDS",
     "TEXT_FIELDS",
     "Example",
-    "comparable_length",
+    "controlled_pair",
     "load_harmful_qa",
     "load_instructions",
     "load_paired_qa",
@@ -46,7 +46,6 @@ __all__ = [
     "parse_field_mapping",
     "parse_hh_transcript",
     "select_split",
-    "strip_final_period_of",
 ]
 
 # role -> default column. Roles in *_OPTIONAL may be absent from the data (or mapped to "").
@@ -175,11 +174,11 @@ def load_paired_qa(
     expert, anti = [], []
     for i, row in enumerate(rows):
         prompt, context = _text(row, columns["prompt"]), _optional_text(row, columns["input"])
-        right, wrong = _text(row, columns["expert"]), _text(row, columns["anti"])
-        if strip_final_period:
-            right, wrong = strip_final_period_of(right), strip_final_period_of(wrong)
-        if max_word_ratio is not None and not comparable_length(right, wrong, max_word_ratio):
+        answers = _text(row, columns["expert"]), _text(row, columns["anti"])
+        pair = controlled_pair(*answers, max_word_ratio=max_word_ratio, strip_final_period=strip_final_period)
+        if pair is None:
             continue
+        right, wrong = pair
         expert.append(Example(prompt, right, input=context, row=i))
         anti.append(Example(prompt, wrong, input=context, row=i))
     if not expert:
@@ -187,15 +186,24 @@ def load_paired_qa(
     return expert, anti
 
 
-def strip_final_period_of(text: str) -> str:
-    """``text`` without one final period (an ellipsis is kept)."""
+def controlled_pair(
+    a: str, b: str, *, max_word_ratio: float | None, strip_final_period: bool
+) -> tuple[str, str] | None:
+    """Two answers of one question in one format: ``(a, b)`` with a final period dropped from
+    both (``strip_final_period``; an ellipsis is kept), or None when the longer has more than
+    ``max_word_ratio`` times the words of the shorter. Training (:func:`load_paired_qa`) and
+    evaluation (``halueval``'s pair controls) both apply it."""
+    if strip_final_period:
+        a, b = _strip_period(a), _strip_period(b)
+    if max_word_ratio is not None:
+        na, nb = len(a.split()), len(b.split())
+        if max(na, nb) > max_word_ratio * max(min(na, nb), 1):
+            return None
+    return a, b
+
+
+def _strip_period(text: str) -> str:
     return text[:-1].rstrip() if text.endswith(".") and not text.endswith("..") and len(text) > 1 else text
-
-
-def comparable_length(a: str, b: str, ratio: float) -> bool:
-    """Whether the longer of two answers has at most ``ratio`` times the words of the shorter."""
-    na, nb = len(a.split()), len(b.split())
-    return max(na, nb) <= ratio * max(min(na, nb), 1)
 
 
 def load_harmful_qa(

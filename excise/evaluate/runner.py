@@ -429,15 +429,14 @@ def _pair_controls(metric: Metric, cfg: EvalConfig, items: list[dict[str, Any]])
         raise ConfigError(
             f"pair_max_word_ratio / pair_strip_period apply to {', '.join(_PAIRED_ANSWERS)} only"
         )
-    from excise.data.examples import comparable_length, strip_final_period_of
+    from excise.data.examples import controlled_pair
 
     kept = []
     for it in items:
-        a, b = (str(it[f]) for f in fields)
-        if cfg.pair_strip_period:
-            a, b = strip_final_period_of(a), strip_final_period_of(b)
-        if cfg.pair_max_word_ratio is None or comparable_length(a, b, cfg.pair_max_word_ratio):
-            kept.append(it | dict(zip(fields, (a, b), strict=True)))
+        pair = controlled_pair(str(it[fields[0]]), str(it[fields[1]]), max_word_ratio=cfg.pair_max_word_ratio,
+                               strip_final_period=cfg.pair_strip_period)  # fmt: skip
+        if pair is not None:
+            kept.append(it | dict(zip(fields, pair, strict=True)))
     return kept
 
 
