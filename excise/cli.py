@@ -435,17 +435,10 @@ def sweep(
             raise typer.BadParameter(f"{flag} takes METRIC:KEY, e.g. perplexity:perplexity; got {spec!r}")
         return {"metric": metric, "key": key, "settings": parse_assignments(sets, flag=f"{flag}-set")}
 
-    def extra_axis(spec: str) -> dict:
-        metric, _, key = spec.partition(":")
-        if not key:
-            raise typer.BadParameter(f"--extra takes METRIC:KEY, e.g. truthfulqa-mc:mc1; got {spec!r}")
+    def extra_axis(spec: str) -> dict:  # the settings of the deficiency or utility metric of that name
         same = [sets for axis_spec, sets in ((deficiency, deficiency_set), (utility, utility_set))
-                if axis_spec.partition(":")[0] == metric]  # fmt: skip
-        return {
-            "metric": metric,
-            "key": key,
-            "settings": parse_assignments(same[0] if same else [], flag="--extra"),
-        }
+                if axis_spec.partition(":")[0] == spec.partition(":")[0]]  # fmt: skip
+        return axis(spec, same[0] if same else [], "--extra")
 
     verbs = [op.replace("_", "-") for op in get_args(SweepConfig.model_fields["operation"].annotation)]
     if operation not in verbs:
