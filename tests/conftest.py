@@ -214,3 +214,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# A Python script that runs several `excise` command lines (a JSON list in argv[1]) in one
+# process, so torch is imported once; it stops at the first one that fails.
+CLI_BATCH_SCRIPT = """
+import json, sys
+from excise.cli import main
+for argv in json.loads(sys.argv[1]):
+    sys.argv = ["excise", *argv]
+    try:
+        main()
+    except SystemExit as exit_:
+        if exit_.code:
+            raise
+"""

@@ -22,7 +22,7 @@ from excise.errors import AdapterError
 from excise.hub import ADAPTER_FILES, parse_hub_id, resolve_adapter
 from excise.pem.io import load_adapter
 from excise.pem.linalg import ext_sub_rows_reference
-from tests.conftest import write_raw_lora
+from tests.conftest import CLI_BATCH_SCRIPT, write_raw_lora
 from tests.hub_server import LocalHub
 
 SHAPES = {"model.layers.0.self_attn.q_proj": (8, 8), "model.layers.0.self_attn.v_proj": (4, 8)}
@@ -73,23 +73,9 @@ def excise(tmp_path: Path, hub: LocalHub | None, *args: str, **env: str) -> subp
     )
 
 
-# Several command lines through the same entry point in one process: torch is imported once.
-_MANY = """
-import json, sys
-from excise.cli import main
-for args in json.loads(sys.argv[1]):
-    sys.argv = ["excise", *args]
-    try:
-        main()
-    except SystemExit as exit_:
-        if exit_.code:
-            raise
-"""
-
-
 def excise_many(tmp_path: Path, hub: LocalHub, *commands: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-c", _MANY, json.dumps(commands)],
+        [sys.executable, "-c", CLI_BATCH_SCRIPT, json.dumps(commands)],
         capture_output=True,
         text=True,
         timeout=300,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import save_tiny_model
+from tests.conftest import CLI_BATCH_SCRIPT, save_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,23 +30,12 @@ _NOT_CACHED = {"training_overlap", "warnings"}  # checked on every run
 
 
 # One launch runs every case (each a full `excise eval` command line) to pay the start-up once.
-_DRIVER = """
-import json, sys
-from excise.cli import main
-for argv in json.loads(sys.argv[1]):
-    sys.argv = ["excise", *argv]
-    try:
-        main()
-    except SystemExit as exit_:
-        if exit_.code:
-            raise
-"""
 
 
 def _launch(commands: list[list[str]], driver: Path, cache: Path) -> subprocess.CompletedProcess:
     launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     assert launcher is not None
-    driver.write_text(_DRIVER)
+    driver.write_text(CLI_BATCH_SCRIPT)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "EXCISE_CACHE": str(cache)}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     return subprocess.run(
