@@ -83,6 +83,16 @@ def test_default_checkpoints_for_a_lora_not_for_full_weights():
     assert SftConfig(**base, save_every=7).train_settings().save_every == 7
 
 
+@pytest.mark.parametrize("launch", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_no_default_checkpoints_under_a_sharded_launch(launch, monkeypatch):
+    from excise.train.sft import SftConfig
+
+    monkeypatch.setenv(launch, "true")  # what `accelerate launch` sets for an FSDP / DeepSpeed config
+    base = {"base": "m", "data": "d", "out": "o"}
+    assert SftConfig(**base).train_settings().save_every is None  # a shard-only checkpoint is refused
+    assert SftConfig(**base, save_every=7).train_settings().save_every == 7  # asked: the loop refuses it
+
+
 def test_ctrl_c_prints_the_resume_command(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run out"
 

@@ -35,8 +35,8 @@ What the loop guarantees:
   ``train_config.json`` has the run's ``padding_share``.
 - **Devices and processes** through accelerate: the model goes to the accelerator's
   device and is wrapped for data parallelism under ``accelerate launch`` (the configs in
-  ``configs/accelerate/``: DDP; FSDP v1 and DeepSpeed ZeRO-2 as well, untested here, with
-  checkpoints refused under them); only the main process writes. bf16 is autocast
+  ``configs/accelerate/``: DDP and FSDP v1, both run on CPU processes too; DeepSpeed ZeRO-2,
+  untested here; checkpoints refused under FSDP and DeepSpeed); only the main process writes. bf16 is autocast
   (weights stay float32).
 """
 
@@ -163,6 +163,8 @@ class TrainReport:
         seconds: wall time of this call.
         peak_rss_mb: the process's peak resident memory (MiB).
         padding_share: share of all batch slots (rows × columns) of the run that were padding.
+        sharding: under FSDP, the weight values (all, and trainable) process 0 held and all
+            processes together (``weights_main``, ``weights_total``, ``trainable_…``); else None.
     """
 
     out: Path
@@ -172,6 +174,7 @@ class TrainReport:
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
     padding_share: float = 0.0
+    sharding: dict[str, Any] | None = None
 
 
 def train(
@@ -255,13 +258,22 @@ def train(
         model, optimizer = accelerator.prepare(model, optimizer)
         raw = accelerator.unwrap_model(model)
     else:
+        if kind == "FSDP":
+            if accelerator.device.type == "cpu":
+                _broadcast_weights(model)
+            # The losses run the LM head on hidden states after the model's forward (in chunks);
+            # FSDP holds the root's weights (embeddings, head) whole only inside its forward, so
+            # the whole loss becomes that forward.
+            model, loss_fn = _LossForward(model, loss_fn), _call_loss_forward
         model = accelerator.prepare_model(model)
         raw = accelerator.unwrap_model(model)
+        raw = raw.model if isinstance(raw, _LossForward) else raw
         params = [p for p in raw.parameters() if p.requires_grad]
         if not params:
             raise ConfigError("the model has no trainable parameter")
         optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = _scheduler(optimizer, settings, total)
+    sharding = _shard_sizes(accelerator, raw) if kind == "FSDP" else None
 
     log: list[dict[str, float]] = []
     start_step = 0
@@ -348,10 +360,12 @@ def train(
         seconds=round(time.perf_counter() - started, 3),
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         padding_share=_padding_share(log),
+        sharding=sharding,
     )
     with _whole_weights(accelerator, model, kind):  # every process enters: gathering is collective
         if accelerator.is_main_process:
-            _write_final(out, raw, save, report, fingerprint)
+            with _plain_module_names(raw) if kind == "FSDP" else contextlib.nullcontext():
+                _write_final(out, raw, save, report, fingerprint)
         accelerator.wait_for_everyone()
     return report
 
@@ -390,6 +404,77 @@ def _clip_grad_norm(accelerator: Any, kind: str | None, params: list[torch.Tenso
         g.mul_(scale.to(g.dtype))
 
 
+class _LossForward(torch.nn.Module):
+    """``loss_fn(model, batch)`` as a module's forward, for FSDP to wrap as its root unit."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable[[Any, Any], Any]) -> None:
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+        self._no_split_modules = _no_split_modules(model)  # accelerate's per-layer wrap policy reads it
+
+    def forward(self, batch: Any) -> Any:
+        return self.loss_fn(self.model, batch)
+
+
+def _call_loss_forward(model: Any, batch: Any) -> Any:
+    return model(batch)
+
+
+def _no_split_modules(model: torch.nn.Module) -> list[str] | None:
+    """The decoder-layer class names transformers lists for ``model`` (through PEFT wrappers)."""
+    for module in model.modules():
+        names = getattr(module, "_no_split_modules", None)
+        if names:
+            return list(names)
+    return None
+
+
+def _broadcast_weights(model: torch.nn.Module) -> None:
+    """Process 0's parameters and buffers copied to every process (FSDP's ``sync_module_states``,
+    which torch runs on GPUs only)."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+
+
+@contextlib.contextmanager
+def _plain_module_names(model: torch.nn.Module) -> Any:
+    """``model.named_modules()`` without FSDP's ``_fsdp_wrapped_module`` name parts, meanwhile.
+
+    FSDP's state dict has plain keys, but PEFT picks a LoRA's entries by its module names, from
+    which it strips only a leading ``_fsdp_wrapped_module.``: with a unit per decoder layer
+    nothing matched and the saved adapter was empty.
+    """
+    wrapped = model.named_modules
+
+    def named_modules(*args: Any, **kwargs: Any) -> Any:
+        for name, module in wrapped(*args, **kwargs):
+            yield name.replace("._fsdp_wrapped_module", "").removeprefix("_fsdp_wrapped_module."), module
+
+    model.named_modules = named_modules  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del model.named_modules
+
+
+def _shard_sizes(accelerator: Any, model: torch.nn.Module) -> dict[str, Any]:
+    """Weight values (frozen and trainable) this process holds, and all processes together: FSDP
+    gives each process a slice of every layer's flattened weights."""
+    counts = torch.tensor(
+        [float(sum(p.numel() for p in model.parameters())),
+         float(sum(p.numel() for p in model.parameters() if p.requires_grad))],
+        device=accelerator.device,
+    )  # fmt: skip
+    totals = accelerator.reduce(counts.clone(), reduction="sum")
+    return {
+        "kind": "FSDP", "weights_main": int(counts[0]), "weights_total": int(totals[0]),
+        "trainable_main": int(counts[1]), "trainable_total": int(totals[1]),
+    }  # fmt: skip
+
+
 def _whole_weights(accelerator: Any, model: Any, kind: str | None) -> Any:
     """A context in which the model's parameters are whole on every process (FSDP gathers them)."""
     if kind != "FSDP":
@@ -400,10 +485,40 @@ def _whole_weights(accelerator: Any, model: Any, kind: str | None) -> Any:
 
 
 def new_accelerator() -> Any:
-    """An ``accelerate.Accelerator`` for this launch: joins CPU-only processes too (see below)."""
+    """An ``accelerate.Accelerator`` for this launch: joins CPU-only processes too (see below),
+    and runs an FSDP launch config on them (:func:`_cpu_fsdp_accelerator`)."""
     from accelerate import Accelerator
 
-    return Accelerator(cpu=_multi_process_cpu())
+    cpu = _multi_process_cpu()
+    if cpu and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return _cpu_fsdp_accelerator()
+    return Accelerator(cpu=cpu)
+
+
+def _cpu_fsdp_accelerator() -> Any:
+    """FSDP (v1) over CPU processes (gloo): what ``configs/accelerate/fsdp.yaml`` asks for.
+
+    accelerate wraps in FSDP only on accelerator devices (on CPU processes it would fall back to
+    plain data parallelism, and its plugin refuses ``sync_module_states`` without a GPU), while
+    torch's FSDP shards over gloo on CPUs as well. So the plugin is built from the launch config
+    without ``sync_module_states`` (torch's FSDP broadcasts module states from GPUs only; the
+    loop broadcasts process 0's weights itself, :func:`_broadcast_weights`) and the launch is
+    promoted to FSDP: the model is then wrapped, sharded and gathered exactly as on GPUs.
+    """
+    from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
+    from accelerate.utils import DistributedType
+
+    plugin = FullyShardedDataParallelPlugin(sync_module_states=False)
+    if plugin.fsdp_version != 1:
+        raise ConfigError(
+            "FSDP version 2 is not supported yet: launch with configs/accelerate/fsdp.yaml (version 1)"
+        )
+    accelerator = Accelerator(cpu=True, fsdp_plugin=plugin)
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.device = torch.device("cpu")  # not cpu:0, which torch's FSDP takes for another device
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState does
+    return accelerator
 
 
 def _plan(
@@ -667,6 +782,8 @@ def _write_final(
             "peak_rss_mb": report.peak_rss_mb,
             "padding_share": report.padding_share,
         }
+        if report.sharding:
+            summary["sharding"] = report.sharding
         (tmp / TRAIN_CONFIG).write_text(json.dumps(summary, indent=2) + "\n")
 
 

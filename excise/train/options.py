@@ -8,6 +8,7 @@ and may override a default (``batch_size``).
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -55,7 +56,8 @@ class TrainOptions(BaseModel):
         None,
         ge=0,
         description=f"Checkpoint every N steps; None: every {DEFAULT_SAVE_EVERY} for a LoRA, "
-        "never for full weights (each would hold the whole model); 0: never.",
+        "never for full weights (each would hold the whole model) or under FSDP / DeepSpeed "
+        "(each process holds a shard); 0: never.",
     )
     resume: bool = False
     overwrite: bool = False
@@ -79,5 +81,12 @@ class TrainOptions(BaseModel):
     def checkpoint_every(self) -> int | None:
         """Steps between checkpoints (None: none), the default resolved."""
         if self.save_every is None:
-            return None if self.full else DEFAULT_SAVE_EVERY
+            return None if self.full or _sharded_launch() else DEFAULT_SAVE_EVERY
         return self.save_every or None
+
+
+def _sharded_launch() -> bool:
+    """Launched by ``accelerate launch`` with an FSDP or DeepSpeed config (they shard training state)."""
+    return any(
+        os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() == "true" for kind in ("FSDP", "DEEPSPEED")
+    )

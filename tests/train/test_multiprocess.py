@@ -4,11 +4,11 @@ Process ``p`` reads global micro-batches ``s·G·W + g·W + p`` and gradients ar
 across processes, so 2 processes × 1 micro-batch per step equal 1 process × 2 accumulated
 micro-batches (dropout included: it is seeded by the micro-batch index). Checked for
 ``sft``, ``sku`` and every baseline, launched with the shipped ``configs/accelerate/ddp.yaml``
-(gloo on CPU): the same loss curve to 1e-5 and the same weights to 1e-6 (+1e-5 relative),
-float32 sums taken in another order.
+and ``fsdp.yaml`` (gloo on CPU; under FSDP each process holds half of the weights): the same
+loss curve to 1e-5 and the same weights to 1e-6 (+1e-5 relative), float32 sums taken in
+another order.
 
-``configs/accelerate/fsdp.yaml`` and ``deepspeed_zero2.yaml`` are only read here: accelerate
-refuses FSDP without a GPU ("no available devices found") and DeepSpeed is not installed.
+``deepspeed_zero2.yaml`` is only read here: DeepSpeed is not installed.
 """
 
 from __future__ import annotations
@@ -90,11 +90,18 @@ def _assert_same_run(two: Path, one: Path) -> None:
     assert json.loads((two / "train_config.json").read_text())["processes"] == 2
 
 
+@pytest.mark.parametrize("config", ["ddp.yaml", "fsdp.yaml"])
 @pytest.mark.parametrize("method", list(_COMMANDS))
-def test_two_processes_equal_one_with_accumulation(method, tiny_model_dir, tmp_path, monkeypatch, capsys):
+def test_two_processes_equal_one_with_accumulation(
+    method, config, tiny_model_dir, tmp_path, monkeypatch, capsys
+):
     args = _data_args(method, tiny_model_dir, tmp_path) + _COMMANDS[method]
-    two = _launch("ddp.yaml", method, args, tmp_path / "two", 29510 + list(_COMMANDS).index(method))
+    port = 29510 + list(_COMMANDS).index(method) + (20 if config == "fsdp.yaml" else 0)
+    two = _launch(config, method, args, tmp_path / "two", port)
     assert two.returncode == 0, two.stderr[-3000:]
+    if config == "fsdp.yaml":  # really sharded: process 0 held about half of the weights
+        sharding = json.loads((tmp_path / "two" / "train_config.json").read_text())["sharding"]
+        assert sharding["weights_main"] == pytest.approx(sharding["weights_total"] / 2, rel=0.05)
     assert two.stdout.count("wrote ") == 1  # only the main process writes and reports
     _one_process(method, args, tmp_path / "one", monkeypatch, capsys)
     _assert_same_run(tmp_path / "two", tmp_path / "one")
