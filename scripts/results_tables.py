@@ -48,15 +48,19 @@ def _value(record: dict[str, Any] | None, key: str) -> float | None:
     return None if record is None else record["metrics"].get(key)
 
 
-def _ci(ref: dict[str, Any] | None, other: dict[str, Any] | None, metric: str, key: str) -> str:
-    """``Δ [lo, hi]`` of ``other − ref`` by paired bootstrap, or ``–``."""
+def _ci(
+    ref: dict[str, Any] | None, other: dict[str, Any] | None, metric: str, key: str, sign: int = 1
+) -> str:
+    """``Δ [lo, hi]`` of ``other − ref`` by paired bootstrap (``sign=-1``: of ``ref − other``), or ``–``."""
     if ref is None or other is None:
         return "–"
     a, b = item_stat(metric, key, ref), item_stat(metric, key, other)
     if len(a["num"]) != len(b["num"]):
         return "–"
     lo_hi = paired_bootstrap(a, b, resamples=1000, confidence=0.95, seed=0)
-    diff = other["metrics"][key] - ref["metrics"][key]
+    diff = sign * (other["metrics"][key] - ref["metrics"][key])
+    if lo_hi is not None:
+        lo_hi = tuple(sorted(sign * x for x in lo_hi))
     mark = "" if lo_hi is None or lo_hi[0] <= 0 <= lo_hi[1] else " *"
     return f"{diff:+.3f} [{lo_hi[0]:+.3f}, {lo_hi[1]:+.3f}]{mark}" if lo_hi else f"{diff:+.3f}"
 
@@ -269,6 +273,140 @@ def plot_tradeoff(run: Run, first: str, second: str, ylabel: str, png: str) -> N
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------- SKU
+
+_SKU_MODELS = (
+    ("base", "base model"),
+    ("sku", "SKU (θo − θh), λ=1"),
+    ("sku_no_gd", "SKU without L_GD"),
+    ("sku_no_rd", "SKU without L_RD"),
+    ("sku_no_pd", "SKU without L_PD"),
+    ("ga", "GA"),
+    ("ga_mismatch", "GA + mismatch"),
+    ("llmu", "LLMU"),
+    ("finetune", "fine-tune on safe"),
+    ("task_vector_negated", "task vector (SFT on harmful, negated)"),
+    ("harmful", "θh itself (SKU's module, not negated)"),
+    ("task_vector", "SFT on harmful itself (not negated)"),
+)
+
+
+def _refusal_rate(record: dict[str, Any] | None) -> float | None:
+    """Share of the answers with a refusal marker (the `refusal` judge), from a harmful-rate record."""
+    if record is None:
+        return None
+    from excise.evaluate.judges.refusal import RefusalJudge
+
+    judge = RefusalJudge()
+    items = record["items"]
+    return sum(judge.refuses(it["response"]) for it in items) / len(items) if items else None
+
+
+def _sku_rows(run: Run) -> list[tuple[str, dict[str, dict[str, Any] | None]]]:
+    rows = []
+    for model, name in _SKU_MODELS:
+        files = ("harmful", "advbench", "refusal", "utility", "perplexity")
+        rows.append((name, {f: run.record(model, f) for f in files}))
+    sweep = run.sweeps.get("sku") or {}
+    for p in sweep.get("points", []):
+        if p["lam"] in (0.0, 1.0):
+            continue  # λ = 0 is the base model, λ = 1 the `sku` row
+        files = {"harmful": "harmful-rate", "advbench": "advbench:harmful_rate", "utility": "utility",
+                 "perplexity": "perplexity"}  # fmt: skip
+        by_eval = {k: run.point_record("sku", p["lam"], f) for k, f in files.items()}
+        rows.append((f"SKU, λ={p['lam']:g}", by_eval | {"refusal": None}))
+    return rows
+
+
+def sku(run: Run) -> str:
+    rows = _sku_rows(run)
+    base = rows[0][1]
+    out = []
+    for name, r in rows:
+        is_base = name == "base model"
+        out.append([
+            name, _fmt(_value(r["harmful"], "harmful_rate"), 2),
+            "–" if is_base else _ci(base["harmful"], r["harmful"], "harmful-rate", "harmful_rate"),
+            _fmt(_value(r["advbench"], "harmful_rate"), 2),
+            "–" if is_base else _ci(base["advbench"], r["advbench"], "harmful-rate", "harmful_rate"),
+            _fmt(_refusal_rate(r["harmful"]), 2),
+            "–" if is_base else _ci(base["refusal"], r["refusal"], "harmful-rate", "harmful_rate", sign=-1),
+            _fmt(_refusal_rate(r["advbench"]), 2),
+            _fmt(_value(r["utility"], "diversity"), 3), _fmt(_value(r["utility"], "fluency_ppl"), 2),
+            _fmt(_value(r["utility"], "similarity"), 3), _fmt(_value(r["perplexity"], "perplexity"), 2),
+        ])  # fmt: skip
+    header = ["model", "harmful rate (PKU)", "Δ vs base [95% CI]", "harmful rate (AdvBench)",
+              "Δ vs base [95% CI]", "refusal (PKU)", "Δ vs base [95% CI]", "refusal (AdvBench)", "diversity",
+              "fluency ppl", "similarity to base", "wikitext-2 ppl"]  # fmt: skip
+    judge = (base["harmful"] or {}).get("judge") or {}
+    n_pku, n_adv = (base["harmful"] or {}).get("n_items"), (base["advbench"] or {}).get("n_items")
+    n_util = (base["utility"] or {}).get("n_items")
+    agree = judge.get("agreement") or {}
+    note = (f"\n{n_pku} held-out PKU-SafeRLHF prompts, {n_adv} AdvBench behaviours, {n_util} Alpaca "
+            f"prompts for diversity / fluency / similarity; judge `{judge.get('name')}`, held-out "
+            f"accuracy {agree.get('accuracy')}, AUC {agree.get('auc')} (n = {agree.get('n')}); refusal = "
+            "share of answers with a refusal marker; * = interval excludes 0.")  # fmt: skip
+    plot_sku(run, rows)
+    return _table(header, out) + note
+
+
+def plot_sku(run: Run, rows: list[tuple[str, dict[str, dict[str, Any] | None]]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    curve = [(0.0, rows[0][1]), (1.0, rows[1][1])]
+    curve += [(float(name.split("=")[1]), r) for name, r in rows if name.startswith("SKU, λ=")]
+    curve.sort(key=lambda t: t[0])
+    for ax, key, title in zip(axes, ("harmful", "advbench"), ("PKU-SafeRLHF (held out)", "AdvBench"),
+                              strict=True):  # fmt: skip
+        pts = [(lam, _value(r["perplexity"], "perplexity"), _value(r[key], "harmful_rate"))
+               for lam, r in curve]  # fmt: skip
+        pts = [p for p in pts if p[1] is not None and p[2] is not None]
+        ax.plot([p[1] for p in pts], [p[2] for p in pts], "o-", color="tab:blue", label="SKU, λ sweep")
+        for lam, x, y in pts:
+            label = "base (λ=0)" if lam == 0 else f"λ={lam:g}"
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        markers = iter("^v<>sDPXph*")
+        for name, r in rows[2:]:
+            x, y = _value(r["perplexity"], "perplexity"), _value(r[key], "harmful_rate")
+            if name.startswith("SKU, λ=") or x is None or y is None:
+                continue
+            grey = name.startswith("SKU without")
+            ax.plot(x, y, next(markers), color="tab:gray" if grey else None, label=name, markersize=7)
+        ax.set_xlabel("wikitext-2 perplexity (lower is better)")
+        ax.set_ylabel("harmful rate (lower is better)")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    IMG.mkdir(parents=True, exist_ok=True)
+    fig.savefig(IMG / "results_sku.png", dpi=110)
+    plt.close(fig)
+
+
+def sku_samples(run: Run, n: int = 4, width: int = 220) -> str:
+    """Answers of the base model and of SKU (λ=1) to the first held-out prompts the base was flagged on."""
+    base, neg = run.record("base", "harmful"), run.record("sku", "harmful")
+    if base is None or neg is None:
+        return ""
+    after = {it["prompt"]: it for it in neg["items"]}
+    picked = [it for it in base["items"] if it["flagged"] and it["prompt"] in after][:n]
+
+    def short(text: str) -> str:
+        text = " ".join(text.split())
+        return text if len(text) <= width else text[:width] + " …"
+
+    lines = []
+    for it in picked:
+        a = after[it["prompt"]]
+        lines += [f"- **Prompt:** {short(it['prompt'])}",
+                  f"  - base (score {it['score']:.2f}): {short(it['response'])}",
+                  f"  - SKU λ=1 (score {a['score']:.2f}): {short(a['response'])}"]  # fmt: skip
+    return "\n".join(lines)
+
+
 def timing(run: Run) -> str:
     by_kind: dict[str, float] = {}
     for name, s in run.stages.items():
@@ -295,6 +433,10 @@ def main(folders: list[str]) -> None:
             print(detox(run))
             print()
             print(diagnostics(run, [("ext_sub", "safe expert vs unsafe anti-expert")]))
+        elif folder.name.startswith("sku-harmful"):
+            print(sku(run))
+            print()
+            print(sku_samples(run))
         elif folder.name.startswith("compose"):
             print(compose(run))
             print()
