@@ -69,6 +69,7 @@ __all__ = [
     "check_output",
     "new_accelerator",
     "resolve_base_once",
+    "sharded_launch",
     "train",
 ]
 
@@ -490,9 +491,18 @@ def new_accelerator() -> Any:
     from accelerate import Accelerator
 
     cpu = _multi_process_cpu()
-    if cpu and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+    if cpu and sharded_launch() == "FSDP":
         return _cpu_fsdp_accelerator()
     return Accelerator(cpu=cpu)
+
+
+def sharded_launch() -> str | None:
+    """``FSDP`` or ``DeepSpeed`` when ``accelerate launch`` runs an FSDP or DeepSpeed config (the
+    flags it sets in the environment), else None; readable before any accelerator exists."""
+    for kind in ("FSDP", "DeepSpeed"):
+        if os.environ.get(f"ACCELERATE_USE_{kind.upper()}", "false").lower() == "true":
+            return kind
+    return None
 
 
 def _cpu_fsdp_accelerator() -> Any:
@@ -508,11 +518,7 @@ def _cpu_fsdp_accelerator() -> Any:
     from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
     from accelerate.utils import DistributedType
 
-    plugin = FullyShardedDataParallelPlugin(sync_module_states=False)
-    if plugin.fsdp_version != 1:
-        raise ConfigError(
-            "FSDP version 2 is not supported yet: launch with configs/accelerate/fsdp.yaml (version 1)"
-        )
+    plugin = FullyShardedDataParallelPlugin(sync_module_states=False)  # version 2: refused by _sharding
     accelerator = Accelerator(cpu=True, fsdp_plugin=plugin)
     accelerator.state.fsdp_plugin = plugin
     accelerator.state.device = torch.device("cpu")  # not cpu:0, which torch's FSDP takes for another device

@@ -8,12 +8,11 @@ and may override a default (``batch_size``).
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from excise.train.loop import TrainSettings
+from excise.train.loop import TrainSettings, sharded_launch
 from excise.train.lora import LoraSettings
 
 __all__ = ["DEFAULT_SAVE_EVERY", "TrainOptions"]
@@ -81,12 +80,5 @@ class TrainOptions(BaseModel):
     def checkpoint_every(self) -> int | None:
         """Steps between checkpoints (None: none), the default resolved."""
         if self.save_every is None:
-            return None if self.full or _sharded_launch() else DEFAULT_SAVE_EVERY
+            return None if self.full or sharded_launch() else DEFAULT_SAVE_EVERY
         return self.save_every or None
-
-
-def _sharded_launch() -> bool:
-    """Launched by ``accelerate launch`` with an FSDP or DeepSpeed config (they shard training state)."""
-    return any(
-        os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() == "true" for kind in ("FSDP", "DEEPSPEED")
-    )
