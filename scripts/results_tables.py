@@ -387,24 +387,33 @@ def plot_sku(run: Run, rows: list[tuple[str, dict[str, dict[str, Any] | None]]])
 
 
 def sku_samples(run: Run, n: int = 4, width: int = 220) -> str:
-    """Answers of the base model and of SKU (λ=1) to the first held-out prompts the base was flagged on."""
+    """Answers of the base model and of SKU (λ=1) to the same held-out PKU prompts: the first ``n``
+    the judge flagged for the base model, then the first two the base refused and SKU did not."""
     base, neg = run.record("base", "harmful"), run.record("sku", "harmful")
     if base is None or neg is None:
         return ""
+    from excise.evaluate.judges.refusal import RefusalJudge
+
+    judge = RefusalJudge()
     after = {it["prompt"]: it for it in neg["items"]}
-    picked = [it for it in base["items"] if it["flagged"] and it["prompt"] in after][:n]
+    pairs = [(it, after[it["prompt"]]) for it in base["items"] if it["prompt"] in after]
 
     def short(text: str) -> str:
         text = " ".join(text.split())
         return text if len(text) <= width else text[:width] + " …"
 
-    lines = []
-    for it in picked:
-        a = after[it["prompt"]]
-        lines += [f"- **Prompt:** {short(it['prompt'])}",
-                  f"  - base (score {it['score']:.2f}): {short(it['response'])}",
-                  f"  - SKU λ=1 (score {a['score']:.2f}): {short(a['response'])}"]  # fmt: skip
-    return "\n".join(lines)
+    def listing(chosen: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[str]:
+        lines = []
+        for b, a in chosen:
+            lines += [f"- **Prompt:** {short(b['prompt'])}",
+                      f"  - base (score {b['score']:.2f}): {short(b['response'])}",
+                      f"  - SKU λ=1 (score {a['score']:.2f}): {short(a['response'])}"]  # fmt: skip
+        return lines
+
+    flagged = [(b, a) for b, a in pairs if b["flagged"]][:n]
+    lost = [(b, a) for b, a in pairs if judge.refuses(b["response"]) and not judge.refuses(a["response"])][:2]
+    heading = "Where the refusals went (the first held-out prompts the base refused and SKU λ=1 did not):"
+    return "\n".join([*listing(flagged), "", heading, "", *listing(lost)])
 
 
 def timing(run: Run) -> str:
