@@ -31,8 +31,9 @@ the loss:
 
 Reported: the process's peak resident memory (``getrusage(RUSAGE_SELF).ru_maxrss``: weights,
 activations, optimizer state and the Python runtime, the whole process as a user sees it),
-its resident memory just before the first step and the growth over it, the growth per
-token of a step (MiB per real token), tokens/s (real tokens over the step's wall time) and
+its resident memory just before the first step (every weight read in by then: see
+:func:`_paged_in`) and the growth over it, the growth per token of a step (MiB per real
+token), tokens/s (real tokens over the step's wall time) and
 tokens per CPU second (over the process's CPU time, ``time.process_time``: far less
 sensitive than wall time to other jobs on a shared machine), on steps after the first (the
 first one warms up allocators; CPU time is taken between the starts of consecutive steps,
@@ -74,6 +75,15 @@ def _rss_mb() -> float:
 
 def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _paged_in(model: Any) -> Any:
+    """``model`` with every weight resident: transformers maps safetensors files, so weights
+    are otherwise read in (≈ 0.5 GiB for SmolLM2 in fp32) during the first step and would
+    count as that step's growth."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        tensor.detach().sum()
+    return model
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -139,7 +149,8 @@ def _ours(args: argparse.Namespace, checkpointing: bool) -> dict:
     _, rows = _full_length_rows(args)
     setup: list[float] = []
     calls: list[float] = []  # process CPU time at each micro-batch request: one per step
-    made = sft.sft_micro_batches
+    made, load = sft.sft_micro_batches, sft.load_model
+    sft.load_model = lambda *a, **k: _paged_in(load(*a, **k))
 
     def sampled(*a: Any, **k: Any) -> Any:
         micro_batch, per_epoch = made(*a, **k)
@@ -213,7 +224,7 @@ def _trl(args: argparse.Namespace, checkpointing: bool) -> dict:
             measured["cpu"].append(time.process_time() - self.c0)
 
     torch.manual_seed(0)
-    model = load_model(args.model)
+    model = _paged_in(load_model(args.model))
     lora = LoraConfig(
         r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
     )
@@ -258,7 +269,7 @@ def _sku_step(args: argparse.Namespace, variant: str, checkpointing: bool) -> di
     tokenizer = load_tokenizer(cfg.base)
     streams = ["harmful", "mismatch", "normal"]
     data = prepare_data(cfg, tokenizer, streams)
-    model = attach_lora(load_model(cfg.base), cfg.lora_settings())
+    model = attach_lora(_paged_in(load_model(cfg.base)), cfg.lora_settings())
     if checkpointing:
         enable_activation_checkpointing(model)
     model.train()
@@ -270,7 +281,7 @@ def _sku_step(args: argparse.Namespace, variant: str, checkpointing: bool) -> di
     else:
         terms = sku_terms(cfg)
         if variant == "two-copies":
-            reference = frozen_model_reference(load_model(cfg.base).requires_grad_(False))
+            reference = frozen_model_reference(_paged_in(load_model(cfg.base)).requires_grad_(False))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     rss_setup = _rss_mb()
