@@ -33,11 +33,11 @@ Reported: the process's peak resident memory (``getrusage(RUSAGE_SELF).ru_maxrss
 activations, optimizer state and the Python runtime, the whole process as a user sees it),
 its resident memory just before the first step (every weight read in by then: see
 :func:`_paged_in`) and the growth over it, the growth per token of a step (MiB per real
-token), tokens/s (real tokens over the step's wall time) and
-tokens per CPU second (over the process's CPU time, ``time.process_time``: far less
-sensitive than wall time to other jobs on a shared machine), on steps after the first (the
-first one warms up allocators; CPU time is taken between the starts of consecutive steps,
-so the last step is not counted: run 3 steps or more).
+token), tokens/s (real tokens over the step's wall time) and tokens per CPU second (over
+the process's CPU time, ``time.process_time``: far less sensitive than wall time to other
+jobs on a shared machine), on steps after the first (the first one warms up allocators;
+CPU time is taken between the starts of consecutive steps, so the last step is not counted:
+run 3 steps or more).
 
 One torch thread by default: on this shared 2-core VM, with other work running, a forward
 pass of SmolLM2 took 8 s with 2 threads and 2 s with 1 (OpenMP threads spin-wait for a

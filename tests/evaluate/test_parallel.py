@@ -29,10 +29,9 @@ _VARYING = {"timing", "created", "from_cache", "generations_from"}  # when, how 
 _NOT_CACHED = {"training_overlap", "warnings"}  # checked on every run
 
 
-# One launch runs every case (each a full `excise eval` command line) to pay the start-up once.
-
-
 def _launch(commands: list[list[str]], driver: Path, cache: Path) -> subprocess.CompletedProcess:
+    """Every case (each a full ``excise eval`` command line) in one 2-process launch: the
+    start-up is paid once."""
     launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     assert launcher is not None
     driver.write_text(CLI_BATCH_SCRIPT)
