@@ -337,6 +337,9 @@ def main() -> None:
             args.batch_size = args.rows
         print(json.dumps(worker(args)))
         return
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
 
     load_before = os.getloadavg()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
