@@ -250,6 +250,24 @@ def test_truthfulqa_gen_reference_rule(model_dir, tmp_path):
     assert record["metrics"]["truthful_rate"] == record["metrics"]["bleu_acc"]
 
 
+def test_truthfulqa_gen_rates_have_stderr(model_dir, tmp_path):
+    path = tmp_path / "tqa.csv"
+    rows = [f'"Question {k}?","Answer {k}","Wrong {k}"' for k in range(5)]
+    path.write_text("Question,Correct Answers,Incorrect Answers\n" + "\n".join(rows) + "\n")
+    record = run_eval("truthfulqa-gen", _cfg(model_dir, path), judge=LengthJudge(), progress=False)
+    items, n = record["items"], len(record["items"])
+
+    def sem(xs: list[float]) -> float:  # sample std (ddof = 1) / sqrt(n), written out
+        mean = sum(xs) / len(xs)
+        return math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
+
+    acc = [float(it["bleu_acc"]) for it in items]
+    flagged = [float(it["judge_score"] > LengthJudge.threshold) for it in items]
+    assert record["metrics"]["judge_flagged_rate"] == pytest.approx(sum(flagged) / n)
+    assert record["stderr"]["truthful_rate"] == pytest.approx(sem(acc))
+    assert record["stderr"]["judge_flagged_rate"] == pytest.approx(sem(flagged))
+
+
 def test_cache_round_trip_and_bypass(model_dir, prompts_file):
     cfg = _cfg(model_dir, prompts_file)
     first = run_eval("repetition", cfg, progress=False)

@@ -26,6 +26,7 @@ from excise.evaluate.metrics.base import (
     prompt_ids,
 )
 from excise.evaluate.metrics.truthfulqa_mc import QA_PREAMBLE
+from excise.evaluate.stats import mean_stderr
 from excise.evaluate.text import reference_scores
 
 __all__ = ["METRIC", "cut_answer", "format_references"]
@@ -83,14 +84,23 @@ def run(ctx: EvalContext) -> MetricResult:
     keys = [k for k in items[0] if k not in ("question", "answer")]
     metrics = {k: sum(it[k] for it in items) / n for k in keys}
     metrics["truthful_rate"] = metrics["bleu_acc"]
+    # Rates that are not the mean of a same-named item field get their stderr here (the runner
+    # computes the others): truthful_rate is bleu_acc's mean, judge_flagged_rate a share of items.
+    stderr = {"truthful_rate": mean_stderr([it["bleu_acc"] for it in items])}
     if ctx.judge is not None:
         scores = judge_scores(ctx, questions, answers)
         for it, s in zip(items, scores, strict=True):
             it["judge_score"] = s
-        metrics["judge_flagged_rate"] = sum(s > ctx.judge.threshold for s in scores) / n
+            it["judge_flagged"] = s > ctx.judge.threshold
+        metrics["judge_flagged_rate"] = sum(it["judge_flagged"] for it in items) / n
         metrics["judge_mean_score"] = sum(scores) / n
+        stderr["judge_flagged_rate"] = mean_stderr([it["judge_flagged"] for it in items])
+        stderr["judge_mean_score"] = mean_stderr(scores)
     return MetricResult(
-        metrics, items, {"reference_rule": "lm-eval truthfulqa_gen (bleu/rouge max true vs false)"}
+        metrics,
+        items,
+        {"reference_rule": "lm-eval truthfulqa_gen (bleu/rouge max true vs false)"},
+        stderr=stderr,
     )
 
 
