@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from excise.pipeline.sweep import item_stat, paired_bootstrap
+from excise.pipeline.sweep import item_stat, lam_folder, paired_bootstrap
 
 ROOT = Path(__file__).resolve().parents[1]
 IMG = ROOT / "docs" / "img"
@@ -38,7 +38,7 @@ class Run:
         return _load(self.folder / "results" / model / f"{evaluation}.json")
 
     def point_record(self, sweep: str, lam: float, evaluation_file: str) -> dict[str, Any] | None:
-        return _load(self.folder / "sweeps" / sweep / "results" / f"lam={lam:g}" / f"{evaluation_file}.json")
+        return _load(self.folder / "sweeps" / sweep / "results" / lam_folder(lam) / f"{evaluation_file}.json")
 
     def seconds(self) -> float:
         return sum(s.get("seconds") or 0.0 for s in self.stages.values())

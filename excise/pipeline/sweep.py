@@ -22,7 +22,8 @@ Choosing λ (docs/SWEEP.md):
 - **Pareto front**: the λ whose (deficiency, utility) pair no other λ beats on both.
 - **Chosen λ** (the rule): among the λ whose relative utility loss against λ = 0 is at
   most ``tolerance`` (perplexity: ``ppl(λ) ≤ (1 + tolerance)·ppl(0)``; a higher-is-better
-  utility: ``u(λ) ≥ u(0) − tolerance·|u(0)|``), the one with the best deficiency score;
+  utility: ``u(λ) ≥ u(0) − tolerance·|u(0)|``; when ``u(0) = 0`` the loss and the tolerance
+  are absolute: ``|u(0)|`` is replaced by 1), the one with the best deficiency score;
   ties go to the smallest ``|λ|`` (the gentlest edit). λ = 0 always qualifies.
 - **Knee**: on the Pareto front, both axes scaled to [0, 1] with "better" upwards, the
   point farthest from the chord joining the front's two ends (needs ≥ 3 front points).
@@ -47,7 +48,7 @@ SweepConfig fields (YAML keys of a recipe's ``sweep`` stage; ``excise sweep`` fl
 - ``extra`` (list of :class:`SweepMetric`): more numbers scored at every λ, with paired
   intervals, for the table (e.g. HaluEval accuracy, 4-gram repetition); they do not choose λ.
 - ``dtype``, ``device``: as ``excise eval``.
-- ``tolerance`` (float, default 0.05): allowed relative utility loss.
+- ``tolerance`` (float, default 0.05): allowed relative utility loss (absolute when u(0) = 0).
 - ``bootstrap`` (int, default 1000), ``confidence`` (float, default 0.95), ``seed`` (int).
 - ``out`` (folder, written atomically), ``overwrite`` (bool), ``progress`` (bool).
 
@@ -57,6 +58,7 @@ Output folder (``run_sweep`` returns it)::
                                         paired intervals), pareto, chosen, knee
     OUT/adapters/base, OUT/adapters/delta   W0 and D as PEFT folders (base absent for negate)
     OUT/results/lam=<λ>/<metric>.json   the runner's full record of each evaluation
+                                        (λ written exactly: :func:`lam_folder`)
 
 :func:`excise.pipeline.report.write_report` reads ``sweep.json`` from a run folder's
 ``sweeps/<name>/``.
@@ -80,6 +82,7 @@ __all__ = [
     "format_table",
     "item_stat",
     "knee_point",
+    "lam_folder",
     "linear_parts",
     "paired_bootstrap",
     "pareto_front",
@@ -170,7 +173,9 @@ class SweepConfig(BaseModel):
     )
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Model dtype.")
     device: str = Field("auto", description="`auto` (CUDA if present), `cpu`, `cuda`…")
-    tolerance: float = Field(0.05, ge=0, description="Allowed relative utility loss against λ = 0.")
+    tolerance: float = Field(
+        0.05, ge=0, description="Allowed relative utility loss against λ = 0 (absolute when u(0) = 0)."
+    )
     bootstrap: int = Field(1000, ge=0, description="Paired bootstrap resamples (0: no intervals).")
     confidence: float = Field(0.95, gt=0, lt=1, description="Interval coverage.")
     seed: int = Field(0, description="Seeds the bootstrap resampling.")
@@ -349,16 +354,21 @@ def pareto_front(
 
 
 def utility_loss(utility: list[float | None], *, higher_u: bool) -> list[float | None]:
-    """Relative utility loss of each point against point 0 (λ = 0): positive = worse."""
+    """Utility loss of each point against point 0 (λ = 0): positive = worse.
+
+    Relative (``/ |u(0)|``) when ``u(0) ≠ 0``; absolute when ``u(0) = 0`` (a share of empty
+    answers, of repeated n-grams, of toxic outputs…), where a relative loss is undefined.
+    """
     u0 = utility[0]
-    if u0 is None or not math.isfinite(u0) or u0 == 0:
+    if u0 is None or not math.isfinite(u0):
         return [None for _ in utility]
+    scale = abs(u0) if u0 != 0 else 1.0
     out: list[float | None] = []
     for u in utility:
         if u is None or not math.isfinite(u):
             out.append(None)
         else:
-            out.append(((u0 - u) if higher_u else (u - u0)) / abs(u0))
+            out.append(((u0 - u) if higher_u else (u - u0)) / scale)
     return out
 
 
@@ -371,29 +381,35 @@ def choose_lam(
     higher_u: bool,
     tolerance: float,
 ) -> dict[str, Any]:
-    """The documented rule: best deficiency score among the λ whose relative utility loss
-    against λ = 0 (``lams[0]``) is at most ``tolerance``; ties go to the smallest ``|λ|``.
+    """The documented rule: best deficiency score among the λ whose utility loss against
+    λ = 0 (``lams[0]``) is at most ``tolerance``; ties go to the smallest ``|λ|``. The loss
+    is relative to ``|u(0)|``, or absolute when ``u(0) = 0`` (:func:`utility_loss`).
 
     Returns:
-        ``{"lam", "index", "rule", "tolerance", "admissible": [bool per λ]}``; ``lam`` is
-        None (with ``reason``) when λ = 0 itself has no usable score.
+        ``{"lam", "index", "rule", "tolerance", "tolerance_kind", "admissible": [bool per λ],
+        "utility_loss"}``; ``tolerance_kind`` is ``"relative"`` or ``"absolute"``; ``lam``
+        is None (with ``reason``) when no λ, λ = 0 included, has finite scores.
     """
     assert lams[0] == 0.0, "point 0 is the λ = 0 reference"
     loss = utility_loss(utility, higher_u=higher_u)
     admissible = [x is not None and x <= tolerance + 1e-12 for x in loss]
     d = _oriented(deficiency, higher_d)
+    kind = "absolute" if utility[0] == 0 else "relative"
+    how = "absolute, as the utility at λ = 0 is 0" if kind == "absolute" else "relative"
     rule = (
         f"the {'highest' if higher_d else 'lowest'} deficiency score among λ whose utility loss "
-        f"against λ = 0 is at most {tolerance:g} (relative); ties: smallest |λ|"
+        f"against λ = 0 is at most {tolerance:g} ({how}); ties: smallest |λ|"
     )
     candidates = [i for i, ok in enumerate(admissible) if ok and math.isfinite(d[i])]
-    base = {"rule": rule, "tolerance": tolerance, "admissible": admissible, "utility_loss": loss}
+    base = {"rule": rule, "tolerance": tolerance, "tolerance_kind": kind, "admissible": admissible,
+            "utility_loss": loss}  # fmt: skip
     if not candidates:
-        return base | {
-            "lam": None,
-            "index": None,
-            "reason": "λ = 0 has no finite deficiency or utility score",
-        }
+        reason = (
+            "λ = 0 has no finite utility score"
+            if loss[0] is None
+            else "no λ within the tolerance has a finite deficiency score"
+        )
+        return base | {"lam": None, "index": None, "reason": reason}
     best = max(candidates, key=lambda i: (d[i], -abs(lams[i])))
     return base | {"lam": lams[best], "index": best}
 
@@ -560,8 +576,23 @@ def _eval_config(cfg: SweepConfig, axis: SweepMetric) -> Any:
     return EvalConfig(model=cfg.model, dtype=cfg.dtype, device=cfg.device, **axis.settings)
 
 
-def _lam_dir(lam: float) -> str:
-    return f"lam={lam:g}"
+def lam_folder(lam: float) -> str:
+    """The folder name of one λ's records under ``OUT/results/``: exact and reversible.
+
+    ``lam=1`` for 1.0, else the shortest text that reads back as the same float
+    (``lam=0.25``, ``lam=1.0000001``, ``lam=1e-05``), so two λ of the grid never share a
+    folder (``:g`` rounded 1.0000001 to ``1``). ``float(name.removeprefix("lam="))`` is λ.
+
+    Args:
+        lam: a finite λ.
+
+    Returns:
+        ``"lam=<λ>"``.
+    """
+    lam = float(lam)
+    assert math.isfinite(lam), "the grid holds finite λ only"
+    # Integers below 2**53 print exactly as integers; larger ones keep repr's exponent form.
+    return f"lam={int(lam)}" if lam.is_integer() and abs(lam) < 2**53 else f"lam={lam!r}"
 
 
 def run_sweep(cfg: SweepConfig) -> Path:
@@ -619,7 +650,7 @@ def run_sweep(cfg: SweepConfig) -> Path:
                         "inputs": [str(p) for p in cfg.inputs],
                     }
                     file = f"{axis.metric}.json" if axis.metric not in point["results"] else f"{name}.json"
-                    rel = Path("results") / _lam_dir(lam) / file
+                    rel = Path("results") / lam_folder(lam) / file
                     write_result(record, tmp / rel)
                     point["results"].setdefault(axis.metric, str(rel))
                     done[run_key] = record

@@ -16,6 +16,7 @@ from excise.pipeline.sweep import (
     choose_lam,
     item_stat,
     knee_point,
+    lam_folder,
     linear_parts,
     paired_bootstrap,
     pareto_front,
@@ -109,6 +110,30 @@ def test_choose_lam_follows_the_rule():
     # A NaN score never qualifies; λ = 0 always does.
     nan = choose_lam([0.0, 1.0], [0.3, 0.9], [10.0, math.nan], higher_d=True, higher_u=False, tolerance=0.05)
     assert nan["lam"] == 0.0 and nan["admissible"] == [True, False]
+
+
+def test_choose_lam_with_zero_utility_at_lam0_uses_an_absolute_tolerance():
+    # A lower-is-better share (empty answers, repeated n-grams, toxic outputs) that is 0 at λ = 0:
+    # a relative loss is undefined, so the tolerance applies as an absolute difference.
+    lams = [0.0, 1.0, 2.0, 3.0]
+    mc2 = [0.30, 0.35, 0.40, 0.50]
+    empty = [0.0, 0.0, 0.01, 0.2]
+    chosen = choose_lam(lams, mc2, empty, higher_d=True, higher_u=False, tolerance=0.05)
+    assert chosen["lam"] == 2.0 and chosen["admissible"] == [True, True, True, False]
+    assert chosen["utility_loss"] == pytest.approx([0.0, 0.0, 0.01, 0.2])
+    assert chosen["tolerance_kind"] == "absolute" and "absolute" in chosen["rule"]
+    # The issue's case: λ = 0 always qualifies, even when nothing else does.
+    issue = choose_lam([0.0, 1.0, 2.0], [0.3, 0.2, 0.1], [0, 0, 0.01], higher_d=True, higher_u=False,
+                       tolerance=0.0)  # fmt: skip
+    assert issue["lam"] == 0.0 and "reason" not in issue
+    # A higher-is-better utility at 0 (accuracy of a broken base model): same absolute rule.
+    up = choose_lam([0.0, 1.0], [0.5, 0.2], [0.0, 0.3], higher_d=False, higher_u=True, tolerance=0.05)
+    assert up["lam"] == 1.0 and up["utility_loss"] == pytest.approx([0.0, -0.3])
+    # Otherwise the rule stays relative and says so.
+    rel = choose_lam([0.0, 1.0], [0.3, 0.4], [10.0, 10.4], higher_d=True, higher_u=False, tolerance=0.05)
+    assert rel["tolerance_kind"] == "relative" and "(relative)" in rel["rule"] and rel["lam"] == 1.0
+    none = choose_lam([0.0, 1.0], [0.3, 0.4], [math.nan, 1.0], higher_d=True, higher_u=False, tolerance=0.05)
+    assert none["lam"] is None and none["reason"] == "λ = 0 has no finite utility score"
 
 
 def test_pareto_front_and_knee():
@@ -308,6 +333,50 @@ def test_sweep_with_utility_keeps_base_view_and_refuses_used_output(setup, tmp_p
     assert not list(tmp_path.glob(".used.tmp-*"))
 
 
+def test_lam_folder_is_exact_reversible_and_readable():
+    readable = {0.0: "lam=0", 1.0: "lam=1", -2.0: "lam=-2", 0.5: "lam=0.5", 0.25: "lam=0.25",
+                -0.75: "lam=-0.75", 1e-05: "lam=1e-05", 1.0000001: "lam=1.0000001"}  # fmt: skip
+    assert {lam: lam_folder(lam) for lam in readable} == readable
+    assert lam_folder(-0.0) == "lam=0"
+    lams = [
+        0.0,
+        1.0,
+        1.0000001,
+        1 + 2**-52,
+        0.1,
+        0.1 + 2**-56,
+        1 / 3,
+        -1e-300,
+        1e300,
+        2.0**60,
+        2.0**60 + 2**8,
+    ]
+    names = [lam_folder(lam) for lam in lams]
+    assert len(set(names)) == len(lams)  # `:g` gave 1.0000001 and 1 + 2**-52 the folder of 1
+    for lam, name in zip(lams, names, strict=True):
+        assert float(name.removeprefix("lam=")) == lam and "/" not in name
+
+
+def test_sweep_close_lams_get_their_own_records(setup, tmp_path, monkeypatch):
+    from excise.pipeline.sweep import run_sweep
+
+    monkeypatch.setenv("EXCISE_CACHE", str(tmp_path / "cache"))
+    model, (expert, anti), mc, text = setup
+    cfg = SweepConfig(
+        model=str(model), operation="ext_sub", inputs=[expert, anti], lams=[1.0, 1.0000001], device="cpu",
+        progress=False, bootstrap=0, out=tmp_path / "s",
+        deficiency={"metric": "truthfulqa-mc", "key": "mc2", "settings": {"data": str(mc)}},
+        utility={"metric": "perplexity", "key": "perplexity",
+                 "settings": {"data": str(text), "window": 8, "stride": 4}},
+    )  # fmt: skip
+    run_sweep(cfg)
+    points = json.loads((tmp_path / "s" / "sweep.json").read_text())["points"]
+    paths = [p["results"]["truthfulqa-mc"] for p in points]
+    assert len(set(paths)) == 3
+    for point, path in zip(points, paths, strict=True):
+        assert json.loads((tmp_path / "s" / path).read_text())["sweep"]["lam"] == point["lam"]
+
+
 def test_item_rules_name_registered_metrics():
     from excise.evaluate.metrics import METRICS
     from excise.pipeline.sweep import _ITEM_RULES
@@ -344,7 +413,7 @@ def test_sweep_extra_metrics_are_scored_at_every_lam(setup, tmp_path, monkeypatc
         mc_record = json.loads((tmp_path / "s" / point["results"]["truthfulqa-mc"]).read_text())
         assert point["extra"]["truthfulqa-mc:mc1"]["value"] == mc_record["metrics"]["mc1"]
         # Other settings than the utility's perplexity: evaluated on their own, in their own file.
-        own = tmp_path / "s" / "results" / f"lam={point['lam']:g}" / "perplexity:nll_per_token.json"
+        own = tmp_path / "s" / "results" / lam_folder(point["lam"]) / "perplexity:nll_per_token.json"
         nll = json.loads(own.read_text())
         assert nll["settings"]["window"] == 6
         assert point["extra"]["perplexity:nll_per_token"]["value"] == nll["metrics"]["nll_per_token"]
