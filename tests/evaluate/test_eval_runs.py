@@ -6,12 +6,19 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from excise.evaluate.config import EvalConfig
 from excise.evaluate.runner import judge_saved, run_eval, run_many, write_result
-from excise.evaluate.stats import bootstrap_ratio_stderr, mean_stderr
+from excise.evaluate.stats import (
+    MIN_RESAMPLING_UNITS,
+    bootstrap_pvalue,
+    bootstrap_ratio_stderr,
+    holm,
+    mean_stderr,
+)
 from tests.conftest import save_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -114,9 +121,41 @@ def test_stderr_beside_every_metric(model_dir, prompts):
 def test_stats_by_hand():
     assert mean_stderr([1, 0, 1, 0]) == pytest.approx(math.sqrt((4 * 0.25 / 3) / 4))
     assert mean_stderr([0.5]) is None and mean_stderr([None, 2.0]) is None
-    assert bootstrap_ratio_stderr([1.0, 1.0], [1, 1]) == 0.0  # no spread in the ratio
-    se = bootstrap_ratio_stderr([1.0, 3.0, 2.0, 6.0], [1, 1, 1, 1], seed=0)
-    assert 0 < se < 2 and se == bootstrap_ratio_stderr([1.0, 3.0, 2.0, 6.0], [1, 1, 1, 1], seed=0)
+    assert bootstrap_ratio_stderr([1.0] * 20, [1] * 20) == 0.0  # no spread in the ratio
+    nums = [1.0, 3.0, 2.0, 6.0] * 5
+    se = bootstrap_ratio_stderr(nums, [1] * 20, seed=0)
+    # The bootstrap stderr of a mean approaches the plug-in σ/√n (ddof = 0).
+    plug_in = float(np.std(nums)) / math.sqrt(len(nums))
+    assert se == pytest.approx(plug_in, rel=0.1) and se == bootstrap_ratio_stderr(nums, [1] * 20, seed=0)
+    # Fewer units than MIN_RESAMPLING_UNITS: no bootstrap (4 windows have 35 distinct resamples).
+    assert bootstrap_ratio_stderr([1.0, 3.0, 2.0, 6.0], [1, 1, 1, 1], seed=0) is None
+    assert bootstrap_ratio_stderr(nums[: MIN_RESAMPLING_UNITS - 1], [1] * (MIN_RESAMPLING_UNITS - 1)) is None
+
+
+def test_holm_matches_the_step_down_procedure():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        m = int(rng.integers(1, 12))
+        p = (rng.uniform(size=m) ** 3).tolist()
+        adjusted = holm(p)
+        for alpha in (0.001, 0.01, 0.05, 0.1, 0.3):
+            # Holm's sequential rule, written out: reject p_(1), p_(2), … while p_(j) ≤ α / (m − j + 1).
+            rejected = set()
+            for j, i in enumerate(sorted(range(m), key=lambda i: p[i])):
+                if p[i] > alpha / (m - j):
+                    break
+                rejected.add(i)
+            assert {i for i in range(m) if adjusted[i] <= alpha} == rejected
+    assert holm([0.01, None, 0.04]) == [pytest.approx(0.02), None, pytest.approx(0.04)]
+
+
+def test_bootstrap_pvalue():
+    assert bootstrap_pvalue([]) is None
+    assert bootstrap_pvalue([1.0] * 99) == pytest.approx(1 / 100)  # never exactly 0
+    assert bootstrap_pvalue([-1.0, 1.0] * 50) == 1.0
+    # 10 of 100 differences at or below 0: the 95 % percentile interval (2.5 % tails) excludes 0
+    # iff p ≤ 0.05; here p = (2·10 + 1)/101 ≈ 0.208.
+    assert bootstrap_pvalue([-1.0] * 10 + [1.0] * 90) == pytest.approx(21 / 101)
 
 
 def test_switching_the_judge_reuses_the_generations(model_dir, prompts, monkeypatch):

@@ -23,7 +23,7 @@ import torch
 from excise.evaluate.metrics.base import SHARED_DATA, EvalContext, Metric, MetricResult
 from excise.evaluate.parallel import map_shared
 from excise.evaluate.scoring import encode_text
-from excise.evaluate.stats import bootstrap_ratio_stderr
+from excise.evaluate.stats import MIN_RESAMPLING_UNITS, bootstrap_ratio_stderr
 
 __all__ = ["METRIC", "sliding_windows"]
 
@@ -68,7 +68,7 @@ def run(ctx: EvalContext) -> MetricResult:
             logits.transpose(1, 2), targets, reduction="none"
         )  # (B, keep-1)
         return [
-            {"begin": b, "end": e, "scored_tokens": keep - 1, "nll": row}
+            {"key": _window_key(tokens[b:e], b), "begin": b, "end": e, "scored_tokens": keep - 1, "nll": row}
             for (b, e, _), row in zip(group, nll.sum(-1).tolist(), strict=True)
         ]
 
@@ -89,7 +89,21 @@ def run(ctx: EvalContext) -> MetricResult:
         "perplexity": bootstrap_ratio_stderr(nlls, counts, math.exp, seed=ctx.cfg.seed),
         "nll_per_token": bootstrap_ratio_stderr(nlls, counts, seed=ctx.cfg.seed),
     }
+    if len(items) < MIN_RESAMPLING_UNITS:
+        extra["stderr_reason"] = (
+            f"{len(items)} window(s) scored; a bootstrap needs at least {MIN_RESAMPLING_UNITS} "
+            "(score more text: a larger limit, or a smaller window)"
+        )
     return MetricResult(metrics, items, extra, stderr=stderr)
+
+
+def _window_key(window: torch.Tensor, begin: int) -> str:
+    """A window's identity for pairing two records (:func:`excise.evaluate.runner.item_key`):
+    its position and its token ids, so windows of other text or another tokenizer never pair."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{begin}:".encode() + window.numpy().astype("<i8").tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _shape(w: tuple[int, int, int]) -> tuple[int, int]:
