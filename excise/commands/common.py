@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 __all__ = [
+    "Dir",
     "GradAccum",
+    "GradientCheckpointing",
+    "GroupByLength",
     "LoraAlpha",
     "LoraDropout",
     "LoraR",
     "Lr",
     "MaxGradNorm",
+    "Out",
     "Overwrite",
+    "Partial",
     "Progress",
+    "PushToHub",
     "Rslora",
     "SaveEvery",
     "Schedule",
@@ -27,6 +34,10 @@ __all__ = [
     "done",
     "hide_library_bars",
     "module_names",
+    "push",
+    "reflow",
+    "reflow_help",
+    "report_padding",
 ]
 
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")]
@@ -39,6 +50,27 @@ Threads = Annotated[
     typer.Option(
         help="CPU threads for the model (default: one per core). Running several jobs at once, give "
         "each its share: two jobs with every core each run 4-8x slower.",
+        show_default=False,
+    ),
+]
+
+# Adapter and output flags of ops, inspect, sweep and merge.
+Dir = Annotated[
+    str,
+    typer.Option(help="PEFT adapter folder, or hub id org/name or org/name@revision.", show_default=False),
+]
+Out = Annotated[Path, typer.Option("--out", help="Output folder (written atomically).", show_default=False)]
+Partial = Annotated[
+    bool,
+    typer.Option("--allow-partial", help="Combine adapters whose target modules differ (shared ones only)."),
+]
+PushToHub = Annotated[
+    str | None,
+    typer.Option(
+        "--push-to-hub",
+        metavar="REPO",
+        help="Then publish the output folder, provenance record included, to the hub repository "
+        "org/name (created if missing; needs `hf auth login` or HF_TOKEN).",
         show_default=False,
     ),
 ]
@@ -65,6 +97,30 @@ SaveEvery = Annotated[
     ),
 ]
 
+# Flags every `excise train` command takes (sft, and the unlearning commands).
+GradientCheckpointing = Annotated[
+    bool,
+    typer.Option(
+        "--gradient-checkpointing",
+        help="Recompute each layer's activations in the backward instead of storing them: much less "
+        "memory per token for about a third more compute.",
+    ),
+]
+
+
+def report_padding(report: Any) -> None:
+    """One stderr line: how much of the run's batches was padding (also in train_config.json)."""
+    typer.echo(f"padding: {report.padding_share:.1%} of the batch slots", err=True)
+
+
+GroupByLength = Annotated[
+    bool,
+    typer.Option(
+        help="Batch rows of similar length together (batches in random order): less padding, the same "
+        "examples per epoch.",
+    ),
+]
+
 
 def module_names(text: str) -> tuple[str, ...]:
     """``--target-modules`` (comma-separated) as a tuple of names."""
@@ -81,3 +137,41 @@ def hide_library_bars() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+
+
+def push(out: Path, repo: str | None, message: str) -> None:
+    """Publish ``out`` to ``repo`` when asked, and say where it went."""
+    if repo is not None:
+        from excise.hub import push_folder
+
+        typer.echo(f"pushed {out} to {push_folder(out, repo, message=message)}")
+
+
+def reflow(text: str | None) -> str | None:
+    """A docstring for ``--help``: each paragraph on one line (each ``- `` item on its own line).
+
+    Typer's rich help keeps the single line breaks of every paragraph after the first, so a
+    docstring wrapped at 100 columns in the source would break mid-sentence at any width.
+    """
+    if not text:
+        return text
+    paragraphs = []
+    for block in inspect.cleandoc(text).split("\n\n"):
+        lines: list[str] = []
+        for line in block.splitlines():
+            line = line.strip()
+            if lines and not line.startswith("- "):
+                lines[-1] += " " + line
+            else:
+                lines.append(line)
+        paragraphs.append("\n".join(lines))
+    return "\n\n".join(paragraphs)
+
+
+def reflow_help(app: typer.Typer) -> None:
+    """:func:`reflow` the help of every command of ``app`` and of its groups, recursively."""
+    for command in app.registered_commands:
+        command.help = reflow(command.help or inspect.getdoc(command.callback))
+    for group in app.registered_groups:
+        if group.typer_instance is not None:
+            reflow_help(group.typer_instance)

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
+from excise.commands import judge as judge_commands
 from excise.commands.common import OverwriteResult, Progress, Threads, done, hide_library_bars
 
 app = typer.Typer(
@@ -395,6 +396,10 @@ def judge(
 
 
 app.command("judge")(judge)
+# lm-evaluation-harness and the judges' own training and checks (excise/commands/judge.py).
+app.command("harness")(judge_commands.harness)
+app.command("judge-train")(judge_commands.judge_train)
+app.command("judge-check")(judge_commands.judge_check)
 
 
 def _saved_model(generations: Path) -> str | None:

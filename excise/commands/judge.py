@@ -1,4 +1,4 @@
-"""`excise eval harness` and the judge commands, registered on the ``eval`` group.
+"""`excise eval harness` and the judge commands, mounted on `eval` by :mod:`excise.commands.evaluate`.
 
 - ``excise eval harness``: lm-evaluation-harness tasks (MMLU, GSM8K, BBH, local task files)
   on a base model plus an optional adapter;
@@ -14,10 +14,9 @@ from typing import Annotated
 import typer
 
 from excise.commands.common import Threads, done
-from excise.commands.evaluate import app
 from excise.runtime import set_threads
 
-__all__ = ["app"]
+__all__ = ["harness", "judge_check", "judge_train"]
 
 JudgeSpec = Annotated[
     str,
@@ -35,7 +34,6 @@ JudgeOptions = Annotated[
 ]
 
 
-@app.command("harness")
 def harness(
     base: Annotated[
         str, typer.Option(help="Base MODEL: hub id, folder, .gguf file or alias.", show_default=False)
@@ -104,7 +102,6 @@ def harness(
     done(write_results(run, out, overwrite=overwrite))
 
 
-@app.command("judge-train")
 def judge_train(
     kind: Annotated[
         str,
@@ -172,7 +169,6 @@ def _train_cross(out: Path, data: Path | None, limit: int | None, checks: bool) 
     done(out)
 
 
-@app.command("judge-check")
 def judge_check(
     judge: JudgeSpec = "harm-cross",
     judge_option: JudgeOptions = [],  # noqa: B006

@@ -3,41 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from excise.commands import common as flags
-from excise.commands.common import Overwrite, done, module_names
+from excise.commands import unlearn
+from excise.commands.common import (
+    GradientCheckpointing,
+    GroupByLength,
+    Overwrite,
+    done,
+    module_names,
+    report_padding,
+)
 
 app = typer.Typer(
     help="Train adapters: expert / anti-expert SFT, SKU harmful-knowledge acquisition, unlearning baselines.",
     no_args_is_help=True,
 )
-
-# Memory flags shared by every `excise train` command (also appended by excise.commands.unlearn).
-GradientCheckpointing = Annotated[
-    bool,
-    typer.Option(
-        "--gradient-checkpointing",
-        help="Recompute each layer's activations in the backward instead of storing them: much less "
-        "memory per token for about a third more compute.",
-    ),
-]
-
-
-def report_padding(report: Any) -> None:
-    """One stderr line: how much of the run's batches was padding (also in train_config.json)."""
-    typer.echo(f"padding: {report.padding_share:.1%} of the batch slots", err=True)
-
-
-GroupByLength = Annotated[
-    bool,
-    typer.Option(
-        help="Batch rows of similar length together (batches in random order): less padding, the same "
-        "examples per epoch.",
-    ),
-]
 
 _FORMAT_HELP = (
     "Loader and side: instruction (instruction/input/output), paired-expert / paired-anti (HaluEval "
@@ -164,3 +148,8 @@ def sft(
     if PartialState().is_main_process:
         report_padding(report)
         done(report.out)
+
+
+# SKU and the unlearning baselines (excise/commands/unlearn.py).
+for _name, _command in unlearn.COMMANDS.items():
+    app.command(_name)(_command)

@@ -1,8 +1,9 @@
 """`excise train sku|ga|ga-mismatch|llmu|finetune`: SKU acquisition and the unlearning baselines.
 
-Registered on the ``train`` group (:mod:`excise.commands.train`). The five commands share
-their data, LoRA and optimisation flags (:data:`_SHARED`, appended to each command's own
-signature by :func:`_command`); each adds its method's weights. Flags are the fields of
+:data:`COMMANDS` lists them for the ``train`` group (:mod:`excise.commands.train` mounts
+them). The five commands share their data, LoRA and optimisation flags (:data:`_SHARED`,
+appended to each command's own signature by :func:`_with_shared_flags`); each adds its
+method's weights. Flags are the fields of
 :class:`excise.train.unlearning.UnlearnConfig` and its subclasses.
 """
 
@@ -16,10 +17,16 @@ from typing import Annotated, Any
 import typer
 
 from excise.commands import common as flags
-from excise.commands.common import Overwrite, done, module_names
-from excise.commands.train import GradientCheckpointing, GroupByLength, app, report_padding
+from excise.commands.common import (
+    GradientCheckpointing,
+    GroupByLength,
+    Overwrite,
+    done,
+    module_names,
+    report_padding,
+)
 
-__all__ = ["app"]
+__all__ = ["COMMANDS"]
 
 
 def _opt(help: str, *names: str) -> Any:
@@ -120,32 +127,26 @@ _MismatchPool = Annotated[
 ]
 
 
-def _command(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    """Register ``fn`` as ``excise train NAME`` with its own flags followed by the shared ones."""
+def _with_shared_flags(fn: Callable[..., None]) -> Callable[..., None]:
+    """``fn`` as a command: its own flags, then the shared ones (required ones first)."""
+    own = list(inspect.signature(fn, eval_str=True).parameters.values())[:-1]  # drop **shared
+    shared = [
+        inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=a, default=d) for n, a, d in _SHARED
+    ]
+    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+    required = [p for p in shared if p.default is ...]
+    shared = [p.replace(default=inspect.Parameter.empty) if p.default is ... else p for p in shared]
 
-    def register(fn: Callable[..., None]) -> Callable[..., None]:
-        own = list(inspect.signature(fn, eval_str=True).parameters.values())[:-1]  # drop **shared
-        shared = [
-            inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=a, default=d)
-            for n, a, d in _SHARED
-        ]
-        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
-        required = [p for p in shared if p.default is ...]
-        shared = [p.replace(default=inspect.Parameter.empty) if p.default is ... else p for p in shared]
+    def command(**kwargs: Any) -> None:
+        fn(**kwargs)
 
-        def command(**kwargs: Any) -> None:
-            fn(**kwargs)
-
-        params = [*[p.replace(default=inspect.Parameter.empty) for p in required], *own]
-        params += [p for p in shared if p.name not in {r.name for r in required}]
-        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-        command.__annotations__ = {p.name: p.annotation for p in params}
-        command.__doc__ = fn.__doc__
-        command.__name__ = fn.__name__
-        app.command(name)(command)
-        return fn
-
-    return register
+    params = [*[p.replace(default=inspect.Parameter.empty) for p in required], *own]
+    params += [p for p in shared if p.name not in {r.name for r in required}]
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = fn.__doc__
+    command.__name__ = fn.__name__
+    return command
 
 
 def _shared_config(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -173,7 +174,6 @@ def _finish(report: Any) -> None:
         done(report.out)
 
 
-@_command("sku")
 def sku(
     normal: _Normal,
     eps_gd: Annotated[float, _opt("ε1: weight of guided distortion L_GD (CE on harmful responses).")] = 0.5,
@@ -203,13 +203,11 @@ def _baseline(method: str, shared: dict[str, Any], **own: Any) -> None:
     _finish(run(cfg, progress=shared["progress"]))
 
 
-@_command("ga")
 def ga(**shared: Any) -> None:
     """Gradient ascent on harmful responses: minimise −NLL (logged as nll, which rises)."""
     _baseline("ga", shared)
 
 
-@_command("ga-mismatch")
 def ga_mismatch(
     ga_weight: _GaWeight = 0.5,
     mismatch_weight: _MismatchWeight = 1.0,
@@ -230,7 +228,6 @@ def ga_mismatch(
     )
 
 
-@_command("llmu")
 def llmu(
     normal: _Normal,
     ga_weight: _GaWeight = 0.5,
@@ -253,7 +250,16 @@ def llmu(
     )
 
 
-@_command("finetune")
 def finetune(**shared: Any) -> None:
     """Fine-tune on the safe responses to the harmful prompts (SFT baseline)."""
     _baseline("finetune", shared)
+
+
+# `excise train VERB`, in --help order.
+COMMANDS: dict[str, Callable[..., None]] = {
+    "sku": _with_shared_flags(sku),
+    "ga": _with_shared_flags(ga),
+    "ga-mismatch": _with_shared_flags(ga_mismatch),
+    "llmu": _with_shared_flags(llmu),
+    "finetune": _with_shared_flags(finetune),
+}

@@ -1,13 +1,14 @@
-"""Helpers every judge shares: input checks and ``key=value`` option parsing."""
+"""Helpers every judge shares: input checks, ``key=value`` option parsing, construction from options."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
 from excise.errors import ConfigError, DataError
 
-__all__ = ["check_pairs", "parse_options"]
+__all__ = ["check_pairs", "construct_judge", "parse_options"]
 
 
 def check_pairs(prompts: Sequence[str], responses: Sequence[str], judge: str) -> None:
@@ -57,3 +58,18 @@ def _typed(value: str) -> Any:
         except ValueError:
             pass
     return value
+
+
+def construct_judge(cls: type, name: str, options: dict[str, Any], *args: Any) -> Any:
+    """``cls(*args, **options)``, with unknown options reported as one ConfigError line."""
+    accepted = [
+        p.name
+        for p in inspect.signature(cls).parameters.values()
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ][len(args) :]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ConfigError(
+            f"judge {name!r} has no option(s) {', '.join(unknown)}; it accepts: {', '.join(accepted)}"
+        )
+    return cls(*args, **options)

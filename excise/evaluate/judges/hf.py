@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from excise.errors import ConfigError, ModelLoadError
-from excise.evaluate.judges.common import check_pairs
+from excise.evaluate.judges.common import check_pairs, construct_judge
 from excise.models import load_model, load_tokenizer, resolve_model
 
 __all__ = ["LLAMA_GUARD_PROMPT", "GuardJudge", "SequenceClassifierJudge", "load_hf_judge"]
@@ -67,14 +67,12 @@ def load_hf_judge(target: str, *, kind: str = "auto", **options: Any) -> Any:
         ConfigError: ``kind`` is not auto/classifier/guard, or the architecture is neither.
         ModelLoadError: the checkpoint cannot be loaded.
     """
-    from excise.evaluate.judges.registry import _construct
-
     if kind not in ("auto", "classifier", "guard"):
         raise ConfigError(f"hf judge: kind must be auto, classifier or guard, got {kind!r}")
     if kind == "auto":
         kind = _detect_kind(target)
     cls = SequenceClassifierJudge if kind == "classifier" else GuardJudge
-    return _construct(cls, f"hf ({kind})", options, target)
+    return construct_judge(cls, f"hf ({kind})", options, target)
 
 
 def _detect_kind(target: str) -> str:

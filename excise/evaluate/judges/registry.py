@@ -26,13 +26,13 @@ judge's constructor; an unknown option is an error naming the accepted ones.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from excise.errors import ConfigError
 from excise.evaluate.judges.base import Judge
+from excise.evaluate.judges.common import construct_judge
 
 __all__ = ["JUDGES", "JudgeKind", "load_judge"]
 
@@ -57,14 +57,14 @@ class JudgeKind:
 def _refusal(target: None, **options: Any) -> Judge:
     from excise.evaluate.judges.refusal import RefusalJudge
 
-    return _construct(RefusalJudge, "refusal", options)
+    return construct_judge(RefusalJudge, "refusal", options)
 
 
 def _shipped_probe(name: str) -> Callable[..., Judge]:
     def make(target: None, **options: Any) -> Judge:
         from excise.evaluate.judges.probe import SHIPPED, ProbeJudge
 
-        return _construct(ProbeJudge, name, options, SHIPPED[name])
+        return construct_judge(ProbeJudge, name, options, SHIPPED[name])
 
     return make
 
@@ -72,19 +72,19 @@ def _shipped_probe(name: str) -> Callable[..., Judge]:
 def _shipped_cross(target: None, **options: Any) -> Judge:
     from excise.evaluate.judges.cross import CROSS_SHIPPED, CrossJudge
 
-    return _construct(CrossJudge, "harm-cross", options, CROSS_SHIPPED)
+    return construct_judge(CrossJudge, "harm-cross", options, CROSS_SHIPPED)
 
 
 def _cross_file(target: str, **options: Any) -> Judge:
     from excise.evaluate.judges.cross import CrossJudge
 
-    return _construct(CrossJudge, "cross", options, target)
+    return construct_judge(CrossJudge, "cross", options, target)
 
 
 def _probe_file(target: str, **options: Any) -> Judge:
     from excise.evaluate.judges.probe import ProbeJudge
 
-    return _construct(ProbeJudge, "probe", options, target)
+    return construct_judge(ProbeJudge, "probe", options, target)
 
 
 def _hf(target: str, **options: Any) -> Judge:
@@ -96,7 +96,7 @@ def _hf(target: str, **options: Any) -> Judge:
 def _openai(target: str, **options: Any) -> Judge:
     from excise.evaluate.judges.endpoint import EndpointJudge
 
-    return _construct(EndpointJudge, "openai", options, target)
+    return construct_judge(EndpointJudge, "openai", options, target)
 
 
 JUDGES: dict[str, JudgeKind] = {
@@ -159,18 +159,3 @@ def load_judge(spec: str, **options: Any) -> Judge:
 
 def _choices() -> str:
     return ", ".join(f"{k.name}:<...>" if k.takes_target else k.name for k in JUDGES.values())
-
-
-def _construct(cls: type, name: str, options: dict[str, Any], *args: Any) -> Any:
-    """``cls(*args, **options)``, with unknown options reported as one ConfigError line."""
-    accepted = [
-        p.name
-        for p in inspect.signature(cls).parameters.values()
-        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ][len(args) :]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ConfigError(
-            f"judge {name!r} has no option(s) {', '.join(unknown)}; it accepts: {', '.join(accepted)}"
-        )
-    return cls(*args, **options)
