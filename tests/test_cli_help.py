@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 from typer.main import get_command
@@ -14,16 +15,15 @@ WIDTH = 80
 BOX = ("│", "╭", "╰")  # rich's panels of arguments, options and commands
 
 
-def _paths(command=None, path=()) -> list[tuple[str, ...]]:
-    """Every command and group below ``excise``, as its argv path."""
+def _commands(command=None, path=()):
+    """Every group and command below ``excise`` (itself included), with its argv path."""
     command = command or get_command(app)
-    paths = [path]
+    yield path, command
     for name in getattr(command, "list_commands", lambda ctx: [])(None):
-        paths += _paths(command.get_command(None, name), (*path, name))
-    return paths
+        yield from _commands(command.get_command(None, name), (*path, name))
 
 
-PATHS = _paths()
+PATHS = [path for path, _ in _commands()]
 
 
 def _help(path: tuple[str, ...]) -> str:
@@ -51,3 +51,13 @@ def test_help_paragraphs_reflow_at_80_columns(path):
             f"`excise {' '.join(path)} --help` breaks mid-paragraph after {line.strip()!r} "
             f"(next: {after.strip()!r}); write the docstring as paragraphs"
         )
+
+
+def test_no_help_text_is_taken_for_rich_markup():
+    """Rich drops ``[default: …]`` or ``[@rev]`` as a markup tag unless the bracket is escaped."""
+    tag = re.compile(r"(?<!\\)\[[a-z#/@][^[]*?]")  # rich's own tag pattern, unescaped
+    for path, command in _commands():
+        texts = [("help", command.help), *((p.name, getattr(p, "help", None)) for p in command.params)]
+        for name, text in texts:
+            found = tag.search(text or "")
+            assert found is None, f"`excise {' '.join(path)}` {name}: write {found.group()!r} as '\\\\[...]'"

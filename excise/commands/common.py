@@ -12,6 +12,7 @@ __all__ = [
     "Dir",
     "GradAccum",
     "GradientCheckpointing",
+    "GradientCheckpointingAuto",
     "GroupByLength",
     "LoraAlpha",
     "LoraDropout",
@@ -91,19 +92,29 @@ MaxGradNorm = Annotated[float, typer.Option(help="Clip the gradient norm (0: no 
 SaveEvery = Annotated[
     int | None,
     typer.Option(
-        help="Checkpoint every N steps into OUT/checkpoints (0: never). [default: 25 for a LoRA, never "
+        help="Checkpoint every N steps into OUT/checkpoints (0: never). \\[default: 25 for a LoRA, never "
         "with --full]",
         show_default=False,
     ),
 ]
 
 # Flags every `excise train` command takes (sft, and the unlearning commands).
+_CHECKPOINTING_HELP = (
+    "Recompute each layer's activations in the backward instead of storing them: much less memory "
+    "per token for about a third more compute."
+)
 GradientCheckpointing = Annotated[
-    bool,
+    bool, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help=_CHECKPOINTING_HELP)
+]
+# Unlearning commands: on by default where a step carries several data streams.
+GradientCheckpointingAuto = Annotated[
+    bool | None,
     typer.Option(
-        "--gradient-checkpointing",
-        help="Recompute each layer's activations in the backward instead of storing them: much less "
-        "memory per token for about a third more compute.",
+        "--gradient-checkpointing/--no-gradient-checkpointing",
+        help=_CHECKPOINTING_HELP
+        + " \\[default: on where a step reads several data streams (sku, ga-mismatch, llmu), so these "
+        "peak near `train sft`; off for one (ga, finetune)]",
+        show_default=False,
     ),
 ]
 

@@ -19,7 +19,7 @@ def sweep(
     adapters: Annotated[
         list[str],
         typer.Argument(
-            help="Adapter folders (or hub ids org/name[@rev]) in the operator's order: EXPERT ANTI "
+            help="Adapter folders (or hub ids org/name\\[@rev]) in the operator's order: EXPERT ANTI "
             "(ext-sub), A B (subtract), ADAPTER (negate), EXPERT ANTI1 ANTI2… (compose).",
             show_default=False,
         ),

@@ -45,7 +45,7 @@ def sft(
     template: Annotated[
         str | None,
         typer.Option(
-            help="Prompt template: chat, alpaca, tulu, question-answer, plain. [default: chat; text: plain]"
+            help="Prompt template: chat, alpaca, tulu, question-answer, plain. \\[default: chat; text: plain]"
         ),
     ] = None,
     system: flags.System = None,
@@ -69,7 +69,9 @@ def sft(
     lora_dropout: flags.LoraDropout = 0.05,
     target_modules: flags.TargetModules = "q_proj,v_proj",
     rslora: flags.Rslora = False,
-    steps: Annotated[int | None, typer.Option(help="Optimizer steps. [default: 100 unless --epochs]")] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Optimizer steps. \\[default: 100 unless --epochs]")
+    ] = None,
     epochs: Annotated[float | None, typer.Option(help="Passes over the data, instead of --steps.")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per micro-batch (per process).")] = 4,
     grad_accum: flags.GradAccum = 1,

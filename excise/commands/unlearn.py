@@ -18,7 +18,7 @@ import typer
 
 from excise.commands import common as flags
 from excise.commands.common import (
-    GradientCheckpointing,
+    GradientCheckpointingAuto,
     GroupByLength,
     Overwrite,
     done,
@@ -99,7 +99,7 @@ _SHARED: list[tuple[str, Any, Any]] = [
     ("seed", Annotated[int, _opt("Seeds the LoRA init, data order, random responses and dropout.")], 0),
     ("bf16", Annotated[bool, _opt("bfloat16 autocast (weights stay float32).", "--bf16")], False),
     ("group_by_length", GroupByLength, True),
-    ("gradient_checkpointing", GradientCheckpointing, False),
+    ("gradient_checkpointing", GradientCheckpointingAuto, None),
     ("save_every", flags.SaveEvery, None),
     ("resume", Annotated[bool, _opt("Continue from the newest checkpoint in OUT.", "--resume")], False),
     ("overwrite", Overwrite, False),

@@ -530,7 +530,8 @@ def _cpu_fsdp_accelerator() -> Any:
 def _plan(
     settings: TrainSettings, total: int, start: int, world: int, config: Mapping[str, Any] | None
 ) -> str:
-    """One line before training: steps, examples per step, data size, checkpoints."""
+    """One line before training: steps, examples per step, data size, checkpoints, whether
+    activations are recomputed (gradient checkpointing)."""
     per_step = settings.batch_size * settings.grad_accum * world
     text = f"plan: {total - start} steps" + (f" (resuming after {start})" if start else "")
     text += f", {per_step} examples each ({settings.batch_size} x {settings.grad_accum} accumulated"
@@ -540,6 +541,9 @@ def _plan(
         text += f", from {n} examples ({total * per_step / n:.2g} epochs)"
     if settings.save_every and settings.save_every < total:
         text += f"; a checkpoint every {settings.save_every} steps (--resume continues)"
+    checkpointing = (config or {}).get("gradient_checkpointing")
+    if isinstance(checkpointing, bool):
+        text += f"; gradient checkpointing {'on' if checkpointing else 'off'}"
     return text
 
 

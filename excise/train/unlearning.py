@@ -71,8 +71,10 @@ __all__ = [
     "Term",
     "UnlearnConfig",
     "UnlearningData",
+    "checkpointing_on",
     "prepare_data",
     "run_objective",
+    "streams_of",
 ]
 
 STREAMS = ("harmful", "mismatch", "normal", "safe")
@@ -109,6 +111,13 @@ class UnlearnConfig(TrainOptions):
     k: int = Field(5, ge=1, description="Random responses of other prompts per harmful prompt.")
     steps: int = Field(100, ge=1)
     batch_size: int = Field(2, ge=1, description="Harmful prompts (and normal rows) per micro-batch.")
+    gradient_checkpointing: bool | None = Field(
+        None,
+        description="Recompute each decoder layer's activations in the backward (less memory, ~1/3 more "
+        "compute); the no-grad reference forward of KL terms is not checkpointed. None: on where a step "
+        "reads several data streams (SKU, ga_mismatch, LLMU: B + B·K + B rows at once, so they peak "
+        "near a default SFT run), off for one (ga, finetune).",
+    )
 
     def train_settings(self) -> TrainSettings:
         return self._train_settings(self.steps)
@@ -314,6 +323,18 @@ def _training_data(cfg: UnlearnConfig, *, normal: bool) -> list[dict[str, Any]]:
     return records
 
 
+def streams_of(terms: Sequence[Term]) -> list[str]:
+    """The streams ``terms`` read, in :data:`STREAMS` order: one sub-batch each per micro-batch."""
+    return [s for s in STREAMS if any(t.stream == s for t in terms)]
+
+
+def checkpointing_on(cfg: UnlearnConfig, streams: Sequence[str]) -> bool:
+    """``cfg.gradient_checkpointing``, its default resolved: on when a step reads several streams."""
+    if cfg.gradient_checkpointing is not None:
+        return cfg.gradient_checkpointing
+    return len(streams) > 1
+
+
 def run_objective(
     cfg: UnlearnConfig,
     terms: Sequence[Term],
@@ -348,7 +369,7 @@ def run_objective(
     terms = [t for t in terms if t.weight != 0]
     if not terms:
         raise ConfigError("every loss term has weight 0: nothing to train")
-    streams = [s for s in STREAMS if any(t.stream == s for t in terms)]
+    streams = streams_of(terms)
     settings = cfg.train_settings()
     check_output(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)  # before the slow loads
     resolve_base_once(cfg.base)
@@ -378,7 +399,8 @@ def run_objective(
         if needs_reference:
             # The same weights, adapter off, in eval mode while the model trains.
             reference = adapter_disabled_reference(model)
-    if cfg.gradient_checkpointing:
+    checkpointing = checkpointing_on(cfg, streams)
+    if checkpointing:
         # The reference runs under torch.no_grad(), where transformers does not checkpoint.
         model = enable_activation_checkpointing(model)
 
@@ -394,6 +416,7 @@ def run_objective(
     config = cfg.model_dump(mode="json", exclude={"resume", "overwrite"})
     config |= {
         "method": method,
+        "gradient_checkpointing": checkpointing,  # the default resolved
         "terms": [{"name": t.name, "stream": t.stream, "weight": t.weight} for t in terms],
         "reference": None if not needs_reference else ("frozen-copy" if cfg.full else "adapter-disabled"),
         "mismatch_pool": mismatch_pool if "mismatch" in streams else None,

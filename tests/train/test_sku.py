@@ -123,6 +123,7 @@ def test_sku_lowers_its_objective_logs_each_term_and_pd_starts_at_zero(
     assert all(r["pd"] <= 0 for r in log) and log[-1]["pd"] < 0
     train_config = json.loads((cfg.out / "train_config.json").read_text())["config"]
     assert train_config["reference"] == "adapter-disabled" and train_config["method"] == "sku"
+    assert train_config["gradient_checkpointing"] is True  # the default, resolved: three streams
 
     # The objective on a fixed micro-batch, before (B = 0) and after training.
     data = prepare_data(cfg, chat_tokenizer, ["harmful", "mismatch", "normal"])
