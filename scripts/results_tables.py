@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from excise.pipeline.sweep import item_stat, lam_folder, paired_bootstrap
+from excise.pipeline.sweep import item_stat, lam_folder, paired_bootstrap, pairing_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 IMG = ROOT / "docs" / "img"
@@ -55,8 +55,10 @@ def _ci(
     if ref is None or other is None:
         return "–"
     a, b = item_stat(metric, key, ref), item_stat(metric, key, other)
-    if len(a["num"]) != len(b["num"]):
-        return "–"
+    problem = pairing_problem(a, b)  # paired by item identity, never by position
+    if problem is not None:
+        print(f"note: no paired interval for {metric}:{key}: {problem}", file=sys.stderr)
+        return "– (not paired)"
     lo_hi = paired_bootstrap(a, b, resamples=1000, confidence=0.95, seed=0)
     diff = sign * (other["metrics"][key] - ref["metrics"][key])
     if lo_hi is not None:

@@ -1,9 +1,9 @@
 """Deterministic splits *by prompt*: no prompt ever appears on two sides.
 
-A prompt's side depends only on a hash of its normalised text (lower case, whitespace
-collapsed) and a salt, never on the file's order or size, so the same prompt lands on the
-same side in every dataset and every run — a prompt in PKU-SafeRLHF that trained a module
-can never reappear in the judge's training data or in the evaluation.
+A prompt's side depends only on a hash of its normalised text (Unicode NFKC, lower case,
+whitespace collapsed: :func:`prompt_key`) and a salt, never on the file's order or size, so the
+same prompt lands on the same side in every dataset and every run — a prompt in PKU-SafeRLHF
+that trained a module can never reappear in the judge's training data or in the evaluation.
 
 :data:`STANDARD_SPLITS` is the project-wide partition every stage uses:
 
@@ -15,6 +15,7 @@ can never reappear in the judge's training data or in the evaluation.
 from __future__ import annotations
 
 import hashlib
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from typing import TypeVar
 
@@ -29,8 +30,13 @@ SPLIT_SALT = "excise"  # mixed into every prompt's hash; recorded with what a mo
 
 
 def prompt_key(prompt: str) -> str:
-    """The normalised prompt that identifies it across files: lower case, single spaces."""
-    return " ".join(prompt.lower().split())
+    """The normalised prompt that identifies it across files: Unicode NFKC (a full-width or
+    ligature spelling reads as its plain form), lower case, whitespace collapsed to single spaces.
+
+    Training records, the split and the evaluation's overlap check all compare prompts through
+    this one function, so the same question typed two ways is one prompt everywhere.
+    """
+    return " ".join(unicodedata.normalize("NFKC", prompt).lower().split())
 
 
 def assign_split(

@@ -8,18 +8,28 @@ split side, salt and cap), and every evaluation item's prompt is looked up among
 is an error naming the count and both files, unless ``--allow-overlap``; then it is a warning,
 kept in the result. A record that cannot be checked (file moved or changed, an older excise
 that recorded nothing) is refused the same way: an unknown overlap is not a zero one.
+
+A module that carries no record at all (a PEFT adapter from elsewhere, a model folder copied
+without its JSON, a model given by hub id or GGUF file and evaluated on its own) cannot be
+checked either; it is not an error, but the result says ``training_overlap: "unchecked"`` with
+the reasons (:func:`unchecked_reasons`), never an empty list that reads as "checked, nothing
+found". The base model under an adapter is the adapter's starting point: its records are
+checked where it carries some, and it is not called unchecked where it carries none.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from excise.data import prompt_key, recorded_training_data, trained_prompt_keys
 from excise.errors import DataError, ExciseWarning, first_line
 
-__all__ = ["check_overlap", "module_folders"]
+__all__ = ["UNCHECKED", "check_overlap", "module_folders", "overlap_summary", "unchecked_reasons"]
+
+UNCHECKED = "unchecked"  # the value of a result's ``training_overlap`` when a module could not be checked
 
 
 def module_folders(model: str, adapter: Path | None) -> list[Path]:
@@ -32,6 +42,51 @@ def module_folders(model: str, adapter: Path | None) -> list[Path]:
     if source.is_dir():
         folders.append(source)
     return folders
+
+
+def unchecked_reasons(
+    model: str, adapter: Path | None, prompt_field: str | None, modules: Sequence[Path] = ()
+) -> list[str]:
+    """Why an evaluation's items cannot all be checked against the training data; empty when they can.
+
+    Args:
+        model: the model spec (``--base``).
+        adapter: the adapter folder, if any.
+        prompt_field: the metric's prompt field (None: prompt-less data, never checked).
+        modules: more module folders the evaluated weights were built from (a sweep's inputs).
+
+    Returns:
+        One line per reason: prompt-less data, or each module without any training record (the
+        adapter and ``modules``; the model itself only when it is evaluated without them).
+    """
+    from excise.models import resolve_model
+
+    if prompt_field is None:
+        return ["the data has no prompts to compare with training data"]
+    reasons = []
+    fine_tunes = ([Path(adapter)] if adapter is not None else []) + [Path(m) for m in modules]
+    for folder in fine_tunes:
+        if not recorded_training_data(folder):
+            reasons.append(f"{folder} records no training data (made elsewhere, or copied without its JSON)")
+    if not fine_tunes:
+        source = Path(resolve_model(model))
+        if not source.is_dir() or not recorded_training_data(source):
+            reasons.append(f"the model {model} records no training data")
+    return reasons
+
+
+def overlap_summary(record: dict[str, Any]) -> str:
+    """One line on a result's training data check: ``checked: 2 module × file, 0 items overlap``,
+    ``unchecked (reasons)``, or ``not recorded`` for results made before the check was recorded."""
+    overlap = record.get("training_overlap")
+    if overlap == UNCHECKED:
+        reasons = record.get("training_overlap_unchecked") or []
+        return UNCHECKED + (f" ({'; '.join(reasons)})" if reasons else "")
+    if not isinstance(overlap, list) or not overlap:
+        return "not recorded"
+    counts = [c.get("overlap") for c in overlap if isinstance(c, dict)]
+    overlapping = sum(c for c in counts if isinstance(c, int))
+    return f"checked: {len(counts)} module × file, {overlapping} item(s) overlap"
 
 
 def check_overlap(

@@ -13,7 +13,8 @@ _SHOWN_COLUMNS = 6
 
 def summary_table(record: dict[str, Any]) -> Table:
     """Metric values ± standard error, the data used (split, rows kept of rows read, columns ignored),
-    judge (with its measured agreement) and where the numbers came from."""
+    judge (with its measured agreement), the training data check (or ``unchecked``, with why) and
+    where the numbers came from."""
     source = "from cache" if record.get("from_cache") else f"{record['timing']['seconds']:.1f} s"
     title = f"{record['metric']} · {record['model']}" + (
         f" + {record['adapter']}" if record.get("adapter") else ""
@@ -36,6 +37,10 @@ def summary_table(record: dict[str, Any]) -> Table:
     judge = record.get("judge")
     if judge:
         table.add_row("judge", f"{judge.get('name')}{_agreement(judge)}", "")
+    if "training_overlap" in record:  # "unchecked" is shown, never left to read as a clean check
+        from excise.evaluate.overlap import overlap_summary
+
+        table.add_row("training overlap", overlap_summary(record), "")
     return table
 
 

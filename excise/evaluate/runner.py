@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from excise.evaluate.cache import cache_key, read_cached, strict_json, write_ato
 from excise.evaluate.config import EvalConfig
 from excise.evaluate.metrics import METRICS
 from excise.evaluate.metrics.base import EvalContext, Metric, NotCachedError, judge_record
-from excise.evaluate.overlap import check_overlap, module_folders
+from excise.evaluate.overlap import UNCHECKED, check_overlap, module_folders, unchecked_reasons
 from excise.evaluate.parallel import from_main, is_main
 from excise.evaluate.stats import item_stderrs
 from excise.evaluate.subject import Subject, adapter_identity, file_digest, load_subject, model_identity
@@ -31,6 +32,7 @@ __all__ = [
     "JUDGED",
     "NEEDS_BASE",
     "check_result_path",
+    "item_key",
     "judge_saved",
     "load_items",
     "load_metric_judge",
@@ -78,8 +80,11 @@ def run_eval(
         spread), ``items`` (per-item outputs), ``data_summary`` (rows read and kept, split,
         columns read and ignored), provenance (model, adapter, data, limit, seed, judge,
         settings, version), ``training_overlap`` (each module × training file checked, with
-        its overlap count) and ``warnings`` (overlaps let through by ``allow_overlap``), plus
-        ``from_cache``.
+        its overlap count; or ``"unchecked"`` when a module carries no training record, with the
+        reasons in ``training_overlap_unchecked`` and the checks that could be made in
+        ``training_overlap_checks``) and ``warnings`` (overlaps let through by ``allow_overlap``),
+        plus ``from_cache``. Each per-item output carries ``key``, the item's identity
+        (:func:`item_key`), so two records are paired item by item, never by position.
 
     Raises:
         ConfigError, DataError, ModelLoadError, AdapterError: bad settings, data, model or adapter;
@@ -90,13 +95,14 @@ def run_eval(
     if metric.check is not None and subject is None:  # a given subject is the caller's to vouch for
         metric.check(cfg)
     spec = cfg.data or metric.default_data
-    items, data_summary = _load_items(metric, cfg, spec)
+    modules = [Path(m) for m in modules or []]
+    items, data_summary = _load_items(metric, cfg, spec, modules)
     # Never silently score what the model was trained on (checked on every run, cached or not).
-    folders = module_folders(cfg.model, cfg.adapter) + [Path(m) for m in modules or []]
+    folders = module_folders(cfg.model, cfg.adapter) + modules
     checks, overlap_warnings = check_overlap(
         items, metric.prompt_field, folders, data=spec, allow=cfg.allow_overlap
     )
-    overlap = {"training_overlap": checks, "warnings": overlap_warnings}
+    overlap = _overlap_fields(metric, cfg, modules, checks, overlap_warnings)
     judge_spec = (cfg.judge or metric.default_judge) if _uses_judge(metric, cfg) else None
     payload = _payload(metric, cfg, spec, data_summary["split"], judge_spec if judge is None else judge)
     if answers is not None:
@@ -104,7 +110,8 @@ def run_eval(
     key = cache_key(payload)
     # The main process's look-up: in a data-parallel run every process computes, or none does.
     if use_cache and (hit := from_main(lambda: read_cached(key))) is not None:
-        return _strict_record(hit) | overlap | {"from_cache": True}  # entries of older versions too
+        hit = _keyed(metric, _strict_record(hit), items)  # entries of older versions too
+        return hit | overlap | {"from_cache": True}
 
     if judge is None:
         judge = load_metric_judge(name, cfg)
@@ -157,10 +164,56 @@ def run_eval(
         **outcome.extra,
         "items": outcome.items,
     }
-    record = _strict_record(record)
+    record = _keyed(metric, _strict_record(record), items)
     if use_cache and is_main():
         write_cached(key, record)
     return record | overlap | {"from_cache": False}
+
+
+def _overlap_fields(
+    metric: Metric,
+    cfg: EvalConfig,
+    modules: list[Path],
+    checks: list[dict[str, Any]],
+    overlap_warnings: list[str],
+) -> dict[str, Any]:
+    """The record's training data check: the checks, or ``"unchecked"`` with the reasons."""
+    reasons = unchecked_reasons(cfg.model, cfg.adapter, metric.prompt_field, modules)
+    reasons += [f"{c['module']}: {c['data']} could not be read back" for c in checks if c["overlap"] is None]
+    if not reasons:
+        return {"training_overlap": checks, "warnings": overlap_warnings}
+    return {
+        "training_overlap": UNCHECKED,
+        "training_overlap_unchecked": reasons,
+        "training_overlap_checks": checks,
+        "warnings": overlap_warnings,
+    }
+
+
+def item_key(item: dict[str, Any]) -> str:
+    """An evaluation item's identity: the SHA-256 (first 16 hex digits) of its fields (canonical
+    names: the prompt or question with its answers, choices, labels…) as sorted JSON.
+
+    The same row of the same data gets the same key in every record, whatever the model, the
+    order or the limit, so paired statistics pair records item by item
+    (:func:`excise.pipeline.sweep.paired_bootstrap`) and can tell when two records scored
+    different items.
+    """
+    import hashlib
+
+    text = json.dumps(item, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _keyed(metric: Metric, record: dict[str, Any], items: list[dict[str, Any]]) -> dict[str, Any]:
+    """``record`` with each per-item output's ``key``: the metric's own (perplexity windows),
+    else that of the input item it scores, where the metric returns one output per item."""
+    outputs = record.get("items") or []
+    if len(outputs) != len(items) or all("key" in out for out in outputs):
+        return record
+    pairs = zip(outputs, items, strict=True)
+    keyed = [out if "key" in out else out | {"key": item_key(it)} for out, it in pairs]
+    return record | {"items": keyed}
 
 
 def load_metric_judge(name: str, cfg: EvalConfig) -> Any:
@@ -321,25 +374,49 @@ def check_result_path(out: Path, *, overwrite: bool) -> None:
         raise ConfigError(f"result file {out} exists; pass --overwrite to replace it")
 
 
-def resolve_split(metric: Metric, cfg: EvalConfig, spec: str) -> str:
+def resolve_split(
+    metric: Metric,
+    cfg: EvalConfig,
+    spec: str,
+    modules: Sequence[Path] = (),
+    *,
+    trained: Iterable[str] = (),
+) -> str:
     """The split a run uses: ``--split`` if given; else ``eval`` only where the data may have been
-    trained on (the metric's own default data, or a file named in the adapter's
-    ``train_config.json``); any other file is used whole (``all``)."""
+    trained on (the metric's own default data, or a file named in the training records of the
+    adapter, the model folder or ``modules``); any other file is used whole (``all``).
+
+    One evaluation of several models decides its split once, from all of them, and passes it to
+    each as ``cfg.split`` (``excise run``: :func:`excise.pipeline.run.plan`), so every model is
+    scored on the same items.
+
+    Args:
+        metric: the metric.
+        cfg: the settings (``split``, ``model``, ``adapter``).
+        spec: the data spec.
+        modules: more module folders whose records count (a sweep's inputs, the other models
+            of one evaluation).
+        trained: data specs known to train one of those models though no folder records them
+            yet (a recipe's adapters before they are trained).
+    """
     if cfg.split:
         return cfg.split
     if metric.default_split != "eval" or spec == metric.default_data:
         return metric.default_split
-    return "eval" if _trained_on(module_folders(cfg.model, cfg.adapter), spec) else "all"
+    folders = module_folders(cfg.model, cfg.adapter) + [Path(m) for m in modules]
+    return "eval" if _trained_on(folders, spec, trained) else "all"
 
 
-def _trained_on(folders: list[Path], spec: str) -> bool:
+def _trained_on(folders: list[Path], spec: str, trained: Iterable[str] = ()) -> bool:
     """Whether the recorded training data of any module in ``folders`` (a ``train_config.json``,
-    or the records an ``excise ops`` result or a merged model carries) names the file ``spec``."""
+    or the records an ``excise ops`` result or a merged model carries), or a spec of ``trained``,
+    names the file ``spec``."""
     path = Path(spec).expanduser()
     if not path.is_file():
         return False
     wanted = str(path.resolve())
-    return any(
+    named = {str(Path(t).expanduser().resolve()) for t in trained if Path(t).expanduser().is_file()}
+    return wanted in named or any(
         record.get("data") == wanted for folder in folders for record in recorded_training_data(folder)
     )
 
@@ -358,9 +435,12 @@ def load_items(metric: Metric, cfg: EvalConfig, spec: str) -> list[dict[str, Any
     return _load_items(metric, cfg, spec)[0]
 
 
-def _load_items(metric: Metric, cfg: EvalConfig, spec: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _load_items(
+    metric: Metric, cfg: EvalConfig, spec: str, modules: Sequence[Path] = ()
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """:func:`load_items` and a summary: rows read, split, rows kept, the column each field
-    was read from, columns ignored.
+    was read from, columns ignored. ``modules``: more module folders the split considers
+    (:func:`resolve_split`).
 
     Raises:
         ConfigError: ``--field`` names a field the metric does not use.
@@ -387,7 +467,7 @@ def _load_items(metric: Metric, cfg: EvalConfig, spec: str) -> tuple[list[dict[s
         for col, value in row.items():
             if col not in used and value not in (None, "", [], {}):
                 ignored[col] = ignored.get(col, 0) + 1
-    split = resolve_split(metric, cfg, spec)
+    split = resolve_split(metric, cfg, spec, modules)
     if split == "eval":
         items = [it for it in items if assign_split(str(it[metric.prompt_field])) == "eval"]
     n_split = len(items)
@@ -509,9 +589,23 @@ def _payload(metric: Metric, cfg: EvalConfig, spec: str, split: str, judge: Any)
         "data": _data_identity(spec),
         "settings": cfg.settings(),
         "split": split,
-        "judge": judge if judge is None or isinstance(judge, str) else judge_record(judge),
+        "judge": _judge_identity(judge),
         "excise": __version__,
     }
+
+
+def _judge_identity(judge: Any) -> dict[str, Any] | None:
+    """A judge by content: a spec's files by digest (:func:`judge_identity`); a judge object's
+    ``describe()`` record, with the digest of the weights file it names."""
+    if judge is None:
+        return None
+    if isinstance(judge, str):
+        from excise.evaluate.judges.registry import judge_identity
+
+        return judge_identity(judge)
+    record = judge_record(judge)
+    weights = Path(str(record.get("weights") or ""))
+    return record | ({"weights_sha256": file_digest(weights)} if weights.is_file() else {})
 
 
 def _metric(name: str) -> Metric:

@@ -7,7 +7,6 @@ loads with plain ``AutoModelForCausalLM.from_pretrained`` and needs no PEFT.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,8 +15,10 @@ from typing import Any
 import torch
 
 from excise.errors import AdapterError, ConfigError
+from excise.fsutil import recover_dir, replace_dir
 from excise.models.adapter_fit import check_adapter_fits, loading_error_line, require_adapter_folder
-from excise.models.loading import load_model, load_tokenizer
+from excise.models.loading import load_model, load_tokenizer, resolve_model
+from excise.provenance import TRAINING_DATA, carried_training_data, recorded_training_data
 
 __all__ = ["merge_adapter"]
 
@@ -44,7 +45,9 @@ def merge_adapter(
         overwrite: replace ``out`` if it already exists and is not empty.
         dtype: dtype the base is loaded and the merged model saved in.
         training_data: the adapter's training data records (``excise.data.recorded_training_data``),
-            kept in ``excise_merge.json`` so ``excise eval`` can check the merged model too.
+            kept in ``excise_merge.json`` so ``excise eval`` can check the merged model too. The
+            base's own records (a local base folder that was itself fine-tuned, merged or
+            operated on) are added to them: the merged model was trained on both.
 
     Returns:
         ``out``.
@@ -57,6 +60,7 @@ def merge_adapter(
         ModelLoadError: the base model or tokenizer cannot be loaded.
     """
     adapter, out = require_adapter_folder(adapter), Path(out)
+    recover_dir(out)  # a replacement a kill cut short is finished first
     if out.is_file():
         raise ConfigError(f"output {out} is a file; pass a folder path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -87,27 +91,19 @@ def merge_adapter(
             "base": base,
             "adapter": str(adapter.resolve()),
             "dtype": str(dtype),
-            "training_data": list(training_data or []),
+            "training_data": carried_training_data(
+                [{TRAINING_DATA: list(training_data or [])}, {TRAINING_DATA: _base_records(base)}]
+            ),
         }
         (tmp / "excise_merge.json").write_text(json.dumps(provenance, indent=2) + "\n")
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)  # the old output is moved aside, not deleted, until this one is in place
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``; an existing ``dst`` is moved aside first, then deleted."""
-    if not dst.exists():
-        os.rename(src, dst)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-    os.rename(dst, old / dst.name)
-    try:
-        os.rename(src, dst)
-    except OSError:
-        os.rename(old / dst.name, dst)  # put the old content back
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
+def _base_records(base: str) -> list[dict[str, Any]]:
+    """The training data records a local base folder carries (none for a hub id or GGUF file)."""
+    source = Path(resolve_model(base))
+    return recorded_training_data(source) if source.is_dir() else []

@@ -700,6 +700,7 @@ def apply_full(
     from tqdm.auto import tqdm
 
     sources = [m.provenance() for m in thetas]  # hashes each fine-tune once
+    base_source = theta0.provenance()
     provenance = {
         "excise_version": __version__,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -707,9 +708,11 @@ def apply_full(
         "mode": "full",
         "params": params,
         "dtype": dtype or "widest input",
-        "base": theta0.provenance(),
+        "base": base_source,
         "inputs": sources,
-        TRAINING_DATA: carried_training_data(sources),
+        # θ_base's own records too: every θ_k is θ_base plus its fine-tuning, so a base that was
+        # itself fine-tuned (or merged) on some prompts passes them on to the result.
+        TRAINING_DATA: carried_training_data([base_source, *sources]),
     }
     metadata = {"format": "pt", "excise": json.dumps(provenance)}
     weight_map: dict[str, str] = {}

@@ -59,6 +59,10 @@ _EVAL_PIPELINE_KEYS = ("model", "adapter")
 _DATA_KEYS = ("data", "harmful", "normal", "reference")
 _DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow")
 _VARIABLE = re.compile(r"\$\{([^}]*)\}")
+# A recipe name (adapter, operation, evaluation, sweep) is a folder or file name below the run
+# folder: no path separator, no `..`, no leading dot or hyphen.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_NAMED_SECTIONS = ("adapters", "operations", "evaluations", "sweeps")
 
 
 class RecipeError(ConfigError):
@@ -214,8 +218,14 @@ class Recipe:
         return (BASE, *self.adapters, *self.operations)
 
     def adapter_of(self, model: str) -> Path | None:
-        """The adapter folder of one of :attr:`models` (None for the base model)."""
+        """The adapter folder of one of :attr:`models` (None for the base model); for a full
+        fine-tune (:meth:`is_full`) the model folder."""
         return _adapter_folder(self.out, self.adapters, model)
+
+    def is_full(self, model: str) -> bool:
+        """Whether one of :attr:`models` is a full fine-tune (``full: true``, or an operation on
+        full fine-tunes): a model folder, evaluated as ``model=`` that folder with no adapter."""
+        return model in _full_models(self.adapters, self.operations)
 
     def to_yaml(self) -> str:
         """The resolved recipe (overrides applied, ``${data}`` substituted) as YAML."""
@@ -277,6 +287,7 @@ def load_recipe(
     if folder is not None:
         raw["data_dir"] = str(folder)
     resolved, problems = _substitute(raw, {"data": None if folder is None else str(folder)}, ())
+    resolved = _expand_home(resolved)
     checker = _Checker(where, {tuple(o.partition("=")[0].strip().split(".")) for o in overrides})
     for loc, message in problems:
         checker.add(loc, message)
@@ -320,6 +331,21 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> tuple[dict
         else:
             node[parts[-1]] = value
     return result, problems
+
+
+# Path-valued keys (at any depth) whose leading `~` is the user's home, as on the command line.
+_PATH_KEYS = frozenset({*_DATA_KEYS, "out", "data_dir", "path"})
+
+
+def _expand_home(value: Any, key: Any = None) -> Any:
+    """``value`` with ``~`` / ``~user`` expanded in the strings of :data:`_PATH_KEYS` (nested too)."""
+    if isinstance(value, dict):
+        return {k: _expand_home(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_home(v, key) for v in value]
+    if key in _PATH_KEYS and isinstance(value, str) and value.startswith("~"):
+        return str(Path(value).expanduser())
+    return value
 
 
 def _substitute(value: Any, variables: Mapping[str, str | None], loc: tuple) -> tuple[Any, list]:
@@ -409,6 +435,16 @@ class _Checker:
             self.add(loc, str(err))
             return None
 
+    def _name_ok(self, name: Any, loc: tuple) -> bool:
+        """Whether ``name`` is a valid recipe name (:data:`NAME_PATTERN`); a problem line if not."""
+        if isinstance(name, str) and NAME_PATTERN.fullmatch(name):
+            return True
+        kind = "" if isinstance(name, str) else f" (a YAML {type(name).__name__}; quote it)"
+        rule = "letters, digits, `_`, `.` and `-`, starting with a letter, digit or `_`"
+        self.add(loc, f"{name!r} is not a valid name{kind}: use {rule} (names become folders and files "
+                 "in the run folder)")  # fmt: skip
+        return False
+
     def unknown_keys(self, keys: Iterable[str], known: Iterable[str], loc: tuple, what: str) -> None:
         known = list(known)
         for key in keys:
@@ -424,20 +460,19 @@ class _Checker:
             k: raw.get(k) for k in ("train", "adapters", "operations", "eval", "evaluations", "sweeps")
         }
         sections = {k: v if isinstance(v, dict) else {} for k, v in sections.items()}
+        for key in _NAMED_SECTIONS:  # a bad name is reported here and its entry checked no further
+            sections[key] = {n: spec for n, spec in sections[key].items() if self._name_ok(n, (key, n))}
         base = raw.get("base") if isinstance(raw.get("base"), str) else "base-model"
         out = Path(str(raw.get("out", "out")))
 
         adapters = self._adapters(sections["adapters"], sections["train"], base, out)
         operations = self._operations(sections["operations"], adapters, set(sections["adapters"]))
-        full = {n for n, a in adapters.items() if a.config is not None and getattr(a.config, "full", False)}
-        for name, stage in operations.items():
-            for i, source_name in enumerate(stage.inputs):
-                if source_name in full:
-                    self.add(
-                        ("operations", name, "inputs", i),
-                        f"{source_name!r} trains every weight (full: true), not an adapter; operations "
-                        "in a recipe take adapters (use `excise ops … --base` on full models)",
-                    )
+        full = self._full_operations(operations, _full_models(adapters, operations), base)
+        for name, spec in sections["sweeps"].items():
+            op_name = spec.get("operation") if isinstance(spec, dict) else None
+            if isinstance(op_name, str) and op_name in full:
+                self.add(("sweeps", name, "operation"), f"{op_name!r} operates on full fine-tunes; a λ sweep "
+                         "swaps one LoRA scale, so it sweeps operations on adapters only")  # fmt: skip
         models = (BASE, *sections["adapters"], *sections["operations"])  # declared, valid or not
         evaluations = self._evaluations(sections["evaluations"], sections["eval"], base, models)
         declared = set(sections["operations"]), set(sections["evaluations"])
@@ -515,6 +550,32 @@ class _Checker:
             if config is not None and len(self.problems) == before:
                 stages[name] = AdapterStage(name, method, config, None)
         return stages
+
+    def _full_operations(self, operations: dict[str, OperationStage], full: set[str], base: str) -> set[str]:
+        """``full``, after checking each operation on full fine-tunes: all its inputs full, its
+        parameters those of the full-model path (:func:`excise.pem.full.apply_full`), and a
+        base model that path can read (a local folder, ``.gguf`` file or alias, not a hub id)."""
+        from excise.models.loading import ALIASES
+
+        local_base = base in ALIASES or Path(base).expanduser().exists()
+        for name, stage in operations.items():
+            kinds = [source in full for source in stage.inputs]
+            if not any(kinds):
+                continue
+            loc = ("operations", name)
+            if not all(kinds):
+                i = kinds.index(False)
+                self.add((*loc, "inputs", i), f"{stage.inputs[i]!r} is an adapter and "
+                         f"{stage.inputs[kinds.index(True)]!r} a full fine-tune (full: true); an operation "
+                         "takes adapters only or full fine-tunes only")  # fmt: skip
+            if "allow_partial" in stage.params:
+                self.add((*loc, "allow_partial"), "full fine-tunes hold every tensor of the base; "
+                         "allow_partial applies to adapters")  # fmt: skip
+            if not local_base:
+                self.add((*loc, "inputs"), f"operations on full fine-tunes read the base model's weights "
+                         f"file by file: base {base!r} must be a local folder, a .gguf file or an alias, "
+                         "not a hub id (download it first)")  # fmt: skip
+        return full
 
     def _existing_adapter(self, name: str, spec: dict, loc: tuple, stages: dict) -> None:
         extra = [k for k in spec if k != "path"]
@@ -701,8 +762,8 @@ class _Checker:
                     own[axis] = self._axis(own[axis], evaluations, declared[1], (*loc, axis))
             if isinstance(own.get("extra"), list):
                 own["extra"] = [
-                    self._axis(x, evaluations, declared[1], (*loc, "extra", i))
-                    | {"label": f"{x['evaluation']}:{x.get('key')}"}
+                    {"label": f"{x['evaluation']}:{x.get('key')}"}  # the user's own label wins
+                    | self._axis(x, evaluations, declared[1], (*loc, "extra", i))
                     if isinstance(x, dict) and "evaluation" in x
                     else x
                     for i, x in enumerate(own["extra"])
@@ -741,6 +802,16 @@ class _Checker:
         looks_local = value.endswith(_DATA_SUFFIXES) or value.startswith(("/", "./", "../", "~"))
         if looks_local and not Path(value).expanduser().exists():
             self.add(loc, f"no such file {value}")
+
+
+def _full_models(adapters: Mapping[str, AdapterStage], operations: Mapping[str, OperationStage]) -> set[str]:
+    """The models that are full fine-tunes: adapters trained with ``full: true``, and operations
+    whose first input is one (operations run in order, so an input is known before its user)."""
+    full = {n for n, a in adapters.items() if a.config is not None and getattr(a.config, "full", False)}
+    for name, op in operations.items():
+        if op.inputs and op.inputs[0] in full:
+            full.add(name)
+    return full
 
 
 def _adapter_folder(out: Path, adapters: Mapping[str, AdapterStage], model: str) -> Path | None:

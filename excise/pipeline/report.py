@@ -21,6 +21,14 @@ Run folder layout (what :func:`write_report` reads; every part is optional)::
                                           recipe's evaluation name (the table's column)
     RUN/sweeps/<name>/sweep.json          λ sweeps (excise.pipeline.sweep.run_sweep's folder)
     RUN/diagnostics/<name>.json           `excise inspect --json` reports
+    RUN/run.json                          a recipe run's current plan (``outputs``)
+
+**Current plan only.** In a folder made by ``excise run``, ``run.json`` lists the outputs of
+the recipe as it was last run; results, sweeps, diagnostics, adapters and operations left
+there by an earlier version of the recipe (a model or evaluation dropped or renamed) are
+not reported as results: they are listed under "Outdated outputs" (``outdated`` in
+``report.json``) and left in place for the user to delete. A folder without ``run.json``
+(results written by ``excise eval --out``) is reported whole.
 
 Output (replaced atomically on every call)::
 
@@ -97,12 +105,24 @@ def collect(run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"run folder {run_dir} does not exist")
+    planned = _planned(run_dir)
+
+    def current(output: Path) -> bool:
+        return planned is None or output.relative_to(run_dir).as_posix() in planned
+
     records: dict[str, dict[str, dict[str, Any]]] = {}
     for path in sorted((run_dir / "results").glob("*/*.json")):
-        records.setdefault(path.parent.name, {})[path.stem] = _read_json(path)
+        if current(path):
+            records.setdefault(path.parent.name, {})[path.stem] = _read_json(path)
     records = dict(sorted(records.items(), key=lambda kv: _method_key(kv[0])))
-    sweeps = {p.parent.name: _read_json(p) for p in sorted((run_dir / "sweeps").glob("*/sweep.json"))}
-    diagnostics = {p.stem: _read_json(p) for p in sorted((run_dir / "diagnostics").glob("*.json"))}
+    sweeps = {
+        p.parent.name: _read_json(p)
+        for p in sorted((run_dir / "sweeps").glob("*/sweep.json"))
+        if current(p.parent)
+    }
+    diagnostics = {
+        p.stem: _read_json(p) for p in sorted((run_dir / "diagnostics").glob("*.json")) if current(p)
+    }
     methods = {
         method: {metric: _numbers(rec.get("metrics", {})) for metric, rec in by_metric.items()}
         for method, by_metric in records.items()
@@ -119,7 +139,31 @@ def collect(run_dir: Path) -> dict[str, Any]:
         "generations": _generations(records),
         "command": command.read_text().strip() if command.is_file() else None,
         "recipe": recipe.read_text() if recipe.is_file() else None,
+        "outdated": _outdated(run_dir, planned),
     }
+
+
+# The folders of a run whose entries are stage outputs (excise.pipeline.run's layout).
+_OUTPUT_GLOBS = ("adapters/*", "ops/*", "diagnostics/*.json", "results/*/*.json", "sweeps/*")
+
+
+def _planned(run_dir: Path) -> set[str] | None:
+    """The outputs of the run's current plan (``run.json``'s ``outputs``, written by ``excise run``
+    from the resolved recipe), or None for a folder without one (everything is current)."""
+    try:
+        outputs = json.loads((run_dir / "run.json").read_text())["outputs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {str(o) for o in outputs} if isinstance(outputs, list) else None
+
+
+def _outdated(run_dir: Path, planned: set[str] | None) -> list[str]:
+    """Outputs of an earlier plan still in the run folder (a model or evaluation the recipe no
+    longer has): not reported, listed so they cannot pass for current results."""
+    if planned is None:
+        return []
+    found = {p.relative_to(run_dir).as_posix() for g in _OUTPUT_GLOBS for p in run_dir.glob(g)}
+    return sorted(p for p in found if p not in planned and not Path(p).name.startswith("."))
 
 
 def _numbers(metrics: dict[str, Any]) -> dict[str, float | None]:
@@ -270,6 +314,31 @@ def _agreement(judge: dict[str, Any]) -> str:
     return text
 
 
+def _item_rows(records: dict[str, Any], names: list[str]) -> list[list[str]]:
+    """Per metric, the items each method was scored on (count and split) and its training data
+    check: ``unchecked`` where a module carries no training record, never a blank that reads as
+    a clean check."""
+    from excise.evaluate.overlap import UNCHECKED
+
+    def overlap(rec: dict[str, Any] | None) -> str:
+        if rec is None:
+            return ""
+        value = rec.get("training_overlap")
+        if value == UNCHECKED:
+            return UNCHECKED
+        if not isinstance(value, list) or not value:
+            return "not recorded"
+        counts = [c.get("overlap") for c in value if isinstance(c, dict)]
+        return f"checked, {sum(c for c in counts if isinstance(c, int))} overlap"
+
+    rows = []
+    for metric in sorted({m for n in names for m in records.get(n, {})}):
+        recs = [records.get(n, {}).get(metric) for n in names]
+        items = [f"{r.get('n_items')} ({r.get('split')})" if r else "" for r in recs]
+        rows += [[f"{metric}: items (split)", *items], [f"{metric}: training overlap", *map(overlap, recs)]]
+    return rows
+
+
 def _tables(data: dict[str, Any]) -> dict[str, Any]:
     """Every table of the report as (header, rows) of strings, shared by Markdown and HTML."""
     columns = sorted(
@@ -279,7 +348,8 @@ def _tables(data: dict[str, Any]) -> dict[str, Any]:
     names = list(data["methods"])
     methods = (
         ["result", *names],
-        [[f"{m}:{k}", *[_fmt(data["methods"][n].get(m, {}).get(k)) for n in names]] for m, k in columns],
+        [[f"{m}:{k}", *[_fmt(data["methods"][n].get(m, {}).get(k)) for n in names]] for m, k in columns]
+        + _item_rows(data.get("records", {}), names),
     )
     sweeps = {}
     for name, s in data["sweeps"].items():
@@ -387,6 +457,7 @@ def write_report(
                 "generations": data["generations"],
                 "command": data["command"],
                 "recipe": data["recipe"],
+                "outdated": data["outdated"],
                 "plots": {k: str(p.relative_to(tmp)) for k, p in plots.items()},
             }
         )
@@ -429,6 +500,12 @@ def _judge_line(j: dict[str, Any]) -> str:
     return f"{j['name']} (used by {', '.join(str(m) for m in j['metrics'])}): {_agreement(j)}"
 
 
+_OUTDATED_NOTE = (
+    "Left in the run folder by an earlier version of the recipe (a model, evaluation, operation "
+    "or sweep it no longer has): not shown above. Delete them, or restore the recipe entries."
+)
+
+
 def _markdown(
     data: dict[str, Any], tables: dict[str, Any], plots: dict[str, Path], tmp: Path, title: str, created: str
 ) -> str:
@@ -456,6 +533,9 @@ def _markdown(
             ]
     md += ["## Judges", ""]
     md += [f"- {_judge_line(j)}" for j in data["judges"]] or ["- none used"]
+    if data["outdated"]:
+        md += ["", "## Outdated outputs", "", _OUTDATED_NOTE, ""]
+        md += [f"- `{_md_text(p)}`" for p in data["outdated"]]
     md += ["", "## Reproduce", ""]
     md += ["```", data["command"] or "(no command.txt in the run folder)", "```", ""]
     if data["recipe"]:
@@ -502,6 +582,9 @@ def _html(
         + ("".join(f"<li>{e(_judge_line(j))}</li>" for j in data["judges"]) or "<li>none used</li>")
         + "</ul>",
     ]
+    if data["outdated"]:
+        body += ['<h2 id="outdated">Outdated outputs</h2>', f'<p class="note">{e(_OUTDATED_NOTE)}</p>']
+        body += ["<ul>" + "".join(f"<li><code>{e(p)}</code></li>" for p in data["outdated"]) + "</ul>"]
     body += [
         '<h2 id="reproduce">Reproduce</h2>',
         f"<pre>{e(data['command'] or '(no command.txt in the run folder)')}</pre>",

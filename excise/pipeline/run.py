@@ -8,7 +8,8 @@ folder (``out`` of the recipe)::
     recipe.yaml             the resolved recipe (overrides applied, ${data} substituted)
     command.txt             the command line of the latest run
     run.json                models (base / adapter / operation, with adapter folders),
-                            evaluations (metric and one result file per model), sweep folders
+                            evaluations (metric and one result file per model), sweep folders,
+                            outputs (every output of the current plan: what the report shows)
     stages.json             the stage manifest: per stage its fingerprint, status, output
                             and the output's content digest
     adapters/NAME/          trained adapters (PEFT folders, loss_log.json, train_config.json)
@@ -19,7 +20,8 @@ folder (``out`` of the recipe)::
     report/                 report.html, report.md, report.json (excise.pipeline.report)
 
 **Skipping.** A stage's fingerprint is the SHA-256 of its settings and the content digest
-of everything it reads (data files, upstream outputs, the base model's identity). A stage
+of everything it reads (data files, upstream outputs, the base model's identity, the judge's
+files); a setting naming a data file counts by the file's content, not its path. A stage
 whose manifest entry is ``done`` with the same fingerprint, and whose output still has the
 digest recorded, is skipped. **Resume.** Every output is written atomically (temp + rename),
 so a killed stage leaves nothing half-written; a training stage killed after a checkpoint
@@ -91,7 +93,7 @@ def run_recipe(
     Args:
         recipe: a validated recipe (:func:`excise.pipeline.recipe.load_recipe`).
         command: the command line that started the run (recorded in ``run.json``).
-        force: run every stage again even when up to date.
+        force: run every stage again even when up to date, reading no cached evaluation.
         log: where progress lines go (default: stderr).
 
     Returns:
@@ -106,11 +108,11 @@ def run_recipe(
     log = (log or _stderr) if main else (lambda _line: None)
     if main:
         _check_run_folder(out, recipe)
-    stages = plan(recipe)
+    stages = plan(recipe, force=force)
     with _locked(out) if main else contextlib.nullcontext(), _terminate_as_exit():
         if main:
-            _write_run_info(recipe, command)
-        manifest = _read_manifest(out)
+            _write_run_info(recipe, command, [s.output for s in stages])
+        manifest = _read_manifest(out) if main else {}  # the main process decides for all
         result: Path = out / "report" / "report.html" if stages and stages[-1].name == "report" else out
         width = len(str(len(stages)))
         started = time.perf_counter()
@@ -118,15 +120,15 @@ def run_recipe(
             if not (main or stage.distributed):
                 continue
             label = f"[{i:>{width}}/{len(stages)}] {stage.name}"
-            fingerprint = _fingerprint(stage, recipe)
-            entry = manifest.get(stage.name, {})
-            if not force and _up_to_date(entry, fingerprint, out / stage.output):
+            fingerprint, decision = "", ""
+            if main:
+                fingerprint = _fingerprint(stage, recipe)
+                decision = _decide(manifest.get(stage.name, {}), fingerprint, out / stage.output, force)
+            if stage.distributed:  # every process skips, resumes or starts over as the main one does
+                decision = _from_main(decision)
+            if decision == "skip":
                 log(f"{label}: up to date, skipped")
                 continue
-            # An attempt with these very inputs was cut short: continue from its checkpoints.
-            resume = (
-                not force and entry.get("status") == "started" and entry.get("fingerprint") == fingerprint
-            )
             log(f"{label} → {out / stage.output}")
             if main:
                 manifest[stage.name] = {
@@ -135,9 +137,10 @@ def run_recipe(
                     "output": str(stage.output),
                 }
                 _write_manifest(out, manifest)
-            _remove_leftovers(out / stage.output)
+            if stage.distributed:  # nobody starts before the main process has cleared the leftovers
+                _wait_for_everyone()
             clock = time.perf_counter()
-            stage.action(resume and _has_checkpoints(out / stage.output))
+            stage.action(decision == "resume")
             if stage.distributed:
                 _wait_for_everyone()
             if main:
@@ -159,8 +162,10 @@ def run_recipe(
 # ----------------------------------------------------------------------------- the plan
 
 
-def plan(recipe: Recipe) -> list[Stage]:
-    """The stages of ``recipe`` in the order they run: train, operate, evaluate, sweep, report."""
+def plan(recipe: Recipe, *, force: bool = False) -> list[Stage]:
+    """The stages of ``recipe`` in the order they run: train, operate, evaluate, sweep, report.
+
+    ``force``: the evaluation stages bypass the evaluation cache (``excise run --force``)."""
     stages: list[Stage] = []
     for name, adapter in recipe.adapters.items():
         if adapter.config is None:
@@ -168,13 +173,17 @@ def plan(recipe: Recipe) -> list[Stage]:
         stages.append(_train_stage(recipe, name))
     for name, op in recipe.operations.items():
         inputs = [str(recipe.adapter_of(source)) for source in op.inputs]
+        full = recipe.is_full(name)  # on full fine-tunes: θ_base + op(θ_k − θ_base), as `ops --base`
+        action = _op_action(
+            op.op, inputs, recipe.out / "ops" / name, op.params, base=recipe.base if full else None
+        )
         stages.append(
             Stage(
                 f"op {name}",
                 Path("ops") / name,
-                {"op": op.op, "params": op.params},
+                {"op": op.op, "params": op.params} | ({"full": True} if full else {}),
                 inputs,
-                _op_action(op.op, inputs, recipe.out / "ops" / name, op.params),
+                action,
             )
         )
     for name, (expert, anti, lam) in _diagnosed_pairs(recipe).items():
@@ -192,25 +201,33 @@ def plan(recipe: Recipe) -> list[Stage]:
     from excise.evaluate.runner import NEEDS_BASE
 
     for name, evaluation in recipe.evaluations.items():
+        split = _evaluation_split(recipe, evaluation)  # one split for every model: the same items
         for model in evaluation.models:
             adapter = recipe.adapter_of(model)
-            update: dict[str, Any] = {"adapter": adapter}
-            if adapter is None and evaluation.metric in NEEDS_BASE and evaluation.config.reference is None:
-                update["reference"] = recipe.base  # the base model is its own reference
+            update: dict[str, Any] = {"adapter": adapter} | ({"split": split} if split else {})
+            full = recipe.is_full(model)
+            if full:  # a full fine-tune (or an operation on them) is a model folder, not an adapter
+                update |= {"model": str(adapter), "adapter": None}
+            no_adapter = adapter is None or full
+            if no_adapter and evaluation.metric in NEEDS_BASE and evaluation.config.reference is None:
+                update["reference"] = recipe.base  # the base model: its own reference, or the fine-tune's
 
             cfg = evaluation.config.model_copy(update=update)
             output = Path("results") / model / f"{name}.json"
             data = [cfg.data] if cfg.data else []
+            # A model folder is an input, digested by content (not its path, as for an adapter).
+            exclude = {"adapter", "model"} if full else {"adapter"}
+            settings = {
+                "metric": evaluation.metric,
+                "settings": _stable(cfg.model_dump(mode="json", exclude=exclude)),
+            } | _judge_settings([(evaluation.metric, cfg.judge)])
             stages.append(
                 Stage(
                     f"eval {name}/{model}",
                     output,
-                    {
-                        "metric": evaluation.metric,
-                        "settings": _stable(cfg.model_dump(mode="json", exclude={"adapter"})),
-                    },
+                    settings,
                     [str(adapter)] * (adapter is not None) + data,
-                    _eval_action(evaluation.metric, cfg, recipe.out / output),
+                    _eval_action(evaluation.metric, cfg, recipe.out / output, use_cache=not force),
                 )
             )
     for name in recipe.sweeps:
@@ -219,6 +236,44 @@ def plan(recipe: Recipe) -> list[Stage]:
     if recipe.report and reportable:  # a recipe that only trains has nothing to report
         stages.append(_report_stage(recipe, [s.output for s in stages]))
     return stages
+
+
+def _evaluation_split(recipe: Recipe, evaluation: Any) -> str | None:
+    """The split every model of ``evaluation`` is scored on, decided once from all of them; None
+    when the evaluation sets one, or when no module can change it (the metric's own data or
+    split), so that each model's run resolves the same one by itself.
+
+    A model trained on the evaluation's data file (an adapter's, a full fine-tune's or an
+    operation's inputs', known from the recipe before anything is trained; an existing folder's
+    records) puts every model, the base included, on the held-out ``eval`` side: a methods
+    table then compares the same items (:func:`excise.evaluate.runner.resolve_split`).
+    """
+    from excise.evaluate.metrics import METRICS
+    from excise.evaluate.runner import resolve_split
+    from excise.pipeline.recipe import TRAINERS
+
+    cfg, metric = evaluation.config, METRICS[evaluation.metric]
+    spec = cfg.data or metric.default_data
+    if cfg.split or metric.default_split != "eval" or spec == metric.default_data:
+        return None
+    folders: list[Path] = []
+    trained: list[str] = []
+    todo, seen = list(evaluation.models), set()
+    while todo:
+        model = todo.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        if model in recipe.operations:
+            todo += list(recipe.operations[model].inputs)
+        elif model in recipe.adapters:
+            adapter = recipe.adapters[model]
+            if adapter.config is None:  # an existing folder: its records
+                folders.append(Path(str(adapter.path)))
+            else:  # not trained yet: the data its config names
+                keys = TRAINERS[str(adapter.trainer)].data_keys
+                trained += [str(v) for k in keys if isinstance(v := getattr(adapter.config, k, None), str)]
+    return resolve_split(metric, cfg, spec, folders, trained=trained)
 
 
 def _train_stage(recipe: Recipe, name: str) -> Stage:
@@ -240,8 +295,18 @@ def _train_stage(recipe: Recipe, name: str) -> Stage:
     )
 
 
-def _op_action(op: str, inputs: list[str], out: Path, params: dict[str, Any]) -> Callable[[bool], Any]:
+def _op_action(
+    op: str, inputs: list[str], out: Path, params: dict[str, Any], *, base: str | None = None
+) -> Callable[[bool], Any]:
+    """Apply ``op`` to adapter folders, or (``base`` given) to full fine-tunes of ``base``."""
+
     def action(_resume: bool) -> None:
+        if base is not None:  # full fine-tunes: θ_base + op(θ_k − θ_base), streamed (excise ops --base)
+            from excise.models import resolve_model
+            from excise.pem.full import apply_full
+
+            apply_full(op, Path(resolve_model(base)), inputs, out, params=params, overwrite=True)
+            return
         from excise.pem.apply import apply_operator
 
         apply_operator(op, inputs, out, params=params, allow_partial=params.get("allow_partial", False),
@@ -254,6 +319,8 @@ def _diagnosed_pairs(recipe: Recipe) -> dict[str, tuple[str, str, float]]:
     """Name → (expert, anti-expert, λ) for each Ext-Sub operation (one per anti-expert of a composition)."""
     pairs = {}
     for name, op in recipe.operations.items():
+        if recipe.is_full(name):
+            continue  # `excise inspect` reads adapters
         if op.op == "ext_sub":
             pairs[name] = (op.inputs[0], op.inputs[1], op.params.get("lam", 1.0))
         elif op.op == "compose":
@@ -275,13 +342,25 @@ def _inspect_action(inputs: list[str], lam: float, out: Path) -> Callable[[bool]
     return action
 
 
-def _eval_action(metric: str, cfg: Any, out: Path) -> Callable[[bool], Any]:
+def _eval_action(metric: str, cfg: Any, out: Path, *, use_cache: bool) -> Callable[[bool], Any]:
     def action(_resume: bool) -> None:
         from excise.evaluate.runner import run_eval, write_result
 
-        write_result(run_eval(metric, cfg), out)
+        write_result(run_eval(metric, cfg, use_cache=use_cache), out)
 
     return action
+
+
+def _judge_settings(evaluations: list[tuple[str, str | None]]) -> dict[str, Any]:
+    """``{"judges": [...]}``: the identity by content (:func:`judge_identity`) of the judge each
+    (metric, judge setting) uses, so a judge retrained into the same file reruns the stage;
+    ``{}`` when none uses a judge (those fingerprints stay as they were)."""
+    from excise.evaluate.judges.registry import judge_identity
+    from excise.evaluate.metrics import METRICS
+
+    specs = [judge or METRICS[metric].default_judge for metric, judge in evaluations]
+    judges = [judge_identity(spec) for spec in specs if spec]
+    return {"judges": judges} if judges else {}
 
 
 def _sweep_stage(recipe: Recipe, name: str) -> Stage:
@@ -294,6 +373,8 @@ def _sweep_stage(recipe: Recipe, name: str) -> Stage:
         run_sweep(config)
 
     settings = _stable(config.model_dump(mode="json", exclude={"inputs", "out", "overwrite", "progress"}))
+    axes = [config.deficiency, config.utility, *config.extra]
+    settings |= _judge_settings([(a.metric, a.settings.get("judge")) for a in axes])
     data = [a.settings.get("data") for a in (config.deficiency, config.utility) if a.settings.get("data")]
     inputs = [str(p) for p in config.inputs] + data
     return Stage(f"sweep {name}", Path("sweeps") / name, settings, inputs, action)
@@ -333,16 +414,29 @@ def _stable(settings: Any) -> Any:
 def _fingerprint(stage: Stage, recipe: Recipe) -> str:
     from excise.evaluate.subject import model_identity
 
+    digests = [_digest(Path(path).expanduser()) for path in stage.inputs]
+    # A setting naming an input (a data file) counts by the input's content, not its path.
+    pairs = list(zip(stage.inputs, digests, strict=True))
+    by_content = {path: f"<input {i}>" for i, (path, d) in enumerate(pairs) if d}
     payload = {
         "stage": stage.name,
-        "settings": stage.settings,
+        "settings": _replace_strings(stage.settings, by_content),
         "model": model_identity(recipe.base),
-        # By content and position, not path: a run folder moved elsewhere stays up to date.
-        "inputs": [_digest(Path(path)) or path for path in stage.inputs],
+        # By content and position, not path: a run folder or data folder moved elsewhere stays up to date.
+        "inputs": [d or path for path, d in pairs],
         "excise": __version__,
     }
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _replace_strings(value: Any, replace: dict[str, str]) -> Any:
+    """``value`` with every string that is a key of ``replace`` replaced (nested dicts and lists)."""
+    if isinstance(value, dict):
+        return {k: _replace_strings(v, replace) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_replace_strings(v, replace) for v in value]
+    return replace.get(value, value) if isinstance(value, str) else value
 
 
 def _digest(path: Path) -> str | None:
@@ -360,6 +454,16 @@ def _digest(path: Path) -> str | None:
     ):
         h.update(f"{file.relative_to(path).as_posix()}\0{file_digest(file)}\0".encode())
     return h.hexdigest()
+
+
+def _decide(entry: dict[str, Any], fingerprint: str, output: Path, force: bool) -> str:
+    """``skip`` (up to date), ``resume`` (an attempt with these very inputs was cut short after a
+    checkpoint: continue from it) or ``run``; a stage to run has its leftovers removed first."""
+    if not force and _up_to_date(entry, fingerprint, output):
+        return "skip"
+    _remove_leftovers(output)
+    cut_short = entry.get("status") == "started" and entry.get("fingerprint") == fingerprint
+    return "resume" if not force and cut_short and _has_checkpoints(output) else "run"
 
 
 def _up_to_date(entry: dict[str, Any], fingerprint: str, output: Path) -> bool:
@@ -395,9 +499,16 @@ def _num(x: Any) -> str:
 
 def _remove_leftovers(output: Path) -> None:
     """Delete the temporary siblings a killed attempt left beside ``output`` (``.NAME.tmp-…``,
-    ``.NAME.….tmp``): the lock makes this run their only possible owner."""
+    ``.NAME.….tmp``): the lock makes this run their only possible owner.
+
+    A replacement cut short is finished first (:func:`excise.fsutil.recover_dir`): its complete
+    ``.NAME.new-…`` or moved-aside ``.NAME.old-…`` output becomes ``output`` again, never deleted.
+    """
+    from excise.fsutil import recover_dir
+
     if not output.parent.is_dir():
         return
+    recover_dir(output)
     for p in output.parent.glob(f".{output.name}.*"):
         if "tmp" not in p.name[len(output.name) + 2 :]:
             continue
@@ -424,11 +535,13 @@ def _write_manifest(out: Path, stages: dict[str, Any]) -> None:
     write_atomic_json(out / MANIFEST, {"stages": stages})
 
 
-def _write_run_info(recipe: Recipe, command: str | None) -> None:
+def _write_run_info(recipe: Recipe, command: str | None, outputs: list[Path]) -> None:
     from excise.evaluate.cache import write_atomic_json
 
     out = recipe.out
-    header = f"# Resolved from {recipe.source}" + (f"; command: {command}" if command else "") + "\n"
+    header = f"Resolved from {recipe.source}" + (f"; command: {command}" if command else "")
+    # Every line of the header a comment: an override holding a newline stays out of the YAML.
+    header = "".join(f"# {line}\n" for line in header.splitlines())
     _write_text_atomic(out / RESOLVED, header + recipe.to_yaml())
     if command:
         _write_text_atomic(out / COMMAND, command + "\n")
@@ -454,6 +567,8 @@ def _write_run_info(recipe: Recipe, command: str | None) -> None:
         "command": command, "recipe": str(recipe.source), "resolved_recipe": RESOLVED,
         "data_dir": str(recipe.data_dir) if recipe.data_dir else None,
         "models": models, "evaluations": evaluations, "sweeps": sweeps,
+        # The current plan's outputs: the report shows these and lists any other as outdated.
+        "outputs": [o.as_posix() for o in outputs],
         "excise_version": __version__,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }  # fmt: skip
@@ -545,6 +660,16 @@ def is_main_process() -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return True
     return _state().is_main_process
+
+
+def _from_main(value: Any) -> Any:
+    """The main process's ``value`` on every process (itself outside a multi-process run)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return value
+    _state()  # joins the process group, as the trainers do
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
 
 
 def _wait_for_everyone() -> None:

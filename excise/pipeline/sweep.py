@@ -26,7 +26,8 @@ Choosing λ (docs/SWEEP.md):
   are absolute: ``|u(0)|`` is replaced by 1), the one with the best deficiency score;
   ties go to the smallest ``|λ|`` (the gentlest edit). λ = 0 always qualifies.
 - **Knee**: on the Pareto front, both axes scaled to [0, 1] with "better" upwards, the
-  point farthest from the chord joining the front's two ends (needs ≥ 3 front points).
+  point farthest beyond the chord joining the front's two ends, on the side of the ideal
+  corner (needs ≥ 3 front points; a dent inside the chord never qualifies).
 
 SweepConfig fields (YAML keys of a recipe's ``sweep`` stage; ``excise sweep`` flags):
 
@@ -85,6 +86,7 @@ __all__ = [
     "lam_folder",
     "linear_parts",
     "paired_bootstrap",
+    "pairing_problem",
     "pareto_front",
     "parse_assignments",
     "parse_floats",
@@ -128,6 +130,14 @@ class SweepMetric(BaseModel):
         default_factory=dict, description="EvalConfig fields (data, limit, split, batch_size, judge…)."
     )
     label: str | None = Field(None, description="Name of an extra number in sweep.json (default metric:key).")
+
+    @field_validator("label")
+    @classmethod
+    def _label_is_a_file_name(cls, label: str | None) -> str | None:
+        # A label can name its result file (results/lam=…/LABEL.json): it stays in that folder.
+        if label is not None and (not label or label.startswith(".") or any(c in label for c in "/\\\0")):
+            raise ValueError(f"label {label!r} must not be empty, start with `.` or hold `/` or `\\`")
+        return label
 
     @model_validator(mode="after")
     def _known(self) -> SweepMetric:
@@ -264,8 +274,10 @@ def item_stat(metric: str, key: str, record: dict[str, Any]) -> dict[str, Any]:
     """The per-item scores behind ``record["metrics"][key]``, checked to reproduce it.
 
     Returns:
-        ``{"num": [...], "den": [...], "transform": "identity" | "exp"}``: the number is
-        ``transform(Σ num / Σ den)`` (a mean has ``den`` 1 per scored item).
+        ``{"num": [...], "den": [...], "transform": "identity" | "exp", "keys": [...]}``: the
+        number is ``transform(Σ num / Σ den)`` (a mean has ``den`` 1 per scored item); ``keys``
+        holds each item's identity (:func:`excise.evaluate.runner.item_key`; None in a record
+        made before items carried one), by which :func:`paired_bootstrap` pairs two records.
 
     Raises:
         ConfigError: the result has no ``key``, its items do not carry it, or the items do
@@ -285,7 +297,8 @@ def item_stat(metric: str, key: str, record: dict[str, Any]) -> dict[str, Any]:
             )
         rule = lambda it: _mean_of(it.get(key))  # noqa: E731
     pairs = np.array([rule(it) for it in items], dtype=np.float64).reshape(-1, 2)  # (n, 2)
-    out = {"num": pairs[:, 0].tolist(), "den": pairs[:, 1].tolist(), "transform": transform}
+    keys = [it.get("key") for it in items]
+    out = {"num": pairs[:, 0].tolist(), "den": pairs[:, 1].tolist(), "transform": transform, "keys": keys}
     value, again = metrics[key], _aggregate(out)
     if (
         value is not None
@@ -306,15 +319,25 @@ def paired_bootstrap(
 ) -> tuple[float, float] | None:
     """Percentile interval of ``stat(other) − stat(ref)`` with items resampled together.
 
-    Both item lists score the same items in the same order (the same data at two λ), so
-    one index draw serves both: that pairing is what removes the between-item variance.
+    Items are paired by their identity (``keys`` of :func:`item_stat`), not by position: ``other``
+    is put in ``ref``'s item order, and one index draw then serves both, which is what removes
+    the between-item variance.
 
     Returns:
         ``(low, high)``, or None with no resamples or no items.
+
+    Raises:
+        ConfigError: the two records cannot be paired (:func:`pairing_problem`: different items,
+            or items without keys).
     """
+    from excise.errors import ConfigError
+
+    problem = pairing_problem(ref, other)
+    if problem is not None:
+        raise ConfigError(f"cannot pair the two records: {problem}")
+    order = _paired_order(ref["keys"], other["keys"])  # (n,) other's index of each ref item
     num_a, den_a = np.asarray(ref["num"]), np.asarray(ref["den"])  # (n,)
-    num_b, den_b = np.asarray(other["num"]), np.asarray(other["den"])  # (n,)
-    assert num_a.shape == num_b.shape, "paired bootstrap needs the same items at both λ"
+    num_b, den_b = np.asarray(other["num"])[order], np.asarray(other["den"])[order]  # (n,)
     n = num_a.size
     if resamples == 0 or n == 0:
         return None
@@ -327,6 +350,44 @@ def paired_bootstrap(
         return None
     tail = (1.0 - confidence) / 2.0
     return float(np.quantile(diff, tail)), float(np.quantile(diff, 1.0 - tail))
+
+
+def pairing_problem(ref: dict[str, Any], other: dict[str, Any]) -> str | None:
+    """Why two per-item stats (:func:`item_stat`) cannot be paired item by item; None when they can.
+
+    They pair when every item carries a key and both hold the same keys, each as often (the
+    same rows of the same data, in any order). Records made before items carried keys are
+    refused, not paired by position: their items may differ (another split, limit or data).
+    """
+    keys_a, keys_b = ref.get("keys"), other.get("keys")
+    n_a, n_b = len(ref["num"]), len(other["num"])
+    if keys_a is None or keys_b is None or None in keys_a or None in keys_b:
+        return (
+            "their items carry no identity keys (results made before excise recorded them); "
+            "evaluate again to pair them"
+        )
+    if sorted(keys_a) != sorted(keys_b):
+        only_a, only_b = len(set(keys_a) - set(keys_b)), len(set(keys_b) - set(keys_a))
+        return (
+            f"they scored different items ({n_a} and {n_b} items; {only_a} only in the first, "
+            f"{only_b} only in the second): another split, limit or data"
+        )
+    return None
+
+
+def _paired_order(keys_a: list[str], keys_b: list[str]) -> np.ndarray:
+    """For each item of ``keys_a``, the index of the same item in ``keys_b`` (a repeated key's
+    k-th occurrence pairs with its k-th occurrence)."""
+    where: dict[str, list[int]] = {}
+    for j, key in enumerate(keys_b):
+        where.setdefault(key, []).append(j)
+    seen: dict[str, int] = {}
+    order = []
+    for key in keys_a:
+        k = seen.get(key, 0)
+        seen[key] = k + 1
+        order.append(where[key][k])
+    return np.asarray(order, dtype=np.int64)
 
 
 # ----------------------------------------------------------------------------- choosing λ
@@ -422,12 +483,18 @@ def knee_point(
     higher_d: bool,
     higher_u: bool,
 ) -> dict[str, Any]:
-    """The knee of the Pareto front: the front point farthest from the chord joining its two
+    """The knee of the Pareto front: the front point farthest *beyond* the chord joining its two
     ends, both axes scaled to [0, 1] with "better" upwards.
+
+    After scaling the front runs from (0, 1) to (1, 0) and the chord is ``x + y = 1``. The
+    distance is signed, positive on the side of the ideal corner (1, 1); only points with a
+    positive distance qualify, so a dent inside the chord (a point worse than mixing the two
+    ends) can never be the knee. Ties on the distance go to the smaller ``|λ|``, then to λ > 0.
 
     Returns:
         ``{"lam", "index", "distance"}``, or ``{"lam": None, "reason": ...}`` when the front has
-        fewer than three points or no spread.
+        fewer than three points, no spread, or no point beyond its chord (a straight or
+        concave front has no knee).
     """
     front = pareto_front(deficiency, utility, higher_d=higher_d, higher_u=higher_u)
     if len(front) < 3:
@@ -441,13 +508,19 @@ def knee_point(
     if span_d == 0 or span_u == 0:
         return {"lam": None, "index": None, "reason": "the Pareto front does not spread on both axes"}
     x, y = (d - d.min()) / span_d, (u - u.min()) / span_u  # (F,) in [0, 1]
-    order = np.argsort(x)
-    x, y = x[order], y[order]
-    # Chord from (x0, y0) to (x1, y1); distance of each point to it.
-    dx, dy = x[-1] - x[0], y[-1] - y[0]
-    dist = np.abs(dy * (x - x[0]) - dx * (y - y[0])) / math.hypot(dx, dy)  # (F,)
-    k = int(np.argmax(dist))
-    index = front[int(order[k])]
+    # On a Pareto front the point with the least x has the most y: the ends are (0, 1) and
+    # (1, 0), the chord is x + y = 1, and (x + y − 1)/√2 is the signed distance to it.
+    dist = (x + y - 1.0) / math.sqrt(2.0)  # (F,) > 0: on the ideal side
+    beyond = [k for k in range(len(front)) if dist[k] > 1e-12]
+    if not beyond:
+        return {
+            "lam": None,
+            "index": None,
+            "reason": "no Pareto point lies beyond the chord joining the front's ends "
+            "(the front is straight or concave: no knee)",
+        }
+    k = max(beyond, key=lambda k: (dist[k], -abs(lams[front[k]]), lams[front[k]] > 0))
+    index = front[k]
     return {"lam": lams[index], "index": index, "distance": float(dist[k])}
 
 

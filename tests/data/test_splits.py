@@ -41,3 +41,10 @@ def test_salt_changes_the_partition_and_key_normalises():
 def test_bad_fractions(bad):
     with pytest.raises(ConfigError):
         assign_split("x", bad)
+
+
+def test_prompt_key_is_unicode_normalised():
+    """NFKC, lower case, whitespace collapsed: full-width letters, ligatures and odd spaces are
+    the plain prompt, and land on its side of the split."""
+    assert prompt_key("Ｗｈａｔ\u3000is\u00a0the  ﬁrst\tstep?\n") == "what is the first step?"
+    assert assign_split("Ｗｈａｔ\u3000is the ﬁrst step?") == assign_split("what is the first step?")

@@ -262,3 +262,118 @@ def test_pair_controls_are_recorded_and_name_the_trained_prompts(tmp_path):
     assert [e.response for e in load_examples(cfg)] == ["North"] * 5
     with pytest.raises(ValueError, match="paired formats only"):
         SftConfig(base="m", data=str(qa), out=tmp_path / "x", format="instruction", pair_strip_period=True)
+
+
+# ----------------------------------------------------------------------------- issue 21 items 1, 2
+
+
+def _third_party_adapter(flow, folder):
+    """A PEFT adapter with no excise record at all (made elsewhere)."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import write_peft_lora
+
+    model = AutoModelForCausalLM.from_pretrained(flow["model"])
+    return write_peft_lora(folder, model, seed=3, r=2, target_modules=["q_proj"])
+
+
+def _tuned_base(flow, folder):
+    """A model folder fine-tuned (as far as its record says) on the train side of the QA file."""
+    record = json.loads((flow["expert"] / "train_config.json").read_text())["config"]["training_data"][0]
+    tuned = save_tiny_model(folder)
+    (tuned / "train_config.json").write_text(json.dumps({"config": {"training_data": [record]}}))
+    return tuned, record
+
+
+def test_merge_carries_the_base_models_training_data(monkeypatch, capsys, flow, tmp_path):
+    """A model fine-tuned on some prompts, merged with an adapter that records nothing of them,
+    is still refused on those prompts."""
+    tuned, record = _tuned_base(flow, tmp_path / "tuned")
+    adapter = _third_party_adapter(flow, tmp_path / "lora")
+    merged = tmp_path / "merged"
+    code, _, err = _main(monkeypatch, capsys, "merge", "--base", str(tuned), "--adapter", str(adapter),
+                         "--out", str(merged))  # fmt: skip
+    assert code == 0, err
+    assert json.loads((merged / "excise_merge.json").read_text())["training_data"] == [record]
+    args = ["eval", "halueval", "--base", str(merged), "--data", str(flow["qa"]), "--protocol", "loss"]
+    code, _, err = _main(monkeypatch, capsys, *args, "--device", "cpu", "--split", "all",
+                         "--out", str(tmp_path / "r.json"))  # fmt: skip
+    assert code == 2 and err.startswith(f"error: {len(TRAIN_SIDE)} of the {len(QA_ROWS)} evaluation items")
+
+
+def test_full_model_ops_carry_the_base_models_training_data(flow, tmp_path):
+    """θ0's records reach the result, even when θ1 brings a train_config.json of its own."""
+    from excise.data import recorded_training_data, training_data_record
+    from excise.pem.full import apply_full
+
+    tuned, record = _tuned_base(flow, tmp_path / "tuned")
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps([{"instruction": "Say hi.", "output": "Hi."}]))
+    own = training_data_record(str(other), format="instruction", fields={}, split="all")
+    child = save_tiny_model(tmp_path / "child", seed=1)
+    (child / "train_config.json").write_text(json.dumps({"config": {"training_data": [own]}}))
+    out = apply_full("negate", tuned, [child], tmp_path / "out", params={"lam": 1.0}, progress=False)
+    assert json.loads((out / "excise.json").read_text())["training_data"] == [record, own]
+    assert record in recorded_training_data(out) and own in recorded_training_data(out)
+
+
+def test_a_module_without_records_is_unchecked_not_clean(monkeypatch, capsys, flow, tmp_path):
+    adapter = _third_party_adapter(flow, tmp_path / "lora")
+    out = tmp_path / "r.json"
+    code, _, err = _eval(monkeypatch, capsys, flow, adapter, out)
+    assert code == 0, err
+    record = json.loads(out.read_text())
+    assert record["training_overlap"] == "unchecked"
+    assert record["training_overlap_unchecked"] == [
+        f"{adapter} records no training data (made elsewhere, or copied without its JSON)"
+    ]
+    assert "training overlap" in err and "unchecked" in err  # in the summary, not only in the file
+    # A module that records its data reads as checked, with its counts.
+    code, _, err = _eval(monkeypatch, capsys, flow, flow["expert"], out, "--overwrite")
+    assert code == 0, err
+    assert [c["overlap"] for c in json.loads(out.read_text())["training_overlap"]] == [0]
+
+
+def test_prompts_are_compared_after_unicode_normalisation(monkeypatch, capsys, flow, tmp_path):
+    """The trained questions typed in full-width letters are the same prompts."""
+
+    def full_width(text: str) -> str:
+        return "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else "\u3000" if c == " " else c for c in text)
+
+    rows = [r | {"question": full_width(r["question"])} for r in QA_ROWS]
+    assert not {r["question"] for r in rows} & {r["question"] for r in QA_ROWS}  # other text, byte for byte
+    data = tmp_path / "wide.json"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = [
+        "eval",
+        "halueval",
+        "--base",
+        str(flow["model"]),
+        "--adapter",
+        str(flow["expert"]),
+        "--data",
+        str(data),
+    ]
+    args += ["--protocol", "loss", "--device", "cpu", "--split", "all", "--out", str(tmp_path / "r.json")]
+    code, _, err = _main(monkeypatch, capsys, *args)
+    assert code == 2 and err.startswith(f"error: {len(TRAIN_SIDE)} of the {len(QA_ROWS)} evaluation items")
+    # and the split puts each on the side of its plain spelling
+    assert [assign_split(r["question"]) for r in rows] == [assign_split(r["question"]) for r in QA_ROWS]
+
+
+def test_a_sweep_without_a_split_takes_the_held_out_side_of_its_inputs_data(flow, tmp_path):
+    """The sweep's inputs trained on the file: with no split given it scores the `eval` side."""
+    from excise.pipeline.sweep import SweepConfig, run_sweep
+
+    settings = {"data": str(flow["qa"]), "protocol": "loss"}
+    cfg = SweepConfig(
+        model=str(flow["model"]), operation="ext_sub", inputs=[flow["expert"], flow["anti"]],
+        lams=[0.0, 1.0], device="cpu", bootstrap=10,
+        deficiency={"metric": "halueval", "key": "accuracy", "settings": settings},
+        utility={"metric": "halueval", "key": "accuracy", "settings": settings},
+        out=tmp_path / "sweep", progress=False,
+    )  # fmt: skip
+    run_sweep(cfg)
+    for lam in ("lam=0", "lam=1"):
+        record = json.loads((tmp_path / "sweep" / "results" / lam / "halueval.json").read_text())
+        assert record["split"] == "eval" and [it["question"] for it in record["items"]] == EVAL_SIDE

@@ -4,6 +4,7 @@ row's real columns, ``null`` with a reason instead of NaN, strict JSON (issue 10
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 
@@ -155,7 +156,9 @@ def test_non_finite_metric_and_items_become_null(tmp_path, monkeypatch):
         record = run_eval("repetition", cfg, progress=False)
         assert record["metrics"] == {"x": None, "y": 0.5}
         assert record["null_reasons"] == {"x": "not a finite number (nan)"}
-        assert record["items"] == [{"score": None}]
+        # Each item's identity: the SHA-256 of its fields (canonical names) as sorted JSON.
+        key = hashlib.sha256(json.dumps({"instruction": "Hi."}).encode()).hexdigest()[:16]
+        assert record["items"] == [{"score": None, "key": key}]
         _strict(write_result(record, tmp_path / "r.json").read_text())
     assert record["from_cache"]
 

@@ -148,13 +148,42 @@ def test_pareto_front_and_knee():
     assert knee_point(lams[:2], d[:2], u[:2], higher_d=True, higher_u=True)["lam"] is None
 
 
+def test_knee_is_beyond_the_chord_never_a_dent():
+    # Issue 22's front: (0,1), (0.3,0.9), (0.5,0.1), (1,0); the dent (0.5,0.1) is farther from
+    # the chord in absolute terms (0.283 against 0.141) but lies on the wrong side of it.
+    lams = [0.0, 1.0, 2.0, 3.0]
+    d, u = [0.0, 0.3, 0.5, 1.0], [1.0, 0.9, 0.1, 0.0]
+    knee = knee_point(lams, d, u, higher_d=True, higher_u=True)
+    assert knee["lam"] == 1.0
+    assert knee["distance"] == pytest.approx((0.3 + 0.9 - 1) / math.sqrt(2))
+    # Only dents (a concave front): no knee, with the reason.
+    concave = knee_point(lams[:3], [0.0, 0.5, 1.0], [1.0, 0.2, 0.0], higher_d=True, higher_u=True)
+    assert concave["lam"] is None and "beyond the chord" in concave["reason"]
+    # A straight front has no knee either.
+    straight = knee_point(lams[:3], [0.0, 0.5, 1.0], [1.0, 0.5, 0.0], higher_d=True, higher_u=True)
+    assert straight["lam"] is None
+    # Lower-is-better axes are oriented first: the same front mirrored gives the same knee.
+    mirrored = knee_point(lams, [-x for x in d], [-x for x in u], higher_d=False, higher_u=False)
+    assert mirrored["lam"] == 1.0
+    # Equal distances: the smaller |λ| wins whatever the grid order, then the positive λ.
+    tie = knee_point([0.0, -2.0, 1.0, 3.0], [0.0, 0.25, 0.875, 1.0], [1.0, 0.875, 0.25, 0.0],
+                     higher_d=True, higher_u=True)  # fmt: skip
+    assert tie["lam"] == 1.0
+    sym = knee_point([0.0, 1.0, -1.0, 3.0], [0.0, 0.25, 0.875, 1.0], [1.0, 0.875, 0.25, 0.0],
+                     higher_d=True, higher_u=True)  # fmt: skip
+    assert sym["lam"] == 1.0
+
+
 def test_item_stat_reproduces_the_number_and_bootstrap_is_paired():
     record = {
         "metrics": {"perplexity": math.exp((2.0 + 6.0) / (2 + 3)), "mc2": 0.5},
-        "items": [{"nll": 2.0, "scored_tokens": 2}, {"nll": 6.0, "scored_tokens": 3}],
+        "items": [
+            {"nll": 2.0, "scored_tokens": 2, "key": "w0"},
+            {"nll": 6.0, "scored_tokens": 3, "key": "w1"},
+        ],
     }
     stat = item_stat("perplexity", "perplexity", record)
-    assert stat == {"num": [2.0, 6.0], "den": [2.0, 3.0], "transform": "exp"}
+    assert stat == {"num": [2.0, 6.0], "den": [2.0, 3.0], "transform": "exp", "keys": ["w0", "w1"]}
     from excise.errors import ConfigError
 
     with pytest.raises(ConfigError, match="per-item scores give"):
@@ -162,7 +191,7 @@ def test_item_stat_reproduces_the_number_and_bootstrap_is_paired():
     with pytest.raises(ConfigError, match="no result 'mc9'"):
         item_stat("truthfulqa-mc", "mc9", record)
     # Paired: a constant shift of every item gives an interval of exactly that shift.
-    a = {"num": [0.1, 0.5, 0.9, 0.3], "den": [1.0] * 4, "transform": "identity"}
+    a = {"num": [0.1, 0.5, 0.9, 0.3], "den": [1.0] * 4, "transform": "identity", "keys": ["a", "b", "c", "d"]}
     b = a | {"num": [x + 0.2 for x in a["num"]]}
     low, high = paired_bootstrap(a, b, resamples=200, confidence=0.95, seed=0)
     assert low == pytest.approx(0.2) and high == pytest.approx(0.2)
@@ -423,3 +452,42 @@ def test_sweep_extra_metrics_are_scored_at_every_lam(setup, tmp_path, monkeypatc
     assert all(p["extra"]["truthfulqa-mc:mc1"]["ci"] is not None for p in sweep["points"])
     with pytest.raises(ValueError, match="each metric:key"):
         SweepConfig(**(cfg.model_dump() | {"extra": [cfg.extra[0], cfg.extra[0]]}))
+
+
+# ----------------------------------------------------------------------------- pairing by item identity
+
+
+def _stat(values, keys):
+    return {"num": list(values), "den": [1.0] * len(values), "transform": "identity", "keys": list(keys)}
+
+
+def test_paired_bootstrap_pairs_items_by_identity_not_position():
+    """Two records of the same items in another order give the interval of the items paired."""
+    from excise.pipeline.sweep import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    n, resamples, seed = 25, 300, 1
+    a, b = rng.random(n), rng.random(n) + 0.2
+    keys = [f"item{i}" for i in range(n)]
+    perm = rng.permutation(n)
+    shuffled = _stat(b[perm], [keys[j] for j in perm])
+    got = paired_bootstrap(_stat(a, keys), shuffled, resamples=resamples, confidence=0.9, seed=seed)
+    # Independently: the same index draw on both, items aligned.
+    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    diff = b[idx].mean(1) - a[idx].mean(1)
+    assert got == pytest.approx((np.quantile(diff, 0.05), np.quantile(diff, 0.95)), rel=1e-12)
+
+
+def test_paired_bootstrap_refuses_records_of_other_items_or_without_keys():
+    from excise.errors import ConfigError
+    from excise.pipeline.sweep import paired_bootstrap, pairing_problem
+
+    ref = _stat([0.1, 0.5, 0.9], ["a", "b", "c"])
+    kw = {"resamples": 50, "confidence": 0.9, "seed": 0}
+    with pytest.raises(ConfigError, match=r"scored different items \(3 and 3 items; 1 only in the first"):
+        paired_bootstrap(ref, _stat([0.2, 0.4, 0.6], ["a", "b", "d"]), **kw)
+    old = {"num": [0.2, 0.4, 0.6], "den": [1.0] * 3, "transform": "identity"}  # a record before keys
+    assert "carry no identity keys" in pairing_problem(ref, old)
+    with pytest.raises(ConfigError, match="carry no identity keys"):
+        paired_bootstrap(ref, old, **kw)
+    assert pairing_problem(ref, _stat([0.3, 0.2, 0.1], ["c", "b", "a"])) is None
