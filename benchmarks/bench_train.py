@@ -29,6 +29,16 @@ the loss:
   the trained one — the reference code's design (franciscoliu/SKU loads
   ``pretrained_model`` next to ``model``).
 
+The commands at their defaults (issue 26: SKU's default peak ≤ 1.15× SFT's), each the real
+``run()`` of its command with every setting at the CLI's default but the step count:
+
+- ``default-sft``: ``excise train sft --data ALPACA`` (``--normal``'s file; batch 4, ≤ 512 tokens);
+- ``default-sku``: ``excise train sku --harmful PKU --normal ALPACA`` (batch 2: 2 harmful, 2×5
+  mismatched and 2 normal rows of ≤ 256 tokens; activation checkpointing on by default);
+- ``default-sku-no-gc``: the same with ``--no-gradient-checkpointing`` (the earlier default).
+
+    .venv/bin/python benchmarks/bench_train.py --steps 5 --variants default-sft,default-sku,default-sku-no-gc
+
 Reported: the process's peak resident memory (``getrusage(RUSAGE_SELF).ru_maxrss``: weights,
 activations, optimizer state and the Python runtime, the whole process as a user sees it),
 its resident memory just before the first step (every weight read in by then: see
@@ -62,7 +72,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 SKU_VARIANTS = ("sft", "sku", "two-copies")
 TRL_VARIANTS = ("ours", "trl")
-VARIANTS = tuple(v + gc for v in TRL_VARIANTS + SKU_VARIANTS for gc in ("", "+gc"))
+DEFAULT_VARIANTS = ("default-sft", "default-sku", "default-sku-no-gc")
+VARIANTS = tuple(v + gc for v in TRL_VARIANTS + SKU_VARIANTS for gc in ("", "+gc")) + DEFAULT_VARIANTS
 
 
 def _rss_mb() -> float:
@@ -94,7 +105,9 @@ def worker(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     name, checkpointing = args.variant.removesuffix("+gc"), args.variant.endswith("+gc")
-    if name == "ours":
+    if name in DEFAULT_VARIANTS:
+        result = _default_command(args, name)
+    elif name == "ours":
         result = _ours(args, checkpointing)
     elif name == "trl":
         result = _trl(args, checkpointing)
@@ -306,11 +319,64 @@ def _sku_step(args: argparse.Namespace, variant: str, checkpointing: bool) -> di
     }
 
 
-# Each variant's yardstick: ours against TRL, SKU (and the two-copy design) against our SFT.
+def _default_command(args: argparse.Namespace, variant: str) -> dict:
+    """``excise train sft`` or ``sku`` at the CLI's defaults, ``--steps`` steps, progress off."""
+    import tempfile
+
+    import excise.train.sft as sft
+    import excise.train.unlearning as unlearning
+    from excise.train.sku import SkuConfig
+    from excise.train.sku import run as run_sku
+
+    setup: list[float] = []
+    calls: list[float] = []  # process CPU time at each micro-batch request: one per step
+    module = sft if variant == "default-sft" else unlearning
+    train, load = module.train, module.load_model
+    module.load_model = lambda *a, **k: _paged_in(load(*a, **k))
+
+    def sampled_train(model: Any, micro_batch: Any, *a: Any, **k: Any) -> Any:
+        def first_sampled(i: int) -> Any:
+            if not setup:
+                setup.append(_rss_mb())
+            calls.append(time.process_time())
+            return micro_batch(i)
+
+        return train(model, first_sampled, *a, **k)
+
+    module.train = sampled_train
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out"
+        if variant == "default-sft":
+            report = sft.run(
+                sft.SftConfig(base=args.model, data=args.normal, out=out, steps=args.steps), progress=False
+            )
+        else:
+            cfg = SkuConfig(
+                base=args.model, harmful=args.harmful, normal=args.normal, out=out, steps=args.steps,
+                gradient_checkpointing=False if variant.endswith("-no-gc") else None,
+            )  # fmt: skip
+            report = run_sku(cfg, progress=False)
+        recorded = json.loads((out / "train_config.json").read_text())["config"]
+    return {
+        "rss_after_setup_mb": round(setup[0], 1),
+        "gradient_checkpointing": recorded["gradient_checkpointing"],
+        "batch_size": recorded["batch_size"],
+        "max_length": recorded["max_length"],
+        "tokens_per_step": [int(r["tokens"]) for r in report.log],
+        "seconds_per_step": [round(r["seconds"], 3) for r in report.log],
+        "cpu_seconds_per_step": [round(b - a, 3) for a, b in itertools.pairwise(calls)],  # not the last step
+    }
+
+
+# Each variant's yardstick: ours against TRL, SKU (and the two-copy design) against our SFT, the
+# commands at their defaults against default SFT.
 _BASELINE = {"ours": "trl", "sku": "sft", "two-copies": "sft"}
+_BASELINE |= {"default-sku": "default-sft", "default-sku-no-gc": "default-sft"}
 
 
 def _baseline_of(variant: str) -> str | None:
+    if variant in DEFAULT_VARIANTS:
+        return _BASELINE.get(variant)
     name, gc = variant.removesuffix("+gc"), "+gc" if variant.endswith("+gc") else ""
     return _BASELINE[name] + gc if name in _BASELINE else None
 
