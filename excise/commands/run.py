@@ -35,7 +35,8 @@ def run(
         bool, typer.Option("--check", help="Validate the recipe and list its stages; run nothing.")
     ] = False,
     force: Annotated[
-        bool, typer.Option("--force", help="Run every stage again, even when up to date.")
+        bool,
+        typer.Option("--force", help="Run every stage again, even when up to date; no cached evaluations."),
     ] = False,
     threads: Threads = None,
 ) -> None:

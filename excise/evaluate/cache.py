@@ -5,7 +5,8 @@ them (model, adapter, prompts, generation settings) and not by the judge: switch
 re-scores saved answers, and the base model's answers (``utility``) are made once for all adapters.
 
 A result is keyed by the SHA-256 of (metric, model identity, adapter file hashes, data file hash,
-every setting, judge spec, excise version) and stored as ``<key>.json`` under
+every setting, the judge by content — its spec and the digest of its files,
+:func:`~excise.evaluate.judges.registry.judge_identity` — excise version) and stored as ``<key>.json`` under
 ``$EXCISE_CACHE/eval`` (default ``~/.cache/excise/eval``). Writes are atomic (temp file + rename),
 so a killed run never leaves a half-written entry.
 """

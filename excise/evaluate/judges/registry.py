@@ -28,13 +28,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from excise.errors import ConfigError
 from excise.evaluate.judges.base import Judge
 from excise.evaluate.judges.common import construct_judge
 
-__all__ = ["JUDGES", "JudgeKind", "load_judge"]
+__all__ = ["JUDGES", "JudgeKind", "judge_identity", "load_judge"]
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,64 @@ def load_judge(spec: str, **options: Any) -> Judge:
     if not kind.takes_target and sep:
         raise ConfigError(f"judge {name!r} takes no target; write just {name!r}")
     return kind.make(target.strip() if kind.takes_target else None, **options)
+
+
+def judge_identity(spec: str) -> dict[str, Any]:
+    """What identifies the judge ``spec`` names without loading it: the spec and the content
+    digest of the files it reads (a ``probe:`` / ``cross:`` file, an ``hf:`` folder, a shipped
+    judge's weights); for a hub id, the cached snapshot's revision where one is cached.
+
+    Caches key on this, not on the spec alone: a judge retrained into the same file is another judge.
+    """
+    name, _, target = spec.strip().partition(":")
+    target = target.strip()
+    identity: dict[str, Any] = {"spec": spec}
+    files: list[Path] = []
+    if name in ("harm-probe", "toxicity-probe"):
+        from excise.evaluate.judges.probe import SHIPPED
+
+        files = [SHIPPED[name]]
+    elif name == "harm-cross":
+        from excise.evaluate.judges.cross import CROSS_SHIPPED
+
+        files = [CROSS_SHIPPED]
+    elif name in ("probe", "cross", "hf") and target:
+        path = Path(target).expanduser()
+        if path.is_file():
+            files = [path]
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+        elif name == "hf":
+            identity["revision"] = _hub_revision(target)
+    if files:
+        root = files[0].parent if len(files) == 1 else Path(target).expanduser()
+        identity["sha256"] = {p.relative_to(root).as_posix(): _file_digest(p) for p in files if p.is_file()}
+    return identity
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, computed once per process for an unchanged file (size, mtime)."""
+    from excise.data import file_sha256
+
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = file_sha256(path)
+    return _DIGESTS[key]
+
+
+def _hub_revision(repo: str) -> str | None:
+    """The commit of the locally cached snapshot of hub model ``repo`` (its config), or None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(repo, "config.json")
+    except (ValueError, OSError):  # not a valid repo id: the spec alone identifies it
+        return None
+    return Path(cached).parent.name if isinstance(cached, str) else None
 
 
 def _choices() -> str:
