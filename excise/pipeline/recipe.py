@@ -455,13 +455,17 @@ class _Checker:
     # -------------------------------------------------------------------- the sections
 
     def check(self, raw: dict[str, Any], source: Path) -> Recipe | None:
-        top = self.validate(_Top, raw, ())
+        named = {k: raw[k] for k in _NAMED_SECTIONS if isinstance(raw.get(k), dict)}
+        for key, section in named.items():  # a bad name is one problem; its entry is still checked
+            for name in section:
+                self._name_ok(name, (key, name))
+            named[key] = {str(name): spec for name, spec in section.items()}  # a YAML number: as text
+        top = self.validate(_Top, raw | named, ())
         sections = {
-            k: raw.get(k) for k in ("train", "adapters", "operations", "eval", "evaluations", "sweeps")
+            k: (raw | named).get(k)
+            for k in ("train", "adapters", "operations", "eval", "evaluations", "sweeps")
         }
         sections = {k: v if isinstance(v, dict) else {} for k, v in sections.items()}
-        for key in _NAMED_SECTIONS:  # a bad name is reported here and its entry checked no further
-            sections[key] = {n: spec for n, spec in sections[key].items() if self._name_ok(n, (key, n))}
         base = raw.get("base") if isinstance(raw.get("base"), str) else "base-model"
         out = Path(str(raw.get("out", "out")))
 

@@ -53,7 +53,7 @@ def _run(path: Path, overrides=(), *, force: bool = False) -> tuple[list[str], l
 def test_names_that_leave_the_run_folder_are_refused_with_the_other_problems(project, tmp_path):
     recipe = tiny_recipe(project, tmp_path / "run")
     adapters = recipe["adapters"]
-    adapters["../escaped"] = adapters.pop("anti_expert")
+    adapters["../escaped"] = adapters.pop("anti_expert") | {"lora_rr": 2}  # its own problem too
     adapters[3] = dict(adapters["expert"])  # a numeric YAML key (was an uncaught TypeError)
     recipe["operations"] = {"a/b": {"op": "ext_sub", "inputs": ["expert", "../escaped"]}}
     recipe["evaluations"]["../x"] = recipe["evaluations"].pop("perplexity")
@@ -67,6 +67,8 @@ def test_names_that_leave_the_run_folder_are_refused_with_the_other_problems(pro
         assert f"{name} is not a valid name" in text and f": {loc}." in text
     assert "a YAML int; quote it" in text
     assert "evaluations.halueval.limt: unknown key" in text
+    assert "adapters.../escaped.lora_rr: unknown key" in text  # a bad name's entry is still checked
+    assert "[key]" not in text  # the numeric key: one line, not pydantic's as well
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "run").exists()
 
 
