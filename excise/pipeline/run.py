@@ -548,7 +548,7 @@ def _write_run_info(recipe: Recipe, command: str | None, outputs: list[Path]) ->
     models: dict[str, Any] = {BASE: {"kind": "base", "adapter": None}}
     for name, adapter in recipe.adapters.items():
         models[name] = {
-            "kind": "adapter",
+            "kind": "full" if recipe.is_full(name) else "adapter",  # full: a model folder, no adapter
             "trainer": adapter.trainer,
             "adapter": str(recipe.adapter_of(name)),
         }
