@@ -64,7 +64,18 @@ _COMMON = [
         Annotated[list[str], typer.Option("--field", help="Map a field: NAME=COLUMN (repeatable).")],
         [],
     ),
-    _opt("limit", Annotated[int | None, typer.Option(help="Evaluate the first N items only.")], None),
+    _opt(
+        "limit",
+        Annotated[
+            int | None,
+            typer.Option(
+                help="Evaluate N items: a seeded subsample (smallest hash of seed and item, in file "
+                "order), the same for every model."
+            ),
+        ],
+        None,
+    ),
+    _opt("head", Annotated[int | None, typer.Option(help="Evaluate the first N items instead.")], None),
     _opt(
         "split",
         Annotated[

@@ -29,7 +29,15 @@ class EvalConfig(BaseModel):
         description="Evaluate even items whose prompt the adapter (or model) was trained on, or whose "
         "training data cannot be checked; each is a warning kept in the result instead of an error.",
     )
-    limit: int | None = Field(None, ge=1, description="Keep the first N items (after the split).")
+    limit: int | None = Field(
+        None,
+        ge=1,
+        description="Keep N items (after the split): a seeded subsample, the items whose hash of "
+        "(seed, item) is smallest, in file order; the same N items for every model.",
+    )
+    head: int | None = Field(
+        None, ge=1, description="Keep the first N items (after the split) instead of a subsample."
+    )
     seed: int = Field(0, description="Seeds sampling (greedy decoding ignores it).")
     batch_size: int = Field(16, ge=1, description="Rows per forward pass.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Model dtype.")
@@ -59,6 +67,8 @@ class EvalConfig(BaseModel):
 
     @model_validator(mode="after")
     def _stride_within_window(self) -> EvalConfig:
+        if self.limit is not None and self.head is not None:
+            raise ValueError("give limit (a seeded subsample) or head (the first rows), not both")
         if self.stride > self.window:
             raise ValueError(f"stride ({self.stride}) must not exceed window ({self.window})")
         return self

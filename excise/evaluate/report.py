@@ -56,7 +56,8 @@ def data_line(summary: dict[str, Any]) -> str:
         reasons.append(f"{duplicates} duplicate prompts")
     beyond = summary["after_split"] - duplicates - summary["kept"]
     if beyond > 0:
-        reasons.append(f"{beyond} beyond --limit")
+        how = "--head" if (summary.get("subsample") or {}).get("rule", "").startswith("head") else "--limit"
+        reasons.append(f"{beyond} left out by {how}" if how == "--limit" else f"{beyond} beyond --head")
     if reasons:
         text += f" ({', '.join(reasons)})"
     ignored = summary.get("ignored_columns") or {}

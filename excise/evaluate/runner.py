@@ -40,6 +40,7 @@ __all__ = [
     "resolve_split",
     "run_eval",
     "run_many",
+    "subsample_items",
     "write_result",
 ]
 
@@ -188,6 +189,28 @@ def _overlap_fields(
         "training_overlap_checks": checks,
         "warnings": overlap_warnings,
     }
+
+
+def subsample_items(
+    items: list[dict[str, Any]], *, limit: int | None, head: int | None, seed: int
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """``limit``: the ``limit`` items with the smallest ``sha256(f"{seed}:{item_key}")``, kept in
+    file order (a seeded subsample, the same for every model: it depends on the items only);
+    ``head``: the first ``head`` items. Returns the items and how they were chosen (None: all).
+
+    A prefix of a file is rarely a fair sample (wikitext-2's first 40 rows are one article);
+    the hash order is, and it is reproducible from the record (``rows``: the kept positions).
+    """
+    import hashlib
+
+    if head is not None:
+        return items[:head], {"rule": "head: the first rows", "n": head}
+    if limit is None or limit >= len(items):
+        return items, None
+    rank = [hashlib.sha256(f"{seed}:{item_key(it)}".encode()).hexdigest() for it in items]
+    rows = sorted(sorted(range(len(items)), key=lambda i: (rank[i], i))[:limit])
+    rule = "seeded subsample: the rows with the smallest sha256(seed:item key), in file order"
+    return [items[i] for i in rows], {"rule": rule, "seed": seed, "n": limit, "rows": rows}
 
 
 def item_key(item: dict[str, Any]) -> str:
@@ -482,7 +505,8 @@ def _load_items(
         items = unique
     if not items:
         raise DataError(f"{where}: no items left after the {split!r} split; pass --split all or other data")
-    items = items[: cfg.limit] if cfg.limit else items
+    n_before_limit = len(items)
+    items, subsample = subsample_items(items, limit=cfg.limit, head=cfg.head, seed=cfg.seed)
     summary = {
         "split": split,
         "rows_read": n_read,
@@ -490,6 +514,7 @@ def _load_items(
         "after_split": n_split,
         "duplicates_dropped": n_split - len(unique) if metric.dedupe else 0,
         "kept": len(items),
+        **({"subsample": subsample} if subsample and len(items) < n_before_limit else {}),
         "columns": columns,
         "ignored_columns": ignored,
     }

@@ -91,7 +91,7 @@ def test_missing_field_names_the_rows_real_columns(tmp_path):
 @pytest.mark.skipif(not WIKITEXT.is_file(), reason="shared wikitext file absent")
 def test_perplexity_of_nothing_is_null_with_reason(tmp_path):
     model = save_tiny_model(tmp_path / "tiny")
-    cfg = EvalConfig(model=str(model), data=str(WIKITEXT), limit=1, device="cpu")  # row 1 is blank
+    cfg = EvalConfig(model=str(model), data=str(WIKITEXT), head=1, device="cpu")  # row 1 is blank
     record = run_eval("perplexity", cfg, progress=False)
     assert record["metrics"] == {"perplexity": None, "nll_per_token": None}
     assert "no token to score" in record["null_reasons"]["perplexity"]
@@ -249,3 +249,45 @@ def test_halueval_cli_takes_the_pair_controls(tmp_path, monkeypatch, capsys):
     record = json.loads(out.read_text())
     assert record["n_items"] == 3 and record["settings"]["pair_strip_period"] is True
     assert record["data_summary"]["after_pair_controls"] == 3
+
+
+def test_limit_takes_a_seeded_subsample_and_head_the_first_rows(tmp_path):
+    from excise.evaluate.runner import item_key
+
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps([{"prompt": f"Request number {i}"} for i in range(50)]))
+    every = _items("harmful-rate", path, split="all")
+
+    def rank(item, seed):  # the documented order, written out
+        return hashlib.sha256(f"{seed}:{item_key(item)}".encode()).hexdigest()
+
+    for seed in (0, 1):
+        kept = _items("harmful-rate", path, split="all", limit=10, seed=seed)
+        expected = sorted(sorted(range(50), key=lambda i: rank(every[i], seed))[:10])
+        assert kept == [every[i] for i in expected]  # the smallest hashes, in file order
+        assert kept != every[:10]
+    assert _items("harmful-rate", path, split="all", limit=10, seed=0) != _items(
+        "harmful-rate", path, split="all", limit=10, seed=1
+    )
+    # The subsample depends on the items, not on their order in the file.
+    path.write_text(json.dumps([{"prompt": f"Request number {i}"} for i in reversed(range(50))]))
+    reordered = _items("harmful-rate", path, split="all", limit=10, seed=0)
+    assert sorted(it["prompt"] for it in reordered) == sorted(
+        it["prompt"] for it in _items("harmful-rate", path, split="all", limit=10, seed=0)
+    )
+    path.write_text(json.dumps([{"prompt": f"Request number {i}"} for i in range(50)]))
+    assert _items("harmful-rate", path, split="all", head=10) == every[:10]
+    assert _items("harmful-rate", path, split="all", limit=80) == every  # more than there is: all
+    with pytest.raises(ValueError, match="not both"):
+        EvalConfig(model="unused", limit=3, head=3)
+
+
+def test_the_record_names_the_subsample(tmp_path):
+    from excise.evaluate.runner import _load_items
+
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps([{"prompt": f"Request number {i}"} for i in range(30)]))
+    cfg = EvalConfig(model="unused", data=str(path), split="all", limit=5)
+    items, summary = _load_items(METRICS["harmful-rate"], cfg, str(path))
+    assert summary["subsample"]["seed"] == 0 and len(summary["subsample"]["rows"]) == 5
+    assert [f"Request number {i}" for i in summary["subsample"]["rows"]] == [it["prompt"] for it in items]

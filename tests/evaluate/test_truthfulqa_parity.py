@@ -36,7 +36,7 @@ def test_same_logliks_and_scores_as_lm_eval():
     torch.set_num_threads(1)
     try:
         metric = METRICS["truthfulqa-mc"]
-        cfg = EvalConfig(model="smollm2-135m-instruct", limit=N_QUESTIONS, batch_size=16, device="cpu")
+        cfg = EvalConfig(model="smollm2-135m-instruct", head=N_QUESTIONS, batch_size=16, device="cpu")
         subject = load_subject(cfg.model, device="cpu")
         ours = metric.run(
             EvalContext(cfg, subject, load_items(metric, cfg, metric.default_data), progress=False)
