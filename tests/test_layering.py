@@ -11,19 +11,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "excise"
 STDLIB = set(sys.stdlib_module_names) | {"__future__"}
 # Which excise packages each package may import.
+# Top-level helpers (standard library only) every package may use.
+_HELPERS = ("excise.errors", "excise.provenance", "excise.fsutil")
 EXCISE_ALLOWED = {
-    "pem": ("excise.pem", "excise.errors", "excise.provenance"),
-    "models": ("excise.models", "excise.errors", "excise.provenance"),
-    "data": ("excise.data", "excise.models", "excise.errors", "excise.provenance"),
-    "train": (
-        "excise.train",
-        "excise.data",
-        "excise.models",
-        "excise.pem",
-        "excise.errors",
-        "excise.provenance",
-    ),
-    "evaluate": ("excise.evaluate", "excise.data", "excise.models", "excise.errors", "excise.provenance"),
+    "pem": ("excise.pem", *_HELPERS),
+    "models": ("excise.models", *_HELPERS),
+    "data": ("excise.data", "excise.models", *_HELPERS),
+    "train": ("excise.train", "excise.data", "excise.models", "excise.pem", *_HELPERS),
+    "evaluate": ("excise.evaluate", "excise.data", "excise.models", *_HELPERS),
 }
 # pem/ is tensors only, and numpy replaces torch there (excise/pem/delta.py says why).
 THIRD_PARTY_ALLOWED = {"pem": ("numpy", "safetensors", "xxhash")}

@@ -36,6 +36,7 @@ from safetensors import safe_open
 
 from excise import __version__
 from excise.errors import AdapterError, ConfigError, first_line
+from excise.fsutil import recover_dir, replace_dir
 from excise.pem.delta import Adapter, LowRankDelta, Module, RowDelta
 from excise.pem.stream import NUMPY_DTYPES, SafetensorsWriter, header_entry_bound, read_header
 from excise.provenance import (
@@ -490,10 +491,14 @@ def check_output_dir(out: str | Path, *, overwrite: bool = False) -> Path:
 class atomic_output_dir:  # noqa: N801 (used as a context manager, reads like a function)
     """Context manager: yields a temp folder beside ``out``, renamed to ``out`` on success.
 
-    On any exception the temp folder is removed and ``out`` is left as it was.
+    On any exception the temp folder is removed and ``out`` is left as it was. An existing
+    ``out`` is moved aside before the new one takes its place (:func:`excise.fsutil.replace_dir`),
+    so a kill at any instant leaves the old or the new output complete; a swap a kill cut
+    short is finished first (:func:`excise.fsutil.recover_dir`).
     """
 
     def __init__(self, out: str | Path, *, overwrite: bool = False) -> None:
+        recover_dir(out)
         self.out = check_output_dir(out, overwrite=overwrite)
         self.tmp = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
 
@@ -506,9 +511,7 @@ class atomic_output_dir:  # noqa: N801 (used as a context manager, reads like a 
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
-        if self.out.exists():
-            shutil.rmtree(self.out)
-        os.replace(self.tmp, self.out)
+        replace_dir(self.tmp, self.out)
 
 
 def save_adapter(
