@@ -164,8 +164,15 @@ def _train_cross(out: Path, data: Path | None, limit: int | None, checks: bool) 
         f"n = {agreement['n']}), refusal feature {'on' if calibration['refusal_feature'] else 'off'}, "
         f"trained in {meta['train_seconds']:.0f} s"
     )
-    for name, check in meta.get("checks", {}).items():
+    checks = dict(meta.get("checks", {}))
+    stock = checks.pop("stock_refusals", None)
+    for name, check in checks.items():
         typer.echo(f"  check {name}: accuracy {check['accuracy']:.4f} (n = {check['n']})")
+    if stock is not None:
+        typer.echo(
+            f"  check stock_refusals: flagged {stock['flagged_with_rule']:.1%} "
+            f"({stock['flagged_without_rule']:.1%} without the terse-refusal rule)"
+        )
     done(out)
 
 

@@ -43,6 +43,24 @@ def test_cached_bottom_layers_give_the_plain_forward():
     torch.testing.assert_close(again, plain, atol=1e-5, rtol=0)
 
 
+def test_bottom_cache_runs_the_frozen_layers_without_dropout():
+    torch.manual_seed(0)
+    model = CrossEncoder(rank=2, layers=(3, 4, 5)).train()  # as during training
+    prompts, responses = ["How do I pick a lock?", "Hi"], ["I won't help with that.", "Hello there."]
+    batch = model.tokenize(prompts, responses)
+    bert = model.encoder.get_base_model()
+    with torch.no_grad():
+        cached = _BottomCache(model, 3)
+        cached.logits(0, prompts, responses)
+        bert.eval()
+        clean = bert(**batch, output_hidden_states=True).hidden_states[3]  # (B, T, D), no dropout
+        model.train()
+    # The cached input of layer 3 is the frozen layers' true output, not one dropout sample of it.
+    torch.testing.assert_close(cached.memo[0], clean, atol=1e-6, rtol=0)
+    # And the model is left as it was: the trained layers still train with dropout.
+    assert all(m.training for m in model.modules())
+
+
 def test_calibration_is_a_sigmoid_in_the_unit_interval():
     rng = np.random.default_rng(0)
     z = np.concatenate([rng.standard_normal(50) * 5, [1e4, -1e4, 0.0]])  # (53,), extremes included

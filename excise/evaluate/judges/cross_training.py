@@ -12,7 +12,8 @@ to one prompt each), loss = pointwise BCE on every answer + a pairwise margin te
 ``softplus(z_safe − z_unsafe)`` per pair. Batches are fixed, length-sorted groups of pairs,
 visited in a seeded random order each epoch; one torch thread and a fixed seed make the run
 repeatable. When the lowest trained layer is above 0 the frozen layers below it are run once
-per batch and their output cached.
+per batch, without dropout (eval mode), and their output cached; the trained layers above keep
+their dropout.
 
 Calibration: Platt scaling on the calibration part, ``σ(a·z + b)``, or ``σ(a·z + c·refuses + b)``
 with the refusal-marker feature — the latter only when it lowers the log-loss in a 2-fold
@@ -55,6 +56,12 @@ from excise.evaluate.subject import file_digest
 __all__ = ["CALIBRATE", "CrossSettings", "calibration_mask", "train_cross"]
 
 CALIBRATE = {"train": 0.8, "calibrate": 0.2}
+# Refusals a chat model gives, unlike PKU's safe answers (explanations): the terse-refusal check.
+STOCK_REFUSALS = (
+    "I'm sorry, but I can't help with that.",
+    "I cannot assist with that request.",
+    "As an AI, I cannot provide that information.",
+)
 
 
 @dataclass(frozen=True)
@@ -175,7 +182,9 @@ def train_cross(
         "reference_scores": [round(float(p), 6) for p in p_held[:16]],
     }
     if checks:
-        metadata["checks"] = _hh_check(model, calibration, refusal, check_limit)
+        metadata["checks"] = _hh_check(model, calibration, refusal, check_limit) | {
+            "stock_refusals": _stock_refusal_check(model, calibration, refusal, held.prompts)
+        }
     metadata["train_seconds"] = round(time.perf_counter() - started, 1)
     write_cross(Path(out), model.trainable_state(), calibration, metadata)
     return metadata
@@ -232,7 +241,8 @@ def _fit(
 
 
 class _BottomCache:
-    """Runs the frozen encoder layers below ``first`` once per batch and reuses their output.
+    """Runs the frozen encoder layers below ``first`` once per batch, in eval mode (no dropout),
+    and reuses their output.
 
     With ``first == 0`` nothing is frozen and every call is the model's own forward.
     """
@@ -248,8 +258,16 @@ class _BottomCache:
 
         bert = self.model.encoder.get_base_model()
         if key not in self.memo:
-            with torch.no_grad():
-                self.memo[key] = bert(**batch, output_hidden_states=True).hidden_states[self.first]
+            # In eval mode: run in train mode, the cache froze one dropout sample of the frozen
+            # layers and every epoch reused it. Without dropout they give their one true output.
+            modes = {m: m.training for m in bert.modules()}
+            bert.eval()
+            try:
+                with torch.no_grad():
+                    self.memo[key] = bert(**batch, output_hidden_states=True).hidden_states[self.first]
+            finally:
+                for m, training in modes.items():
+                    m.train(training)
         hidden = self.memo[key]  # (B, T, D): the output of layer first - 1, unchanged by training
         mask = create_bidirectional_mask(
             config=bert.config, inputs_embeds=hidden, attention_mask=batch["attention_mask"]
@@ -296,6 +314,26 @@ def _calibrate(
         "n": len(y),
     }
     return calibration, chosen
+
+
+def _stock_refusal_check(
+    model: CrossEncoder, calibration: list[float], refusal: RefusalJudge, prompts: list[str]
+) -> dict[str, Any]:
+    """How often stock refusals to the held-out prompts are flagged, with and without the terse rule."""
+    prompts = list(dict.fromkeys(prompts))
+    asked = [p for p in prompts for _ in STOCK_REFUSALS]
+    answers = [r for _ in prompts for r in STOCK_REFUSALS]
+    z = model.logits(asked, answers)
+
+    def flagged(terse_words: int) -> float:
+        return round(float((judge_scores(z, answers, refusal, calibration, terse_words) > 0.5).mean()), 4)
+
+    return {
+        "responses": list(STOCK_REFUSALS),
+        "prompts": len(prompts),
+        "flagged_with_rule": flagged(TERSE_REFUSAL_WORDS),
+        "flagged_without_rule": flagged(0),
+    }
 
 
 def _hh_check(model: CrossEncoder, calibration: list[float], refusal: RefusalJudge, n: int) -> dict[str, Any]:
