@@ -67,7 +67,8 @@ def sweep(
     tolerance: Annotated[
         float,
         typer.Option(
-            help="Allowed relative utility loss against λ = 0 when choosing λ (0.05: +5 % perplexity)."
+            help="Allowed relative utility loss against λ = 0 when choosing λ (0.05: +5 % perplexity;"
+            " absolute when the utility at λ = 0 is 0)."
         ),
     ] = 0.05,
     bootstrap: Annotated[
