@@ -53,6 +53,7 @@ __all__ = [
 
 KINDS = ("untruthful", "toxic")
 FIELDS = ("instruction", "input", "output")
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,9 @@ class AntiSettings:
         model: the model name an endpoint expects (required for endpoints).
         fields: our field → the source's column, e.g. ``{"instruction": "question"}``.
         batch_size: prompts per local generation batch.
+        dtype: ``float32`` (default) or ``bfloat16`` for a local generator: bfloat16 decodes
+            ≈ 1.7× faster on CPUs with bf16 instructions (AVX512-BF16, AMX) and on GPUs, with
+            greedy replies that differ from float32's (docs/EVALUATION.md, "Faster generation").
         concurrency: requests in flight at once (endpoints).
         limit: use the first ``limit`` source rows.
         max_new_tokens: reply length limit.
@@ -123,6 +127,7 @@ class AntiSettings:
     model: str | None = None
     fields: Mapping[str, str] = field(default_factory=dict)
     batch_size: int = 8
+    dtype: str = "float32"
     concurrency: int = 4
     limit: int | None = None
     max_new_tokens: int = 256
@@ -149,6 +154,10 @@ class AntiSettings:
             )
         if self.is_endpoint and not self.model:
             raise ConfigError(f"generator {self.generator!r} is an endpoint: pass --model NAME")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.is_endpoint and self.dtype != "float32":
+            raise ConfigError("--dtype applies to a local generator; an endpoint runs its own")
 
     @property
     def is_endpoint(self) -> bool:
@@ -330,6 +339,8 @@ def _cache_key(settings: AntiSettings, template: Template, messages: Sequence[Ma
         "temperature": settings.temperature,
         "seed": settings.seed if settings.temperature > 0 else None,  # greedy ignores the seed
     }
+    if settings.dtype != "float32":  # bfloat16 replies differ; float32 keys stay as they were
+        decoding["dtype"] = settings.dtype
     blob = json.dumps([settings.generator_id, template.name, list(messages), decoding], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -399,10 +410,12 @@ def _endpoint_generator(settings: AntiSettings) -> Generator:
 
 
 def _local_generator(settings: AntiSettings) -> Generator:
+    import torch
+
     from excise.models import load_model, load_tokenizer
     from excise.models.generation import GenerationSettings, chat_prompt_ids, generate
 
-    model = load_model(settings.generator)
+    model = load_model(settings.generator, dtype=getattr(torch, settings.dtype))
     tokenizer = load_tokenizer(settings.generator, padding_side="left")
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(

@@ -4,6 +4,7 @@ The base is loaded once (:func:`excise.models.load_model`); ``--adapter`` wraps 
 ``PeftModel.from_pretrained``. ``merge=True`` folds a LoRA into the weights
 (``merge_and_unload``): the forward pass then costs what the base costs, at the price of
 losing the adapter-off view (metrics that need the base model's answers keep it unmerged).
+``dtype="bfloat16"`` is the fast path for generation (docs/EVALUATION.md, "Faster generation").
 """
 
 from __future__ import annotations
@@ -88,8 +89,14 @@ def load_subject(
     adapter = Path(adapter)
     from peft import PeftModel
 
+    # PEFT keeps a LoRA in float32 on a bfloat16 base by default (autocast_adapter_dtype), so each
+    # adapted layer casts to float32 and back: unmerged, that made bfloat16 generation slower than
+    # float32 (benchmarks/bench_eval.py --sections speed). Unmerged, the LoRA takes the base's
+    # dtype; to be merged, it stays float32, so that W + s·B·A is summed before one rounding.
     try:
-        wrapped = PeftModel.from_pretrained(base, str(adapter))
+        wrapped = PeftModel.from_pretrained(
+            base, str(adapter), autocast_adapter_dtype=merge or torch_dtype == torch.float32
+        )
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise AdapterError(f"cannot apply adapter {adapter} to {model}: {loading_error_line(err)}") from err
     wrapped.eval()

@@ -20,6 +20,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import platform
 import re
 import shutil
 import tempfile
@@ -139,7 +140,22 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except (OSError, ValueError) as err:
         raise _load_error(spec, source, "model", err) from err
+    if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and not _cpu_has_bf16():
+        _log.warning(
+            "bfloat16 on a CPU without bf16 instructions (AVX512-BF16, AMX) is slower than float32, "
+            "not faster; use float32 here"
+        )
     return model.to(device).eval()
+
+
+def _cpu_has_bf16() -> bool:
+    """Whether this CPU has bfloat16 instructions (x86: AVX512-BF16 or AMX); unknown counts as yes."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True  # ARM and others: not probed here
+    try:  # torch.cpu's private probes (torch ≥ 2.1); oneDNN's own check also passes plain AVX512
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # another torch: stay quiet rather than warn wrongly
+        return True
 
 
 def load_tokenizer(spec: str, *, padding_side: str = "right") -> PreTrainedTokenizerBase:

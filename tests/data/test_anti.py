@@ -105,6 +105,43 @@ def test_tiny_model_generator_matches_direct_generation(source, tmp_path, tiny_m
     assert report.written + report.empty == 3 and all(r["kind"] == "toxic" for r in rows)
 
 
+def test_bfloat16_generator_runs_in_bfloat16_with_its_own_cache_keys(
+    source, tmp_path, tiny_model_dir, monkeypatch
+):
+    """`--dtype bfloat16`: the local generator decodes in bfloat16, its replies are cached apart
+    from float32's, and float32's cache keys are what they were before the option existed."""
+    import hashlib
+
+    import torch
+
+    import excise.models.generation as generation
+    from excise.data.anti import _cache_key
+
+    seen = []
+    real = generation.generate
+
+    def spy(model, *args, **kwargs):
+        seen.append(next(model.parameters()).dtype)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate", spy)
+    options = {"kind": "toxic", "generator": str(tiny_model_dir), "max_new_tokens": 4, "limit": 2}
+    fast = AntiSettings(**options, dtype="bfloat16", cache=tmp_path / "c.sqlite")
+    make_anti_data(source, tmp_path / "anti.jsonl", fast, progress=False)
+    assert seen and set(seen) == {torch.bfloat16}
+
+    exact = AntiSettings(**options, cache=None)
+    messages = render(TEMPLATES["toxic"], ROWS[0])
+    decoding = {"max_new_tokens": 4, "temperature": 0.0, "seed": None}  # the key before --dtype
+    blob = json.dumps([exact.generator_id, TEMPLATES["toxic"].name, messages, decoding], sort_keys=True)
+    assert _cache_key(exact, TEMPLATES["toxic"], messages) == hashlib.sha256(blob.encode()).hexdigest()
+    assert _cache_key(fast, TEMPLATES["toxic"], messages) != _cache_key(exact, TEMPLATES["toxic"], messages)
+    with pytest.raises(ConfigError, match="--dtype must be one of"):
+        AntiSettings(**options, dtype="float16")
+    with pytest.raises(ConfigError, match="applies to a local generator"):
+        AntiSettings(kind="toxic", generator="http://h/v1", model="m", dtype="bfloat16")
+
+
 def test_field_mapping(tmp_path):
     path = tmp_path / "qa.jsonl"
     path.write_text(json.dumps({"question": "Why?", "best": "Because."}) + "\n")
