@@ -71,9 +71,23 @@ def sweep(
             " absolute when the utility at λ = 0 is 0)."
         ),
     ] = 0.05,
+    tolerance_on: Annotated[
+        str,
+        typer.Option(
+            help="Check the tolerance on the utility loss's `point` estimate, the `worst` end of its paired "
+            "interval (the whole interval within) or the `best` end (refused only when surely beyond)."
+        ),
+    ] = "point",
+    select_share: Annotated[
+        float,
+        typer.Option(
+            help="Share of the items (hash-chosen) that choose λ; the figures at the chosen λ are reported "
+            "on the rest. 1: choose and report on the same items."
+        ),
+    ] = 0.5,
     bootstrap: Annotated[
         int, typer.Option(help="Paired bootstrap resamples for the intervals (0: none).")
-    ] = 1000,
+    ] = 10000,
     dtype: Annotated[str, typer.Option(help="`float32` or `bfloat16`.")] = "float32",
     device: Annotated[str, typer.Option(help="`auto` (CUDA if present), `cpu`, `cuda`…")] = "auto",
     allow_partial: Partial = False,
@@ -122,6 +136,8 @@ def sweep(
         dtype=dtype,
         device=device,
         tolerance=tolerance,
+        tolerance_on=tolerance_on,
+        select_share=select_share,
         bootstrap=bootstrap,
         out=out,
         overwrite=overwrite,

@@ -476,13 +476,33 @@ def _sweep_summary(s: dict[str, Any]) -> dict[str, Any]:
         for p in s["points"]
     ]
     keys = ("deficiency", "utility", "extra", "pareto", "chosen", "knee", "confidence", "bootstrap")
-    return {k: s.get(k) for k in keys} | {"points": points}
+    selection = {k: v for k, v in (s.get("selection") or {}).items() if k != "axes"}
+    return {k: s.get(k) for k in keys} | {"points": points, "selection": selection}
+
+
+def _held_out_line(s: dict[str, Any]) -> list[str]:
+    """The figures at the chosen λ on the items that did not choose it (issue 22: no winner's curse)."""
+    report = (s["chosen"] or {}).get("report")
+    if not report:
+        return []
+    names = {"deficiency": f"{s['deficiency']['metric']}:{s['deficiency']['key']}",
+             "utility": f"{s['utility']['metric']}:{s['utility']['key']}"}  # fmt: skip
+    parts = []
+    for name, r in report.items():
+        diff = "n/a" if r["diff"] is None else f"{r['diff']:+.4f}"
+        interval = f" [{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}]" if r.get("ci") else ""
+        parts.append(
+            f"{names.get(name, name)} {_fmt(r['value'])} (Δ vs λ = 0 {diff}{interval}; n = {r['n']})"
+        )
+    where = "the items that did not choose it" if (s.get("selection") or {}).get("held_out") else "all items"
+    return [f"At the chosen λ, on {where}: " + "; ".join(parts) + "."]
 
 
 def _sweep_lines(s: dict[str, Any]) -> list[str]:
     chosen, knee = s["chosen"], s["knee"]
     return [
         f"Chosen λ = {_lam(chosen['lam'])}: {chosen['rule']}.",
+        *_held_out_line(s),
         f"Knee λ = {_lam(knee['lam'])}" + (f" ({knee['reason']})." if knee.get("reason") else "."),
         f"Pareto front: λ ∈ {{{', '.join(f'{x:g}' for x in s['pareto'])}}}.",
         f"Intervals: {s.get('confidence', 0.95):.0%} paired bootstrap ({s.get('bootstrap')} resamples) "

@@ -18,13 +18,16 @@ Choosing λ (docs/SWEEP.md):
 
 - **Paired bootstrap** against λ = 0: the same items are scored at every λ, so items are
   resampled once (``bootstrap`` resamples, seeded) and the difference ``stat(λ) − stat(0)``
-  is recomputed on each resample; the interval is its ``(1 − confidence)/2`` quantiles.
+  is recomputed on each resample; the interval is its ``(1 − confidence)/2`` quantiles, with
+  a two-sided p-value and the count of non-finite resamples; none below 20 items.
 - **Pareto front**: the λ whose (deficiency, utility) pair no other λ beats on both.
 - **Chosen λ** (the rule): among the λ whose relative utility loss against λ = 0 is at
   most ``tolerance`` (perplexity: ``ppl(λ) ≤ (1 + tolerance)·ppl(0)``; a higher-is-better
   utility: ``u(λ) ≥ u(0) − tolerance·|u(0)|``; when ``u(0) = 0`` the loss and the tolerance
   are absolute: ``|u(0)|`` is replaced by 1), the one with the best deficiency score;
-  ties go to the smallest ``|λ|`` (the gentlest edit). λ = 0 always qualifies.
+  ties go to the smallest ``|λ|`` (the gentlest edit), then λ > 0. λ = 0 always qualifies.
+  λ is chosen on a hash-chosen ``select_share`` of the items and its figures are reported on
+  the rest (``chosen.report``); ``tolerance_on`` checks the loss's point or an interval end.
 - **Knee**: on the Pareto front, both axes scaled to [0, 1] with "better" upwards, the
   point farthest beyond the chord joining the front's two ends, on the side of the ideal
   corner (needs ≥ 3 front points; a dent inside the chord never qualifies).
@@ -50,7 +53,8 @@ SweepConfig fields (YAML keys of a recipe's ``sweep`` stage; ``excise sweep`` fl
   intervals, for the table (e.g. HaluEval accuracy, 4-gram repetition); they do not choose λ.
 - ``dtype``, ``device``: as ``excise eval``.
 - ``tolerance`` (float, default 0.05): allowed relative utility loss (absolute when u(0) = 0).
-- ``bootstrap`` (int, default 1000), ``confidence`` (float, default 0.95), ``seed`` (int).
+- ``tolerance_on`` (``point`` | ``worst`` | ``best``), ``select_share`` (float, default 0.5).
+- ``bootstrap`` (int, default 10000), ``confidence`` (float, default 0.95), ``seed`` (int).
 - ``out`` (folder, written atomically), ``overwrite`` (bool), ``progress`` (bool).
 
 Output folder (``run_sweep`` returns it)::
@@ -86,11 +90,13 @@ __all__ = [
     "lam_folder",
     "linear_parts",
     "paired_bootstrap",
+    "paired_difference",
     "pairing_problem",
     "pareto_front",
     "parse_assignments",
     "parse_floats",
     "run_sweep",
+    "selection_split",
     "set_delta_scale",
     "utility_loss",
 ]
@@ -186,7 +192,20 @@ class SweepConfig(BaseModel):
     tolerance: float = Field(
         0.05, ge=0, description="Allowed relative utility loss against λ = 0 (absolute when u(0) = 0)."
     )
-    bootstrap: int = Field(1000, ge=0, description="Paired bootstrap resamples (0: no intervals).")
+    tolerance_on: Literal["point", "worst", "best"] = Field(
+        "point",
+        description="What the tolerance is checked on: the utility loss's point estimate, the worse end "
+        "of its paired interval (admissible only when the whole interval is within), or the better end "
+        "(refused only when the loss is beyond tolerance with confidence).",
+    )
+    select_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Share of the items (hash-chosen) on which λ is chosen; the figures at the chosen λ "
+        "are reported on the other items (1: choose and report on all, with a winner's-curse note).",
+    )
+    bootstrap: int = Field(10000, ge=0, description="Paired bootstrap resamples (0: no intervals).")
     confidence: float = Field(0.95, gt=0, lt=1, description="Interval coverage.")
     seed: int = Field(0, description="Seeds the bootstrap resampling.")
     out: Path = Field(description="Output folder (written atomically).")
@@ -314,22 +333,38 @@ def _aggregate(stat: dict[str, Any]) -> float:
     return float(_TRANSFORMS[stat["transform"]](np.sum(stat["num"]) / den)) if den else math.nan
 
 
-def paired_bootstrap(
+def paired_difference(
     ref: dict[str, Any], other: dict[str, Any], *, resamples: int, confidence: float, seed: int
-) -> tuple[float, float] | None:
-    """Percentile interval of ``stat(other) − stat(ref)`` with items resampled together.
-
-    Items are paired by their identity (``keys`` of :func:`item_stat`), not by position: ``other``
-    is put in ``ref``'s item order, and one index draw then serves both, which is what removes
-    the between-item variance.
+) -> dict[str, Any]:
+    """:func:`paired_bootstrap`'s interval with what a reader needs beside it.
 
     Returns:
-        ``(low, high)``, or None with no resamples or no items.
-
-    Raises:
-        ConfigError: the two records cannot be paired (:func:`pairing_problem`: different items,
-            or items without keys).
+        ``{"ci": [low, high] | None, "p": two-sided bootstrap p-value | None, "resamples",
+        "dropped": resamples whose statistic was not finite (left out, counted), "units": items
+        resampled, "reason": why there is no interval (absent when there is one)}``. No interval
+        below :data:`~excise.evaluate.stats.MIN_RESAMPLING_UNITS` items.
     """
+    from excise.evaluate.stats import MIN_RESAMPLING_UNITS, bootstrap_pvalue
+
+    n = len(ref["num"])
+    out: dict[str, Any] = {"ci": None, "p": None, "resamples": resamples, "dropped": 0, "units": n}
+    diff = _paired_diffs(ref, other, resamples=resamples, seed=seed)
+    if resamples == 0:
+        return out | {"reason": "no resamples asked for (bootstrap: 0)"}
+    if n < MIN_RESAMPLING_UNITS:
+        return out | {"reason": f"{n} item(s); an interval needs at least {MIN_RESAMPLING_UNITS}"}
+    finite = diff[np.isfinite(diff)]
+    out["dropped"] = int(diff.size - finite.size)
+    if finite.size == 0:
+        return out | {"reason": "no resample gave a finite difference"}
+    tail = (1.0 - confidence) / 2.0
+    out["ci"] = [float(np.quantile(finite, tail)), float(np.quantile(finite, 1.0 - tail))]
+    out["p"] = bootstrap_pvalue(finite)
+    return out
+
+
+def _paired_diffs(ref: dict[str, Any], other: dict[str, Any], *, resamples: int, seed: int) -> np.ndarray:
+    """``stat(other) − stat(ref)`` on ``resamples`` paired resamples of the items (R,)."""
     from excise.errors import ConfigError
 
     problem = pairing_problem(ref, other)
@@ -340,16 +375,33 @@ def paired_bootstrap(
     num_b, den_b = np.asarray(other["num"])[order], np.asarray(other["den"])[order]  # (n,)
     n = num_a.size
     if resamples == 0 or n == 0:
-        return None
+        return np.empty(0)
     idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))  # (R, n)
     fa, fb = _TRANSFORMS[ref["transform"]], _TRANSFORMS[other["transform"]]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        diff = fb(num_b[idx].sum(1) / den_b[idx].sum(1)) - fa(num_a[idx].sum(1) / den_a[idx].sum(1))  # (R,)
-    diff = diff[np.isfinite(diff)]
-    if diff.size == 0:
-        return None
-    tail = (1.0 - confidence) / 2.0
-    return float(np.quantile(diff, tail)), float(np.quantile(diff, 1.0 - tail))
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        return fb(num_b[idx].sum(1) / den_b[idx].sum(1)) - fa(num_a[idx].sum(1) / den_a[idx].sum(1))  # (R,)
+
+
+def paired_bootstrap(
+    ref: dict[str, Any], other: dict[str, Any], *, resamples: int, confidence: float, seed: int
+) -> tuple[float, float] | None:
+    """Percentile interval of ``stat(other) − stat(ref)`` with items resampled together.
+
+    Items are paired by their identity (``keys`` of :func:`item_stat`), not by position: ``other``
+    is put in ``ref``'s item order, and one index draw then serves both, which is what removes
+    the between-item variance.
+
+    Returns:
+        ``(low, high)``, or None with no resamples, fewer items than
+        :data:`~excise.evaluate.stats.MIN_RESAMPLING_UNITS`, or no finite resample
+        (:func:`paired_difference` says which, with the p-value and the dropped resamples).
+
+    Raises:
+        ConfigError: the two records cannot be paired (:func:`pairing_problem`: different items,
+            or items without keys).
+    """
+    ci = paired_difference(ref, other, resamples=resamples, confidence=confidence, seed=seed)["ci"]
+    return None if ci is None else (ci[0], ci[1])
 
 
 def pairing_problem(ref: dict[str, Any], other: dict[str, Any]) -> str | None:
@@ -441,6 +493,8 @@ def choose_lam(
     higher_d: bool,
     higher_u: bool,
     tolerance: float,
+    utility_ci: list[list[float] | tuple[float, float] | None] | None = None,
+    tolerance_on: str = "point",
 ) -> dict[str, Any]:
     """The documented rule: best deficiency score among the λ whose utility loss against
     λ = 0 (``lams[0]``) is at most ``tolerance``; ties go to the smallest ``|λ|``. The loss
@@ -453,13 +507,21 @@ def choose_lam(
     """
     assert lams[0] == 0.0, "point 0 is the λ = 0 reference"
     loss = utility_loss(utility, higher_u=higher_u)
-    admissible = [x is not None and x <= tolerance + 1e-12 for x in loss]
+    checked = loss if tolerance_on == "point" else _loss_bounds(utility, utility_ci, higher_u, tolerance_on)
+    # λ = 0 is admissible whenever its utility is finite (its loss is 0 by definition).
+    admissible = [(i == 0 and loss[0] is not None) or (x is not None and x <= tolerance + 1e-12)
+                  for i, x in enumerate(checked)]  # fmt: skip
     d = _oriented(deficiency, higher_d)
     kind = "absolute" if utility[0] == 0 else "relative"
     how = "absolute, as the utility at λ = 0 is 0" if kind == "absolute" else "relative"
+    on = {
+        "point": "",
+        "worst": ", the worse end of its paired interval",
+        "best": ", the better end of its paired interval",
+    }[tolerance_on]
     rule = (
-        f"the {'highest' if higher_d else 'lowest'} deficiency score among λ whose utility loss "
-        f"against λ = 0 is at most {tolerance:g} ({how}); ties: smallest |λ|"
+        f"the {'highest' if higher_d else 'lowest'} deficiency score among λ whose utility loss{on} "
+        f"against λ = 0 is at most {tolerance:g} ({how}); ties: smallest |λ|, then λ > 0"
     )
     candidates = [i for i, ok in enumerate(admissible) if ok and math.isfinite(d[i])]
     base = {"rule": rule, "tolerance": tolerance, "tolerance_kind": kind, "admissible": admissible,
@@ -471,8 +533,26 @@ def choose_lam(
             else "no λ within the tolerance has a finite deficiency score"
         )
         return base | {"lam": None, "index": None, "reason": reason}
-    best = max(candidates, key=lambda i: (d[i], -abs(lams[i])))
-    return base | {"lam": lams[best], "index": best}
+    best = max(candidates, key=lambda i: (d[i], -abs(lams[i]), lams[i] > 0))
+    return base | {"lam": lams[best], "index": best, "tolerance_on": tolerance_on}
+
+
+def _loss_bounds(
+    utility: list[float | None], ci: list[Any] | None, higher_u: bool, end: str
+) -> list[float | None]:
+    """The utility loss at one end of its interval: ``ci[i]`` bounds ``u(λ_i) − u(0)``."""
+    u0 = utility[0]
+    if u0 is None or not math.isfinite(u0) or ci is None:
+        return [None for _ in utility]
+    scale = abs(u0) if u0 != 0 else 1.0
+    out: list[float | None] = []
+    for bounds in ci:
+        if bounds is None:
+            out.append(None)
+            continue
+        losses = sorted(((-b) if higher_u else b) / scale for b in bounds)
+        out.append(losses[1] if end == "worst" else losses[0])
+    return out
 
 
 def knee_point(
@@ -765,27 +845,76 @@ def _show(value: float | None) -> str:
 
 
 def _analyse(cfg: SweepConfig, points: list[dict[str, Any]]) -> dict[str, Any]:
-    """Paired intervals against λ = 0, the Pareto front, the chosen λ and the knee."""
+    """Paired intervals against λ = 0, the Pareto front, the chosen λ and the knee.
+
+    The table (every point's value and interval) and the front and knee use every item. λ is
+    chosen on the selection items only (:func:`selection_split`), and the figures at the chosen
+    λ are reported again on the other items, so the reported effect is not the grid's best
+    point on the items that picked it.
+    """
     lams = [p["lam"] for p in points]
     hd, hu = cfg.deficiency.higher, cfg.utility.higher
-    d = [p["deficiency"]["value"] for p in points]
-    u = [p["utility"]["value"] for p in points]
+    axes = ["deficiency", "utility", *points[0].get("extra", {})]
+
+    def entry_of(p: dict[str, Any], name: str) -> dict[str, Any]:
+        return p[name] if name in ("deficiency", "utility") else p["extra"][name]
+
+    def compare(ref: dict[str, Any], other: dict[str, Any], seed: int) -> dict[str, Any]:
+        return paired_difference(ref, other, resamples=cfg.bootstrap, confidence=cfg.confidence, seed=seed)
+
     for p in points:
-        pairs = [(p[name], points[0][name]) for name in ("deficiency", "utility")]
-        pairs += [(entry, points[0]["extra"][name]) for name, entry in p.get("extra", {}).items()]
-        for entry, ref in pairs:
+        for name in axes:
+            entry, ref = entry_of(p, name), entry_of(points[0], name)
             entry["diff"] = (
                 None if entry["value"] is None or ref["value"] is None else entry["value"] - ref["value"]
             )
-            ci = paired_bootstrap(ref["items"], entry["items"], resamples=cfg.bootstrap,
-                                  confidence=cfg.confidence, seed=cfg.seed)  # fmt: skip
-            entry["ci"] = list(ci) if ci is not None else None
+            test = compare(ref["items"], entry["items"], cfg.seed)
+            entry["ci"], entry["p"], entry["dropped_resamples"] = test["ci"], test["p"], test["dropped"]
+            if test["ci"] is None and p is not points[0]:
+                entry["ci_reason"] = test["reason"]
+    d = [p["deficiency"]["value"] for p in points]
+    u = [p["utility"]["value"] for p in points]
     front = pareto_front(d, u, higher_d=hd, higher_u=hu)
-    chosen = choose_lam(lams, d, u, higher_d=hd, higher_u=hu, tolerance=cfg.tolerance)
+
+    split = {name: selection_split(points[0][name]["items"]["keys"], cfg.select_share, cfg.seed)
+             for name in ("deficiency", "utility")}  # fmt: skip
+    split |= {name: selection_split(entry_of(points[0], name)["items"]["keys"], cfg.select_share, cfg.seed)
+              for name in axes[2:]}  # fmt: skip
+    held_out = all(sp["report"] for sp in split.values())
+    sel = {name: [_subset(entry_of(p, name)["items"], split[name]["select"]) for p in points]
+           for name in ("deficiency", "utility")}  # fmt: skip
+    d_sel = [_finite(_aggregate(x)) for x in sel["deficiency"]]
+    u_sel = [_finite(_aggregate(x)) for x in sel["utility"]]
+    u_ci = [None] + [compare(sel["utility"][0], x, cfg.seed)["ci"] for x in sel["utility"][1:]]
+    chosen = choose_lam(lams, d_sel, u_sel, higher_d=hd, higher_u=hu, tolerance=cfg.tolerance,
+                        utility_ci=u_ci, tolerance_on=cfg.tolerance_on)  # fmt: skip
     for i, p in enumerate(points):
         p["pareto"] = i in front
         p["admissible"] = chosen["admissible"][i]
         p["utility_loss"] = chosen["utility_loss"][i]
+        p["selection"] = {"deficiency": d_sel[i], "utility": u_sel[i]}
+    chosen_out = {k: v for k, v in chosen.items() if k not in ("admissible", "utility_loss")}
+    if held_out:
+        chosen_out["rule"] += f"; chosen on {cfg.select_share:g} of the items, reported on the other items"
+    else:
+        chosen_out["rule"] += "; chosen and reported on the same items (winner's curse: optimistic)"
+    if chosen["index"] is not None:
+        k = chosen["index"]
+        report: dict[str, Any] = {}
+        for name in axes:
+            keep = split[name]["report"] if held_out else split[name]["select"]
+            ref, at = (
+                _subset(entry_of(points[0], name)["items"], keep),
+                _subset(entry_of(points[k], name)["items"], keep),
+            )
+            v0, vk = _finite(_aggregate(ref)), _finite(_aggregate(at))
+            test = compare(ref, at, cfg.seed)
+            diff = None if v0 is None or vk is None else vk - v0
+            report[name] = {"value": vk, "value_at_0": v0, "diff": diff, "ci": test["ci"], "p": test["p"],
+                            "n": len(ref["num"])}  # fmt: skip
+            if test["ci"] is None:
+                report[name]["ci_reason"] = test["reason"]
+        chosen_out["report"] = report
     return {
         "config": cfg.model_dump(mode="json"),
         "deficiency": {"metric": cfg.deficiency.metric, "key": cfg.deficiency.key, "higher_is_better": hd},
@@ -798,9 +927,52 @@ def _analyse(cfg: SweepConfig, points: list[dict[str, Any]]) -> dict[str, Any]:
         "bootstrap": cfg.bootstrap,
         "points": points,
         "pareto": [lams[i] for i in front],
-        "chosen": {k: v for k, v in chosen.items() if k not in ("admissible", "utility_loss")},
+        "selection": {
+            "share": cfg.select_share,
+            "seed": cfg.seed,
+            "held_out": held_out,
+            "rule": "items ranked by sha256(select:seed:item key); the first round(share·n) distinct "
+            "keys choose λ, the rest report",
+            "axes": {
+                name: {"select": sorted(sp["select"]), "report": sorted(sp["report"])}
+                for name, sp in split.items()
+            },
+        },
+        "chosen": chosen_out,
         "knee": knee_point(lams, d, u, higher_d=hd, higher_u=hu),
     }
+
+
+def selection_split(keys: list[str | None], share: float, seed: int) -> dict[str, set[str]]:
+    """Split the distinct item keys into the items that choose λ and the items that report it.
+
+    Keys are ranked by ``sha256(f"select:{seed}:{key}")``; the first ``round(share·n)`` (at least
+    one, and at most n − 1 so both sides have items) choose. ``share = 1`` or fewer than two
+    distinct keys: every key chooses and ``report`` is empty (reported on the same items).
+    """
+    import hashlib
+
+    distinct = sorted({k for k in keys if k is not None})
+    if share >= 1 or len(distinct) < 2:
+        return {"select": set(distinct), "report": set()}
+    ranked = sorted(distinct, key=lambda k: hashlib.sha256(f"select:{seed}:{k}".encode()).hexdigest())
+    n_select = min(len(ranked) - 1, max(1, round(share * len(ranked))))
+    return {"select": set(ranked[:n_select]), "report": set(ranked[n_select:])}
+
+
+def _subset(stat: dict[str, Any], keep: set[str]) -> dict[str, Any]:
+    """The per-item stat restricted to the items whose key is in ``keep``."""
+    rows = [i for i, k in enumerate(stat["keys"]) if k in keep]
+    return {
+        "num": [stat["num"][i] for i in rows],
+        "den": [stat["den"][i] for i in rows],
+        "transform": stat["transform"],
+        "keys": [stat["keys"][i] for i in rows],
+    }
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 # ----------------------------------------------------------------------------- CLI helpers
@@ -888,5 +1060,12 @@ def format_table(sweep_json: Path) -> str:
         )
     chosen, knee = s["chosen"], s["knee"]
     lines.append(f"chosen λ = {chosen['lam']} ({chosen['rule']})")
+    for name, r in (chosen.get("report") or {}).items():
+        label = {"deficiency": dname, "utility": uname}.get(name, name)
+        interval = "" if r["ci"] is None else f" [{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}]"
+        diff = "n/a" if r["diff"] is None else f"{r['diff']:+.4f}"
+        lines.append(
+            f"  at the chosen λ, {label} on {r['n']} reporting items: {num(r['value'])} (Δ {diff}{interval})"
+        )
     lines.append(f"knee λ = {knee['lam']}" + (f" ({knee['reason']})" if knee.get("reason") else ""))
     return "\n".join(lines)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from excise.evaluate.stats import bootstrap_pvalue
 from excise.pipeline.sweep import (
     SweepConfig,
     SweepMetric,
@@ -19,7 +20,9 @@ from excise.pipeline.sweep import (
     lam_folder,
     linear_parts,
     paired_bootstrap,
+    paired_difference,
     pareto_front,
+    selection_split,
 )
 from tests.conftest import random_lora, save_tiny_model, write_peft_lora
 
@@ -191,16 +194,59 @@ def test_item_stat_reproduces_the_number_and_bootstrap_is_paired():
     with pytest.raises(ConfigError, match="no result 'mc9'"):
         item_stat("truthfulqa-mc", "mc9", record)
     # Paired: a constant shift of every item gives an interval of exactly that shift.
-    a = {"num": [0.1, 0.5, 0.9, 0.3], "den": [1.0] * 4, "transform": "identity", "keys": ["a", "b", "c", "d"]}
+    keys = [f"k{i}" for i in range(24)]
+    a = {"num": [0.1, 0.5, 0.9, 0.3] * 6, "den": [1.0] * 24, "transform": "identity", "keys": keys}
     b = a | {"num": [x + 0.2 for x in a["num"]]}
     low, high = paired_bootstrap(a, b, resamples=200, confidence=0.95, seed=0)
     assert low == pytest.approx(0.2) and high == pytest.approx(0.2)
     # Against an independent computation of the same resampling.
-    c = a | {"num": [0.4, 0.1, 0.8, 0.9]}
-    idx = np.random.default_rng(3).integers(0, 4, size=(500, 4))
+    c = a | {"num": [0.4, 0.1, 0.8, 0.9] * 6}
+    idx = np.random.default_rng(3).integers(0, 24, size=(500, 24))
     diffs = np.array(c["num"])[idx].mean(1) - np.array(a["num"])[idx].mean(1)
     got = paired_bootstrap(a, c, resamples=500, confidence=0.9, seed=3)
     assert got == pytest.approx((np.quantile(diffs, 0.05), np.quantile(diffs, 0.95)))
+    full = paired_difference(a, c, resamples=500, confidence=0.9, seed=3)
+    assert full["p"] == pytest.approx(bootstrap_pvalue(diffs)) and full["dropped"] == 0
+    # Fewer than 20 resampling units: no interval, and the reason.
+    few = {k: v[:4] if isinstance(v, list) else v for k, v in a.items()}
+    assert paired_bootstrap(few, few, resamples=200, confidence=0.95, seed=0) is None
+    assert "at least 20" in paired_difference(few, few, resamples=200, confidence=0.95, seed=0)["reason"]
+
+
+def test_non_finite_resamples_are_counted_not_hidden():
+    # A ratio whose denominator is 0 on some resamples (only one item has tokens).
+    keys = [f"k{i}" for i in range(20)]
+    a = {"num": [1.0] + [0.0] * 19, "den": [1.0] + [0.0] * 19, "transform": "identity", "keys": keys}
+    out = paired_difference(a, a, resamples=1000, confidence=0.95, seed=0)
+    idx = np.random.default_rng(0).integers(0, 20, size=(1000, 20))
+    expected_dropped = int(np.sum(np.asarray(a["den"])[idx].sum(1) == 0))
+    assert out["dropped"] == expected_dropped > 0
+
+
+def test_interval_coverage_on_a_simulated_case():
+    # 200 simulated paired experiments with a known difference of means: the 90 % interval
+    # must cover it about 90 % of the time (binomial sd ≈ 2.1 points).
+    rng = np.random.default_rng(1)
+    covered, n, truth = 0, 60, 0.1
+    for trial in range(200):
+        base = rng.normal(0.0, 1.0, n)
+        other = base + truth + rng.normal(0.0, 0.5, n)
+        keys = [f"t{trial}-{i}" for i in range(n)]
+        a = {"num": base.tolist(), "den": [1.0] * n, "transform": "identity", "keys": keys}
+        b = a | {"num": other.tolist()}
+        low, high = paired_bootstrap(a, b, resamples=1000, confidence=0.9, seed=trial)
+        covered += low <= truth <= high
+    assert 0.84 <= covered / 200 <= 0.96
+
+
+def test_lam_is_chosen_on_one_part_and_reported_on_the_other():
+    keys = [f"q{i}" for i in range(40)]
+    split = selection_split(keys, 0.5, seed=0)
+    assert len(split["select"]) == 20 and split["select"].isdisjoint(split["report"])
+    assert split["select"] | split["report"] == set(keys)
+    assert selection_split(keys, 0.5, seed=1) != split  # seeded
+    assert selection_split(keys, 1.0, seed=0) == {"select": set(keys), "report": set()}
+    assert selection_split(["only"], 0.5, seed=0)["report"] == set()
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -316,12 +362,34 @@ def test_sweep_equals_separate_ops_and_eval_runs(setup, tmp_path, monkeypatch, c
         assert point[axis]["value"] == pytest.approx(
             json.loads((out / point["results"]["truthfulqa-mc"]).read_text())["metrics"]["mc2"]
         )
-    # The chosen λ is what the rule gives on the swept numbers.
-    d = [p["deficiency"]["value"] for p in sweep["points"]]
-    u = [p["utility"]["value"] for p in sweep["points"]]
+    # The chosen λ is what the rule gives on the selection items' numbers, recomputed from the
+    # records; the figures at the chosen λ come from the other items.
+    select = {a: set(sweep["selection"]["axes"][a]["select"]) for a in ("deficiency", "utility")}
+    report = {a: set(sweep["selection"]["axes"][a]["report"]) for a in ("deficiency", "utility")}
+    assert select["deficiency"] and report["deficiency"] and not select["deficiency"] & report["deficiency"]
+
+    def mc2(point, keys):
+        items = json.loads((out / point["results"]["truthfulqa-mc"]).read_text())["items"]
+        return np.mean([it["mc2"] for it in items if it["key"] in keys])
+
+    def ppl(point, keys):
+        items = json.loads((out / point["results"]["perplexity"]).read_text())["items"]
+        kept = [it for it in items if it["key"] in keys]
+        return math.exp(sum(it["nll"] for it in kept) / sum(it["scored_tokens"] for it in kept))
+
+    d = [mc2(p, select["deficiency"]) for p in sweep["points"]]
+    u = [ppl(p, select["utility"]) for p in sweep["points"]]
+    assert [p["selection"]["deficiency"] for p in sweep["points"]] == pytest.approx(d)
     expected = choose_lam([0.0, *lams], d, u, higher_d=True, higher_u=False, tolerance=0.05)
     assert sweep["chosen"]["lam"] == expected["lam"]
-    assert sweep["points"][0]["deficiency"]["ci"] == [0.0, 0.0]
+    k = expected["index"]
+    held = sweep["chosen"]["report"]["deficiency"]
+    assert held["value"] == pytest.approx(mc2(sweep["points"][k], report["deficiency"]))
+    assert held["n"] == len(report["deficiency"]) and "reported on the other items" in sweep["chosen"]["rule"]
+    # Fewer items than an interval needs: none, with the reason (λ = 0 against itself has none).
+    if len(sweep["points"][1]["deficiency"]["items"]["keys"]) < 20:
+        assert sweep["points"][1]["deficiency"]["ci"] is None
+        assert "at least 20" in sweep["points"][1]["deficiency"]["ci_reason"]
 
 
 def test_sweep_with_utility_keeps_base_view_and_refuses_used_output(setup, tmp_path, monkeypatch):
@@ -448,8 +516,11 @@ def test_sweep_extra_metrics_are_scored_at_every_lam(setup, tmp_path, monkeypatc
         assert point["extra"]["perplexity:nll_per_token"]["value"] == nll["metrics"]["nll_per_token"]
         ppl_record = json.loads((tmp_path / "s" / point["results"]["perplexity"]).read_text())
         assert nll["metrics"]["nll_per_token"] != pytest.approx(np.log(ppl_record["metrics"]["perplexity"]))
-    assert sweep["points"][0]["extra"]["truthfulqa-mc:mc1"]["ci"] == [0.0, 0.0]
-    assert all(p["extra"]["truthfulqa-mc:mc1"]["ci"] is not None for p in sweep["points"])
+    n = len(sweep["points"][0]["extra"]["truthfulqa-mc:mc1"]["items"]["keys"])
+    for p in sweep["points"][1:]:  # extras get paired intervals too (or the reason they have none)
+        e = p["extra"]["truthfulqa-mc:mc1"]
+        assert e["ci"] is not None if n >= 20 else "at least 20" in e["ci_reason"]
+    assert set(sweep["chosen"]["report"]) == {"deficiency", "utility", *sweep["extra"]}
     with pytest.raises(ValueError, match="each metric:key"):
         SweepConfig(**(cfg.model_dump() | {"extra": [cfg.extra[0], cfg.extra[0]]}))
 
@@ -491,3 +562,26 @@ def test_paired_bootstrap_refuses_records_of_other_items_or_without_keys():
     with pytest.raises(ConfigError, match="carry no identity keys"):
         paired_bootstrap(ref, old, **kw)
     assert pairing_problem(ref, _stat([0.3, 0.2, 0.1], ["c", "b", "a"])) is None
+
+
+def test_tolerance_on_an_interval_bound_and_ties_between_signs():
+    lams = [0.0, 1.0, 2.0]
+    d, u = [0.5, 0.6, 0.7], [10.0, 10.514, 10.3]  # perplexity: λ = 1 loses 5.14 %, λ = 2 3 %
+    ci = [None, [0.40, 0.67], [0.35, 0.55]]  # Δppl intervals: 4.0–6.7 % and 3.5–5.5 %
+    point = choose_lam(lams, d, u, higher_d=True, higher_u=False, tolerance=0.05)
+    assert point["admissible"] == [True, False, True] and point["lam"] == 2.0
+    worst = choose_lam(lams, d, u, higher_d=True, higher_u=False, tolerance=0.05,
+                       utility_ci=ci, tolerance_on="worst")  # fmt: skip
+    assert worst["admissible"] == [True, False, False] and worst["lam"] == 0.0
+    assert "worse end of its paired interval" in worst["rule"]
+    best = choose_lam([0.0, 1.0], d[:2], u[:2], higher_d=True, higher_u=False, tolerance=0.05,
+                      utility_ci=ci[:2], tolerance_on="best")  # fmt: skip
+    assert best["admissible"] == [True, True] and best["lam"] == 1.0
+    # A higher-is-better utility: the loss is −Δ, so the interval's low end is the worse one.
+    hb = choose_lam([0.0, 1.0], [0.1, 0.2], [1.0, 0.97], higher_d=True, higher_u=True, tolerance=0.05,
+                    utility_ci=[None, [-0.08, 0.01]], tolerance_on="worst")  # fmt: skip
+    assert hb["admissible"] == [True, False]
+    # Equal deficiency at λ = −1 and λ = 1: the positive λ, whatever the grid order.
+    for grid in ([0.0, -1.0, 1.0], [0.0, 1.0, -1.0]):
+        tie = choose_lam(grid, [0.1, 0.5, 0.5], [1.0, 1.0, 1.0], higher_d=True, higher_u=True, tolerance=0.05)
+        assert tie["lam"] == 1.0
