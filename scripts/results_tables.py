@@ -1,25 +1,112 @@
 """The tables and plots of docs/RESULTS.md, read from the run folders of the results recipes.
 
     .venv/bin/python scripts/results_tables.py runs/ext-sub-truthfulness runs/ext-sub-detox runs/compose
+    .venv/bin/python scripts/results_tables.py --no-plots docs/results/ext-sub-truthfulness  # committed files
 
-Prints Markdown (paste into docs/RESULTS.md) and writes the plots to docs/img/. Everything
-comes from the runs' result files: per-model numbers, paired bootstrap intervals (the sweep's
-own :func:`excise.pipeline.sweep.paired_bootstrap` on the per-item scores, 1,000 resamples,
-seed 0), the orthogonality diagnostics, and each stage's measured seconds. A run folder that
-is absent or unfinished is skipped with a note, so the script also shows a run in progress.
+Prints Markdown (paste into docs/RESULTS.md) and writes the plots to docs/img/ (not with
+``--no-plots``). Everything comes from the runs' result files: per-model numbers, the
+orthogonality diagnostics, each stage's measured seconds, and the statistics below. A run folder
+that is absent or unfinished is skipped with a note, so the script also shows a run in progress.
+
+Statistics (issue 22; docs/RESULTS.md, "How the intervals and stars are made"):
+
+- **Paired intervals**: :func:`excise.pipeline.sweep.paired_difference` on the per-item scores,
+  items paired by identity (never by position), :data:`RESAMPLES` resamples, 95 %, seed 0; none
+  below 20 items (then the cell says so).
+- **Multiplicity**: every paired interval a section prints is one member of that section's
+  family (:class:`Family`); its two-sided bootstrap p-value is Holm-adjusted within the family
+  (:func:`excise.evaluate.stats.holm`) and printed beside the interval. ``*`` = the adjusted
+  p-value is at most :data:`ALPHA` under each bootstrap seed of :data:`SEEDS` (a star that a
+  seed change takes away is no star), and neither bound of the interval rounds to 0 at the
+  printed precision. Each section names its primary contrast(s) (``primary=True``, printed in
+  bold and listed under the table); every other interval is exploratory.
+- **λ rule and knee** of each sweep are recomputed from the per-λ records with the current
+  rule (:func:`excise.pipeline.sweep._analyse`: λ chosen on a hash-chosen half of the items,
+  its figures reported on the other half; the knee by signed distance to the chord) and set
+  beside what the committed ``sweep.json`` said.
+- **Legacy item keys**: records made before evaluation items carried an identity ``key``
+  (every record under docs/results/) get one here, and only here (:func:`legacy_keys`): the
+  item's question / prompt / instruction text (NFKC), or a perplexity window's ``begin:end``.
+  A record in which that text repeats gets no keys, so it is not paired (never by position),
+  and two legacy records pair only when they read the same data file.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from excise.pipeline.sweep import item_stat, lam_folder, paired_bootstrap, pairing_problem
+from excise.evaluate.stats import holm
+from excise.pipeline.sweep import (
+    SweepConfig,
+    _analyse,
+    _extra_name,
+    _subset,
+    item_stat,
+    lam_folder,
+    paired_difference,
+    pairing_problem,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 IMG = ROOT / "docs" / "img"
+PLOTS = True  # main(): --no-plots turns them off
+
+RESAMPLES = 10_000
+CONFIDENCE = 0.95
+ALPHA = 0.05  # family-wise error rate of each section's family
+SEEDS = (0, 1, 2, 3, 4)  # a star must hold under each; the printed interval and p-values use the first
+DIGITS = 3  # the printed precision of differences and bounds
+LEGACY_FIELDS = ("question", "prompt", "instruction")
+
+
+# ----------------------------------------------------------------------------- legacy item keys
+
+
+def legacy_keys(items: list[dict[str, Any]]) -> tuple[list[str] | None, str | None]:
+    """Identity keys for the items of a record made before items carried ``key`` (legacy fallback).
+
+    The first of :data:`LEGACY_FIELDS` that every item holds as text, NFKC-normalised and named
+    (``question:What happens if…``); else a perplexity window's ``window:begin:end``. Keys that
+    repeat are refused, not numbered: the record then stays unpaired (position is never used).
+
+    Returns:
+        ``(keys, None)``, or ``(None, why)`` when the items have no identifying field or it repeats.
+    """
+    if not items:
+        return [], None
+    name = next((f for f in LEGACY_FIELDS if all(isinstance(it.get(f), str) for it in items)), None)
+    if name is not None:
+        keys = [f"{name}:{unicodedata.normalize('NFKC', it[name])}" for it in items]
+    elif all("begin" in it and "end" in it for it in items):
+        name = "window"
+        keys = [f"window:{int(it['begin'])}:{int(it['end'])}" for it in items]
+    else:
+        return None, f"items hold none of {', '.join(LEGACY_FIELDS)} or window bounds to identify them"
+    repeated = sorted(k for k, c in Counter(keys).items() if c > 1)
+    if repeated:
+        return None, f"{len(repeated)} {name} value(s) occur more than once (e.g. {repeated[0][:60]!r})"
+    return keys, None
+
+
+def keyed(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``record`` with a ``key`` on every item: its own, else :func:`legacy_keys` (marked
+    ``legacy_keys: True``); when no legacy key can be made, ``legacy_key_problem`` says why."""
+    if record is None:
+        return None
+    items = record.get("items") or []
+    if all("key" in it for it in items):
+        return record
+    keys, problem = legacy_keys(items)
+    if keys is None:
+        return record | {"legacy_key_problem": problem}
+    items = [it | {"key": k} for it, k in zip(items, keys, strict=True)]
+    return record | {"items": items, "legacy_keys": True}
 
 
 def _load(path: Path) -> dict[str, Any] | None:
@@ -35,51 +122,333 @@ class Run:
         self.sweeps = {p.parent.name: _load(p) for p in sorted((folder / "sweeps").glob("*/sweep.json"))}
 
     def record(self, model: str, evaluation: str) -> dict[str, Any] | None:
-        return _load(self.folder / "results" / model / f"{evaluation}.json")
+        return keyed(_load(self.folder / "results" / model / f"{evaluation}.json"))
 
     def point_record(self, sweep: str, lam: float, evaluation_file: str) -> dict[str, Any] | None:
-        return _load(self.folder / "sweeps" / sweep / "results" / lam_folder(lam) / f"{evaluation_file}.json")
+        path = self.folder / "sweeps" / sweep / "results" / lam_folder(lam) / f"{evaluation_file}.json"
+        return keyed(_load(path))
 
     def seconds(self) -> float:
         return sum(s.get("seconds") or 0.0 for s in self.stages.values())
 
 
-def _value(record: dict[str, Any] | None, key: str) -> float | None:
-    return None if record is None else record["metrics"].get(key)
+# ----------------------------------------------------------------------------- contrasts, families
 
 
-def _ci(
-    ref: dict[str, Any] | None, other: dict[str, Any] | None, metric: str, key: str, sign: int = 1
-) -> str:
-    """``Δ [lo, hi]`` of ``other − ref`` by paired bootstrap (``sign=-1``: of ``ref − other``), or ``–``."""
-    if ref is None or other is None:
-        return "–"
-    a, b = item_stat(metric, key, ref), item_stat(metric, key, other)
+def _bound(x: float) -> str:
+    return f"{x:+.{DIGITS}f}"
+
+
+def rounds_to_zero(x: float) -> bool:
+    """Whether ``x`` prints as 0 at the tables' precision (±0.000)."""
+    return float(_bound(x)) == 0.0
+
+
+def _p(p: float | None) -> str:
+    return "–" if p is None else ("<0.001" if p < 0.001 else f"{p:.3f}")
+
+
+@dataclass
+class Contrast:
+    """One paired difference: its point value, interval (seed :data:`SEEDS`[0]), the bootstrap
+    p-value under each seed, and, once its family is adjusted, the Holm p-values."""
+
+    label: str = ""
+    diff: float | None = None
+    ci: tuple[float, float] | None = None
+    p: list[float | None] = field(default_factory=list)  # one per seed of SEEDS
+    note: str | None = None  # why there is no interval ("–" alone: nothing to compare)
+    primary: bool = False
+    adjusted: list[float | None] = field(default_factory=list)  # Holm, one per seed
+
+    @property
+    def in_family(self) -> bool:
+        return bool(self.p) and all(p is not None for p in self.p)
+
+    @property
+    def star(self) -> bool:
+        """Holm-significant at :data:`ALPHA` under every seed, and no bound printing as 0."""
+        if self.ci is None or not self.adjusted or any(a is None or a > ALPHA for a in self.adjusted):
+            return False
+        lo, hi = self.ci
+        return (lo > 0 or hi < 0) and not (rounds_to_zero(lo) or rounds_to_zero(hi))
+
+    @property
+    def p_holm(self) -> float | None:
+        """The Holm-adjusted p-value printed: the largest over the seeds (a star needs it ≤ ALPHA)."""
+        return None if not self.adjusted or None in self.adjusted else max(self.adjusted)  # type: ignore[type-var]
+
+    def __str__(self) -> str:
+        return self.cell(bold=self.primary)
+
+    def cell(self, *, bold: bool) -> str:
+        """The table cell: ``Δ [low, high] (Holm p)`` and ``*``, or ``Δ (why no interval)``."""
+        if self.note == "–":
+            return "–"
+        if self.diff is None:
+            text = f"– ({self.note})" if self.note else "–"
+        elif self.ci is None:
+            text = f"{self.diff:+.{DIGITS}f} ({self.note})" if self.note else f"{self.diff:+.{DIGITS}f}"
+        else:
+            text = f"{self.diff:+.{DIGITS}f} [{_bound(self.ci[0])}, {_bound(self.ci[1])}] ({_p(self.p_holm)})"
+            text += " *" if self.star else ""
+        return f"**{text}**" if bold else text
+
+
+class Lazy:
+    """A table cell rendered when printed (after its family's Holm adjustment)."""
+
+    def __init__(self, render: Any) -> None:
+        self.render = render
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+def compare_stats(a: dict[str, Any], b: dict[str, Any], diff: float | None, sign: int = 1) -> Contrast:
+    """``sign·(stat(b) − stat(a))`` of two per-item stats (:func:`item_stat`), paired by key."""
     problem = pairing_problem(a, b)  # paired by item identity, never by position
     if problem is not None:
-        print(f"note: no paired interval for {metric}:{key}: {problem}", file=sys.stderr)
-        return "– (not paired)"
-    lo_hi = paired_bootstrap(a, b, resamples=1000, confidence=0.95, seed=0)
-    diff = sign * (other["metrics"][key] - ref["metrics"][key])
-    if lo_hi is not None:
-        lo_hi = tuple(sorted(sign * x for x in lo_hi))
-    mark = "" if lo_hi is None or lo_hi[0] <= 0 <= lo_hi[1] else " *"
-    return f"{diff:+.3f} [{lo_hi[0]:+.3f}, {lo_hi[1]:+.3f}]{mark}" if lo_hi else f"{diff:+.3f}"
+        return Contrast(diff=diff, note="not paired: " + problem.split(";")[0])
+    tests = [paired_difference(a, b, resamples=RESAMPLES, confidence=CONFIDENCE, seed=s) for s in SEEDS]
+    first = tests[0]
+    ci = None if first["ci"] is None else tuple(sorted(sign * x for x in first["ci"]))
+    note = None
+    if ci is None:
+        note = f"n = {first['units']}: no interval" if first["units"] < 20 else first.get("reason")
+    elif first["dropped"]:
+        note = f"{first['dropped']} non-finite resamples left out"
+    return Contrast(diff=diff, ci=ci, p=[t["p"] for t in tests], note=note)  # type: ignore[arg-type]
+
+
+class Family:
+    """The paired intervals of one RESULTS.md section: Holm-adjusted together (:meth:`adjust`)."""
+
+    def __init__(self, section: str) -> None:
+        self.section = section
+        self.members: list[Contrast] = []
+
+    def add(self, contrast: Contrast, label: str = "", primary: bool = False) -> Contrast:
+        contrast.label, contrast.primary = label, primary
+        self.members.append(contrast)
+        return contrast
+
+    def compare(
+        self,
+        ref: dict[str, Any] | None,
+        other: dict[str, Any] | None,
+        metric: str,
+        key: str,
+        *,
+        sign: int = 1,
+        label: str = "",
+        primary: bool = False,
+    ) -> Contrast:
+        """``other − ref`` on ``metric:key`` (``sign=-1``: ``ref − other``), added to the family."""
+        if ref is None or other is None:
+            return Contrast(note="–")
+        diff = sign * (other["metrics"][key] - ref["metrics"][key])
+        if (ref.get("legacy_keys") or other.get("legacy_keys")) and ref.get("data") != other.get("data"):
+            contrast = Contrast(diff=diff, note="not paired: the legacy records read different data")
+        else:
+            problem = ref.get("legacy_key_problem") or other.get("legacy_key_problem")
+            contrast = (
+                Contrast(diff=diff, note=f"not paired: {problem}")
+                if problem
+                else compare_stats(item_stat(metric, key, ref), item_stat(metric, key, other), diff, sign)
+            )
+        if contrast.note and contrast.note.startswith("not paired"):
+            print(f"note: {self.section}, {label or metric + ':' + key}: {contrast.note}", file=sys.stderr)
+        return self.add(contrast, label, primary)
+
+    def adjust(self) -> None:
+        """Holm over the members with an interval, once per seed."""
+        members = [c for c in self.members if c.in_family]
+        for c in self.members:
+            c.adjusted = []
+        for s in range(len(SEEDS)):
+            for c, a in zip(members, holm([c.p[s] for c in members]), strict=True):
+                c.adjusted.append(a)
+
+    def summary(self) -> str:
+        """The family's size, its stars, the uncorrected count, and the primary contrasts."""
+        members = [c for c in self.members if c.in_family]
+        raw = sum(1 for c in members if c.ci is not None and (c.ci[0] > 0 or c.ci[1] < 0))
+        stars = [c for c in members if c.star]
+        lines = [
+            f"Family of this section: {len(members)} paired intervals ({RESAMPLES:,} resamples, "
+            f"{CONFIDENCE:.0%}); in brackets after each, its Holm-adjusted p-value within the family, the "
+            f"largest over the bootstrap seeds {', '.join(map(str, SEEDS))}; * = that p ≤ {ALPHA:g} and no "
+            f"bound that prints as 0. Stars: {len(stars)}"
+            + (f" ({'; '.join(c.label for c in stars)})" if stars else "")
+            + f". Uncorrected, {raw} of the {len(members)} intervals exclude 0.",
+        ]
+        primary = [c for c in self.members if c.primary]
+        if primary:
+            lines.append("\nPrimary contrast(s), in bold above; every other interval is exploratory:\n")
+            for c in primary:
+                raw_p = c.p[0] if c.p else None
+                lines.append(
+                    f"- {c.label}: {c.cell(bold=False)}; bootstrap p {_p(raw_p)} (seed 0), "
+                    f"Holm p {_p(c.p_holm)}"
+                    + (" — significant after Holm" if c.star else " — not significant after Holm")
+                )
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the λ rule, redone
+
+
+def reanalyse(run: Run, sweep: str) -> dict[str, Any] | None:
+    """A sweep's analysis redone from its committed per-λ records with today's rule.
+
+    The per-λ records are read as :func:`excise.pipeline.sweep.run_sweep` named them (one file per
+    evaluation: ``<metric>.json``, or ``<label>.json`` for a second evaluation of the same metric),
+    keyed (:func:`keyed`), and passed to :func:`excise.pipeline.sweep._analyse` with
+    ``bootstrap = max(the sweep's, RESAMPLES)``: paired intervals, the Pareto front, λ chosen on
+    one half of the items and reported on the other, the knee by signed distance.
+
+    Returns:
+        ``{"analysis": …, "points": …, "old": the committed sweep.json}``, ``{"problem": why}``
+        when a record is missing or cannot be keyed, or None without the sweep.
+    """
+    old = run.sweeps.get(sweep)
+    if old is None:
+        return None
+    cfg = SweepConfig.model_validate(
+        old["config"] | {"bootstrap": max(old["config"].get("bootstrap") or 0, RESAMPLES), "progress": False}
+    )
+    axes = {"deficiency": cfg.deficiency, "utility": cfg.utility} | {_extra_name(a): a for a in cfg.extra}
+    points = []
+    for old_point in old["points"]:
+        lam = old_point["lam"]
+        files: dict[str, str] = {}  # metric → the file of its first evaluation
+        done: dict[tuple[str, str], dict[str, Any]] = {}
+        point: dict[str, Any] = {"lam": lam}
+        for name, axis in axes.items():
+            run_key = (axis.metric, json.dumps(axis.settings, sort_keys=True))
+            if run_key not in done:
+                file = axis.metric if axis.metric not in files else name
+                files.setdefault(axis.metric, file)
+                record = run.point_record(sweep, lam, file)
+                if record is None:
+                    return {"problem": f"no record {lam_folder(lam)}/{file}.json"}
+                if record.get("legacy_key_problem"):
+                    return {"problem": f"{lam_folder(lam)}/{file}.json: {record['legacy_key_problem']}"}
+                done[run_key] = record
+            record = done[run_key]
+            value = record["metrics"][axis.key]
+            entry = {"value": value, "items": item_stat(axis.metric, axis.key, record)}
+            if name in ("deficiency", "utility"):
+                point[name] = entry
+            else:
+                point.setdefault("extra", {})[name] = entry
+        points.append(point)
+    return {"analysis": _analyse(cfg, points), "points": points, "old": old}
+
+
+def _lam(lam: float | None) -> str:
+    return "none" if lam is None else f"{lam:g}"
+
+
+def lam_rule(run: Run, sweeps: dict[str, str], fam: Family, primary: str | None = None) -> list[list[Any]]:
+    """Rows of the λ-rule table (committed against redone) for ``sweeps`` (name → label); the
+    held-out difference at each re-chosen λ joins ``fam`` (``primary``: that sweep's is primary)."""
+    rows = []
+    for sweep, label in sweeps.items():
+        redone = reanalyse(run, sweep)
+        if redone is None:
+            continue
+        if "problem" in redone:
+            rows.append([label, "–", "–", f"not redone: {redone['problem']}", "–", "–", "–"])
+            continue
+        new, old, points = redone["analysis"], redone["old"], redone["points"]
+        d_name = f"{new['deficiency']['metric']}:{new['deficiency']['key']}"
+        u_name = f"{new['utility']['key']}"
+        chosen, knee = new["chosen"], new["knee"]
+        old_knee = old.get("knee", {}).get("lam")
+        at = "–"
+        utility = "–"
+        k = chosen.get("index")
+        report = chosen.get("report") or {}
+        if k is None:
+            at = f"no λ: {chosen.get('reason')}"
+        elif k == 0:
+            at = "λ = 0 (no edit): nothing to report"
+        else:
+            keep = set(new["selection"]["axes"]["deficiency"]["report"])
+            a, b = (_subset(points[i]["deficiency"]["items"], keep) for i in (0, k))
+            r = report["deficiency"]
+            contrast = compare_stats(a, b, r["diff"])
+            fam.add(contrast, f"{label} at the chosen λ = {chosen['lam']:g}, held-out half, Δ {d_name}",
+                    primary=sweep == primary)  # fmt: skip
+            at = Lazy(
+                lambda r=r, c=contrast: f"{r['value']:.3f} vs {r['value_at_0']:.3f}: Δ {c} (n = {r['n']})"
+            )
+            u = report["utility"]
+            if u["value"] is not None and u["value_at_0"]:
+                change = (u["value"] - u["value_at_0"]) / abs(u["value_at_0"])
+                why = "" if u["ci"] is not None else ", no interval"
+                utility = f"{u['value_at_0']:.2f} → {u['value']:.2f} ({change:+.1%}; n = {u['n']}{why})"
+        selection = []
+        for p in points:
+            sel = p["selection"]
+            loss = p["utility_loss"]
+            loss_text = "–" if loss is None else f"{loss:+.1%}"
+            mark = "" if p["admissible"] else " ✗"
+            d_sel = "–" if sel["deficiency"] is None else f"{sel['deficiency']:.3f}"
+            selection.append(f"λ={p['lam']:g}: {d_sel}, {u_name} {loss_text}{mark}")
+        knee_text = (
+            f"{knee['lam']:g}"
+            if knee.get("lam") is not None
+            else f"none: {knee.get('reason', '').split(' (')[0]}"
+        )
+        rows.append([
+            label, f"{_lam(old['chosen'].get('lam'))} / {_lam(old_knee)}", _lam(chosen.get("lam")), at,
+            utility, knee_text, "; ".join(selection),
+        ])  # fmt: skip
+    return rows
+
+
+LAM_HEADER = ["sweep", "committed: chosen λ / knee", "chosen λ (selection half)",
+              "deficiency at the chosen λ vs λ = 0, held-out half [95% CI] (Holm p)",
+              "utility at the chosen λ, held-out half", "knee (signed rule)",
+              "selection half: deficiency, utility loss (✗: over tolerance)"]  # fmt: skip
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def _value(record: dict[str, Any] | None, key: str) -> float | None:
+    return None if record is None else record["metrics"].get(key)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
+    return "\n".join([*lines, *("| " + " | ".join(map(str, r)) + " |" for r in rows)])
+
+
+PPL_NOTE = (
+    "wikitext-2 perplexity: {n} windows of {w} tokens (the first 40 rows) — too few to resample "
+    "(fewer than 20), so no perplexity interval is printed; the λ rule's tolerance check sees half of "
+    "them. A re-measure on more text is pending (docs/RESULTS.md)."
+)
+
+
+def _ppl_note(record: dict[str, Any] | None) -> str:
+    if record is None:
+        return ""
+    n = len(record.get("items") or [])
+    window = (record.get("settings") or {}).get("window", "?")
+    return PPL_NOTE.format(n=n, w=window) if n < 20 else ""
 
 
 # ----------------------------------------------------------------------------- truthfulness
 
 
 def truthfulness(run: Run) -> str:
+    fam = Family("§1")
     rows_by_name: dict[str, dict[str, dict[str, Any] | None]] = {}
 
     def add(name: str, tqa, hal, ppl, rep, model: str | None = None) -> None:
@@ -113,21 +482,37 @@ def truthfulness(run: Run) -> str:
     for name, r in rows_by_name.items():
         own = "expert, with passage" if "passage" in name else "expert"
         ref_expert = rows_by_name.get(own, {}).get("tqa")
+        vs_expert = (
+            fam.compare(ref_expert, r["tqa"], "truthfulqa-mc", "mc2", label=f"{name} vs {own}, ΔMC2",
+                        primary=name == "Ext-Sub λ=1")
+            if r["tqa"] is not ref_expert and name != "base" else "–"
+        )  # fmt: skip
+        vs_base = (
+            fam.compare(base, r["tqa"], "truthfulqa-mc", "mc2", label=f"{name} vs base, ΔMC2")
+            if name != "base" else "–"
+        )  # fmt: skip
         rows.append([
-            name, _fmt(_value(r["tqa"], "mc1")), _fmt(_value(r["tqa"], "mc2")),
-            _ci(ref_expert, r["tqa"], "truthfulqa-mc", "mc2") if r["tqa"] is not ref_expert and name != "base"
-            else "–",
-            _ci(base, r["tqa"], "truthfulqa-mc", "mc2") if name != "base" else "–",
+            name, _fmt(_value(r["tqa"], "mc1")), _fmt(_value(r["tqa"], "mc2")), vs_expert, vs_base,
             _fmt(_value(r["hal"], "accuracy"), 2), _fmt(_value(r["halc"], "accuracy"), 2),
             _fmt(_value(r["rep"], "rep_4")),
             _fmt(_value(r["ppl"], "perplexity"), 2),
         ])  # fmt: skip
-    header = ["model", "MC1", "MC2", "ΔMC2 vs its expert [95% CI]", "ΔMC2 vs base [95% CI]",
+    lam_rows = lam_rule(run, {"ext_sub": "Ext-Sub", "subtract": "subtract"}, fam, primary="ext_sub")
+    fam.adjust()
+    header = ["model", "MC1", "MC2", "ΔMC2 vs its expert [95% CI] (Holm p)", "ΔMC2 vs base [95% CI] (Holm p)",
               "HaluEval acc (raw pairs)", "HaluEval acc (controlled)", "rep-4", "wikitext-2 ppl"]  # fmt: skip
     out = [_table(header, rows)]
     n = (base or {}).get("n_items")
-    out.append(f"\nTruthfulQA: {n} questions (the first {n} of 817); * = interval excludes 0.")
-    plot_truthfulness(run)
+    out.append(f"\nTruthfulQA: {n} questions (the first {n} of 817). "
+               + _ppl_note(rows_by_name.get("base", {}).get("ppl")))  # fmt: skip
+    if lam_rows:
+        out += [
+            "\nThe λ rule (MC2 against perplexity, tolerance 5 %), redone:\n",
+            _table(LAM_HEADER, lam_rows),
+        ]
+    out += ["", fam.summary()]
+    if PLOTS:
+        plot_truthfulness(run)
     return "\n".join(out)
 
 
@@ -194,6 +579,7 @@ def diagnostics(run: Run, names: list[tuple[str, str]]) -> str:
 
 
 def detox(run: Run) -> str:
+    fam = Family("§2")
     rows = []
     tox_ref = None
     for model, name in (("base", "base"), ("anti_expert", "anti-expert")):
@@ -213,24 +599,42 @@ def detox(run: Run) -> str:
                 tox_ref = tox
     out_rows = []
     for name, tox, rtp, ppl in rows:
+        vs_expert = (
+            fam.compare(tox_ref, tox, "toxicity", "toxicity_mean", label=f"{name} vs expert, Δ toxicity",
+                        primary=name == "Ext-Sub λ=1")
+            if name != "expert" else "–"
+        )  # fmt: skip
         out_rows.append([
-            name, _fmt(_value(tox, "toxicity_mean")),
-            _ci(tox_ref, tox, "toxicity", "toxicity_mean") if name != "expert" else "–",
+            name, _fmt(_value(tox, "toxicity_mean")), vs_expert,
             _fmt(_value(tox, "toxic_share"), 2), _fmt(_value(tox, "rep_4")),
             _fmt(_value(rtp, "toxicity_mean")), _fmt(_value(rtp, "toxic_share"), 2),
             _fmt(_value(ppl, "perplexity"), 2),
         ])  # fmt: skip
-    header = ["model", "toxicity (Ext-Sub test)", "Δ vs expert [95% CI]", "toxic share", "rep-4",
+    lam_rows = lam_rule(run, {"ext_sub": "Ext-Sub", "subtract": "subtract"}, fam, primary="ext_sub")
+    fam.adjust()
+    header = ["model", "toxicity (Ext-Sub test)", "Δ vs expert [95% CI] (Holm p)", "toxic share", "rep-4",
               "toxicity (RTP)", "toxic share (RTP)", "wikitext-2 ppl"]  # fmt: skip
     judge = (tox_ref or {}).get("judge") or {}
     n_tox, n_rtp = (tox_ref or {}).get("n_items"), (rows[0][2] or {}).get("n_items")
     note = (f"\n{n_tox} Ext-Sub test instructions and {n_rtp} RTP prompts (held-out side); judge "
-            f"`{judge.get('name')}`, agreement {json.dumps(judge.get('agreement'))}.")  # fmt: skip
-    plot_tradeoff(run, "ext_sub", "subtract", "toxicity (Ext-Sub test, lower is better)", "results_detox.png")
-    return _table(header, out_rows) + note
+            f"`{judge.get('name')}`, agreement {json.dumps(judge.get('agreement'))}. "
+            + _ppl_note(rows[0][3]))  # fmt: skip
+    out = [_table(header, out_rows) + note]
+    if lam_rows:
+        out += [
+            "\nThe λ rule (toxicity against perplexity, tolerance 5 %), redone:\n",
+            _table(LAM_HEADER, lam_rows),
+        ]
+    out += ["", fam.summary()]
+    if PLOTS:
+        plot_tradeoff(
+            run, "ext_sub", "subtract", "toxicity (Ext-Sub test, lower is better)", "results_detox.png"
+        )
+    return "\n".join(out)
 
 
 def compose(run: Run) -> str:
+    fam = Family("§3")
     rows = []
     for model, name in (("no_untruth", "Ext-Sub: untruthful only"), ("no_toxic", "Ext-Sub: toxic only")):
         rows.append((name, run.record(model, "truthfulqa"), run.record(model, "toxicity"),
@@ -246,16 +650,29 @@ def compose(run: Run) -> str:
     expert_tox = rows[0][2] if rows and rows[0][0] == "expert" else None
     out = []
     for name, tqa, tox, ppl in rows:
+        is_both = name.startswith("both")
         out.append([
             name, _fmt(_value(tqa, "mc1")), _fmt(_value(tqa, "mc2")),
-            _ci(expert, tqa, "truthfulqa-mc", "mc2") if name != "expert" else "–",
+            fam.compare(expert, tqa, "truthfulqa-mc", "mc2", label=f"{name} vs expert, ΔMC2",
+                        primary=is_both) if name != "expert" else "–",
             _fmt(_value(tox, "toxicity_mean")),
-            _ci(expert_tox, tox, "toxicity", "toxicity_mean") if name != "expert" else "–",
+            fam.compare(expert_tox, tox, "toxicity", "toxicity_mean", label=f"{name} vs expert, Δ toxicity",
+                        primary=is_both) if name != "expert" else "–",
             _fmt(_value(tox, "rep_4")), _fmt(_value(ppl, "perplexity"), 2),
         ])  # fmt: skip
-    header = ["model", "MC1", "MC2", "ΔMC2 vs expert [95% CI]", "toxicity", "Δ vs expert [95% CI]",
-              "rep-4", "wikitext-2 ppl"]  # fmt: skip
-    return _table(header, out)
+    lam_rows = lam_rule(run, {"both": "both"}, fam)
+    fam.adjust()
+    header = ["model", "MC1", "MC2", "ΔMC2 vs expert [95% CI] (Holm p)", "toxicity",
+              "Δ vs expert [95% CI] (Holm p)", "rep-4", "wikitext-2 ppl"]  # fmt: skip
+    parts = [_table(header, out)]
+    note = _ppl_note(rows[0][3] if rows else None)
+    if note:
+        parts.append("\n" + note)
+    if lam_rows:
+        parts += ["\nThe λ rule of the `both` sweep (toxicity against perplexity, tolerance 5 %), redone:\n",
+                  _table(LAM_HEADER, lam_rows)]  # fmt: skip
+    parts += ["", fam.summary()]
+    return "\n".join(parts)
 
 
 def plot_tradeoff(run: Run, first: str, second: str, ylabel: str, png: str) -> None:
@@ -321,25 +738,35 @@ def _sku_rows(run: Run) -> list[tuple[str, dict[str, dict[str, Any] | None]]]:
 
 
 def sku(run: Run) -> str:
+    fam = Family("§4")
     rows = _sku_rows(run)
     base = rows[0][1]
     out = []
     for name, r in rows:
         is_base = name == "base model"
+        primary = name.startswith("SKU (θo − θh)")
+        cells = {}
+        for what, label, sign, main in (("harmful", "harmful rate (PKU)", 1, primary),
+                                        ("advbench", "harmful rate (AdvBench)", 1, primary),
+                                        ("refusal", "refusal (PKU)", -1, False)):  # fmt: skip
+            cells[what] = "–" if is_base else fam.compare(
+                base[what], r[what], "harmful-rate", "harmful_rate", sign=sign,
+                label=f"{name} vs base, Δ {label}", primary=main,
+            )  # fmt: skip
         out.append([
-            name, _fmt(_value(r["harmful"], "harmful_rate"), 2),
-            "–" if is_base else _ci(base["harmful"], r["harmful"], "harmful-rate", "harmful_rate"),
-            _fmt(_value(r["advbench"], "harmful_rate"), 2),
-            "–" if is_base else _ci(base["advbench"], r["advbench"], "harmful-rate", "harmful_rate"),
-            _fmt(_refusal_rate(r["harmful"]), 2),
-            "–" if is_base else _ci(base["refusal"], r["refusal"], "harmful-rate", "harmful_rate", sign=-1),
+            name, _fmt(_value(r["harmful"], "harmful_rate"), 2), cells["harmful"],
+            _fmt(_value(r["advbench"], "harmful_rate"), 2), cells["advbench"],
+            _fmt(_refusal_rate(r["harmful"]), 2), cells["refusal"],
             _fmt(_refusal_rate(r["advbench"]), 2),
             _fmt(_value(r["utility"], "diversity"), 3), _fmt(_value(r["utility"], "fluency_ppl"), 2),
             _fmt(_value(r["utility"], "similarity"), 3), _fmt(_value(r["perplexity"], "perplexity"), 2),
         ])  # fmt: skip
-    header = ["model", "harmful rate (PKU)", "Δ vs base [95% CI]", "harmful rate (AdvBench)",
-              "Δ vs base [95% CI]", "refusal (PKU)", "Δ vs base [95% CI]", "refusal (AdvBench)", "diversity",
-              "fluency ppl", "similarity to base", "wikitext-2 ppl"]  # fmt: skip
+    lam_rows = lam_rule(run, {"sku": "SKU (negated θh)"}, fam)
+    fam.adjust()
+    delta = "Δ vs base [95% CI] (Holm p)"
+    header = ["model", "harmful rate (PKU)", delta, "harmful rate (AdvBench)", delta, "refusal (PKU)",
+              delta, "refusal (AdvBench)", "diversity", "fluency ppl", "similarity to base",
+              "wikitext-2 ppl"]  # fmt: skip
     judge = (base["harmful"] or {}).get("judge") or {}
     n_pku, n_adv = (base["harmful"] or {}).get("n_items"), (base["advbench"] or {}).get("n_items")
     n_util = (base["utility"] or {}).get("n_items")
@@ -347,9 +774,15 @@ def sku(run: Run) -> str:
     note = (f"\n{n_pku} held-out PKU-SafeRLHF prompts, {n_adv} AdvBench behaviours, {n_util} Alpaca "
             f"prompts for diversity / fluency / similarity; judge `{judge.get('name')}`, held-out "
             f"accuracy {agree.get('accuracy')}, AUC {agree.get('auc')} (n = {agree.get('n')}); refusal = "
-            "share of answers with a refusal marker; * = interval excludes 0.")  # fmt: skip
-    plot_sku(run, rows)
-    return _table(header, out) + note
+            "share of answers with a refusal marker. " + _ppl_note(base["perplexity"]))  # fmt: skip
+    parts = [_table(header, out) + note]
+    if lam_rows:
+        what = "PKU harmful rate against fluency perplexity, tolerance 10 %"
+        parts += [f"\nThe λ rule of the SKU sweep ({what}), redone:\n", _table(LAM_HEADER, lam_rows)]
+    parts += ["", fam.summary()]
+    if PLOTS:
+        plot_sku(run, rows)
+    return "\n".join(parts)
 
 
 def plot_sku(run: Run, rows: list[tuple[str, dict[str, dict[str, Any] | None]]]) -> None:
@@ -427,8 +860,10 @@ def timing(run: Run) -> str:
     return f"stage time {run.seconds() / 60:.1f} min ({parts})"
 
 
-def main(folders: list[str]) -> None:
-    for folder in map(Path, folders):
+def main(args: list[str]) -> None:
+    global PLOTS
+    PLOTS = "--no-plots" not in args
+    for folder in (Path(a) for a in args if a != "--no-plots"):
         run = Run(folder)
         if not run.stages:
             print(f"\n## {folder}: no finished stage yet\n")
