@@ -2,6 +2,8 @@
 
 The report shows whatever results the run folder holds, side by side: every method's
 evaluations (base, expert, anti-expert, direct subtraction, Ext-Sub, SKU, baselines), each
+number with its n and a paired 95 % bootstrap interval against the base model (and, for an
+operation, against its expert: the operation's first input), each
 λ sweep's trade-off (plot with the Pareto front, the chosen λ and the knee marked; table
 with paired bootstrap intervals), the per-layer diagnostics plot of ``excise inspect``,
 sample generations before and after, every judge with its measured agreement, and the
@@ -44,7 +46,19 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METHOD_ORDER", "collect", "write_report"]
+__all__ = [
+    "INTERVAL_CONFIDENCE",
+    "INTERVAL_RESAMPLES",
+    "INTERVAL_SEED",
+    "METHOD_ORDER",
+    "band",
+    "collect",
+    "compare_cell",
+    "metric_range",
+    "operation_experts",
+    "plot_sweep",
+    "write_report",
+]
 
 # Methods in this order first (the papers' tables), any other after them by name.
 METHOD_ORDER = [
@@ -95,7 +109,10 @@ def collect(run_dir: Path) -> dict[str, Any]:
 
     Returns:
         ``{"methods", "records", "sweeps", "diagnostics", "judges", "generations", "command",
-        "recipe"}`` — ``records[method][metric]`` are the full result records.
+        "recipe", "outdated", "intervals"}`` — ``records[method][metric]`` are the full result
+        records; ``intervals[method]["metric:key"]`` each number's n and its paired intervals
+        against the base model (``vs_base``) and an operation's expert (``vs_expert``), as
+        :func:`compare_cell` returns them.
 
     Raises:
         ConfigError: ``run_dir`` is not a folder, or a result file is not JSON.
@@ -129,7 +146,7 @@ def collect(run_dir: Path) -> dict[str, Any]:
     }
     command = run_dir / "command.txt"
     recipe = run_dir / "recipe.yaml"
-    return {
+    data = {
         "run_dir": str(run_dir.resolve()),
         "methods": methods,
         "records": records,
@@ -141,6 +158,8 @@ def collect(run_dir: Path) -> dict[str, Any]:
         "recipe": recipe.read_text() if recipe.is_file() else None,
         "outdated": _outdated(run_dir, planned),
     }
+    data["intervals"] = _intervals(data)
+    return data
 
 
 # The folders of a run whose entries are stage outputs (excise.pipeline.run's layout).
@@ -224,6 +243,38 @@ def _plt() -> Any:
     return plt
 
 
+# The range a number can take, for clipping interval bands: shares, rates and mean scores in
+# [0, 1]; a perplexity is exp of a non-negative NLL, so ≥ 1; an NLL ≥ 0. Other keys: unbounded.
+_UNIT_INTERVAL = {
+    "accuracy", "accuracy_right", "accuracy_hallucinated", "mc1", "mc2", "truthful_rate",
+    "toxic_share", "toxicity_mean", "judge_flagged_rate", "harmful_rate", "mean_score",
+    "rep_1", "rep_2", "rep_3", "rep_4", "diversity", "similarity", "empty_answers",
+}  # fmt: skip
+_AT_LEAST = {"perplexity": 1.0, "fluency_ppl": 1.0, "fluency_ppl_mean": 1.0, "nll_per_token": 0.0}
+
+
+def metric_range(key: str) -> tuple[float, float]:
+    """``(low, high)`` that the result ``key`` can take (±inf where unbounded)."""
+    if key in _UNIT_INTERVAL:
+        return 0.0, 1.0
+    return _AT_LEAST.get(key, -math.inf), math.inf
+
+
+def band(
+    ref: float, cis: list[list[float] | tuple[float, float]], key: str
+) -> tuple[list[float], list[float]]:
+    """A sweep plot's interval band: λ = 0's value plus each point's paired interval of the
+    difference, clipped to the range the number can take (:func:`metric_range`).
+
+    Returns:
+        ``(lows, highs)``, one per interval.
+    """
+    low, high = metric_range(key)
+    lows = [min(max(ref + c[0], low), high) for c in cis]
+    highs = [max(min(ref + c[1], high), low) for c in cis]
+    return lows, highs
+
+
 def plot_sweep(sweep: dict[str, Any], out: Path) -> Path:
     """Trade-off plot of one sweep (PNG): deficiency against utility with λ labels, the Pareto
     front, the chosen λ and the knee; beside it both metrics against λ with paired intervals."""
@@ -267,9 +318,7 @@ def plot_sweep(sweep: dict[str, Any], out: Path) -> Path:
         ref = points[0][axis]["value"]
         cis = [points[i][axis]["ci"] for i in order]
         if ref is not None and all(ci is not None for ci in cis):  # λ = 0 value + paired interval of Δ
-            target.fill_between(
-                xs, [ref + c[0] for c in cis], [ref + c[1] for c in cis], color=color, alpha=0.15
-            )
+            target.fill_between(xs, *band(ref, cis, sweep[axis]["key"]), color=color, alpha=0.15)
         target.set_ylabel(name, color=color)
     if sweep["chosen"]["lam"] is not None:
         bx.axvline(sweep["chosen"]["lam"], color="#d62728", ls=":", label="chosen λ")
@@ -339,6 +388,194 @@ def _item_rows(records: dict[str, Any], names: list[str]) -> list[list[str]]:
     return rows
 
 
+# ----------------------------------------------------------------------------- intervals
+
+# The methods table's intervals, as the sweeps compute theirs (excise.pipeline.sweep): a paired
+# percentile bootstrap of the difference, items paired by identity, none below 20 items.
+INTERVAL_RESAMPLES = 10_000
+INTERVAL_CONFIDENCE = 0.95
+INTERVAL_SEED = 0
+# Operators whose first input is the expert the operation edits (negate has none: SKU negates
+# the harmful module itself, so it is compared with the base model only).
+_EXPERT_FIRST = ("ext_sub", "subtract", "compose")
+
+
+def operation_experts(recipe: str | None, methods: list[str]) -> dict[str, str]:
+    """Each operation of the run that edits an expert → that expert's model name.
+
+    From the resolved recipe's ``operations`` (``op`` in ext_sub / subtract / compose: the
+    first of ``inputs``); a folder without a recipe (``excise eval --out``) pairs the methods
+    named ``ext_sub``, ``subtract`` and ``compose`` with ``expert`` when it was scored.
+
+    Args:
+        recipe: the resolved recipe's YAML text, or None.
+        methods: the model names with results.
+
+    Returns:
+        ``{operation: expert}``, only for operations with results.
+    """
+    import yaml
+
+    try:
+        operations = (yaml.safe_load(recipe) or {}).get("operations") if recipe else None
+    except (yaml.YAMLError, AttributeError):
+        operations = None
+    if not isinstance(operations, dict):
+        return {m: "expert" for m in methods if m in _EXPERT_FIRST and "expert" in methods}
+    out = {}
+    for name, op in operations.items():
+        inputs = op.get("inputs") if isinstance(op, dict) else None
+        if name in methods and op.get("op") in _EXPERT_FIRST and isinstance(inputs, list) and inputs:
+            out[str(name)] = str(inputs[0])
+    return out
+
+
+def _stat(record: dict[str, Any] | None, metric: str, key: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The record's per-item stat of ``key`` (excise.pipeline.sweep.item_stat), or None and why not."""
+    from excise.errors import ConfigError
+    from excise.pipeline.sweep import item_stat
+
+    if record is None:
+        return None, "not scored"
+    if not isinstance(record.get("items"), list):
+        return None, "no per-item scores in the record"
+    try:
+        return item_stat(record.get("metric") or metric, key, record), None
+    except (ConfigError, KeyError, TypeError, ValueError) as err:
+        return None, str(err)
+
+
+def compare_cell(
+    ref: dict[str, Any] | None,
+    other: dict[str, Any] | None,
+    metric: str,
+    key: str,
+    *,
+    resamples: int = INTERVAL_RESAMPLES,
+    confidence: float = INTERVAL_CONFIDENCE,
+    seed: int = INTERVAL_SEED,
+) -> dict[str, Any]:
+    """``other − ref`` for one number of two result records, with a paired bootstrap interval.
+
+    Items are paired by identity (:func:`excise.pipeline.sweep.paired_difference`): two records
+    that scored different items, or items without keys, are not compared.
+
+    Args:
+        ref, other: result records (``results/<method>/<eval>.json``), or None when not scored.
+        metric, key: which number (``halueval``, ``accuracy``).
+
+    Returns:
+        ``{"diff", "ci": [low, high] | None, "p", "n", "reason"}``: ``n`` the paired items
+        (perplexity: windows); ``reason`` (None when there is an interval) says why there is
+        none: not scored, no per-item scores, different items, fewer than 20 items.
+    """
+    from excise.pipeline.sweep import _aggregate, paired_difference, pairing_problem
+
+    out: dict[str, Any] = {"diff": None, "ci": None, "p": None, "n": None, "reason": None}
+    a, why_a = _stat(ref, metric, key)
+    b, why_b = _stat(other, metric, key)
+    if a is None or b is None:
+        return out | {"reason": f"reference: {why_a}" if a is None else str(why_b)}
+    out["n"] = len(b["num"])
+    problem = pairing_problem(a, b)
+    if problem is not None:
+        return out | {"reason": problem}
+    test = paired_difference(a, b, resamples=resamples, confidence=confidence, seed=seed)
+    va, vb = _aggregate(a), _aggregate(b)
+    diff = vb - va
+    return out | {
+        "diff": diff if math.isfinite(diff) else None,
+        "ci": test["ci"],
+        "p": test["p"],
+        "reason": test.get("reason") if test["ci"] is None else None,
+    }
+
+
+def _intervals(data: dict[str, Any]) -> dict[str, Any]:
+    """``{method: {"metric:key": {"n", "vs_base", "vs_expert"?}}}`` for every cell of the methods table."""
+    records = data.get("records", {})
+    names = list(data["methods"])
+    experts = operation_experts(data.get("recipe"), names)
+    out: dict[str, Any] = {}
+    for method in names:
+        for metric, keys in data["methods"][method].items():
+            rec = records.get(method, {}).get(metric)
+            for key in keys:
+                stat, _ = _stat(rec, metric, key)
+                cell: dict[str, Any] = {"n": None if stat is None else len(stat["num"])}
+                if method != "base":
+                    cell["vs_base"] = compare_cell(records.get("base", {}).get(metric), rec, metric, key)
+                if method in experts:
+                    expert = experts[method]
+                    ref = records.get(expert, {}).get(metric)
+                    cell["vs_expert"] = {"expert": expert} | compare_cell(ref, rec, metric, key)
+                out.setdefault(method, {})[f"{metric}:{key}"] = cell
+    return out
+
+
+def _short_reason(reason: str) -> str:
+    """The table's few words for why a cell has no interval (report.json keeps the whole reason)."""
+    from excise.evaluate.stats import MIN_RESAMPLING_UNITS
+
+    if reason.startswith("reference: "):
+        return "reference " + _short_reason(reason.removeprefix("reference: "))
+    for start, short in [
+        ("not scored", "not scored"),
+        ("they scored different items", "different items"),
+        ("their items carry no identity keys", "items without keys"),
+        ("no resample gave a finite", "no finite resample"),
+        ("no resamples", "no resamples"),
+    ]:
+        if reason.startswith(start):
+            return short
+    if "item(s); an interval needs" in reason:
+        return f"n = {reason.split(' ', 1)[0]} < {MIN_RESAMPLING_UNITS}"
+    return "no per-item scores"
+
+
+def _diff_cell(c: dict[str, Any] | None) -> str:
+    if c is None:
+        return ""
+    prefix = f"vs {c['expert']}: " if c.get("expert") not in (None, "expert") else ""
+    if c["ci"] is None:
+        return f"{prefix}– ({_short_reason(c['reason'] or '')})"
+    return f"{prefix}{c['diff']:+.4f} [{c['ci'][0]:+.4f}, {c['ci'][1]:+.4f}]"
+
+
+def _methods_rows(data: dict[str, Any], names: list[str], columns: list[tuple[str, str]]) -> list[list[str]]:
+    """Per number: its values, n, and the paired intervals against the base model and the expert."""
+    cells = data["intervals"] if "intervals" in data else _intervals(data)
+    any_expert = any("vs_expert" in c for by in cells.values() for c in by.values())
+    ci = f"{INTERVAL_CONFIDENCE:.0%} CI"
+    rows = []
+    for m, k in columns:
+        got = [cells.get(n, {}).get(f"{m}:{k}") for n in names]
+        rows.append([f"{m}:{k}", *[_fmt(data["methods"][n].get(m, {}).get(k)) for n in names]])
+        rows.append([f"{m}:{k} n", *["" if c is None else _fmt(c["n"]) for c in got]])
+        base = [
+            "" if c is None else "reference" if n == "base" else _diff_cell(c.get("vs_base"))
+            for n, c in zip(names, got, strict=True)
+        ]
+        rows.append([f"{m}:{k} Δ vs base [{ci}]", *base])
+        if any_expert:
+            rows.append([f"{m}:{k} Δ vs expert [{ci}]", *["" if c is None else _diff_cell(c.get("vs_expert"))
+                                                         for c in got]])  # fmt: skip
+    return rows
+
+
+def _interval_note() -> str:
+    from excise.evaluate.stats import MIN_RESAMPLING_UNITS
+
+    return (
+        f"n: items scored (perplexity: windows). Δ: the method's number minus the base model's (for an "
+        f"operation also minus its expert's, the operation's first input), with a "
+        f"{INTERVAL_CONFIDENCE:.0%} paired percentile bootstrap interval ({INTERVAL_RESAMPLES:,} "
+        f"resamples, seed {INTERVAL_SEED}): the same items, paired by identity, are resampled together "
+        f"for both models. – marks a cell with no interval, with the reason: the models scored different "
+        f"items, or fewer than {MIN_RESAMPLING_UNITS} items. Uncorrected for multiplicity: exploratory."
+    )
+
+
 def _tables(data: dict[str, Any]) -> dict[str, Any]:
     """Every table of the report as (header, rows) of strings, shared by Markdown and HTML."""
     columns = sorted(
@@ -348,8 +585,7 @@ def _tables(data: dict[str, Any]) -> dict[str, Any]:
     names = list(data["methods"])
     methods = (
         ["result", *names],
-        [[f"{m}:{k}", *[_fmt(data["methods"][n].get(m, {}).get(k)) for n in names]] for m, k in columns]
-        + _item_rows(data.get("records", {}), names),
+        _methods_rows(data, names, columns) + _item_rows(data.get("records", {}), names),
     )
     sweeps = {}
     for name, s in data["sweeps"].items():
@@ -451,6 +687,12 @@ def write_report(
                 "created": created,
                 "run_dir": data["run_dir"],
                 "methods": data["methods"],
+                "intervals": data["intervals"],
+                "interval_settings": {
+                    "resamples": INTERVAL_RESAMPLES,
+                    "confidence": INTERVAL_CONFIDENCE,
+                    "seed": INTERVAL_SEED,
+                },
                 "sweeps": {name: _sweep_summary(s) for name, s in data["sweeps"].items()},
                 "diagnostics": {name: d["summary"] for name, d in data["diagnostics"].items()},
                 "judges": data["judges"],
@@ -533,7 +775,7 @@ def _markdown(
 
     md = [f"# {title}", "", f"Run folder `{data['run_dir']}`, report made {created}.", ""]
     if data["methods"]:
-        md += ["## Methods side by side", "", _md_table(*tables["methods"]), ""]
+        md += ["## Methods side by side", "", _md_table(*tables["methods"]), "", _interval_note(), ""]
     for name, s in data["sweeps"].items():
         md += [f"## λ sweep `{name}` ({s['config']['operation']})", ""]
         md += [f"![trade-off of {name}]({plots[f'sweep:{name}'].relative_to(tmp)})", ""]
@@ -575,6 +817,7 @@ def _html(
     ]
     if data["methods"]:
         body += ['<h2 id="methods">Methods side by side</h2>', _html_table(*tables["methods"])]
+        body += [f'<p class="note">{e(_interval_note())}</p>']
     for name, s in data["sweeps"].items():
         body += [f'<h2 id="sweep-{e(name)}">λ sweep {e(name)} ({e(s["config"]["operation"])})</h2>']
         body += [_img(plots[f"sweep:{name}"], f"trade-off of {name}"), _html_table(*tables["sweeps"][name])]
