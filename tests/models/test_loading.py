@@ -53,6 +53,20 @@ def test_local_folder_loads_same_weights(tiny_model_dir: Path, tiny_llama) -> No
         torch.testing.assert_close(model(ids).logits, tiny_llama(ids).logits, atol=1e-6, rtol=0)
 
 
+def test_bfloat16_load_warns_only_without_bf16_instructions(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    for has_bf16, warned in ((True, False), (False, True)):
+        monkeypatch.setattr(loading, "_cpu_has_bf16", lambda has_bf16=has_bf16: has_bf16)
+        caplog.clear()
+        model = load_model(str(tiny_model_dir), dtype=torch.bfloat16)
+        assert next(model.parameters()).dtype == torch.bfloat16
+        assert ("slower than float32" in caplog.text) is warned
+    caplog.clear()
+    load_model(str(tiny_model_dir))  # float32: nothing to say
+    assert "slower than float32" not in caplog.text
+
+
 def test_folder_without_config_raises_one_line(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="cannot load model from folder") as info:
         load_model(str(tmp_path))
