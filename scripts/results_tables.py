@@ -8,7 +8,7 @@ Prints Markdown (paste into docs/RESULTS.md) and writes the plots to docs/img/ (
 orthogonality diagnostics, each stage's measured seconds, and the statistics below. A run folder
 that is absent or unfinished is skipped with a note, so the script also shows a run in progress.
 
-Statistics (issue 22; docs/RESULTS.md, "How the intervals and stars are made"):
+Statistics (issue 22; docs/RESULTS.md, "Primary contrasts, multiplicity and stars"):
 
 - **Paired intervals**: :func:`excise.pipeline.sweep.paired_difference` on the per-item scores,
   items paired by identity (never by position), :data:`RESAMPLES` resamples, 95 %, seed 0; none
@@ -191,7 +191,8 @@ class Contrast:
             text = f"{self.diff:+.{DIGITS}f} ({self.note})" if self.note else f"{self.diff:+.{DIGITS}f}"
         else:
             text = f"{self.diff:+.{DIGITS}f} [{_bound(self.ci[0])}, {_bound(self.ci[1])}] ({_p(self.p_holm)})"
-            text += " *" if self.star else ""
+            star = " *" if self.star else ""
+            return (f"**{text}**" if bold else text) + star
         return f"**{text}**" if bold else text
 
 
@@ -431,17 +432,18 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 PPL_NOTE = (
     "wikitext-2 perplexity: {n} windows of {w} tokens (the first 40 rows) — too few to resample "
-    "(fewer than 20), so no perplexity interval is printed; the λ rule's tolerance check sees half of "
-    "them. A re-measure on more text is pending (docs/RESULTS.md)."
+    "(fewer than 20), so no perplexity interval is printed{rule}. A re-measure on more text is pending."
 )
 
 
-def _ppl_note(record: dict[str, Any] | None) -> str:
+def _ppl_note(record: dict[str, Any] | None, *, in_rule: bool = True) -> str:
+    """The caveat for a perplexity on fewer than 20 windows (``in_rule``: it is the λ rule's utility)."""
     if record is None:
         return ""
     n = len(record.get("items") or [])
     window = (record.get("settings") or {}).get("window", "?")
-    return PPL_NOTE.format(n=n, w=window) if n < 20 else ""
+    rule = "; the λ rule's tolerance check sees half of them" if in_rule else ""
+    return PPL_NOTE.format(n=n, w=window, rule=rule) if n < 20 else ""
 
 
 # ----------------------------------------------------------------------------- truthfulness
@@ -774,7 +776,8 @@ def sku(run: Run) -> str:
     note = (f"\n{n_pku} held-out PKU-SafeRLHF prompts, {n_adv} AdvBench behaviours, {n_util} Alpaca "
             f"prompts for diversity / fluency / similarity; judge `{judge.get('name')}`, held-out "
             f"accuracy {agree.get('accuracy')}, AUC {agree.get('auc')} (n = {agree.get('n')}); refusal = "
-            "share of answers with a refusal marker. " + _ppl_note(base["perplexity"]))  # fmt: skip
+            "share of answers with a refusal marker. ")  # fmt: skip
+    note += _ppl_note(base["perplexity"], in_rule=False)
     parts = [_table(header, out) + note]
     if lam_rows:
         what = "PKU harmful rate against fluency perplexity, tolerance 10 %"
