@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -235,6 +236,9 @@ def bench_speed(n: int, new_tokens: int, adapter: Path | None, repeats: int, jud
                 clock = time.perf_counter()
                 answers[label] = run()
                 seconds[label] = min(seconds[label], time.perf_counter() - clock)
+                print(
+                    f"  [{rep + 1}/{repeats}] {label}: {time.perf_counter() - clock:.1f} s", file=sys.stderr
+                )
     if tmp is not None:
         tmp.cleanup()
     judge = load_judge(judge_spec)

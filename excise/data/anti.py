@@ -109,7 +109,7 @@ class AntiSettings:
         fields: our field → the source's column, e.g. ``{"instruction": "question"}``.
         batch_size: prompts per local generation batch.
         dtype: ``float32`` (default) or ``bfloat16`` for a local generator: bfloat16 decodes
-            ≈ 1.7× faster on CPUs with bf16 instructions (AVX512-BF16, AMX) and on GPUs, with
+            ≈ 2× faster on CPUs with bf16 instructions (AVX512-BF16, AMX) and on GPUs, with
             greedy replies that differ from float32's (docs/EVALUATION.md, "Faster generation").
         concurrency: requests in flight at once (endpoints).
         limit: use the first ``limit`` source rows.
