@@ -13,14 +13,9 @@ import pytest
 from excise.errors import ConfigError
 from excise.pipeline.recipe import RecipeError, apply_overrides, load_recipe
 from excise.pipeline.run import plan
-from tests.pipeline.recipe_fixtures import make_project, tiny_recipe, write_recipe
+from tests.pipeline.recipe_fixtures import tiny_recipe, write_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    return make_project(tmp_path_factory.mktemp("project"))
 
 
 def _problems(path: Path, overrides=(), **kwargs) -> list[str]:

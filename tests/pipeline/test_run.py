@@ -19,7 +19,7 @@ from excise.errors import ConfigError
 from excise.pipeline import run as run_module
 from excise.pipeline.recipe import load_recipe
 from excise.pipeline.run import MANIFEST, plan, run_recipe
-from tests.pipeline.recipe_fixtures import TINY_RECIPE, make_project, tiny_recipe, write_recipe
+from tests.pipeline.recipe_fixtures import TINY_RECIPE, tiny_recipe, write_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread", "eval_cache")
 
@@ -33,17 +33,6 @@ STAGES = [
     *(f"eval {e}/{m}" for e in ("halueval", "perplexity") for m in MODELS),
     "sweep ext_sub",
 ]
-
-
-@pytest.fixture
-def eval_cache(tmp_path, monkeypatch):
-    """A fresh evaluation cache per test: results must come from the stages, not an earlier test."""
-    monkeypatch.setenv("EXCISE_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    return make_project(tmp_path_factory.mktemp("project"))
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from excise.pipeline import run as run_module
 from excise.pipeline.recipe import RecipeError, load_recipe
 from excise.pipeline.run import MANIFEST, plan, run_recipe
 from tests.conftest import tiny_llama_config, tiny_tokenizer
-from tests.pipeline.recipe_fixtures import make_project, tiny_recipe, write_recipe
+from tests.pipeline.recipe_fixtures import tiny_recipe, write_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,11 +31,6 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(autouse=True)
 def _eval_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("EXCISE_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    return make_project(tmp_path_factory.mktemp("project"))
 
 
 def _run(path: Path, overrides=(), *, force: bool = False) -> tuple[list[str], list[str]]:

@@ -22,21 +22,11 @@ from safetensors.torch import load_file
 from excise.data import assign_split
 from excise.pipeline.recipe import RecipeError, load_recipe
 from excise.pipeline.run import run_recipe
-from tests.pipeline.recipe_fixtures import make_project, tiny_recipe, write_recipe
+from tests.pipeline.recipe_fixtures import tiny_recipe, write_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread", "eval_cache")
 
 TRAIN = {"steps": 1, "batch_size": 2, "lora_r": 2, "lora_alpha": 4, "max_length": 128, "lr": 0.01}
-
-
-@pytest.fixture
-def eval_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("EXCISE_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    return make_project(tmp_path_factory.mktemp("project"))
 
 
 def _questions(project: Path) -> list[str]:
