@@ -876,10 +876,8 @@ def _analyse(cfg: SweepConfig, points: list[dict[str, Any]]) -> dict[str, Any]:
     u = [p["utility"]["value"] for p in points]
     front = pareto_front(d, u, higher_d=hd, higher_u=hu)
 
-    split = {name: selection_split(points[0][name]["items"]["keys"], cfg.select_share, cfg.seed)
-             for name in ("deficiency", "utility")}  # fmt: skip
-    split |= {name: selection_split(entry_of(points[0], name)["items"]["keys"], cfg.select_share, cfg.seed)
-              for name in axes[2:]}  # fmt: skip
+    split = {name: selection_split(entry_of(points[0], name)["items"]["keys"], cfg.select_share, cfg.seed)
+             for name in axes}  # fmt: skip
     held_out = all(sp["report"] for sp in split.values())
     sel = {name: [_subset(entry_of(p, name)["items"], split[name]["select"]) for p in points]
            for name in ("deficiency", "utility")}  # fmt: skip
