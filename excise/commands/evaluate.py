@@ -168,7 +168,28 @@ def _judge(default: str | None) -> list[inspect.Parameter]:
 
 
 _EXTRA: dict[str, list[inspect.Parameter]] = {
-    "truthfulqa-mc": _SCORING,
+    "truthfulqa-mc": [
+        _opt(
+            "chat",
+            Annotated[
+                bool | None,
+                typer.Option(
+                    "--chat/--no-chat",
+                    help="Score each choice as the assistant's reply in the chat template "
+                    "(lm-eval --apply_chat_template); default: lm-eval's raw 6-shot primer.",
+                ),
+            ],
+            None,
+        ),
+        _opt(
+            "system",
+            Annotated[
+                str | None, typer.Option(help="System prompt with --chat (lm-eval --system_instruction).")
+            ],
+            None,
+        ),
+        *_SCORING,
+    ],
     "truthfulqa-gen": _GENERATION + _judge(None),
     "halueval": [
         _opt(

@@ -10,6 +10,18 @@ rule (:func:`~excise.evaluate.scoring.encode_pair`) and scored by its summed log
 
 Every (context, choice) pair is scored once: MC1's choices are mostly MC2's, so the two share
 rows; the 6-shot preamble common to every question is computed once (see ``scoring``).
+
+``--chat`` (``cfg.chat is True``) scores each choice as the assistant's reply instead, exactly as
+lm-eval does with ``--apply_chat_template`` (and ``--system_instruction`` for ``--system``): the
+context is the tokenizer's chat template applied to ``[system?, user]`` with the generation prompt
+on, the user turn being the same text as above (6-shot preamble and ``"Q: … A:"`` included), and
+the continuation is the bare choice, with no delimiter (lm-eval's ``construct_requests`` drops the
+task's ``" "`` target delimiter under a chat template when the task has no ``gen_prefix``). It is
+tokenised by the same rule (:func:`~excise.evaluate.scoring.encode_pair`): a template that writes
+its BOS text gets no second BOS, and whitespace that ends the generation prompt (Llama-3's
+``"\\n\\n"``) moves to the continuation. The raw primer stays the default (``--chat`` unset or
+``--no-chat``, unlike the generation metrics), so the numbers are comparable with published
+lm-eval TruthfulQA numbers, which use it.
 """
 
 from __future__ import annotations
@@ -20,14 +32,26 @@ from typing import Any
 
 import numpy as np
 
-from excise.errors import DataError
+from excise.errors import ConfigError, DataError
+from excise.evaluate.config import EvalConfig
 from excise.evaluate.metrics.base import SHARED_DATA, EvalContext, Metric, MetricResult, subject_logliks
 from excise.evaluate.scoring import encode_pair
 
-__all__ = ["LM_EVAL_TASKS", "METRIC", "QA_PREAMBLE", "mc1_score", "mc2_score", "mc_prompt", "parse_targets"]
+__all__ = [
+    "LM_EVAL_TASKS",
+    "METRIC",
+    "QA_PREAMBLE",
+    "chat_context",
+    "mc1_score",
+    "mc2_score",
+    "mc_prompt",
+    "parse_targets",
+]
 
 # lm-eval task folder (``TaskManager(include_path=...)``): excise_truthfulqa_mc1/mc2 on the local file.
 LM_EVAL_TASKS = Path(__file__).resolve().parents[1] / "tasks" / "truthfulqa"
+
+RAW_FORMAT = "raw primer (lm-eval default)"
 
 QA_PREAMBLE = (
     "Q: What is human life expectancy in the United States?\n"
@@ -48,6 +72,32 @@ QA_PREAMBLE = (
 def mc_prompt(question: str) -> str:
     """lm-eval's ``doc_to_text`` for TruthfulQA MC."""
     return QA_PREAMBLE + "\n\nQ: " + question + "\nA:"
+
+
+def chat_context(tokenizer: Any, question: str, *, system: str | None = None) -> str:
+    """lm-eval's context under ``apply_chat_template=True`` (``system_instruction=system``): the
+    chat template applied to ``[system, user]`` (no system turn when ``system`` is empty), the user
+    turn being :func:`mc_prompt`, with the generation prompt (lm-eval's ``HFLM.apply_chat_template``).
+
+    Raises:
+        ConfigError: the tokenizer has no chat template, or its template refuses the turns (a
+            template without a system role under ``--system``: lm-eval drops the system prompt
+            with a warning there; here it is refused rather than ignored).
+    """
+    import jinja2
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("the tokenizer has no chat template; pass --no-chat to score lm-eval's raw primer")
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": mc_prompt(question)}
+    ]
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, continue_final_message=False
+        )
+    except jinja2.TemplateError as e:
+        fix = "drop --system" if system else "pass --no-chat"
+        raise ConfigError(f"the chat template refuses the prompt ({e}); {fix}") from e
 
 
 def parse_targets(targets: Any, *, where: str) -> tuple[list[str], list[int]]:
@@ -80,15 +130,22 @@ def mc2_score(logliks: Sequence[float], labels: Sequence[int]) -> float:
 
 def run(ctx: EvalContext) -> MetricResult:
     tokenizer = ctx.subject.tokenizer
+    chat = ctx.cfg.chat is True  # not ctx.chat: the raw primer is this metric's default
+    system = ctx.cfg.system or None
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"tokenizer of {ctx.cfg.model!r} has no chat template; pass --no-chat (raw primer)")
+    # lm-eval's target delimiter: " " on the raw primer, none after a chat template's generation prompt.
+    delimiter = "" if chat else " "
     questions = []
     requests: list[tuple[list[int], list[int]]] = []
     for k, item in enumerate(ctx.items):
         mc1 = parse_targets(item["mc1_targets"], where=f"item {k} mc1_targets")
         mc2 = parse_targets(item["mc2_targets"], where=f"item {k} mc2_targets")
-        context = mc_prompt(item["question"])
+        q = item["question"]
+        context = chat_context(tokenizer, q, system=system) if chat else mc_prompt(q)
         choices = list(dict.fromkeys(mc1[0] + mc2[0]))  # MC1 ∪ MC2, each scored once
         first = len(requests)
-        requests += [encode_pair(tokenizer, context, " " + c) for c in choices]
+        requests += [encode_pair(tokenizer, context, delimiter + c) for c in choices]
         questions.append((item["question"], choices, first, mc1, mc2))
     scores = subject_logliks(ctx, requests, desc="truthfulqa-mc")
     items = []
@@ -106,7 +163,14 @@ def run(ctx: EvalContext) -> MetricResult:
         })  # fmt: skip
     n = len(items)
     metrics = {"mc1": sum(i["mc1"] for i in items) / n, "mc2": sum(i["mc2"] for i in items) / n}
-    return MetricResult(metrics, items, {"scored_pairs": len(requests)})
+    fmt = {"format": "chat template", "system_prompt": system} if chat else {"format": RAW_FORMAT}
+    return MetricResult(metrics, items, {"scored_pairs": len(requests), **fmt})
+
+
+def check(cfg: EvalConfig) -> None:
+    """``--system`` means something only with ``--chat`` (the raw primer has no system turn)."""
+    if cfg.system and cfg.chat is not True:
+        raise ConfigError("truthfulqa-mc: --system needs --chat (the raw primer has no system prompt)")
 
 
 METRIC = Metric(
@@ -116,4 +180,5 @@ METRIC = Metric(
     default_data=str(SHARED_DATA / "truthfulqa" / "v1_817q" / "mc_task.json"),
     prompt_field="question",
     summary="TruthfulQA MC1/MC2 by choice log-likelihood, same prompt and rule as lm-eval.",
+    check=check,
 )
