@@ -1,4 +1,4 @@
-"""`excise eval`: truthfulness, hallucination, toxicity, harmful rate, utility, perplexity.
+"""`excise eval`: truthfulness, hallucination, toxicity, harmful rate, utility, perplexity, likelihoods.
 
 One command per metric of ``excise.evaluate.metrics.METRICS`` (DESIGN.md §3). Each takes the
 shared options (model, adapter, data, limit, batch size, output, cache) plus the ones its metric
@@ -16,6 +16,7 @@ import typer
 
 from excise.commands import judge as judge_commands
 from excise.commands.common import OverwriteResult, Progress, Threads, done, hide_library_bars
+from excise.evaluate.config import DEFAULT_REFUSAL
 
 app = typer.Typer(
     help="Evaluate a base model (optionally with an adapter): truthfulness, hallucination, toxicity, "
@@ -151,6 +152,56 @@ _GENERATION = [
 ]
 
 
+_LIKELIHOOD = [
+    _opt(
+        "chat",
+        Annotated[
+            bool | None,
+            typer.Option(
+                "--chat/--no-chat", help="Score in the chat template (default) or, --no-chat, plain."
+            ),
+        ],
+        None,
+    ),
+    _opt(
+        "template",
+        Annotated[
+            str | None,
+            typer.Option(
+                help="Template the answers are scored in: chat, alpaca, tulu, question-answer, plain "
+                "(default: chat, plain with --no-chat); give the one the adapter was trained with."
+            ),
+        ],
+        None,
+    ),
+    _opt("system", Annotated[str | None, typer.Option(help="System prompt (as at training).")], None),
+    _opt(
+        "reference",
+        Annotated[
+            str | None,
+            typer.Option(
+                help="MODEL the differences are taken against (default: the base, adapter off; none without "
+                "an adapter)."
+            ),
+        ],
+        None,
+    ),
+    *_SCORING,
+]
+_PAIR_FIELDS = [
+    _opt(
+        f"{name}_field",
+        Annotated[str | None, typer.Option(help=f"Column of the {what} (same as --field {name}=COLUMN).")],
+        None,
+    )
+    for name, what in (
+        ("prompt", "prompt"),
+        ("chosen", "preferred answer"),
+        ("rejected", "dispreferred answer"),
+    )
+]
+
+
 def _judge(default: str | None) -> list[inspect.Parameter]:
     what = f"default: {default}" if default else "default: none"
     return [
@@ -238,6 +289,32 @@ _EXTRA: dict[str, list[inspect.Parameter]] = {
         ),
         *_SCORING,
     ],
+    "pairs": [
+        *_LIKELIHOOD,
+        *_PAIR_FIELDS,
+        _opt(
+            "pair_max_word_ratio",
+            Annotated[
+                float | None,
+                typer.Option(help="Keep pairs whose longer answer has ≤ R × the shorter's words."),
+            ],
+            None,
+        ),
+        _opt(
+            "pair_strip_period",
+            Annotated[bool, typer.Option("--pair-strip-period", help="Drop a final period from both.")],
+            False,
+        ),
+    ],
+    "answer-nll": _LIKELIHOOD,
+    "refusal-logprob": [
+        *_LIKELIHOOD,
+        _opt(
+            "refusal",
+            Annotated[str, typer.Option(help="The refusal sentence whose log-probability is read.")],
+            DEFAULT_REFUSAL,
+        ),
+    ],
     "perplexity": [
         _opt("window", Annotated[int, typer.Option(help="Tokens per window.")], 1024),
         _opt("stride", Annotated[int, typer.Option(help="Tokens each window advances by.")], 512),
@@ -253,6 +330,10 @@ def _config(flags: dict[str, Any]) -> Any:
     from excise.hub import resolve_adapter
 
     fields = {}
+    for name in ("prompt", "chosen", "rejected"):  # `pairs`: --prompt-field etc. are --field NAME=COLUMN
+        column = flags.pop(f"{name}_field", None)
+        if column is not None:
+            flags.setdefault("field", []).append(f"{name}={column}")
     for item in flags.pop("field", []):
         key, sep, column = item.partition("=")
         if not sep or not key.strip() or not column.strip():
@@ -330,6 +411,9 @@ _COMMANDS = {
     "harmful-rate": "Share of answers to held-out harmful prompts that a judge flags (SKU).",
     "utility": "Diversity, fluency (perplexity under the original model), similarity to its answers (SKU).",
     "perplexity": "Sliding-window perplexity on normal text (wikitext-2 raw test by default).",
+    "pairs": "Chosen vs rejected answer likelihood, win rate; forget, retain, selectivity vs a reference.",
+    "answer-nll": "NLL of held-out normal answers (Alpaca) and its change vs a reference: general retain.",
+    "refusal-logprob": "Log-probability of a fixed refusal sentence per prompt, vs a reference (judge-free).",
 }
 
 for _name, _summary in _COMMANDS.items():

@@ -7,7 +7,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["EvalConfig"]
+__all__ = ["DEFAULT_REFUSAL", "EvalConfig"]
+
+# refusal-logprob's sentence: the opening of a typical assistant refusal.
+DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
 
 
 class EvalConfig(BaseModel):
@@ -51,12 +54,24 @@ class EvalConfig(BaseModel):
         None, description="Wrap prompts in the tokenizer's chat template; default: the metric's own."
     )
     system: str | None = Field(None, description="System prompt for chat-templated prompts.")
+    template: str | None = Field(
+        None,
+        description="pairs, answer-nll, refusal-logprob: the training template the answers are scored in "
+        "(chat, alpaca, tulu, question-answer, plain); default: chat (plain with --no-chat).",
+    )
+    refusal: str = Field(
+        DEFAULT_REFUSAL,
+        min_length=1,
+        description="refusal-logprob: the refusal sentence whose log-probability is read.",
+    )
     judge: str | None = Field(None, description="Judge spec; default: the metric's own.")
     judge_options: dict[str, Any] = Field(default_factory=dict, description="Options for the judge.")
     reference: str | None = Field(
         None,
         description="utility: the original model. Fluency is measured under it (default: the base with "
-        "the adapter off); required without an adapter, then also the model similarity compares with.",
+        "the adapter off); required without an adapter, then also the model similarity compares with. "
+        "pairs, answer-nll, refusal-logprob: the model the differences (forget, retain, selectivity, "
+        "ΔNLL) are taken against (default: the base with the adapter off).",
     )
     protocol: Literal["judge", "loss"] = Field(
         "judge", description="halueval: HaluEval's Yes/No judgement, or Ext-Sub's answer-loss comparison."

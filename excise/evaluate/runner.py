@@ -45,7 +45,8 @@ __all__ = [
 ]
 
 # Metrics that compare against the base model's own answers: the adapter must stay switchable.
-NEEDS_BASE = {"utility"}
+# The likelihood metrics take their differences against it (the reference by default).
+NEEDS_BASE = {"utility", "pairs", "answer-nll", "refusal-logprob"}
 
 
 def run_eval(
@@ -478,6 +479,7 @@ def _load_items(
         )
     rows = load_records(spec)
     where = str(spec)
+    rows, notes = metric.read(rows, cfg, where) if metric.read is not None else (rows, {})
     columns = {name: _column(metric, cfg, name, rows[0]) for name in accepted}
     _require_columns(rows, metric, cfg, columns, where=where)
     items = [{name: _cell(row, col) for name, col in columns.items()} for row in rows]
@@ -517,12 +519,13 @@ def _load_items(
         **({"subsample": subsample} if subsample and len(items) < n_before_limit else {}),
         "columns": columns,
         "ignored_columns": ignored,
+        **notes,
     }
     return items, summary
 
 
 # Metrics scoring two answers of one question, and their answer fields (pair controls apply).
-_PAIRED_ANSWERS = {"halueval": ("right_answer", "hallucinated_answer")}
+_PAIRED_ANSWERS = {"halueval": ("right_answer", "hallucinated_answer"), "pairs": ("chosen", "rejected")}
 
 
 def _pair_controls(metric: Metric, cfg: EvalConfig, items: list[dict[str, Any]]) -> list[dict[str, Any]]:

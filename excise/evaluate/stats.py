@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 __all__ = [
     "MIN_RESAMPLING_UNITS",
     "bootstrap_pvalue",
+    "bootstrap_ratio_interval",
     "bootstrap_ratio_stderr",
     "holm",
     "item_stderrs",
@@ -68,6 +70,46 @@ def bootstrap_ratio_stderr(
         return None
     stats = [transform(x) for x in num[picks].sum(axis=1)[ok] / sums[ok]]
     return float(np.std(stats, ddof=1))
+
+
+def bootstrap_ratio_interval(
+    numerators: Sequence[float],
+    denominators: Sequence[float],
+    *,
+    resamples: int = 10_000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Percentile bootstrap interval and standard error of ``Σ num / Σ den`` over units.
+
+    Each unit is a cluster (a prompt with all its answer pairs: ``num`` its summed score,
+    ``den`` its pair count), so resampling units is the clustered bootstrap; a plain mean
+    has ``den`` 1 per unit.
+
+    Returns:
+        ``{"ci": [low, high] | None, "stderr": float | None, "units", "resamples",
+        "confidence"}`` plus ``"reason"`` when there is no interval (fewer than
+        :data:`MIN_RESAMPLING_UNITS` units, or no unit with a denominator).
+    """
+    import numpy as np
+
+    num, den = np.asarray(numerators, dtype=np.float64), np.asarray(denominators, dtype=np.float64)
+    out: dict[str, Any] = {
+        "ci": None, "stderr": None, "units": int(num.size), "resamples": resamples, "confidence": confidence,
+    }  # fmt: skip
+    if num.size < MIN_RESAMPLING_UNITS:
+        return out | {"reason": f"{num.size} unit(s); an interval needs at least {MIN_RESAMPLING_UNITS}"}
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, num.size, size=(resamples, num.size))  # (R, n)
+    sums = den[picks].sum(axis=1)  # (R,)
+    ok = sums > 0
+    if not ok.any():
+        return out | {"reason": "no resample holds a unit with a denominator"}
+    stats = num[picks].sum(axis=1)[ok] / sums[ok]  # (R',)
+    tail = (1.0 - confidence) / 2.0
+    out["ci"] = [float(np.quantile(stats, tail)), float(np.quantile(stats, 1.0 - tail))]
+    out["stderr"] = float(np.std(stats, ddof=1))
+    return out
 
 
 def item_stderrs(metrics: dict[str, float], items: Sequence[dict]) -> dict[str, float | None]:

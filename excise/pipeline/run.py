@@ -48,6 +48,7 @@ from typing import Any
 
 from excise import __version__
 from excise.errors import ConfigError
+from excise.evaluate.config import DEFAULT_REFUSAL
 from excise.pipeline.recipe import BASE, Recipe
 
 __all__ = ["MANIFEST", "RUN_INFO", "Stage", "is_main_process", "plan", "run_recipe"]
@@ -395,7 +396,12 @@ def _report_stage(recipe: Recipe, outputs: list[Path]) -> Stage:
 
 # Evaluation settings added after run folders existed, with their defaults: left out of a
 # fingerprint while at the default, so a run made before they existed stays up to date.
-_LATER_EVAL_DEFAULTS: dict[str, Any] = {"pair_max_word_ratio": None, "pair_strip_period": False}
+_LATER_EVAL_DEFAULTS: dict[str, Any] = {
+    "pair_max_word_ratio": None,
+    "pair_strip_period": False,
+    "template": None,
+    "refusal": DEFAULT_REFUSAL,
+}
 
 
 def _stable(settings: Any) -> Any:

@@ -119,6 +119,12 @@ _LOWER_IS_BETTER = {
     "rep_3",
     "rep_4",
     "empty_answers",
+    "nll_chosen",
+    "nll_chosen_sum",
+    "retain",
+    "nll",
+    "nll_sum",
+    "delta_nll",
 }
 
 
@@ -286,6 +292,12 @@ _ITEM_RULES: dict[tuple[str, str], tuple[Any, str]] = {
     ("harmful-rate", "harmful_rate"): (lambda it: _mean_of(it["flagged"]), "identity"),
     ("harmful-rate", "mean_score"): (lambda it: _mean_of(it["score"]), "identity"),
 }
+# `pairs` items are prompts holding all their pairs: each number is Σ per-prompt total / Σ pairs, so
+# resampling items resamples prompts (the clustered bootstrap).
+_ITEM_RULES |= {("pairs", key): (_ratio(f"{key}_total", "n_pairs"), "identity") for key in (
+    "win_rate", "win_rate_sum", "margin", "nll_chosen", "nll_rejected", "nll_chosen_sum", "nll_rejected_sum",
+    "forget", "retain", "selectivity",
+)}  # fmt: skip
 _TRANSFORMS = {"identity": lambda x: x, "exp": np.exp}
 
 

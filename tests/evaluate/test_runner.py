@@ -221,7 +221,7 @@ def test_halueval_pair_controls_keep_the_format_controlled_pairs(tmp_path):
         ("Q1?", "Paris", "Lyon"),
         ("Q3?", "The Five", "The Four Tops"),
     ]
-    with pytest.raises(ConfigError, match="apply to halueval only"):
+    with pytest.raises(ConfigError, match="apply to halueval, pairs only"):
         _items("toxicity", path, split="all", fields={"instruction": "question"}, pair_strip_period=True)
 
 

@@ -1,9 +1,12 @@
 """Every metric of DESIGN.md §3, in one literal list (STYLE.md rule 3): name → :class:`Metric`."""
 
 from excise.evaluate.metrics import (
+    answer_nll,
     halueval,
     harmful_rate,
+    pairs,
     perplexity,
+    refusal_logprob,
     repetition,
     toxicity,
     truthfulqa_gen,
@@ -25,5 +28,8 @@ METRICS: dict[str, Metric] = {
         harmful_rate.METRIC,
         utility.METRIC,
         perplexity.METRIC,
+        pairs.METRIC,
+        answer_nll.METRIC,
+        refusal_logprob.METRIC,
     ]
 }

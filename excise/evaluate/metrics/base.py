@@ -94,6 +94,8 @@ class Metric:
         dedupe: keep each prompt once (by :func:`excise.data.prompt_key`).
         allow_empty: an empty string is a valid value (wikitext's blank rows).
         check: refuses settings under which the metric would mean nothing (before any loading).
+        read: turns the rows of a known file layout into the metric's columns before the field
+            mapping (``rows, cfg, where -> (rows, notes)``; the notes go to the data summary).
     """
 
     name: str
@@ -109,6 +111,9 @@ class Metric:
     dedupe: bool = False
     allow_empty: bool = False
     check: Callable[[EvalConfig], None] | None = None
+    read: (
+        Callable[[list[dict[str, Any]], EvalConfig, str], tuple[list[dict[str, Any]], dict[str, Any]]] | None
+    ) = None
 
 
 def prompt_ids(ctx: EvalContext, text: str, *, system: str | None = None) -> list[int]:
