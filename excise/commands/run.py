@@ -38,6 +38,14 @@ def run(
         bool,
         typer.Option("--force", help="Run every stage again, even when up to date; no cached evaluations."),
     ] = False,
+    only: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--only",
+            help="Run only the stages whose name matches this glob (repeatable; names as --check lists "
+            "them, e.g. 'train *', 'eval pairs/*', 'sweep sku'); the others are left as they are.",
+        ),
+    ] = None,
     threads: Threads = None,
 ) -> None:
     """Run a recipe: train → operate → evaluate → sweep λ → report; stages already done are skipped.
@@ -65,6 +73,6 @@ def run(
             typer.echo(f"  {i:>2}. {stage.name} → {stage.output}")
         return
     command = " ".join(shlex.quote(a) for a in ["excise", *sys.argv[1:]])
-    result = run_recipe(loaded, command=command, force=force)
+    result = run_recipe(loaded, command=command, force=force, only=only or None)
     if is_main_process():  # under accelerate launch, one line, not one per process
         typer.echo(f"wrote {result}")

@@ -249,8 +249,11 @@ _UNIT_INTERVAL = {
     "accuracy", "accuracy_right", "accuracy_hallucinated", "mc1", "mc2", "truthful_rate",
     "toxic_share", "toxicity_mean", "judge_flagged_rate", "harmful_rate", "mean_score",
     "rep_1", "rep_2", "rep_3", "rep_4", "diversity", "similarity", "empty_answers",
+    "win_rate", "win_rate_sum",
 }  # fmt: skip
-_AT_LEAST = {"perplexity": 1.0, "fluency_ppl": 1.0, "fluency_ppl_mean": 1.0, "nll_per_token": 0.0}
+_NLL_KEYS = ("nll_per_token", "nll", "nll_sum", "nll_chosen", "nll_rejected")
+_NLL_KEYS += ("nll_chosen_sum", "nll_rejected_sum")
+_AT_LEAST = {"perplexity": 1.0, "fluency_ppl": 1.0, "fluency_ppl_mean": 1.0} | dict.fromkeys(_NLL_KEYS, 0.0)
 
 
 def metric_range(key: str) -> tuple[float, float]:

@@ -33,6 +33,7 @@ files, or another recipe's run, is refused before anything is written.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import os
@@ -87,7 +88,12 @@ class Stage:
 
 
 def run_recipe(
-    recipe: Recipe, *, command: str | None = None, force: bool = False, log: Log | None = None
+    recipe: Recipe,
+    *,
+    command: str | None = None,
+    force: bool = False,
+    log: Log | None = None,
+    only: list[str] | None = None,
 ) -> Path:
     """Run every stage of ``recipe`` in order, skipping those already done.
 
@@ -96,6 +102,9 @@ def run_recipe(
         command: the command line that started the run (recorded in ``run.json``).
         force: run every stage again even when up to date, reading no cached evaluation.
         log: where progress lines go (default: stderr).
+        only: glob patterns (``fnmatch``) of the stage names to run; the other stages are
+            neither run nor touched (their outputs stay as they are). A selected stage whose
+            upstream output is missing fails as it would without ``only``.
 
     Returns:
         The report's path when the recipe writes one, else the run folder.
@@ -110,6 +119,12 @@ def run_recipe(
     if main:
         _check_run_folder(out, recipe)
     stages = plan(recipe, force=force)
+    if only:
+        unmatched = [p for p in only if not any(fnmatch.fnmatchcase(s.name, p) for s in stages)]
+        if unmatched:
+            raise ConfigError(
+                f"--only {', '.join(map(repr, unmatched))} matches no stage; `excise run --check` lists them"
+            )
     with _locked(out) if main else contextlib.nullcontext(), _terminate_as_exit():
         if main:
             _write_run_info(recipe, command, [s.output for s in stages])
@@ -121,6 +136,9 @@ def run_recipe(
             if not (main or stage.distributed):
                 continue
             label = f"[{i:>{width}}/{len(stages)}] {stage.name}"
+            if only and not any(fnmatch.fnmatchcase(stage.name, p) for p in only):
+                log(f"{label}: not selected (--only), left as it is")
+                continue
             fingerprint, decision = "", ""
             if main:
                 fingerprint = _fingerprint(stage, recipe)

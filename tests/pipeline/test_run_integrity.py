@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from excise.errors import ConfigError
 from excise.pipeline import run as run_module
 from excise.pipeline.recipe import RecipeError, load_recipe
 from excise.pipeline.run import MANIFEST, plan, run_recipe
@@ -235,6 +236,7 @@ def test_the_report_shows_the_current_plan_only(project, tmp_path):
 _AGREE_SCRIPT = """
 import json, os, sys
 from pathlib import Path
+from excise.errors import ConfigError
 from excise.pipeline import run as run_module
 from excise.pipeline.recipe import load_recipe
 
@@ -288,3 +290,21 @@ def test_every_process_skips_and_resumes_as_the_first_decides(tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     ran = sorted(tuple(json.loads(line)) for line in log.read_text().splitlines())
     assert ran == [(0, "b", False), (1, "b", False)]  # `a` is done: skipped by both, `b` run by both
+
+
+# ----------------------------------------------------------------------------- --only
+
+
+def test_only_runs_the_selected_stages_and_leaves_the_others(project, tmp_path):
+    ppl = {"metric": "perplexity", "data": "${data}/text.jsonl", "window": 64, "stride": 64, "limit": 4}
+    recipe = tiny_recipe(project, tmp_path / "run", train=None, adapters=None, operations=None, sweeps=None)
+    recipe |= {"evaluations": {"ppl": ppl, "ppl3": ppl | {"limit": 3}}}
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    lines: list[str] = []
+    run_recipe(load_recipe(path), log=lines.append, only=["eval ppl3/*"])
+    assert (tmp_path / "run" / "results" / "base" / "ppl3.json").is_file()
+    assert not (tmp_path / "run" / "results" / "base" / "ppl.json").exists()
+    assert any("eval ppl/base: not selected (--only)" in line for line in lines)
+    assert _run(path) == (["eval ppl/base"], ["eval ppl3/base"])  # the selected stage counts as done
+    with pytest.raises(ConfigError, match="matches no stage"):
+        run_recipe(load_recipe(path), log=lines.append, only=["eval nope/*"])
