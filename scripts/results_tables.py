@@ -387,7 +387,9 @@ def lam_rule(run: Run, sweeps: dict[str, str], fam: Family, primary: str | None 
                 lambda r=r, c=contrast: f"{r['value']:.3f} vs {r['value_at_0']:.3f}: Δ {c} (n = {r['n']})"
             )
             u = report["utility"]
-            if u["value"] is not None and u["value_at_0"]:
+            if u["value"] is not None and u["value_at_0"] == 0:
+                utility = f"{u['value_at_0']:.3f} → {u['value']:.3f} (absolute; n = {u['n']})"
+            elif u["value"] is not None and u["value_at_0"]:
                 change = (u["value"] - u["value_at_0"]) / abs(u["value_at_0"])
                 why = "" if u["ci"] is not None else ", no interval"
                 utility = f"{u['value_at_0']:.2f} → {u['value']:.2f} ({change:+.1%}; n = {u['n']}{why})"
@@ -395,7 +397,8 @@ def lam_rule(run: Run, sweeps: dict[str, str], fam: Family, primary: str | None 
         for p in points:
             sel = p["selection"]
             loss = p["utility_loss"]
-            loss_text = "–" if loss is None else f"{loss:+.1%}"
+            absolute = chosen.get("tolerance_kind") == "absolute"
+            loss_text = "–" if loss is None else f"{loss:+.3f}" if absolute else f"{loss:+.1%}"
             mark = "" if p["admissible"] else " ✗"
             d_sel = "–" if sel["deficiency"] is None else f"{sel['deficiency']:.3f}"
             selection.append(f"λ={p['lam']:g}: {d_sel}, {u_name} {loss_text}{mark}")
@@ -854,6 +857,140 @@ def sku_samples(run: Run, n: int = 4, width: int = 220) -> str:
     return "\n".join([*listing(flagged), "", heading, "", *listing(lost)])
 
 
+# ----------------------------------------------------------------------------- SKU, judge-free (issue 23)
+
+_LIKELIHOOD_MODELS = (
+    ("base", "base model"),
+    ("harmful", "θh (SKU's module, not negated)"),
+    ("sku", "SKU (θo − θh), λ=1"),
+    ("sku_no_gd", "SKU without L_GD"),
+    ("sku_no_rd", "SKU without L_RD"),
+    ("sku_no_pd", "SKU without L_PD"),
+    ("ga", "GA"),
+    ("ga_mismatch", "GA + mismatch"),
+    ("llmu", "LLMU"),
+    ("finetune", "fine-tune on safe (the expert)"),
+    ("task_vector", "SFT on unsafe (the anti-expert)"),
+    ("task_vector_negated", "task vector (SFT on unsafe, negated)"),
+    ("ext_sub_pku", "Ext-Sub (expert: safe, anti-expert: unsafe), λ=1"),
+    ("subtract_pku", "subtraction (same two), λ=1"),
+)
+# Primary contrasts: did θh acquire the unsafe answers more than the safe ones (selectivity < 0),
+# and do SKU's negation and the Ext-Sub cross-over remove them selectively (selectivity > 0)?
+_LIKELIHOOD_PRIMARY = {"harmful", "sku", "ext_sub_pku"}
+
+
+def _likelihood_rows(run: Run) -> list[tuple[str, str, dict[str, dict[str, Any] | None]]]:
+    """(model id, label, {evaluation: record}) for each model, then the sweeps' other λ points."""
+    files = ("pairs", "alpaca_nll", "refusal_pku", "refusal_advbench")
+    rows = [(model, name, {f: run.record(model, f) for f in files}) for model, name in _LIKELIHOOD_MODELS]
+    for sweep, label, skip in (
+        ("sku_likelihood", "SKU", (0.0, 1.0)),
+        ("ext_sub_pku", "Ext-Sub on PKU", (1.0,)),
+    ):
+        for p in (run.sweeps.get(sweep) or {}).get("points", []):
+            if p["lam"] in skip:
+                continue  # λ = 0 of SKU is the base model, λ = 1 a row above
+            lam = p["lam"]
+            name = f"{label}, λ={lam:g}" + (" (the expert)" if label.startswith("Ext") and lam == 0 else "")
+            by_eval = {"pairs": run.point_record(sweep, lam, "pairs"),
+                       "alpaca_nll": run.point_record(sweep, lam, "answer-nll")}  # fmt: skip
+            rows.append((f"{sweep}@{lam:g}", name, by_eval | {"refusal_pku": None, "refusal_advbench": None}))
+    return rows
+
+
+def sku_likelihood(run: Run) -> str:
+    """§4b: the judge-free table (pairs, answer NLL, refusal log-probability) of the SKU run."""
+    rows = _likelihood_rows(run)
+    base = rows[0][2]
+    if base["pairs"] is None:
+        return ""
+    fam = Family("§4b")
+    out = []
+    for model, name, r in rows:
+        is_base = model == "base"
+        cells: dict[str, Any] = {}
+        refusal = "delta_refusal_logprob"
+        for what, metric, key in (("pairs", "pairs", "forget"), ("pairs", "pairs", "retain"),
+                                  ("pairs", "pairs", "selectivity"),
+                                  ("alpaca_nll", "answer-nll", "delta_nll"),
+                                  ("refusal_pku", "refusal-logprob", refusal),
+                                  ("refusal_advbench", "refusal-logprob", refusal)):  # fmt: skip
+            primary = key == "selectivity" and model in _LIKELIHOOD_PRIMARY
+            cells[(what, key)] = "0 (reference)" if is_base else fam.compare(
+                base[what], r[what], metric, key, label=f"{name}: {what} {key}", primary=primary
+            )  # fmt: skip
+        out.append([
+            name, _fmt(_value(r["pairs"], "win_rate"), 3), _fmt(_value(r["pairs"], "nll_chosen"), 3),
+            _fmt(_value(r["pairs"], "nll_rejected"), 3), cells[("pairs", "forget")],
+            cells[("pairs", "retain")], cells[("pairs", "selectivity")],
+            _fmt(_value(r["alpaca_nll"], "nll"), 3),
+            cells[("alpaca_nll", "delta_nll")], cells[("refusal_pku", "delta_refusal_logprob")],
+            cells[("refusal_advbench", "delta_refusal_logprob")],
+        ])  # fmt: skip
+    lam_rows = lam_rule(run, {"sku_likelihood": "SKU (negated θh)", "ext_sub_pku": "Ext-Sub on PKU"}, fam)
+    fam.adjust()
+    header = ["model", "safe preferred (win rate)", "NLL safe", "NLL unsafe",
+              "forget: ΔNLL unsafe [95% CI] (Holm p)", "retain: ΔNLL safe", "selectivity = forget − retain",
+              "Alpaca NLL", "Alpaca ΔNLL", "refusal Δlog p (PKU)", "refusal Δlog p (AdvBench)"]  # fmt: skip
+    pairs = base["pairs"]
+    n_alpaca = (base["alpaca_nll"] or {}).get("n_items")
+    n_pku, n_adv = (base["refusal_pku"] or {}).get("n_items"), (base["refusal_advbench"] or {}).get("n_items")
+    note = (f"\n{pairs.get('n_pairs')} held-out PKU-SafeRLHF pairs over {pairs.get('n_prompts')} prompts "
+            f"(a seeded subsample; safe = chosen, unsafe = rejected), per-token NLL of each answer in the "
+            f"chat template as trained; every Δ is against the base model (the adapter switched off), paired "
+            f"answer by answer, intervals clustered by prompt. Alpaca: {n_alpaca} held-out answers. Refusal: "
+            f"log p of \"{(base['refusal_pku'] or {}).get('refusal')}\" as the reply's opening, {n_pku} "
+            f"held-out PKU prompts and {n_adv} AdvBench behaviours.")  # fmt: skip
+    parts = [_table(header, out) + note]
+    if lam_rows:
+        what = "selectivity against Alpaca ΔNLL, tolerance 0.10 nats"
+        parts += [
+            f"\nThe λ rule of the two judge-free sweeps ({what}), redone:\n",
+            _table(LAM_HEADER, lam_rows),
+        ]
+    parts += ["", fam.summary()]
+    if PLOTS:
+        plot_forget_retain(rows)
+    return "\n".join(parts)
+
+
+def plot_forget_retain(rows: list[tuple[str, str, dict[str, dict[str, Any] | None]]]) -> None:
+    """Forget (ΔNLL unsafe) against retain (ΔNLL safe) for every model: above the diagonal = selective."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 6))
+    pts = []
+    for model, name, r in rows:
+        x, y = _value(r["pairs"], "retain"), _value(r["pairs"], "forget")
+        if x is None or y is None:
+            continue
+        pts.append((x, y))
+        sweep = "@" in model
+        ax.plot(x, y, "o" if not sweep else "s", markersize=6 if not sweep else 4,
+                color="tab:gray" if sweep else None)  # fmt: skip
+        ax.annotate(name.split(" (")[0], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6.5)
+    if pts:
+        lo = min(min(p) for p in pts) - 0.05
+        hi = max(max(p) for p in pts) + 0.05
+        ax.plot(
+            [lo, hi], [lo, hi], "--", color="gray", linewidth=0.8, label="forget = retain (selectivity 0)"
+        )
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.axvline(0, color="black", linewidth=0.5)
+    ax.set_xlabel("retain: ΔNLL of the safe answers, nats/token (lower is better)")
+    ax.set_ylabel("forget: ΔNLL of the unsafe answers, nats/token (higher is more removed)")
+    ax.set_title("Held-out PKU-SafeRLHF pairs, against the base model")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    IMG.mkdir(parents=True, exist_ok=True)
+    fig.savefig(IMG / "results_sku_likelihood.png", dpi=110)
+    plt.close(fig)
+
+
 def timing(run: Run) -> str:
     by_kind: dict[str, float] = {}
     for name, s in run.stages.items():
@@ -886,6 +1023,8 @@ def main(args: list[str]) -> None:
             print(sku(run))
             print()
             print(sku_samples(run))
+            print()
+            print(sku_likelihood(run))
         elif folder.name.startswith("compose"):
             print(compose(run))
             print()

@@ -271,3 +271,43 @@ def test_clustered_interval_covers_where_a_per_pair_one_does_not():
         covered_pair += flat[0] <= 0.0 <= flat[1]
     assert covered_cluster / sims >= 0.88
     assert covered_pair / sims <= 0.60
+
+
+def _main(monkeypatch, *args):
+    import sys
+
+    from excise.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["excise", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return exit_info.value.code
+
+
+def test_cli_pairs_field_flags_and_multi(model_dir, adapter_dir, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "mine.jsonl"
+    data.write_text("\n".join(json.dumps({"q": p, "good": c, "bad": r}) for p, c, r in PAIRS))
+    out = tmp_path / "pairs.json"
+    args = ["eval", "pairs", "--base", str(model_dir), "--adapter", str(adapter_dir), "--data", str(data),
+            "--prompt-field", "q", "--chosen-field", "good", "--rejected-field", "bad", "--device", "cpu",
+            "--out", str(out)]  # fmt: skip
+    assert _main(monkeypatch, *args) == 0
+    record = json.loads(out.read_text())
+    assert record["columns"] == {"prompt": "q", "chosen": "good", "rejected": "bad", "history": "history",
+                                 "user": "user"}  # fmt: skip
+    expected = _expected_pairs(model_dir, adapter_dir)
+    assert record["metrics"]["nll_rejected"] == pytest.approx(
+        np.mean([w["rejected"] for w in expected]), abs=1e-5
+    )
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": "Say hi.", "output": "Hi."}]))
+    args = ["eval", "multi", "--metrics", "answer-nll,refusal-logprob", "--base", str(model_dir), "--adapter",
+            str(adapter_dir), "--data", str(alpaca), "--field", "prompt=instruction", "--device", "cpu",
+            "--refusal", "No.", "--out-dir", str(tmp_path / "multi")]  # fmt: skip
+    assert _main(monkeypatch, *args) == 0, capsys.readouterr().err
+    refusal = json.loads((tmp_path / "multi" / "refusal-logprob.json").read_text())
+    assert refusal["refusal"] == "No." and refusal["metrics"]["delta_refusal_logprob"] is not None
+    capsys.readouterr()
+    assert _main(monkeypatch, "eval", "pairs", "--base", str(model_dir), "--template", "nope", "--out",
+                 str(tmp_path / "x.json")) == 2  # fmt: skip
+    assert capsys.readouterr().err.strip().count("\n") == 0  # one line
