@@ -585,3 +585,47 @@ def test_tolerance_on_an_interval_bound_and_ties_between_signs():
     for grid in ([0.0, -1.0, 1.0], [0.0, 1.0, -1.0]):
         tie = choose_lam(grid, [0.1, 0.5, 0.5], [1.0, 1.0, 1.0], higher_d=True, higher_u=True, tolerance=0.05)
         assert tie["lam"] == 1.0
+
+
+def test_sweep_on_pairs_takes_differences_against_the_base_without_either_part(setup, tmp_path, monkeypatch):
+    """A judge-free sweep (pairs:selectivity against answer-nll:delta_nll): at every λ the record
+    equals `excise ops subtract` + `excise eval pairs` on the result (the reference there is the
+    base with the adapter off), so the sweep's reference is the base alone, not W0."""
+    from excise.evaluate.config import EvalConfig
+    from excise.evaluate.runner import run_eval
+    from excise.pipeline.sweep import run_sweep
+
+    monkeypatch.setenv("EXCISE_CACHE", str(tmp_path / "cache"))
+    model, (expert, anti), _, _ = setup
+    pairs = tmp_path / "pairs.json"
+    rows = [{"prompt": f"Question {i}?", "response": [f"Good answer {i}.", f"Bad {i}!"]} for i in range(3)]
+    pairs.write_text(json.dumps([*rows, {"prompt": "Question 0?", "response": ["Fine.", "Awful."]}]))
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(
+        json.dumps([{"instruction": "Say hi.", "output": "Hi!"}, {"instruction": "Count.", "output": "1"}])
+    )
+    all_rows = {"split": "all"}
+    on_pairs = {"data": str(pairs)} | all_rows
+    cfg = SweepConfig(
+        model=str(model), operation="subtract", inputs=[expert, anti], lams=[1.0], device="cpu",
+        progress=False, bootstrap=10, out=tmp_path / "s",
+        deficiency={"metric": "pairs", "key": "selectivity", "settings": on_pairs},
+        utility={"metric": "answer-nll", "key": "delta_nll", "settings": {"data": str(alpaca)} | all_rows},
+        extra=[{"metric": "pairs", "key": "forget", "settings": on_pairs}],
+    )  # fmt: skip
+    run_sweep(cfg)
+    sweep = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert sweep["adapters"]["base_merged"] is False
+    for point in sweep["points"]:
+        op = tmp_path / f"op{point['lam']}"
+        args = ["ops", "subtract", "--a", str(expert), "--b", str(anti), "--lam", str(point["lam"])]
+        assert _main(monkeypatch, *args, "--out", str(op)) == 0
+        for metric, data in (("pairs", pairs), ("answer-nll", alpaca)):
+            eval_cfg = EvalConfig(model=str(model), adapter=op, data=str(data), split="all", device="cpu")
+            separate = run_eval(metric, eval_cfg, use_cache=False, progress=False)
+            swept = json.loads((tmp_path / "s" / point["results"][metric]).read_text())
+            for key, value in separate["metrics"].items():
+                assert swept["metrics"][key] == pytest.approx(value, abs=1e-5), (point["lam"], metric, key)
+        swept = json.loads((tmp_path / "s" / point["results"]["pairs"]).read_text())["metrics"]
+        assert point["deficiency"]["value"] == pytest.approx(swept["selectivity"])
+        assert point["extra"]["pairs:forget"]["value"] == pytest.approx(swept["forget"])
