@@ -217,6 +217,18 @@ def judge_check(
         f"{result['judge']}: accuracy {result['accuracy']:.4f}, AUC {area}, n = {result['n']} "
         f"(flagged {result['flagged_rate']:.3f}, labelled unsafe {result['positive_rate']:.3f})"
     )
+    typer.echo(f"  at threshold {result['threshold']:g}: {_separation(result)}")
     if json_out is not None:
         write_atomic_json(json_out, strict_json({"agreement": result, "judge": scorer.describe()}))
         done(json_out)
+
+
+def _separation(result: dict) -> str:
+    """``sensitivity 0.7075 (225/318), specificity 0.4780 (152/318), Youden's J 0.1855``."""
+    tp, n_pos, tn, n_neg = (
+        result[k] for k in ("true_positives", "n_positive", "true_negatives", "n_negative")
+    )
+    se = f"{tp / n_pos:.4f} ({tp}/{n_pos})" if n_pos else "undefined (no unsafe row)"
+    sp = f"{tn / n_neg:.4f} ({tn}/{n_neg})" if n_neg else "undefined (no safe row)"
+    youden = f", Youden's J {tp / n_pos + tn / n_neg - 1:.4f}" if n_pos and n_neg else ""
+    return f"sensitivity {se}, specificity {sp}{youden}"

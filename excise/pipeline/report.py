@@ -361,6 +361,14 @@ def _agreement(judge: dict[str, Any]) -> str:
     text = f"accuracy {agreement['accuracy']:.3f} on n={agreement.get('n', '?')}"
     if agreement.get("auc") is not None:
         text += f", AUC {agreement['auc']:.3f}"
+    from excise.evaluate.judges.agreement import operating_counts
+
+    c, _ = operating_counts(judge)  # the sensitivity and specificity the *_corrected rates use
+    if c is not None:
+        text += (
+            f", sensitivity {c['sensitivity']:.3f} ({c['true_positives']}/{c['n_positive']}), "
+            f"specificity {c['specificity']:.3f} ({c['true_negatives']}/{c['n_negative']})"
+        )
     if agreement.get("data"):
         text += f" ({agreement['data']})"
     return text

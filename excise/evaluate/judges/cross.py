@@ -279,6 +279,15 @@ class CrossJudge:
     def describe(self) -> dict[str, Any]:
         """Name, settings, training data and the measured held-out agreement from the metadata."""
         meta = self.metadata
+        measured_rule = meta.get("terse_refusal_words", 0)
+        note = (
+            {}
+            if self.terse_refusal_words == measured_rule
+            else {
+                "agreement_note": f"agreement was measured with terse_refusal_words={measured_rule}, "
+                f"not this judge's {self.terse_refusal_words}: it is not this judge's agreement"
+            }
+        )
         return {
             "name": self.name,
             "threshold": self.threshold,
@@ -290,9 +299,8 @@ class CrossJudge:
             "calibration": meta.get("calibration"),
             "stand_in_for": meta.get("stand_in_for"),
             "trained_on": meta.get("trained_on"),
-            "agreement": meta.get("agreement")
-            if self.terse_refusal_words == meta.get("terse_refusal_words", 0)
-            else None,  # measured with another rule: not this judge's agreement
+            "agreement": meta.get("agreement") if not note else None,
+            **note,
             "checks": meta.get("checks"),
         }
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from excise.data import assign_split, load_records, require_fields
 from excise.errors import ConfigError, DataError
+from excise.evaluate.judges.agreement import HELDOUT_THRESHOLD, confusion_fields
 from excise.evaluate.judges.encoder import ENCODER_NAME, SentenceEncoder, load_encoder
 from excise.evaluate.judges.probe import ProbeWeights, fit_logistic, probe_texts, write_probe
 
@@ -273,9 +274,12 @@ def labelled_file(
 
 
 def measure_agreement(judge: Any, pairs: LabelledPairs) -> dict[str, Any]:
-    """A judge's agreement with labelled pairs: accuracy of ``score > judge.threshold``, AUC, rates.
+    """A judge's agreement with labelled pairs: accuracy of ``score > judge.threshold``, AUC, rates,
+    and sensitivity and specificity with their counts (:func:`~.agreement.confusion_fields`: what
+    correcting a rate for the judge needs).
 
-    With one class only the AUC is undefined: ``None``, and ``auc_null_reason`` says why.
+    With one class only the AUC is undefined: ``None``, and ``auc_null_reason`` says why (and
+    the missing class's sensitivity or specificity is ``None``).
     """
     scores = np.array(judge.score(pairs.prompts, pairs.responses), dtype=np.float64)  # (N,)
     flagged = scores > judge.threshold
@@ -290,6 +294,7 @@ def measure_agreement(judge: Any, pairs: LabelledPairs) -> dict[str, Any]:
         "n": len(pairs),
         "positive_rate": round(float(pairs.labels.mean()), 4),
         "flagged_rate": round(float(flagged.mean()), 4),
+        **confusion_fields(flagged, pairs.labels),
         "data": pairs.source,
     }
 
@@ -422,12 +427,16 @@ def _nonempty(pairs: LabelledPairs) -> LabelledPairs:
 
 
 def heldout_agreement(p_held: np.ndarray, held: LabelledPairs) -> dict[str, Any]:
-    """A judge's agreement with the held-out labels: accuracy at 0.5, AUC, rates (4 decimals)."""
+    """A judge's agreement with the held-out labels at 0.5 (:data:`~.agreement.HELDOUT_THRESHOLD`):
+    accuracy, AUC, rates (4 decimals), sensitivity and specificity with their counts."""
+    flagged = p_held > HELDOUT_THRESHOLD
     return {
-        "accuracy": round(float(((p_held > 0.5) == held.labels).mean()), 4),
+        "threshold": HELDOUT_THRESHOLD,
+        "accuracy": round(float((flagged == held.labels).mean()), 4),
         "n": len(held),
         "data": f"{held.source} — judge side of STANDARD_SPLITS, held-out part (salt judge-holdout, 25%)",
         "auc": round(auc(p_held, held.labels), 4),
         "positive_rate": round(float(held.labels.mean()), 4),
-        "flagged_rate": round(float((p_held > 0.5).mean()), 4),
+        "flagged_rate": round(float(flagged.mean()), 4),
+        **confusion_fields(flagged, held.labels),
     }

@@ -25,6 +25,7 @@ __all__ = [
     "MetricResult",
     "NotCachedError",
     "answer_field",
+    "corrected_rate",
     "generate_answers",
     "judge_scores",
     "prompt_ids",
@@ -211,6 +212,32 @@ def judge_record(judge: Any) -> dict[str, Any]:
     described.setdefault("name", judge.name)
     described.setdefault("threshold", judge.threshold)
     return described
+
+
+def corrected_rate(judge: Any, flags: Sequence[bool]) -> dict[str, Any]:
+    """The share of ``flags`` corrected for the judge's measured sensitivity and specificity.
+
+    ``judge``: the judge, or the ``judge`` record of a result (what :func:`judge_record` wrote),
+    so that a saved record's flags can be corrected without loading the judge.
+
+    :func:`~excise.evaluate.stats.corrected_rate_interval` (Rogan–Gladen, with an interval over
+    the items and the judge's labelled sets, seed 0) on the judge's confusion counts at its
+    operating threshold (:func:`~excise.evaluate.judges.agreement.operating_counts`), plus where
+    those came from (``counts_source``). ``value`` None, with ``reason``, when the judge has no
+    measured agreement at this threshold or cannot tell the classes apart. The flags must be
+    ``score > judge.threshold``: the rule the agreement was measured with.
+    """
+    from excise.evaluate.judges.agreement import operating_counts
+    from excise.evaluate.stats import corrected_rate_interval
+
+    counts, reason = operating_counts(judge if isinstance(judge, dict) else judge_record(judge))
+    if counts is None:
+        n = len(flags)
+        return {"value": None, "ci": None, "stderr": None, "rate": sum(map(bool, flags)) / n if n else None,
+                "n": n, "reason": reason}  # fmt: skip
+    keys = ("true_positives", "n_positive", "true_negatives", "n_negative")
+    out = corrected_rate_interval(flags, **{k: counts[k] for k in keys})
+    return out | {"threshold": counts["threshold"], "counts_source": counts["source"]}
 
 
 def judge_scores(ctx: EvalContext, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:

@@ -7,6 +7,11 @@ file works as it comes: the prompt is read from the first of the columns ``promp
 (AdvBench ``harmful_behaviors.csv``), ``behavior`` (HarmBench), ``question``, ``instruction``,
 ``instructions`` (safety-tuned-llamas) that the file has, in any letter case (``--field
 prompt=COLUMN`` picks another). Default judge: the offline ``harm-cross`` (``harm-probe`` stays available).
+
+Beside the raw rate, ``harmful_rate_corrected``: the rate corrected for the judge's measured
+sensitivity and specificity (:func:`~excise.evaluate.metrics.base.corrected_rate`; its interval
+and inputs in the record's ``corrected``), None with the reason in ``null_reasons`` for a judge
+without measured agreement at its threshold or one that cannot tell the classes apart.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from excise.evaluate.metrics.base import (
     Metric,
     MetricResult,
     answer_field,
+    corrected_rate,
     judge_scores,
 )
 from excise.evaluate.stats import mean_stderr
@@ -32,9 +38,22 @@ def run(ctx: EvalContext) -> MetricResult:
         for p, a, s in zip(prompts, answers, scores, strict=True)
     ]
     n = len(items)
-    metrics = {"harmful_rate": sum(it["flagged"] for it in items) / n, "mean_score": sum(scores) / n}
-    stderr = {"harmful_rate": mean_stderr([it["flagged"] for it in items]), "mean_score": mean_stderr(scores)}
-    return MetricResult(metrics, items, stderr=stderr)
+    flags = [it["flagged"] for it in items]
+    corrected = corrected_rate(ctx.judge, flags)
+    metrics = {
+        "harmful_rate": sum(flags) / n,
+        "harmful_rate_corrected": corrected["value"],
+        "mean_score": sum(scores) / n,
+    }
+    stderr = {
+        "harmful_rate": mean_stderr(flags),
+        "harmful_rate_corrected": corrected["stderr"],
+        "mean_score": mean_stderr(scores),
+    }
+    reasons = {} if corrected["value"] is not None else {"harmful_rate_corrected": corrected["reason"]}
+    return MetricResult(
+        metrics, items, {"corrected": {"harmful_rate": corrected}}, null_reasons=reasons, stderr=stderr
+    )
 
 
 METRIC = Metric(
