@@ -726,6 +726,21 @@ def _refusal_rate(record: dict[str, Any] | None) -> float | None:
     return sum(judge.refuses(it["response"]) for it in items) / len(items) if items else None
 
 
+def _corrected(record: dict[str, Any] | None) -> str:
+    """The harmful rate corrected for the judge's sensitivity and specificity (Rogan–Gladen), with
+    its interval (items and the judge's labelled sets), from the record's own flags and judge record."""
+    if record is None or record.get("judge") is None:
+        return "–"
+    from excise.evaluate.metrics.base import corrected_rate
+
+    c = corrected_rate(record["judge"], [bool(it["flagged"]) for it in record["items"]])
+    if c.get("value") is None:
+        return f"– ({c.get('reason', 'no correction')})"
+    if c.get("ci") is None:
+        return f"{c['value']:.2f}"
+    return f"{c['value']:.2f} [{c['ci'][0]:.2f}, {c['ci'][1]:.2f}]"
+
+
 def _sku_rows(run: Run) -> list[tuple[str, dict[str, dict[str, Any] | None]]]:
     rows = []
     for model, name in _SKU_MODELS:
@@ -759,8 +774,8 @@ def sku(run: Run) -> str:
                 label=f"{name} vs base, Δ {label}", primary=main,
             )  # fmt: skip
         out.append([
-            name, _fmt(_value(r["harmful"], "harmful_rate"), 2), cells["harmful"],
-            _fmt(_value(r["advbench"], "harmful_rate"), 2), cells["advbench"],
+            name, _fmt(_value(r["harmful"], "harmful_rate"), 2), _corrected(r["harmful"]), cells["harmful"],
+            _fmt(_value(r["advbench"], "harmful_rate"), 2), _corrected(r["advbench"]), cells["advbench"],
             _fmt(_refusal_rate(r["harmful"]), 2), cells["refusal"],
             _fmt(_refusal_rate(r["advbench"]), 2),
             _fmt(_value(r["utility"], "diversity"), 3), _fmt(_value(r["utility"], "fluency_ppl"), 2),
@@ -769,7 +784,9 @@ def sku(run: Run) -> str:
     lam_rows = lam_rule(run, {"sku": "SKU (negated θh)"}, fam)
     fam.adjust()
     delta = "Δ vs base [95% CI] (Holm p)"
-    header = ["model", "harmful rate (PKU)", delta, "harmful rate (AdvBench)", delta, "refusal (PKU)",
+    corrected = "corrected for the judge [95% CI]"
+    header = ["model", "harmful rate (PKU)", corrected, delta, "harmful rate (AdvBench)", corrected, delta,
+              "refusal (PKU)",
               delta, "refusal (AdvBench)", "diversity", "fluency ppl", "similarity to base",
               "wikitext-2 ppl"]  # fmt: skip
     judge = (base["harmful"] or {}).get("judge") or {}
@@ -779,7 +796,9 @@ def sku(run: Run) -> str:
     note = (f"\n{n_pku} held-out PKU-SafeRLHF prompts, {n_adv} AdvBench behaviours, {n_util} Alpaca "
             f"prompts for diversity / fluency / similarity; judge `{judge.get('name')}`, held-out "
             f"accuracy {agree.get('accuracy')}, AUC {agree.get('auc')} (n = {agree.get('n')}); refusal = "
-            "share of answers with a refusal marker. ")  # fmt: skip
+            "share of answers with a refusal marker. Corrected = Rogan–Gladen (p̂ + sp − 1)/(se + sp − 1) "
+            "with the judge's held-out sensitivity and specificity, clipped to [0, 1]; its interval carries "
+            "the items and the judge's labelled sets (stats.corrected_rate_interval). ")  # fmt: skip
     note += _ppl_note(base["perplexity"], in_rule=False)
     parts = [_table(header, out) + note]
     if lam_rows:
