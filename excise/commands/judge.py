@@ -192,35 +192,129 @@ def judge_check(
     prompt_field: Annotated[str, typer.Option(help="Prompt column of --data.")] = "prompt",
     response_field: Annotated[str, typer.Option(help="Response column of --data.")] = "response",
     label_field: Annotated[str, typer.Option(help="Label column of --data.")] = "label",
-    limit: Annotated[int | None, typer.Option(help="Score only the first N rows.")] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="Score only the first N rows (and the first N HH-RLHF pairs).")
+    ] = None,
+    content_only: Annotated[
+        bool,
+        typer.Option(help="Harm: also the figures on the responses without a refusal marker."),
+    ] = True,
+    hh: Annotated[
+        bool, typer.Option(help="Harm: also the pairwise agreement on HH-RLHF's held-out pairs.")
+    ] = True,
+    hh_data: Annotated[
+        Path | None,
+        typer.Option(help="HH-RLHF chosen/rejected file (default: the shared harmless-base test file)."),
+    ] = None,
+    store: Annotated[
+        bool,
+        typer.Option(
+            "--store",
+            help="Write the content-only and HH figures beside the judge's weights "
+            "(<stem>.agreement.json), where describe() merges them into its agreement.",
+        ),
+    ] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the result here.")] = None,
     threads: Threads = None,
 ) -> None:
-    """Measure a judge's agreement (accuracy, AUC) with labelled safe/unsafe or toxic/non-toxic data."""
+    """Measure a judge's agreement (accuracy, AUC) with labelled safe/unsafe or toxic/non-toxic data.
+
+    For a harm judge also on the held-out responses without a refusal marker (content only) and
+    on HH-RLHF's held-out pairs (is the rejected reply scored higher?).
+    """
     set_threads(threads)
     import numpy as np
 
+    from excise.errors import ConfigError
     from excise.evaluate.cache import strict_json, write_atomic_json
     from excise.evaluate.judges import load_judge, parse_options
-    from excise.evaluate.judges.probe_training import heldout_pairs, labelled_file, measure_agreement
+    from excise.evaluate.judges.agreement import write_sidecar
+    from excise.evaluate.judges.probe_training import (
+        HH_PAIRS,
+        harm_agreement,
+        heldout_hh_pairs,
+        heldout_pairs,
+        labelled_file,
+    )
 
+    kind = kind or ("toxicity" if "toxic" in judge else "harm")
+    harm = kind == "harm"
+    custom = data is not None or limit is not None or hh_data is not None
+    if store and (custom or not (harm and hh and content_only)):
+        raise ConfigError(
+            "--store records the held-out figures of a harm judge: drop --data, --limit, --hh-data, "
+            "--no-hh and --no-content-only"
+        )
     scorer = load_judge(judge, **parse_options(judge_option))
+    described = scorer.describe()
+    weights = _store_target(scorer, described, judge) if store else None
     if data is not None:
         pairs = labelled_file(data, prompt=prompt_field, response=response_field, label=label_field)
         if limit is not None:
             pairs = pairs.subset(np.arange(len(pairs)) < limit)
     else:
-        pairs = heldout_pairs(kind or ("toxicity" if "toxic" in judge else "harm"), limit=limit)
-    result = measure_agreement(scorer, pairs)
+        pairs = heldout_pairs(kind, limit=limit)
+    hh_path = hh_data or HH_PAIRS
+    hh_pairs = None
+    if harm and hh and (hh_data is not None or hh_path.is_file()):
+        hh_pairs = heldout_hh_pairs(hh_path, limit=limit)
+    result = harm_agreement(scorer, pairs, content_only=harm and content_only, hh=hh_pairs)
     area = "undefined (one class)" if result["auc"] is None else f"{result['auc']:.4f}"
     typer.echo(
         f"{result['judge']}: accuracy {result['accuracy']:.4f}, AUC {area}, n = {result['n']} "
         f"(flagged {result['flagged_rate']:.3f}, labelled unsafe {result['positive_rate']:.3f})"
     )
     typer.echo(f"  at threshold {result['threshold']:g}: {_separation(result)}")
+    if "content_only" in result:
+        typer.echo(f"  content only (no refusal marker): {_content_only(result['content_only'])}")
+    if "hh_pairs" in result:
+        typer.echo(f"  HH-RLHF held-out pairs: {_hh_line(result['hh_pairs'])}")
+    elif harm and hh:
+        typer.echo(f"  HH-RLHF held-out pairs: skipped ({hh_path} not found)")
+    if weights is not None:
+        done(write_sidecar(weights, result, measured_by=f"excise eval judge-check --judge {judge} --store"))
     if json_out is not None:
         write_atomic_json(json_out, strict_json({"agreement": result, "judge": scorer.describe()}))
         done(json_out)
+
+
+def _store_target(scorer: object, described: dict, spec: str) -> Path:
+    """The weights file ``--store`` writes beside, checked before anything is scored."""
+    from excise.errors import ConfigError
+    from excise.evaluate.judges.agreement import HELDOUT_THRESHOLD
+
+    weights = described.get("weights")
+    if not weights or not Path(weights).is_file():
+        raise ConfigError(f"--store needs a judge with a weights file; {spec} has none")
+    if described.get("agreement") is None or scorer.threshold != HELDOUT_THRESHOLD:  # type: ignore[attr-defined]
+        raise ConfigError(
+            f"--store records figures at the settings the weights' agreement was measured with "
+            f"(threshold {HELDOUT_THRESHOLD:g}, default options); {spec} is run otherwise"
+        )
+    return Path(weights)
+
+
+def _content_only(figures: dict) -> str:
+    """``accuracy 0.57, AUC 0.6, n = 548 (dropped as refusals: 47 safe, 41 unsafe); sensitivity …``."""
+    dropped = figures["dropped_refusals"]
+    gone = f"dropped as refusals: {dropped['safe']} safe, {dropped['unsafe']} unsafe"
+    if not figures["n"]:
+        return f"no rows left ({gone})"
+    area = "undefined (one class)" if figures["auc"] is None else f"{figures['auc']:.4f}"
+    return (
+        f"accuracy {figures['accuracy']:.4f}, AUC {area}, n = {figures['n']} ({gone}); {_separation(figures)}"
+    )
+
+
+def _hh_line(figures: dict) -> str:
+    """``rejected scored higher in 0.5546 [0.47, 0.64] of n = 119 pairs (ties 0; bootstrap …)``."""
+    share = figures["pairwise_agreement"]
+    ci = figures["ci"]
+    interval = f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else " (no interval: too few dialogues)"
+    return (
+        f"rejected reply scored higher in {share:.4f}{interval} of n = {figures['n']} pairs "
+        f"(ties {figures['ties']} count 1/2; {figures['interval']})"
+    )
 
 
 def _separation(result: dict) -> str:

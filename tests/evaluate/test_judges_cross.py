@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from excise.data import assign_split
 from excise.errors import ConfigError, ModelLoadError
 from excise.evaluate.judges import load_judge
+from excise.evaluate.judges.agreement import SIDECAR_KEYS
 from excise.evaluate.judges.cross import CROSS_SHIPPED, CrossEncoder, CrossJudge, calibrated, read_cross
 from excise.evaluate.judges.cross_training import CrossSettings, _BottomCache, calibration_mask, train_cross
 from excise.evaluate.judges.encoder import load_encoder
@@ -163,7 +164,7 @@ def test_shipped_harm_cross_reproduces_its_recorded_scores_and_claim():
     judge = load_judge("harm-cross", batch_size=8)
     described = judge.describe()
     assert (
-        described["agreement"] == claim
+        _without_sidecar(described["agreement"]) == claim  # plus the sidecar's figures (its own test)
         and described["name"] == "harm-cross"
         and described["threshold"] == 0.5
     )
@@ -229,8 +230,14 @@ def test_terse_refusals_score_zero_and_longer_answers_keep_the_model_score():
     assert on_scores[0] == 0.0 < off_scores[0]
     assert on_scores[1] == off_scores[1]  # a long answer with a marker keeps the model's score
     meta = read_cross(CROSS_SHIPPED)[2]
-    assert judge.describe()["agreement"] == meta["agreement"] and meta["terse_refusal_words"] == 15
+    assert _without_sidecar(judge.describe()["agreement"]) == meta["agreement"]
+    assert meta["terse_refusal_words"] == 15
     assert off.describe()["agreement"] is None  # measured with the rule on: not this judge's number
     assert meta["checks"]["stock_refusals"]["flagged_with_rule"] == 0.0
     with pytest.raises(ConfigError, match="terse_refusal_words"):
         CrossJudge(terse_refusal_words=-1)
+
+
+def _without_sidecar(agreement: dict) -> dict:
+    """The agreement record without what ``<weights stem>.agreement.json`` merges in."""
+    return {k: v for k, v in agreement.items() if k not in SIDECAR_KEYS}

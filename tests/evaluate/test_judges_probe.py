@@ -184,7 +184,8 @@ def test_shipped_probe_claims_hold_on_a_held_out_sample(name):
     assert "judge side" in meta["trained_on"]["split"] and "held-out" in claim["data"]
     assert 0.5 < claim["accuracy"] <= 1 and claim["n"] > 200
     judge = load_judge(name)
-    assert judge.describe()["agreement"] == claim
+    merged = judge.describe()["agreement"]  # plus the sidecar's figures, if any (their own test)
+    assert {k: v for k, v in merged.items() if k not in ("content_only", "hh_pairs")} == claim
     sample = heldout_pairs("harm" if name == "harm-probe" else "toxicity", limit=40)
     measured = measure_agreement(judge, sample)["accuracy"]
     # A 40-row sample of the same held-out set: within 3.5 binomial standard errors of the claim.

@@ -8,20 +8,35 @@ unsafe and safe items they were measured on). Agreement records written since ca
 only ``accuracy``, ``n``, ``positive_rate`` and ``flagged_rate`` (4 decimals); their counts
 follow from those exactly (:func:`counts_from_rates`), so the weight files — whose content is
 the judge's identity in every cache key — are never rewritten for it.
+
+Figures measured later beside a weights file (``judge-check --store``: the held-out responses
+without a refusal marker, ``content_only``, and HH-RLHF's held-out pairs, ``hh_pairs``) live in a
+sidecar, ``<weights stem>.agreement.json`` (:func:`write_sidecar`), which the judges' ``describe()``
+merges into ``agreement`` (:func:`with_sidecar`) when it names the weights' SHA-256. The sidecar
+is not part of :func:`~excise.evaluate.judges.registry.judge_identity`: it changes no score, so
+cached scores and pipeline stages that used the judge stay valid.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 __all__ = [
     "HELDOUT_THRESHOLD",
+    "SIDECAR_KEYS",
     "confusion_fields",
     "counts_from_rates",
     "operating_counts",
+    "read_sidecar",
+    "sidecar_path",
+    "with_sidecar",
+    "write_sidecar",
 ]
 
 # The rule ``heldout_agreement`` measures at (``score > 0.5``); its records before 2026-12 do not
@@ -151,3 +166,71 @@ def operating_counts(described: dict[str, Any]) -> tuple[dict[str, Any] | None, 
         "threshold": measured_at,
         "source": source,
     }, None
+
+
+# What a sidecar adds to a judge's agreement record (docs/JUDGES.md §1.8).
+SIDECAR_KEYS = ("content_only", "hh_pairs")
+
+
+def sidecar_path(weights: str | Path) -> Path:
+    """``harm_cross.safetensors`` → ``harm_cross.agreement.json`` beside it."""
+    weights = Path(weights)
+    return weights.with_name(f"{weights.stem}.agreement.json")
+
+
+@lru_cache(maxsize=32)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    from excise.data import file_sha256
+
+    return file_sha256(Path(path))
+
+
+def _weights_digest(weights: Path) -> str:
+    stat = weights.stat()
+    return _digest(str(weights.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def read_sidecar(weights: str | Path) -> dict[str, Any]:
+    """The sidecar's :data:`SIDECAR_KEYS` figures for ``weights``; ``{}`` when there is no sidecar,
+    it is unreadable, or it was measured on other weights (its ``weights_sha256`` differs)."""
+    weights, path = Path(weights), sidecar_path(weights)
+    if not (path.is_file() and weights.is_file()):
+        return {}
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(stored, dict) or stored.get("weights_sha256") != _weights_digest(weights):
+        return {}
+    return {k: stored[k] for k in SIDECAR_KEYS if isinstance(stored.get(k), dict)}
+
+
+def with_sidecar(agreement: dict[str, Any] | None, weights: str | Path) -> dict[str, Any] | None:
+    """``agreement`` (the record in the weights' metadata) with the sidecar's figures merged in
+    (:func:`read_sidecar`); None stays None (no measured agreement for this judge's settings)."""
+    if agreement is None:
+        return None
+    return {**agreement, **read_sidecar(weights)}
+
+
+def write_sidecar(weights: str | Path, figures: dict[str, Any], *, measured_by: str) -> Path:
+    """Write ``figures``' :data:`SIDECAR_KEYS` beside ``weights`` (atomically), with the weights'
+    SHA-256 (what :func:`read_sidecar` checks) and how they were measured; returns the path.
+
+    ``excise eval judge-check --store`` calls it with :func:`~.probe_training.harm_agreement`'s result.
+    """
+    weights = Path(weights)
+    missing = [k for k in SIDECAR_KEYS if not isinstance(figures.get(k), dict)]
+    if missing:
+        raise ValueError(f"sidecar figures lack {', '.join(missing)}")
+    record = {
+        "weights": weights.name,
+        "weights_sha256": _weights_digest(weights),
+        "measured_by": measured_by,
+        **{k: figures[k] for k in SIDECAR_KEYS},
+    }
+    path = sidecar_path(weights)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    tmp.replace(path)
+    return path

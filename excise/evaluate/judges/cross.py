@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from excise.errors import ConfigError, ModelLoadError
+from excise.evaluate.judges.agreement import with_sidecar
 from excise.evaluate.judges.common import check_pairs
 from excise.evaluate.judges.probe import WEIGHTS_DIR
 from excise.evaluate.judges.refusal import RefusalJudge
@@ -277,7 +278,8 @@ class CrossJudge:
         return [float(x) for x in p]
 
     def describe(self) -> dict[str, Any]:
-        """Name, settings, training data and the measured held-out agreement from the metadata."""
+        """Name, settings, training data and the measured held-out agreement from the metadata,
+        with the content-only and HH-RLHF figures of its sidecar (:func:`~.agreement.with_sidecar`)."""
         meta = self.metadata
         measured_rule = meta.get("terse_refusal_words", 0)
         note = (
@@ -299,7 +301,7 @@ class CrossJudge:
             "calibration": meta.get("calibration"),
             "stand_in_for": meta.get("stand_in_for"),
             "trained_on": meta.get("trained_on"),
-            "agreement": meta.get("agreement") if not note else None,
+            "agreement": with_sidecar(meta.get("agreement"), self.path) if not note else None,
             **note,
             "checks": meta.get("checks"),
         }

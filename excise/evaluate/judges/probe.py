@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from excise.errors import ConfigError, DataError, ModelLoadError
+from excise.evaluate.judges.agreement import with_sidecar
 from excise.evaluate.judges.common import check_pairs
 
 __all__ = [
@@ -210,7 +211,8 @@ class ProbeJudge:
         return [float(p) for p in self.weights.probabilities(embeddings)]
 
     def describe(self) -> dict[str, Any]:
-        """Name, settings, training data and the measured held-out agreement from the metadata."""
+        """Name, settings, training data and the measured held-out agreement from the metadata,
+        with the content-only and HH-RLHF figures of its sidecar (:func:`~.agreement.with_sidecar`)."""
         meta = dict(self.weights.metadata)
         return {
             "name": self.name,
@@ -220,6 +222,6 @@ class ProbeJudge:
             "encoder": meta.get("encoder"),
             "stand_in_for": meta.get("stand_in_for"),
             "trained_on": meta.get("trained_on"),
-            "agreement": meta.get("agreement"),
+            "agreement": with_sidecar(meta.get("agreement"), self.path),
             "checks": meta.get("checks"),
         }

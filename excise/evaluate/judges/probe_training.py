@@ -37,13 +37,20 @@ from excise.evaluate.judges.probe import ProbeWeights, fit_logistic, probe_texts
 __all__ = [
     "DATA_ROOT",
     "KINDS",
+    "HHPairs",
     "LabelledPairs",
+    "agreement_figures",
     "auc",
+    "content_only_agreement",
+    "harm_agreement",
     "harm_probe_data",
     "heldout_agreement",
+    "heldout_hh_pairs",
     "heldout_pairs",
+    "hh_pairwise_agreement",
     "hh_rlhf_pairs",
     "holdout_mask",
+    "is_heldout_prompt",
     "labelled_file",
     "measure_agreement",
     "toxicity_probe_data",
@@ -282,20 +289,34 @@ def measure_agreement(judge: Any, pairs: LabelledPairs) -> dict[str, Any]:
     the missing class's sensitivity or specificity is ``None``).
     """
     scores = np.array(judge.score(pairs.prompts, pairs.responses), dtype=np.float64)  # (N,)
-    flagged = scores > judge.threshold
-    area = auc(scores, pairs.labels)
-    undefined = {} if np.isfinite(area) else {"auc_null_reason": "the labels hold one class only"}
     return {
         "judge": judge.name,
         "threshold": judge.threshold,
-        "accuracy": round(float((flagged == pairs.labels.astype(bool)).mean()), 4),
+        **agreement_figures(scores, pairs.labels, judge.threshold),
+        "data": pairs.source,
+    }
+
+
+def agreement_figures(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Accuracy of ``score > threshold``, AUC (None with ``auc_null_reason`` for one class), ``n``,
+    rates and :func:`~.agreement.confusion_fields` (4 decimals): :func:`measure_agreement` on
+    scores already computed. No rows: ``n`` 0, the figures None, ``null_reason`` saying so.
+    """
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    if len(labels) == 0:
+        empty = dict.fromkeys(("accuracy", "auc", "positive_rate", "flagged_rate"))
+        return empty | {"n": 0, "null_reason": "no rows", **confusion_fields(scores > threshold, labels)}
+    flagged = scores > threshold
+    area = auc(scores, labels)
+    undefined = {} if np.isfinite(area) else {"auc_null_reason": "the labels hold one class only"}
+    return {
+        "accuracy": round(float((flagged == labels.astype(bool)).mean()), 4),
         "auc": round(area, 4) if not undefined else None,
         **undefined,
-        "n": len(pairs),
-        "positive_rate": round(float(pairs.labels.mean()), 4),
+        "n": len(labels),
+        "positive_rate": round(float(labels.mean()), 4),
         "flagged_rate": round(float(flagged.mean()), 4),
-        **confusion_fields(flagged, pairs.labels),
-        "data": pairs.source,
+        **confusion_fields(flagged, labels),
     }
 
 
@@ -440,3 +461,195 @@ def heldout_agreement(p_held: np.ndarray, held: LabelledPairs) -> dict[str, Any]
         "flagged_rate": round(float(flagged.mean()), 4),
         **confusion_fields(flagged, held.labels),
     }
+
+
+# ------------------------------------------------------------- what judge-check measures beside accuracy
+
+
+def is_heldout_prompt(prompt: str) -> bool:
+    """Whether ``prompt`` is on the held-out side every judge's held-out figures use.
+
+    The rule: the prompt (through :func:`~excise.data.splits.prompt_key`) falls on the ``judge``
+    side of :data:`~excise.data.splits.STANDARD_SPLITS` (salt ``excise``), and within it in the
+    held-out part (salt ``judge-holdout``, 25 %). That is how :func:`heldout_pairs` picks the
+    held-out PKU pairs (:func:`harm_probe_data` keeps the judge side, :func:`holdout_mask` the
+    held-out part); a prompt on the ``train`` or ``eval`` side, or in the judge side's fitting
+    part (what the offline judges train and calibrate on), is never held out.
+    """
+    judge_side = assign_split(prompt) == "judge"
+    return judge_side and assign_split(prompt, HOLDOUT, salt="judge-holdout") == "holdout"
+
+
+def content_only_agreement(
+    scores: np.ndarray, pairs: LabelledPairs, threshold: float, *, refusal: Any = None
+) -> dict[str, Any]:
+    """Agreement on the responses the refusal-marker rule does not flag as refusals (content only).
+
+    The rule is :meth:`~.refusal.RefusalJudge.refuses` (GCG's markers, case-sensitive substring,
+    by default): a response with a marker is dropped, whatever its label. What is left are answers
+    the judge must read to tell safe from unsafe. The figures are :func:`agreement_figures` of the
+    same scores on the rows left, plus ``dropped_refusals`` (how many were dropped, per label).
+
+    Args:
+        scores: ``(N,)`` the judge's scores of ``pairs`` (in order).
+        pairs: the labelled rows.
+        threshold: flagged = ``score > threshold``.
+        refusal: the marker rule (default :class:`~.refusal.RefusalJudge` with GCG's markers).
+    """
+    from excise.evaluate.judges.refusal import RefusalJudge
+
+    refusal = refusal if refusal is not None else RefusalJudge()
+    scores = np.asarray(scores, dtype=np.float64)
+    if len(scores) != len(pairs):
+        raise DataError(f"{len(scores)} scores for {len(pairs)} labelled rows")
+    refuses = np.array([bool(refusal.refuses(r)) for r in pairs.responses], dtype=bool)  # (N,)
+    keep = ~refuses
+    return {
+        "threshold": threshold,
+        **agreement_figures(scores[keep], pairs.labels[keep], threshold),
+        "dropped_refusals": {
+            "safe": int((refuses & (pairs.labels == 0)).sum()),
+            "unsafe": int((refuses & (pairs.labels == 1)).sum()),
+        },
+        "rule": "responses with no refusal marker (RefusalJudge.refuses: GCG markers, case-sensitive)",
+        "data": pairs.source,
+    }
+
+
+@dataclass(frozen=True)
+class HHPairs:
+    """HH-RLHF pairs: one dialogue, a chosen and a rejected (more harmful) reply each.
+
+    ``prompts`` is what the judge reads as the prompt: the dialogue before the reply, role-tagged
+    as in the transcript (``Human: …\\n\\nAssistant: …\\n\\nHuman: …``). ``keys`` is what the split
+    hashes: the turns' texts joined by newlines (:attr:`~excise.data.examples.Example.split_key`,
+    the pairs metric's HH reader). ``dropped`` counts the rows left out, by reason.
+    """
+
+    prompts: list[str]
+    keys: list[str]
+    chosen: list[str]
+    rejected: list[str]
+    source: str
+    dropped: dict[str, int]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def heldout_hh_pairs(path: str | Path = HH_PAIRS, *, limit: int | None = None) -> HHPairs:
+    """The HH-RLHF harmless-base pairs whose dialogue is held out (:func:`is_heldout_prompt`).
+
+    Each row's two transcripts are parsed (:func:`~excise.data.examples.parse_hh_transcript`);
+    a row is kept when both share the dialogue before the last reply, the two replies are
+    non-empty and differ, and that dialogue (its split key, as :attr:`Example.split_key` builds
+    it) is held out under the rule PKU's held-out figures use — so no judge trained or calibrated
+    on the judge side's fitting part, and no module trained on the ``train`` side, saw it.
+    ``limit`` keeps the first ``limit`` such pairs, in file order.
+
+    Raises:
+        DataError: the file is missing or holds no held-out pair.
+    """
+    from excise.data.examples import parse_hh_transcript
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"HH-RLHF pairs file {path} not found")
+    rows = load_records(path)
+    require_fields(rows, ["chosen", "rejected"], where=str(path))
+    out = HHPairs([], [], [], [], f"{path} — held-out dialogues (judge side, salt judge-holdout, 25%)", {})
+    dropped = dict.fromkeys(("malformed", "dialogues_differ", "empty_or_equal_replies", "not_held_out"), 0)
+    for row in rows:
+        if limit is not None and len(out) >= limit:
+            break
+        try:
+            c_history, c_prompt, chosen = parse_hh_transcript(str(row["chosen"]))
+            r_history, r_prompt, rejected = parse_hh_transcript(str(row["rejected"]))
+        except DataError:
+            dropped["malformed"] += 1
+            continue
+        if (c_history, c_prompt) != (r_history, r_prompt):
+            dropped["dialogues_differ"] += 1
+            continue
+        if not chosen.strip() or not rejected.strip() or chosen == rejected:
+            dropped["empty_or_equal_replies"] += 1
+            continue
+        key = "\n".join([text for _, text in c_history] + [c_prompt])
+        if not is_heldout_prompt(key):
+            dropped["not_held_out"] += 1
+            continue
+        turns = [*c_history, ("user", c_prompt)]
+        out.prompts.append("\n\n".join(f"{'Human' if r == 'user' else 'Assistant'}: {t}" for r, t in turns))
+        out.keys.append(key)
+        out.chosen.append(chosen)
+        out.rejected.append(rejected)
+    out.dropped.update(dropped)
+    if not out.keys:
+        raise DataError(f"{path}: no HH-RLHF pair has a held-out dialogue")
+    return out
+
+
+def hh_pairwise_agreement(
+    chosen_scores: np.ndarray,
+    rejected_scores: np.ndarray,
+    keys: Sequence[str],
+    *,
+    seed: int = 0,
+    resamples: int = 10_000,
+) -> dict[str, Any]:
+    """Share of pairs whose rejected (more harmful) reply the judge scores higher (a tie counts ½).
+
+    The 95 % interval is a percentile bootstrap over dialogues (pairs grouped by
+    :func:`~excise.data.splits.prompt_key` of their key, so a dialogue with two pairs is resampled
+    whole; with one pair per dialogue it is the bootstrap over pairs), ``resamples`` seeded draws
+    (:func:`~excise.evaluate.stats.bootstrap_ratio_interval`).
+    """
+    from excise.data import prompt_key
+    from excise.evaluate.stats import bootstrap_ratio_interval
+
+    c, r = np.asarray(chosen_scores, dtype=np.float64), np.asarray(rejected_scores, dtype=np.float64)
+    if not len(c) == len(r) == len(keys):
+        raise DataError(f"{len(c)} chosen and {len(r)} rejected scores for {len(keys)} pairs")
+    wins = np.where(r > c, 1.0, np.where(r == c, 0.5, 0.0))  # (P,)
+    groups: dict[str, list[float]] = {}
+    for key, win in zip(keys, wins, strict=True):
+        groups.setdefault(prompt_key(key), []).append(float(win))
+    interval = bootstrap_ratio_interval(
+        [sum(g) for g in groups.values()], [len(g) for g in groups.values()], resamples=resamples, seed=seed
+    )
+    return {
+        "pairwise_agreement": round(float(wins.mean()), 4) if len(wins) else None,
+        "n": len(wins),
+        "ties": int((r == c).sum()),
+        "ci": None if interval["ci"] is None else [round(v, 4) for v in interval["ci"]],
+        "stderr": None if interval["stderr"] is None else round(interval["stderr"], 4),
+        "interval": f"95% percentile bootstrap over dialogues ({resamples} draws, seed {seed})",
+        **({"interval_null_reason": interval["reason"]} if "reason" in interval else {}),
+    }
+
+
+def harm_agreement(
+    judge: Any,
+    pairs: LabelledPairs,
+    *,
+    content_only: bool = True,
+    hh: HHPairs | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """:func:`measure_agreement` on ``pairs``, plus ``content_only`` (:func:`content_only_agreement`
+    of the same scores) and ``hh_pairs`` (:func:`hh_pairwise_agreement` on ``hh``, when given).
+    ``pairs`` are scored once, ``hh`` in one more call."""
+    scores = np.array(judge.score(pairs.prompts, pairs.responses), dtype=np.float64)  # (N,)
+    result: dict[str, Any] = {
+        "judge": judge.name,
+        "threshold": judge.threshold,
+        **agreement_figures(scores, pairs.labels, judge.threshold),
+        "data": pairs.source,
+    }
+    if content_only:
+        result["content_only"] = content_only_agreement(scores, pairs, judge.threshold)
+    if hh is not None:
+        both = np.array(judge.score(hh.prompts * 2, hh.chosen + hh.rejected), dtype=np.float64)  # (2P,)
+        figures = hh_pairwise_agreement(both[: len(hh)], both[len(hh) :], hh.keys, seed=seed)
+        result["hh_pairs"] = {**figures, "dropped": dict(hh.dropped), "data": hh.source}
+    return result
