@@ -202,6 +202,24 @@ _PAIR_FIELDS = [
 ]
 
 
+# halueval and pairs: the format controls training applies to a pair (excise.data.examples.controlled_pair).
+_PAIR_CONTROLS = [
+    _opt(
+        "pair_max_word_ratio",
+        Annotated[
+            float | None,
+            typer.Option(help="Keep pairs whose longer answer has ≤ R × the shorter's words."),
+        ],
+        None,
+    ),
+    _opt(
+        "pair_strip_period",
+        Annotated[bool, typer.Option("--pair-strip-period", help="Drop a final period from both.")],
+        False,
+    ),
+]
+
+
 def _judge(default: str | None) -> list[inspect.Parameter]:
     what = f"default: {default}" if default else "default: none"
     return [
@@ -256,19 +274,7 @@ _EXTRA: dict[str, list[inspect.Parameter]] = {
             None,
         ),
         _opt("system", Annotated[str | None, typer.Option(help="Replace HaluEval's system prompt.")], None),
-        _opt(
-            "pair_max_word_ratio",
-            Annotated[
-                float | None,
-                typer.Option(help="Keep pairs whose longer answer has ≤ R × the shorter's words."),
-            ],
-            None,
-        ),
-        _opt(
-            "pair_strip_period",
-            Annotated[bool, typer.Option("--pair-strip-period", help="Drop a final period from both.")],
-            False,
-        ),
+        *_PAIR_CONTROLS,
         *_SCORING,
     ],
     "toxicity": _GENERATION + _judge("toxicity-probe"),
@@ -292,19 +298,7 @@ _EXTRA: dict[str, list[inspect.Parameter]] = {
     "pairs": [
         *_LIKELIHOOD,
         *_PAIR_FIELDS,
-        _opt(
-            "pair_max_word_ratio",
-            Annotated[
-                float | None,
-                typer.Option(help="Keep pairs whose longer answer has ≤ R × the shorter's words."),
-            ],
-            None,
-        ),
-        _opt(
-            "pair_strip_period",
-            Annotated[bool, typer.Option("--pair-strip-period", help="Drop a final period from both.")],
-            False,
-        ),
+        *_PAIR_CONTROLS,
     ],
     "answer-nll": _LIKELIHOOD,
     "refusal-logprob": [

@@ -15,8 +15,13 @@ from typing import Any
 
 from excise.evaluate.config import EvalConfig
 from excise.evaluate.metrics.base import SHARED_DATA, EvalContext, Metric, MetricResult, subject_logliks
-from excise.evaluate.metrics.likelihood import check_template, encode_answer, reference_logliks, template_name
-from excise.evaluate.stats import bootstrap_ratio_interval
+from excise.evaluate.metrics.likelihood import (
+    check_template,
+    encode_answer,
+    mean_summary,
+    reference_logliks,
+    template_name,
+)
 
 __all__ = ["METRIC"]
 
@@ -44,16 +49,9 @@ def run(ctx: EvalContext) -> MetricResult:
         if ref is not None:
             item["delta_nll"] = item["nll"] - (-ref[k].logprob / ref[k].n_tokens)
         items.append(item)
-    keys = ("nll", "nll_sum") + (("delta_nll",) if ref is not None else ())
-    metrics: dict[str, float | None] = {k: sum(it[k] for it in items) / len(items) for k in keys}
-    nulls = {}
-    if ref is None:
-        metrics["delta_nll"] = None
-        nulls["delta_nll"] = reference
-    intervals = {
-        k: bootstrap_ratio_interval([it[k] for it in items], [1.0] * len(items), seed=ctx.cfg.seed)
-        for k in keys
-    }
+    metrics, nulls, intervals = mean_summary(
+        items, ("nll", "nll_sum"), "delta_nll", reference, has_reference=ref is not None, seed=ctx.cfg.seed
+    )
     extra = {"format": template_name(ctx.cfg), "reference": reference, "intervals": intervals}
     return MetricResult(metrics, items, extra, nulls)
 

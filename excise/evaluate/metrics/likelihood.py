@@ -32,6 +32,7 @@ __all__ = [
     "Request",
     "check_template",
     "encode_answer",
+    "mean_summary",
     "reference_logliks",
     "template_name",
 ]
@@ -74,6 +75,30 @@ def encode_answer(
     encoded = encode(tokenizer, example, template_name(cfg), system=cfg.system)
     ids = list(encoded.response_ids)
     return list(encoded.prompt_ids), ids if end else ids[:-1]
+
+
+def mean_summary(
+    items: list[dict[str, Any]],
+    keys: Sequence[str],
+    delta: str,
+    reference: str,
+    *,
+    has_reference: bool,
+    seed: int,
+) -> tuple[dict[str, float | None], dict[str, str], dict[str, Any]]:
+    """``(metrics, null_reasons, intervals)`` of per-item means: each of ``keys`` (and ``delta``, the
+    difference against the reference, when there is one; else None with ``reference`` as its
+    reason) averaged over ``items``, with its percentile bootstrap interval over items."""
+    from excise.evaluate.stats import bootstrap_ratio_interval
+
+    scored = [*keys, delta] if has_reference else list(keys)
+    metrics: dict[str, float | None] = {k: sum(it[k] for it in items) / len(items) for k in scored}
+    nulls = {} if has_reference else {delta: reference}
+    if not has_reference:
+        metrics[delta] = None
+    ones = [1.0] * len(items)
+    intervals = {k: bootstrap_ratio_interval([it[k] for it in items], ones, seed=seed) for k in scored}
+    return metrics, nulls, intervals
 
 
 def reference_logliks(

@@ -16,8 +16,13 @@ from typing import Any
 
 from excise.evaluate.config import EvalConfig
 from excise.evaluate.metrics.base import SHARED_DATA, EvalContext, Metric, MetricResult, subject_logliks
-from excise.evaluate.metrics.likelihood import check_template, encode_answer, reference_logliks, template_name
-from excise.evaluate.stats import bootstrap_ratio_interval
+from excise.evaluate.metrics.likelihood import (
+    check_template,
+    encode_answer,
+    mean_summary,
+    reference_logliks,
+    template_name,
+)
 
 __all__ = ["METRIC"]
 
@@ -44,18 +49,10 @@ def run(ctx: EvalContext) -> MetricResult:
         if ref is not None:
             item["delta_refusal_logprob"] = s.logprob - ref[k].logprob
         items.append(item)
-    keys = ("refusal_logprob", "refusal_logprob_per_token") + (
-        ("delta_refusal_logprob",) if ref is not None else ()
+    keys = ("refusal_logprob", "refusal_logprob_per_token")
+    metrics, nulls, intervals = mean_summary(
+        items, keys, "delta_refusal_logprob", reference, has_reference=ref is not None, seed=ctx.cfg.seed
     )
-    metrics: dict[str, float | None] = {k: sum(it[k] for it in items) / len(items) for k in keys}
-    nulls = {}
-    if ref is None:
-        metrics["delta_refusal_logprob"] = None
-        nulls["delta_refusal_logprob"] = reference
-    intervals = {
-        k: bootstrap_ratio_interval([it[k] for it in items], [1.0] * len(items), seed=ctx.cfg.seed)
-        for k in keys
-    }
     extra = {"format": template_name(ctx.cfg), "refusal": ctx.cfg.refusal, "reference": reference,
              "intervals": intervals}  # fmt: skip
     return MetricResult(metrics, items, extra, nulls)
