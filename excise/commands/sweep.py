@@ -78,6 +78,13 @@ def sweep(
             "interval (the whole interval within) or the `best` end (refused only when surely beyond)."
         ),
     ] = "point",
+    tolerance_kind: Annotated[
+        str | None,
+        typer.Option(
+            help="`absolute`: the tolerance in the utility's own units (for a utility that is a difference, "
+            "e.g. answer-nll:delta_nll); default: relative, absolute when the utility at λ = 0 is 0."
+        ),
+    ] = None,
     select_share: Annotated[
         float,
         typer.Option(
@@ -143,6 +150,7 @@ def sweep(
         device=device,
         tolerance=tolerance,
         tolerance_on=tolerance_on,
+        tolerance_kind=tolerance_kind,
         select_share=select_share,
         bootstrap=bootstrap,
         out=out,

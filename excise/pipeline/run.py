@@ -419,6 +419,7 @@ _LATER_EVAL_DEFAULTS: dict[str, Any] = {
     "pair_strip_period": False,
     "template": None,
     "refusal": DEFAULT_REFUSAL,
+    "tolerance_kind": None,  # a sweep setting
 }
 
 

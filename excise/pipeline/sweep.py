@@ -53,6 +53,8 @@ SweepConfig fields (YAML keys of a recipe's ``sweep`` stage; ``excise sweep`` fl
   intervals, for the table (e.g. HaluEval accuracy, 4-gram repetition); they do not choose λ.
 - ``dtype``, ``device``: as ``excise eval``.
 - ``tolerance`` (float, default 0.05): allowed relative utility loss (absolute when u(0) = 0).
+- ``tolerance_kind`` (``relative`` | ``absolute`` | None): force an absolute loss, in the
+  utility's own units (a utility that is itself a difference, such as ``answer-nll:delta_nll``).
 - ``tolerance_on`` (``point`` | ``worst`` | ``best``), ``select_share`` (float, default 0.5).
 - ``bootstrap`` (int, default 10000), ``confidence`` (float, default 0.95), ``seed`` (int).
 - ``out`` (folder, written atomically), ``overwrite`` (bool), ``progress`` (bool).
@@ -197,6 +199,12 @@ class SweepConfig(BaseModel):
     device: str = Field("auto", description="`auto` (CUDA if present), `cpu`, `cuda`…")
     tolerance: float = Field(
         0.05, ge=0, description="Allowed relative utility loss against λ = 0 (absolute when u(0) = 0)."
+    )
+    tolerance_kind: Literal["relative", "absolute"] | None = Field(
+        None,
+        description="How the utility loss is measured: relative to |u(0)|, or absolute (in the utility's "
+        "own units: a difference such as answer-nll's delta_nll, where a relative loss means nothing); "
+        "default: relative, absolute when u(0) = 0.",
     )
     tolerance_on: Literal["point", "worst", "best"] = Field(
         "point",
@@ -478,16 +486,19 @@ def pareto_front(
     return front
 
 
-def utility_loss(utility: list[float | None], *, higher_u: bool) -> list[float | None]:
+def utility_loss(
+    utility: list[float | None], *, higher_u: bool, absolute: bool = False
+) -> list[float | None]:
     """Utility loss of each point against point 0 (λ = 0): positive = worse.
 
     Relative (``/ |u(0)|``) when ``u(0) ≠ 0``; absolute when ``u(0) = 0`` (a share of empty
-    answers, of repeated n-grams, of toxic outputs…), where a relative loss is undefined.
+    answers, of repeated n-grams, of toxic outputs…), where a relative loss is undefined, or
+    when ``absolute`` (a utility that is itself a difference, such as a ΔNLL).
     """
     u0 = utility[0]
     if u0 is None or not math.isfinite(u0):
         return [None for _ in utility]
-    scale = abs(u0) if u0 != 0 else 1.0
+    scale = abs(u0) if u0 != 0 and not absolute else 1.0
     out: list[float | None] = []
     for u in utility:
         if u is None or not math.isfinite(u):
@@ -507,10 +518,12 @@ def choose_lam(
     tolerance: float,
     utility_ci: list[list[float] | tuple[float, float] | None] | None = None,
     tolerance_on: str = "point",
+    tolerance_kind: str | None = None,
 ) -> dict[str, Any]:
     """The documented rule: best deficiency score among the λ whose utility loss against
     λ = 0 (``lams[0]``) is at most ``tolerance``; ties go to the smallest ``|λ|``. The loss
-    is relative to ``|u(0)|``, or absolute when ``u(0) = 0`` (:func:`utility_loss`).
+    is relative to ``|u(0)|``, or absolute when ``u(0) = 0`` or ``tolerance_kind`` is
+    ``"absolute"`` (:func:`utility_loss`).
 
     Returns:
         ``{"lam", "index", "rule", "tolerance", "tolerance_kind", "admissible": [bool per λ],
@@ -518,14 +531,21 @@ def choose_lam(
         is None (with ``reason``) when no λ, λ = 0 included, has finite scores.
     """
     assert lams[0] == 0.0, "point 0 is the λ = 0 reference"
-    loss = utility_loss(utility, higher_u=higher_u)
-    checked = loss if tolerance_on == "point" else _loss_bounds(utility, utility_ci, higher_u, tolerance_on)
+    absolute = tolerance_kind == "absolute"
+    loss = utility_loss(utility, higher_u=higher_u, absolute=absolute)
+    checked = (
+        loss
+        if tolerance_on == "point"
+        else _loss_bounds(utility, utility_ci, higher_u, tolerance_on, absolute)
+    )
     # λ = 0 is admissible whenever its utility is finite (its loss is 0 by definition).
     admissible = [(i == 0 and loss[0] is not None) or (x is not None and x <= tolerance + 1e-12)
                   for i, x in enumerate(checked)]  # fmt: skip
     d = _oriented(deficiency, higher_d)
-    kind = "absolute" if utility[0] == 0 else "relative"
-    how = "absolute, as the utility at λ = 0 is 0" if kind == "absolute" else "relative"
+    kind = "absolute" if absolute or utility[0] == 0 else "relative"
+    how = {"absolute": "absolute, in the utility's own units", "relative": "relative"}[kind]
+    if kind == "absolute" and not absolute:
+        how = "absolute, as the utility at λ = 0 is 0"
     on = {
         "point": "",
         "worst": ", the worse end of its paired interval",
@@ -550,13 +570,13 @@ def choose_lam(
 
 
 def _loss_bounds(
-    utility: list[float | None], ci: list[Any] | None, higher_u: bool, end: str
+    utility: list[float | None], ci: list[Any] | None, higher_u: bool, end: str, absolute: bool = False
 ) -> list[float | None]:
     """The utility loss at one end of its interval: ``ci[i]`` bounds ``u(λ_i) − u(0)``."""
     u0 = utility[0]
     if u0 is None or not math.isfinite(u0) or ci is None:
         return [None for _ in utility]
-    scale = abs(u0) if u0 != 0 else 1.0
+    scale = abs(u0) if u0 != 0 and not absolute else 1.0
     out: list[float | None] = []
     for bounds in ci:
         if bounds is None:
@@ -897,7 +917,8 @@ def _analyse(cfg: SweepConfig, points: list[dict[str, Any]]) -> dict[str, Any]:
     u_sel = [_finite(_aggregate(x)) for x in sel["utility"]]
     u_ci = [None] + [compare(sel["utility"][0], x, cfg.seed)["ci"] for x in sel["utility"][1:]]
     chosen = choose_lam(lams, d_sel, u_sel, higher_d=hd, higher_u=hu, tolerance=cfg.tolerance,
-                        utility_ci=u_ci, tolerance_on=cfg.tolerance_on)  # fmt: skip
+                        utility_ci=u_ci, tolerance_on=cfg.tolerance_on,
+                        tolerance_kind=cfg.tolerance_kind)  # fmt: skip
     for i, p in enumerate(points):
         p["pareto"] = i in front
         p["admissible"] = chosen["admissible"][i]

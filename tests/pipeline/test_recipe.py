@@ -153,7 +153,7 @@ def test_every_problem_at_once(project, tmp_path):
         "base, expert, anti_expert, ext_sub, subtract, later, summed",
         "evaluations.perplexity.metric: unknown metric 'perplexty' (did you mean perplexity?); choose one "
         "of: truthfulqa-mc, truthfulqa-gen, halueval, toxicity, repetition, harmful-rate, utility, "
-        "perplexity",
+        "perplexity, pairs, answer-nll, refusal-logprob",
         "sweeps.ext_sub.lams: the λ grid is empty; give at least one value",
         "sweeps.summed.operation: operation 'summed' (add) cannot be swept (ext_sub, subtract, negate and "
         "compose can)",

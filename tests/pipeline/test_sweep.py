@@ -629,3 +629,15 @@ def test_sweep_on_pairs_takes_differences_against_the_base_without_either_part(s
         swept = json.loads((tmp_path / "s" / point["results"]["pairs"]).read_text())["metrics"]
         assert point["deficiency"]["value"] == pytest.approx(swept["selectivity"])
         assert point["extra"]["pairs:forget"]["value"] == pytest.approx(swept["forget"])
+
+
+def test_an_absolute_tolerance_is_in_the_utilitys_own_units():
+    # A ΔNLL utility: u(0) = -0.02 (the expert is a little better than the base). Relative to
+    # |u(0)|, +0.006 nats is a 30 % loss and refused at tolerance 0.1; in nats it is well within.
+    lams, d, u = [0.0, 1.0, 2.0], [0.06, 0.07, 0.08], [-0.02, -0.014, 0.2]
+    relative = choose_lam(lams, d, u, higher_d=True, higher_u=False, tolerance=0.1)
+    absolute = choose_lam(lams, d, u, higher_d=True, higher_u=False, tolerance=0.1, tolerance_kind="absolute")
+    assert relative["lam"] == 0.0 and relative["tolerance_kind"] == "relative"
+    assert absolute["lam"] == 1.0 and absolute["tolerance_kind"] == "absolute"
+    assert absolute["utility_loss"] == pytest.approx([0.0, 0.006, 0.22])
+    assert absolute["admissible"] == [True, True, False] and "utility's own units" in absolute["rule"]
