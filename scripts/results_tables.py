@@ -947,6 +947,14 @@ def sku_likelihood(run: Run) -> str:
             cells[("alpaca_nll", "delta_nll")], cells[("refusal_pku", "delta_refusal_logprob")],
             cells[("refusal_advbench", "delta_refusal_logprob")],
         ])  # fmt: skip
+    # The two operations on (expert, anti-expert) against their expert: what the edit removed beyond it.
+    expert = run.record("finetune", "pairs")
+    vs_expert = []
+    for model, name in (("ext_sub_pku", "Ext-Sub, λ=1"), ("subtract_pku", "subtraction, λ=1")):
+        other = run.record(model, "pairs")
+        cells = [fam.compare(expert, other, "pairs", key, label=f"{name} vs its expert: {key}")
+                 for key in ("forget", "retain", "selectivity")]  # fmt: skip
+        vs_expert.append([name, *cells])
     lam_rows = lam_rule(run, {"sku_likelihood": "SKU (negated θh)", "ext_sub_pku": "Ext-Sub on PKU"}, fam)
     fam.adjust()
     header = ["model", "safe preferred (win rate)", "NLL safe", "NLL unsafe",
@@ -962,6 +970,11 @@ def sku_likelihood(run: Run) -> str:
             f"log p of \"{(base['refusal_pku'] or {}).get('refusal')}\" as the reply's opening, {n_pku} "
             f"held-out PKU prompts and {n_adv} AdvBench behaviours.")  # fmt: skip
     parts = [_table(header, out) + note]
+    if expert is not None:
+        intro = ("\nAgainst their expert (the fine-tune on the safe answers) instead of the base model: "
+                 "what the edit removed beyond the expert.\n")  # fmt: skip
+        columns = ["operation", "Δ forget [95% CI] (Holm p)", "Δ retain", "Δ selectivity"]
+        parts += [intro, _table(columns, vs_expert)]
     if lam_rows:
         what = "selectivity against Alpaca ΔNLL, tolerance 0.10 nats"
         parts += [
@@ -1044,6 +1057,8 @@ def main(args: list[str]) -> None:
             print(sku_samples(run))
             print()
             print(sku_likelihood(run))
+            print()
+            print(diagnostics(run, [("ext_sub_pku", "fine-tune on safe vs SFT on unsafe (the cross-over)")]))
         elif folder.name.startswith("compose"):
             print(compose(run))
             print()
