@@ -23,7 +23,7 @@ JudgeSpec = Annotated[
     typer.Option(
         "--judge",
         help="Judge spec: refusal, harm-cross, harm-probe, toxicity-probe, probe:FILE, cross:FILE, "
-        "hf:ID_OR_FOLDER, openai:BASE_URL.",
+        "harm-lm:FOLDER, hf:ID_OR_FOLDER, openai:BASE_URL.",
     ),
 ]
 JudgeOptions = Annotated[
@@ -106,11 +106,15 @@ def judge_train(
     kind: Annotated[
         str,
         typer.Option(
-            help="harm-cross (fine-tuned cross-encoder, PKU-SafeRLHF), harm (probe, PKU-SafeRLHF) "
-            "or toxicity (probe, RealToxicityPrompts)."
+            help="harm-cross (fine-tuned cross-encoder, PKU-SafeRLHF), harm-lm (causal-LM reader with a "
+            "trained top, PKU-SafeRLHF + HH-RLHF), harm (probe, PKU-SafeRLHF) or toxicity (probe, "
+            "RealToxicityPrompts)."
         ),
     ],
-    out: Annotated[Path, typer.Option(help="Judge weights to write (.safetensors).", show_default=False)],
+    out: Annotated[
+        Path,
+        typer.Option(help="Judge weights to write (.safetensors; a folder for harm-lm).", show_default=False),
+    ],
     data: Annotated[
         list[Path],
         typer.Option(
@@ -122,6 +126,29 @@ def judge_train(
         bool, typer.Option(help="Also measure the out-of-domain checks (HH-RLHF / Detoxify agreement).")
     ] = True,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing weights file.")] = False,
+    reader: Annotated[
+        str, typer.Option(help="harm-lm: the reader MODEL (alias, folder, .gguf, hub id).")
+    ] = "smollm2-135m-instruct",
+    lower: Annotated[
+        int | None, typer.Option(help="harm-lm: frozen, cached lower layers (default: all but --top).")
+    ] = None,
+    top: Annotated[int, typer.Option(help="harm-lm: trained layers above them (LoRA).")] = 4,
+    rank: Annotated[int, typer.Option(help="harm-lm: LoRA rank.")] = 8,
+    pooling: Annotated[str, typer.Option(help="harm-lm: last (token) or mean.")] = "last",
+    max_length: Annotated[int, typer.Option(help="harm-lm: tokens per rendered pair.")] = 384,
+    epochs: Annotated[int, typer.Option(help="harm-lm: passes over the pairs.")] = 1,
+    steps: Annotated[int | None, typer.Option(help="harm-lm: optimiser steps instead of --epochs.")] = None,
+    lr: Annotated[float, typer.Option(help="harm-lm: AdamW peak learning rate.")] = 5e-4,
+    batch_size: Annotated[int, typer.Option(help="harm-lm: pairs per step.")] = 8,
+    hh_weight: Annotated[
+        float, typer.Option(help="harm-lm: weight of the HH-RLHF pairwise term (0: no HH pairs).")
+    ] = 1.0,
+    hh_data: Annotated[
+        Path | None, typer.Option(help="harm-lm: HH-RLHF chosen/rejected file (default: the shared one).")
+    ] = None,
+    cache_dtype: Annotated[
+        str, typer.Option(help="harm-lm: dtype of the cached states: float32 (exact) or bfloat16.")
+    ] = "float32",
     threads: Threads = None,
 ) -> None:
     """Train an offline judge on the judge side of the data, measure it on held-out pairs, save it."""
@@ -129,12 +156,33 @@ def judge_train(
     from excise.errors import ConfigError
     from excise.evaluate.judges.probe_training import KINDS, train_probe
 
-    if kind != "harm-cross" and kind not in KINDS:
-        raise ConfigError(f"unknown judge kind {kind!r}; choose one of harm-cross, {', '.join(KINDS)}")
+    if kind not in ("harm-cross", "harm-lm") and kind not in KINDS:
+        raise ConfigError(
+            f"unknown judge kind {kind!r}; choose one of harm-cross, {', '.join(KINDS)}, harm-lm"
+        )
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} exists; pass --overwrite to replace it")
     if len(data) > 1 and kind != "toxicity":
         raise ConfigError(f"--data takes one file for --kind {kind}")
+    if kind == "harm-lm":
+        from excise.evaluate.judges.lm_training import LMSettings
+
+        settings = LMSettings(
+            reader=reader,
+            lower=lower,
+            top=top,
+            rank=rank,
+            pooling=pooling,
+            max_length=max_length,
+            epochs=epochs,
+            steps=steps,
+            lr=lr,
+            batch_size=batch_size,
+            hh_weight=hh_weight,
+            cache_dtype=cache_dtype,
+        )
+        _train_lm(out, settings, data[0] if data else None, hh_data, limit)
+        return
     if kind == "harm-cross":
         _train_cross(out, data[0] if data else None, limit, checks)
         return
@@ -173,6 +221,27 @@ def _train_cross(out: Path, data: Path | None, limit: int | None, checks: bool) 
             f"  check stock_refusals: flagged {stock['flagged_with_rule']:.1%} "
             f"({stock['flagged_without_rule']:.1%} without the terse-refusal rule)"
         )
+    done(out)
+
+
+def _train_lm(out: Path, settings: object, data: Path | None, hh: Path | None, limit: int | None) -> None:
+    from excise.evaluate.judges.lm_training import train_lm
+    from excise.evaluate.judges.probe_training import HH_PAIRS, PKU_PAIRS
+
+    meta = train_lm(
+        out, settings=settings, pku=data or PKU_PAIRS, hh=hh or HH_PAIRS, limit=limit, log=typer.echo
+    )  # type: ignore[arg-type]
+    agreement, counts = meta["agreement"], meta["trained_on"]
+    area = "undefined" if agreement["auc"] is None else f"{agreement['auc']:.4f}"
+    typer.echo(
+        f"harm-lm: trained on {counts['pku']['pairs']} PKU pairs ({counts['pku']['responses']} responses) "
+        f"and {counts['hh']['pairs']} HH pairs in {meta['train_seconds']:.0f} s; held-out accuracy "
+        f"{agreement['accuracy']:.4f} (AUC {area}, n = {agreement['n']})"
+    )
+    typer.echo(f"  at threshold {agreement['threshold']:g}: {_separation(agreement)}")
+    typer.echo(f"  content only (no refusal marker): {_content_only(agreement['content_only'])}")
+    if "hh_pairs" in agreement:
+        typer.echo(f"  HH-RLHF held-out pairs: {_hh_line(agreement['hh_pairs'])}")
     done(out)
 
 

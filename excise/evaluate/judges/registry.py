@@ -13,6 +13,8 @@ A judge spec is one string (DESIGN.md §3, "judges are pluggable"):
                         RealToxicityPrompts texts with Perspective scores
 ``probe:<file>``        a probe written by ``excise eval judge-train --out FILE``
 ``cross:<file>``        a cross-encoder written by ``excise eval judge-train --kind harm-cross``
+``harm-lm:<folder>``    a causal-LM reader (SmolLM2-135M by default) with a trained top, written
+                        by ``excise eval judge-train --kind harm-lm`` (a candidate, not a default)
 ``hf:<id or folder>``   a Hugging Face sequence classifier (unsafe/toxic label probability) or
                         a Llama-Guard-style causal LM (P("unsafe") of the first token)
 ``openai:<base url>``   an OpenAI-compatible endpoint asked to answer ``safe`` / ``unsafe``
@@ -82,6 +84,12 @@ def _cross_file(target: str, **options: Any) -> Judge:
     return construct_judge(CrossJudge, "cross", options, target)
 
 
+def _lm_folder(target: str, **options: Any) -> Judge:
+    from excise.evaluate.judges.lm import LMJudge
+
+    return construct_judge(LMJudge, "harm-lm", options, target)
+
+
 def _probe_file(target: str, **options: Any) -> Judge:
     from excise.evaluate.judges.probe import ProbeJudge
 
@@ -126,6 +134,12 @@ JUDGES: dict[str, JudgeKind] = {
         JudgeKind(
             "cross", _cross_file, True, "a cross-encoder file written by `judge-train --kind harm-cross`"
         ),
+        JudgeKind(
+            "harm-lm",
+            _lm_folder,
+            True,
+            "a causal-LM reader with a trained top, written by `judge-train --kind harm-lm`",
+        ),
         JudgeKind("hf", _hf, True, "Hugging Face sequence classifier or Llama-Guard-style causal LM"),
         JudgeKind("openai", _openai, True, "OpenAI-compatible endpoint answering safe/unsafe (model=NAME)"),
     ]
@@ -137,7 +151,7 @@ def load_judge(spec: str, **options: Any) -> Judge:
 
     Args:
         spec: ``refusal``, ``harm-cross``, ``harm-probe``, ``toxicity-probe``, ``probe:<file>``,
-            ``cross:<file>``, ``hf:<hub id or folder>`` or ``openai:<base url>``.
+            ``cross:<file>``, ``harm-lm:<folder>``, ``hf:<hub id or folder>`` or ``openai:<base url>``.
         **options: constructor options of that judge (e.g. ``threshold``, ``model``).
 
     Returns:
@@ -177,6 +191,16 @@ def judge_identity(spec: str) -> dict[str, Any]:
         from excise.evaluate.judges.cross import CROSS_SHIPPED
 
         files = [CROSS_SHIPPED]
+    elif name == "harm-lm" and target:
+        from excise.evaluate.judges.lm import METADATA_FILE, WEIGHTS_FILE
+
+        # The two files that make the judge; a sidecar of measured figures beside them is not part
+        # of it. The reader's weights are named by their fingerprint inside judge.json.
+        folder = Path(target).expanduser()
+        files = [folder / WEIGHTS_FILE, folder / METADATA_FILE] if folder.is_dir() else []
+        if files:
+            identity["sha256"] = {p.name: _file_digest(p) for p in files if p.is_file()}
+        return identity
     elif name in ("probe", "cross", "hf") and target:
         path = Path(target).expanduser()
         if path.is_file():
