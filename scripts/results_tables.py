@@ -521,6 +521,79 @@ def truthfulness(run: Run) -> str:
     return "\n".join(out)
 
 
+def _vs_first(
+    fam: Family, points: list[dict[str, Any]], k: int, entry_of: Any, label: str, primary: bool
+) -> Any:
+    """Point ``k`` of a sweep against its λ = 0 point on one axis (``entry_of(point)``), paired."""
+    if k == 0:
+        return "–"
+    a, b = entry_of(points[0]), entry_of(points[k])
+    diff = None if a["value"] is None or b["value"] is None else b["value"] - a["value"]
+    return fam.add(compare_stats(a["items"], b["items"], diff), label, primary)
+
+
+def truthfulness_chat(run: Run) -> str:
+    """§1b: TruthfulQA in the trained chat format beside the raw primer on the same modules, HaluEval
+    pairs per token, perplexity, over λ (sweeps ``ext_sub_chat`` and ``subtract_chat``)."""
+    sweeps = {name: run.sweeps.get(name) for name in ("ext_sub_chat", "subtract_chat")}
+    if not any(sweeps.values()):
+        return ""
+    fam = Family("§1b")
+    rows = []
+    for model, name in (("base", "base model"), ("anti_expert", "anti-expert")):
+        tqa, pairs = run.record(model, "truthfulqa_chat"), run.record(model, "halueval_pairs")
+        win, sel = _fmt(_value(pairs, "win_rate"), 3), _fmt(_value(pairs, "selectivity"), 3)
+        rows.append(
+            [name, _fmt(_value(tqa, "mc1")), _fmt(_value(tqa, "mc2")), "–", "–", "–", "–", win, sel, "–"]
+        )
+    axes = {
+        "MC2 (chat)": lambda q: q["deficiency"],
+        "MC2 (raw primer)": lambda q: q["extra"]["truthfulqa:mc2"],
+        "HaluEval win rate": lambda q: q["extra"]["halueval_pairs:win_rate"],
+    }
+    for sweep, label in (("ext_sub_chat", "Ext-Sub"), ("subtract_chat", "subtraction")):
+        points = (sweeps[sweep] or {}).get("points", [])
+        for k, p in enumerate(points):
+            if k == 0 and sweep != "ext_sub_chat":
+                continue  # the expert once
+            name = "expert (λ = 0)" if k == 0 else f"{label} λ={p['lam']:g}"
+            primary = {
+                what: sweep == "ext_sub_chat" and p["lam"] == 1 and what == "MC2 (chat)" for what in axes
+            }
+            cells = {what: _vs_first(fam, points, k, entry_of, f"{name} vs expert, Δ{what}", primary[what])
+                     for what, entry_of in axes.items()}  # fmt: skip
+            extra = p.get("extra", {})
+            rows.append([
+                name, _fmt(extra["truthfulqa_chat:mc1"]["value"]), _fmt(p["deficiency"]["value"]),
+                cells["MC2 (chat)"], _fmt(extra["truthfulqa:mc2"]["value"]), cells["MC2 (raw primer)"],
+                _fmt(p["utility"]["value"], 2), _fmt(extra["halueval_pairs:win_rate"]["value"], 3),
+                _fmt(extra["halueval_pairs:selectivity"]["value"], 3), cells["HaluEval win rate"],
+            ])  # fmt: skip
+    labels = {"ext_sub_chat": "Ext-Sub (chat format)", "subtract_chat": "subtraction (chat format)"}
+    lam_rows = lam_rule(run, labels, fam)
+    fam.adjust()
+    delta = "Δ vs expert [95% CI] (Holm p)"
+    header = ["model", "MC1 (chat)", "MC2 (chat)", delta, "MC2 (raw primer)", delta, "wikitext-2 ppl",
+              "HaluEval: right preferred (per token)", "HaluEval selectivity", delta]  # fmt: skip
+    base_tqa = run.record("base", "truthfulqa_chat") or {}
+    base_pairs = run.record("base", "halueval_pairs") or {}
+    note = (f"\nTruthfulQA: {base_tqa.get('n_items')} questions (a seeded subsample of the 817), each option "
+            f"scored as the assistant's reply in the chat template with the training system prompt "
+            f"(lm-eval --apply_chat_template --system_instruction), and in lm-eval's raw 6-shot primer, on "
+            f"the same modules. HaluEval: {base_pairs.get('n_pairs')} format-controlled held-out pairs "
+            f"through `eval pairs` (per-token NLL, right answer = chosen; selectivity against the base "
+            f"model). ")  # fmt: skip
+    note += _ppl_note(run.point_record("ext_sub_chat", 0.0, "perplexity"))
+    parts = [_table(header, rows) + note]
+    if lam_rows:
+        parts += [
+            "\nThe λ rule (chat-format MC2 against perplexity, tolerance 5 %):\n",
+            _table(LAM_HEADER, lam_rows),
+        ]
+    parts += ["", fam.summary()]
+    return "\n".join(parts)
+
+
 def _curves(ax, run: Run, labels: dict[str, str]) -> list[tuple[str, str]]:
     """Each sweep's (utility, deficiency) points as a line with λ marks; the (sweep, colour) drawn."""
     drawn = []
@@ -1042,7 +1115,10 @@ def main(args: list[str]) -> None:
             continue
         print(f"\n## {folder.name} — {timing(run)}\n")
         if folder.name.startswith("ext-sub-truthfulness"):
-            print(truthfulness(run))
+            if run.record("base", "truthfulqa") is not None:  # §1 (a run of the judged part)
+                print(truthfulness(run))
+                print()
+            print(truthfulness_chat(run))  # §1b, when the run has it
             print()
             print(diagnostics(run, [("ext_sub", "expert vs anti-expert (both seed 0)"),
                                     ("ext_sub_knowledge", "expert vs anti-expert, with passage"),
@@ -1052,11 +1128,12 @@ def main(args: list[str]) -> None:
             print()
             print(diagnostics(run, [("ext_sub", "safe expert vs unsafe anti-expert")]))
         elif folder.name.startswith("sku-harmful"):
-            print(sku(run))
-            print()
-            print(sku_samples(run))
-            print()
-            print(sku_likelihood(run))
+            if run.record("base", "harmful") is not None:  # §4 (a run of the judged part)
+                print(sku(run))
+                print()
+                print(sku_samples(run))
+                print()
+            print(sku_likelihood(run))  # §4b, when the run has it
             print()
             print(diagnostics(run, [("ext_sub_pku", "fine-tune on safe vs SFT on unsafe (the cross-over)")]))
         elif folder.name.startswith("compose"):
