@@ -387,8 +387,10 @@ def lam_rule(run: Run, sweeps: dict[str, str], fam: Family, primary: str | None 
                 lambda r=r, c=contrast: f"{r['value']:.3f} vs {r['value_at_0']:.3f}: Δ {c} (n = {r['n']})"
             )
             u = report["utility"]
-            if u["value"] is not None and u["value_at_0"] == 0:
-                utility = f"{u['value_at_0']:.3f} → {u['value']:.3f} (absolute; n = {u['n']})"
+            absolute = u["value_at_0"] == 0 or chosen.get("tolerance_kind") == "absolute"
+            if u["value"] is not None and absolute:
+                change = u["value"] - u["value_at_0"]
+                utility = f"{u['value_at_0']:.3f} → {u['value']:.3f} ({change:+.3f}, absolute; n = {u['n']})"
             elif u["value"] is not None and u["value_at_0"]:
                 change = (u["value"] - u["value_at_0"]) / abs(u["value_at_0"])
                 why = "" if u["ci"] is not None else ", no interval"
