@@ -545,8 +545,9 @@ def truthfulness_chat(run: Run) -> str:
     for model, name in (("base", "base model"), ("anti_expert", "anti-expert")):
         tqa, pairs = run.record(model, "truthfulqa_chat"), run.record(model, "halueval_pairs")
         win, sel = _fmt(_value(pairs, "win_rate"), 3), _fmt(_value(pairs, "selectivity"), 3)
+        raw = _fmt(_value(run.record(model, "truthfulqa"), "mc2"))  # the raw primer, where scored
         rows.append(
-            [name, _fmt(_value(tqa, "mc1")), _fmt(_value(tqa, "mc2")), "–", "–", "–", "–", win, sel, "–"]
+            [name, _fmt(_value(tqa, "mc1")), _fmt(_value(tqa, "mc2")), "–", raw, "–", "–", win, sel, "–"]
         )
     axes = {
         "MC2 (chat)": lambda q: q["deficiency"],
@@ -1117,7 +1118,7 @@ def main(args: list[str]) -> None:
             continue
         print(f"\n## {folder.name} — {timing(run)}\n")
         if folder.name.startswith("ext-sub-truthfulness"):
-            if run.record("base", "truthfulqa") is not None:  # §1 (a run of the judged part)
+            if run.record("anti_expert", "truthfulqa") is not None:  # §1 (a run of the whole recipe)
                 print(truthfulness(run))
                 print()
             print(truthfulness_chat(run))  # §1b, when the run has it
