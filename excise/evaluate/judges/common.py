@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from excise.errors import ConfigError, DataError
@@ -73,3 +74,50 @@ def construct_judge(cls: type, name: str, options: dict[str, Any], *args: Any) -
             f"judge {name!r} has no option(s) {', '.join(unknown)}; it accepts: {', '.join(accepted)}"
         )
     return cls(*args, **options)
+
+
+class TrainedTop:
+    """Save and load what a judge's training changes: the parameters of its backbone (attribute
+    ``backbone``: ``encoder``, ``decoder``) that require a gradient, and its ``head``. Mixed into the
+    cross-encoder and the LM reader (``torch.nn.Module`` subclasses)."""
+
+    backbone: str
+    what: str  # for errors: "cross-encoder weights do not fit the model"
+
+    def trainable_state(self) -> dict[str, Any]:
+        """The tensors training changes (LoRA, trained norms, the head): what is saved."""
+        model = getattr(self, self.backbone)
+        state = {f"{self.backbone}.{n}": p for n, p in model.named_parameters() if p.requires_grad}
+        state.update({f"head.{n}": p for n, p in self.head.named_parameters()})  # type: ignore[attr-defined]
+        return {k: v.detach().contiguous() for k, v in state.items()}
+
+    def load_trainable_state(self, state: dict[str, Any]) -> None:
+        """Load :meth:`trainable_state` tensors; any missing or extra name is an error."""
+        import torch
+
+        from excise.errors import ModelLoadError
+
+        expected = set(self.trainable_state())
+        if set(state) != expected:
+            raise ModelLoadError(
+                f"{self.what}: missing {sorted(expected - set(state))[:3]}, "
+                f"unexpected {sorted(set(state) - expected)[:3]}"
+            )
+        with torch.no_grad():
+            params = dict(self.named_parameters())  # type: ignore[attr-defined]
+            for name, tensor in state.items():
+                params[name].copy_(tensor)
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, computed once per process for an unchanged file (size, mtime)."""
+    from excise.data import file_sha256
+
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = file_sha256(path)
+    return _DIGESTS[key]

@@ -27,7 +27,7 @@ import torch
 
 from excise.errors import ConfigError, ModelLoadError
 from excise.evaluate.judges.agreement import with_sidecar
-from excise.evaluate.judges.common import check_pairs
+from excise.evaluate.judges.common import TrainedTop, check_pairs
 from excise.evaluate.judges.probe import WEIGHTS_DIR
 from excise.evaluate.judges.refusal import RefusalJudge
 
@@ -49,7 +49,7 @@ LORA_TARGETS = ("query", "key", "value", "dense")
 MAX_LENGTH = 256  # the encoder's own limit (sentence_bert_config.json)
 
 
-class CrossEncoder(torch.nn.Module):
+class CrossEncoder(TrainedTop, torch.nn.Module):
     """all-MiniLM-L6-v2 with LoRA on layers ``layers`` and a linear head on the mean-pooled pair.
 
     Args:
@@ -57,6 +57,9 @@ class CrossEncoder(torch.nn.Module):
         layers: indices of the encoder layers that carry LoRA and trainable LayerNorms.
         max_length: tokens per (prompt, response) pair.
     """
+
+    backbone = "encoder"
+    what = "cross-encoder weights do not fit the model"
 
     def __init__(self, *, rank: int, layers: Sequence[int], max_length: int = MAX_LENGTH) -> None:
         super().__init__()
@@ -83,25 +86,6 @@ class CrossEncoder(torch.nn.Module):
         self.head = torch.nn.Linear(base.config.hidden_size, 1)
         self.max_length = max_length
         self.layers = list(layers)
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        """The tensors training changes (LoRA, LayerNorms of the trained layers, head): what is saved."""
-        state = {f"encoder.{n}": p for n, p in self.encoder.named_parameters() if p.requires_grad}
-        state.update({f"head.{n}": p for n, p in self.head.named_parameters()})
-        return {k: v.detach().contiguous() for k, v in state.items()}
-
-    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Load :meth:`trainable_state` tensors; any missing or extra name is an error."""
-        expected = set(self.trainable_state())
-        if set(state) != expected:
-            raise ModelLoadError(
-                f"cross-encoder weights do not fit the model: missing {sorted(expected - set(state))[:3]}, "
-                f"unexpected {sorted(set(state) - expected)[:3]}"
-            )
-        with torch.no_grad():
-            params = dict(self.named_parameters())
-            for name, tensor in state.items():
-                params[name].copy_(tensor)
 
     def tokenize(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, torch.Tensor]:
         """A padded batch of (prompt, response) text pairs."""

@@ -31,7 +31,7 @@ import torch
 
 from excise.errors import ConfigError, ModelLoadError
 from excise.evaluate.judges.agreement import with_sidecar
-from excise.evaluate.judges.common import check_pairs
+from excise.evaluate.judges.common import TrainedTop, check_pairs, file_digest
 from excise.evaluate.judges.cross import TERSE_REFUSAL_WORDS, judge_scores
 from excise.evaluate.judges.refusal import RefusalJudge
 
@@ -57,7 +57,7 @@ LM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 PLAIN_TEMPLATE = "User: {prompt}\n\nAssistant: {response}"
 
 
-class LMReader(torch.nn.Module):
+class LMReader(TrainedTop, torch.nn.Module):
     """The reader's first ``lower + top`` decoder layers, LoRA on the top ones, and a linear head.
 
     Args:
@@ -68,6 +68,9 @@ class LMReader(torch.nn.Module):
         pooling: ``last`` (the last real token's hidden state) or ``mean`` (over real tokens).
         max_length: tokens per rendered pair; longer pairs lose the end of the longer part first.
     """
+
+    backbone = "decoder"
+    what = "harm-lm weights do not fit the reader"
 
     def __init__(
         self,
@@ -236,25 +239,6 @@ class LMReader(torch.nn.Module):
 
     # ------------------------------------------------------------------ what is saved
 
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        """The tensors training changes (LoRA, the top layers' RMSNorms, the head): what is saved."""
-        state = {f"decoder.{n}": p for n, p in self.decoder.named_parameters() if p.requires_grad}
-        state.update({f"head.{n}": p for n, p in self.head.named_parameters()})
-        return {k: v.detach().contiguous() for k, v in state.items()}
-
-    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Load :meth:`trainable_state` tensors; any missing or extra name is an error."""
-        expected = set(self.trainable_state())
-        if set(state) != expected:
-            raise ModelLoadError(
-                f"harm-lm weights do not fit the reader: missing {sorted(expected - set(state))[:3]}, "
-                f"unexpected {sorted(set(state) - expected)[:3]}"
-            )
-        with torch.no_grad():
-            params = dict(self.named_parameters())
-            for name, tensor in state.items():
-                params[name].copy_(tensor)
-
     def settings(self) -> dict[str, Any]:
         """What rebuilds this reader (the metadata's ``reader`` record, less the fingerprint)."""
         return {
@@ -278,7 +262,6 @@ def reader_fingerprint(reader: str) -> str:
     ``*.bin``, in name order), or ``"unknown"`` for a hub id not resolved to a local folder."""
     import hashlib
 
-    from excise.evaluate.judges.registry import _file_digest
     from excise.models.loading import resolve_model
 
     folder = Path(resolve_model(reader))
@@ -287,7 +270,7 @@ def reader_fingerprint(reader: str) -> str:
     files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
     h = hashlib.sha256()
     for path in files:
-        h.update(f"{path.name}\x00{_file_digest(path)}\x00".encode())
+        h.update(f"{path.name}\x00{file_digest(path)}\x00".encode())
     return h.hexdigest()[:16] if files else "unknown"
 
 

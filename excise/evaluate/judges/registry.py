@@ -35,7 +35,7 @@ from typing import Any
 
 from excise.errors import ConfigError
 from excise.evaluate.judges.base import Judge
-from excise.evaluate.judges.common import construct_judge
+from excise.evaluate.judges.common import construct_judge, file_digest
 
 __all__ = ["JUDGES", "JudgeKind", "judge_identity", "load_judge"]
 
@@ -199,7 +199,7 @@ def judge_identity(spec: str) -> dict[str, Any]:
         folder = Path(target).expanduser()
         files = [folder / WEIGHTS_FILE, folder / METADATA_FILE] if folder.is_dir() else []
         if files:
-            identity["sha256"] = {p.name: _file_digest(p) for p in files if p.is_file()}
+            identity["sha256"] = {p.name: file_digest(p) for p in files if p.is_file()}
         return identity
     elif name in ("probe", "cross", "hf") and target:
         path = Path(target).expanduser()
@@ -211,22 +211,8 @@ def judge_identity(spec: str) -> dict[str, Any]:
             identity["revision"] = _hub_revision(target)
     if files:
         root = files[0].parent if len(files) == 1 else Path(target).expanduser()
-        identity["sha256"] = {p.relative_to(root).as_posix(): _file_digest(p) for p in files if p.is_file()}
+        identity["sha256"] = {p.relative_to(root).as_posix(): file_digest(p) for p in files if p.is_file()}
     return identity
-
-
-_DIGESTS: dict[tuple[str, int, int], str] = {}
-
-
-def _file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes, computed once per process for an unchanged file (size, mtime)."""
-    from excise.data import file_sha256
-
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _DIGESTS:
-        _DIGESTS[key] = file_sha256(path)
-    return _DIGESTS[key]
 
 
 def _hub_revision(repo: str) -> str | None:
