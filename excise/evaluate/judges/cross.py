@@ -200,7 +200,37 @@ def read_cross(path: Path) -> tuple[dict[str, torch.Tensor], list[float], dict[s
     return state, calibration, metadata
 
 
-class CrossJudge:
+class ReaderJudge:
+    """What a judge with a trained reader shares (``harm-cross``, ``harm-lm``): head logits from its
+    ``model()``, calibrated scores, and the note that withholds the measured agreement when its
+    terse-refusal rule is not the one the agreement was measured with."""
+
+    def logits(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        """The uncalibrated head logits ``(N,)``."""
+        check_pairs(prompts, responses, self.name)
+        if not responses:
+            return np.zeros(0)
+        return self.model().logits(prompts, responses, batch_size=self.batch_size)
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        """Calibrated P(unsafe) per pair."""
+        z = self.logits(prompts, responses)
+        p = judge_scores(z, responses, self._refusal, self.calibration, self.terse_refusal_words)
+        return [float(x) for x in p]
+
+    def rule_note(self) -> dict[str, str]:
+        """``{}``, or ``{"agreement_note": …}`` when ``terse_refusal_words`` differs from the rule
+        the stored agreement was measured with (then that agreement is not this judge's)."""
+        measured_rule = self.metadata.get("terse_refusal_words", 0)
+        if self.terse_refusal_words == measured_rule:
+            return {}
+        return {
+            "agreement_note": f"agreement was measured with terse_refusal_words={measured_rule}, "
+            f"not this judge's {self.terse_refusal_words}: it is not this judge's agreement"
+        }
+
+
+class CrossJudge(ReaderJudge):
     """P(unsafe) of (prompt, response) pairs from a fine-tuned, calibrated cross-encoder.
 
     Args:
@@ -248,32 +278,11 @@ class CrossJudge:
             self._model = model.eval()
         return self._model
 
-    def logits(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-        """The uncalibrated head logits ``(N,)``."""
-        check_pairs(prompts, responses, self.name)
-        if not responses:
-            return np.zeros(0)
-        return self.model().logits(prompts, responses, batch_size=self.batch_size)
-
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        """Calibrated P(unsafe) per pair."""
-        z = self.logits(prompts, responses)
-        p = judge_scores(z, responses, self._refusal, self.calibration, self.terse_refusal_words)
-        return [float(x) for x in p]
-
     def describe(self) -> dict[str, Any]:
         """Name, settings, training data and the measured held-out agreement from the metadata,
         with the content-only and HH-RLHF figures of its sidecar (:func:`~.agreement.with_sidecar`)."""
         meta = self.metadata
-        measured_rule = meta.get("terse_refusal_words", 0)
-        note = (
-            {}
-            if self.terse_refusal_words == measured_rule
-            else {
-                "agreement_note": f"agreement was measured with terse_refusal_words={measured_rule}, "
-                f"not this judge's {self.terse_refusal_words}: it is not this judge's agreement"
-            }
-        )
+        note = self.rule_note()
         return {
             "name": self.name,
             "threshold": self.threshold,

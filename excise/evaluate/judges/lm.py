@@ -31,8 +31,8 @@ import torch
 
 from excise.errors import ConfigError, ModelLoadError
 from excise.evaluate.judges.agreement import with_sidecar
-from excise.evaluate.judges.common import TrainedTop, check_pairs, file_digest
-from excise.evaluate.judges.cross import TERSE_REFUSAL_WORDS, judge_scores
+from excise.evaluate.judges.common import TrainedTop, file_digest
+from excise.evaluate.judges.cross import TERSE_REFUSAL_WORDS, ReaderJudge
 from excise.evaluate.judges.refusal import RefusalJudge
 
 __all__ = [
@@ -337,7 +337,7 @@ def read_lm_judge(folder: str | Path) -> tuple[dict[str, torch.Tensor], list[flo
     return state, calibration, metadata
 
 
-class LMJudge:
+class LMJudge(ReaderJudge):
     """P(unsafe) of (prompt, response) pairs from a causal-LM reader with a trained top (``harm-lm:FOLDER``).
 
     Args:
@@ -396,32 +396,11 @@ class LMJudge:
             self._model = model.eval()
         return self._model
 
-    def logits(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-        """The uncalibrated head logits ``(N,)``."""
-        check_pairs(prompts, responses, self.name)
-        if not responses:
-            return np.zeros(0)
-        return self.model().logits(prompts, responses, batch_size=self.batch_size)
-
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        """Calibrated P(unsafe) per pair."""
-        z = self.logits(prompts, responses)
-        p = judge_scores(z, responses, self._refusal, self.calibration, self.terse_refusal_words)
-        return [float(x) for x in p]
-
     def describe(self) -> dict[str, Any]:
         """Name, settings, training data and the measured held-out agreement (with the sidecar's
         figures, :func:`~.agreement.with_sidecar`); agreement None under another terse-refusal rule."""
         meta = self.metadata
-        measured_rule = meta.get("terse_refusal_words", 0)
-        note = (
-            {}
-            if self.terse_refusal_words == measured_rule
-            else {
-                "agreement_note": f"agreement was measured with terse_refusal_words={measured_rule}, "
-                f"not this judge's {self.terse_refusal_words}: it is not this judge's agreement"
-            }
-        )
+        note = self.rule_note()
         weights = self.path / WEIGHTS_FILE
         return {
             "name": self.name,
