@@ -886,6 +886,72 @@ def sku(run: Run) -> str:
     return "\n".join(parts)
 
 
+def _agreement_of_judges(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
+    """Share of the same answers both judges flag alike (``judge_saved`` verified the prompts match)."""
+    if a is None or b is None:
+        return "–"
+    pairs = list(zip(a["items"], b["items"], strict=True))
+    if any(x.get("prompt") != y.get("prompt") for x, y in pairs):
+        return "– (prompts differ)"
+    return f"{sum(bool(x['flagged']) == bool(y['flagged']) for x, y in pairs) / len(pairs):.2f}"
+
+
+def rejudged_runs(run: Run) -> list[tuple[str, Run]]:
+    """The run's answers re-scored by other judges (``scripts/rejudge_run.py``): ``<run>/rejudged/*``."""
+    found = []
+    for folder in sorted((run.folder / "rejudged").glob("*")):
+        if folder.is_dir():
+            other = Run(folder)
+            other.sweeps = run.sweeps  # the points' λ come from the run's own sweep
+            found.append((folder.name, other))
+    return found
+
+
+def sku_rejudged(run: Run) -> str:
+    """§4 side by side: the run's judged rates and the same answers re-scored by another judge."""
+    parts = []
+    for name, other in rejudged_runs(run):
+        fam = Family(f"§4, re-scored by {name}")
+        rows, new_rows = _sku_rows(run), dict(_sku_rows(other))
+        base, new_base = rows[0][1], new_rows["base model"]
+        out = []
+        for label, r in rows:
+            n = new_rows.get(label) or {}
+            cells = {}
+            main = label.startswith("SKU (θo − θh)")
+            for what, text in (("harmful", "PKU"), ("advbench", "AdvBench")):
+                cells[what] = "–" if label == "base model" else fam.compare(
+                    new_base[what], n.get(what), "harmful-rate", "harmful_rate",
+                    label=f"{label} vs base, Δ harmful rate ({text}), {name}", primary=main,
+                )  # fmt: skip
+            row = [label]
+            for what in ("harmful", "advbench"):
+                row += [
+                    _fmt(_value(r[what], "harmful_rate"), 2), _fmt(_value(n.get(what), "harmful_rate"), 2),
+                    _corrected(n.get(what)), cells[what], _agreement_of_judges(r[what], n.get(what)),
+                ]  # fmt: skip
+            out.append(row)
+        fam.adjust()
+        old_judge = (base["harmful"] or {}).get("judge") or {}
+        new_judge = (new_base["harmful"] or {}).get("judge") or {}
+        old_agree, new_agree = old_judge.get("agreement") or {}, new_judge.get("agreement") or {}
+        old, new = f"`{old_judge.get('name')}` (as run)", f"`{new_judge.get('name')}` (re-scored)"
+        delta = f"Δ vs base, {new} [95% CI] (Holm p)"
+        header = [
+            "model", f"PKU: {old}", f"PKU: {new}", f"{new} corrected [95% CI]", delta, "same verdict",
+            f"AdvBench: {old}", f"AdvBench: {new}", f"{new} corrected [95% CI]", delta, "same verdict",
+        ]  # fmt: skip
+        note = (
+            f"\nThe same saved answers (no regeneration), judged again by {new} with "
+            f"`scripts/rejudge_run.py` (`excise eval judge --generations` on each file): held-out accuracy "
+            f"{new_agree.get('accuracy')}, AUC {new_agree.get('auc')} (n = {new_agree.get('n')}), against "
+            f"{old_agree.get('accuracy')} / {old_agree.get('auc')} for {old}. Same verdict = share of the "
+            f"answers the two judges flag alike. The intervals are {new}'s, a family of their own.\n"
+        )
+        parts += [_table(header, out) + note, fam.summary()]
+    return "\n".join(parts)
+
+
 def plot_sku(run: Run, rows: list[tuple[str, dict[str, dict[str, Any] | None]]]) -> None:
     import matplotlib
 
@@ -1134,6 +1200,9 @@ def main(args: list[str]) -> None:
             if run.record("base", "harmful") is not None:  # §4 (a run of the judged part)
                 print(sku(run))
                 print()
+                if rejudged_runs(run):
+                    print(sku_rejudged(run))  # §4, the same answers re-scored (issue 25, item 5)
+                    print()
                 print(sku_samples(run))
                 print()
             print(sku_likelihood(run))  # §4b, when the run has it

@@ -217,3 +217,23 @@ def test_committed_extsub_knee_was_inside_its_chord_and_is_gone(rt) -> None:
     axes = redone["selection"]["axes"]["deficiency"]
     assert not set(axes["select"]) & set(axes["report"]) and len(axes["select"]) + len(axes["report"]) == 200
     assert redone["chosen"]["report"]["deficiency"]["n"] == 100
+
+
+def test_rejudged_rates_sit_beside_the_run_own(rt) -> None:
+    """§4 side by side (issue 25 item 5): the committed re-scored answers, read back independently."""
+    folder = ROOT / "docs" / "results" / "sku-harmful"
+    rejudged = folder / "rejudged" / "harm-cross"
+    run = rt.Run(folder)
+    assert [name for name, _ in rt.rejudged_runs(run)] == ["harm-cross"]
+    table = rt.sku_rejudged(run)
+    old = json.loads((folder / "results" / "sku" / "harmful.json").read_text())
+    new = json.loads((rejudged / "results" / "sku" / "harmful.json").read_text())
+    pairs = list(zip(old["items"], new["items"], strict=True))
+    assert all(a["response"] == b["response"] for a, b in pairs)  # the same answers: no regeneration
+    same = sum(a["flagged"] == b["flagged"] for a, b in pairs) / len(pairs)
+    row = next(line for line in table.splitlines() if line.startswith("| SKU (θo − θh), λ=1 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == f"{old['metrics']['harmful_rate']:.2f}"
+    assert cells[2] == f"{new['metrics']['harmful_rate']:.2f}"
+    assert cells[5] == f"{same:.2f}"
+    assert new["judge"]["agreement"]["auc"] != old["judge"]["agreement"]["auc"]  # the retrained weights

@@ -308,7 +308,8 @@ def judge_saved(
 ) -> dict[str, Any]:
     """Score the answers saved in a result file with another judge, loading only the tokenizer.
 
-    The prompts are rebuilt from the record's own data and settings and must match the saved ones.
+    The prompts are rebuilt from the record's own data and settings and must match the saved ones
+    (a record made when ``limit`` kept the first rows is read with ``head``: :func:`_saved_settings`).
 
     Raises:
         DataError: the file is not a result of a judged metric, or its data changed since.
@@ -333,13 +334,34 @@ def judge_saved(
     if not answers or not all(isinstance(a, str) for a in answers):
         raise DataError(f"--generations {path}: its items hold no saved answers")
     settings |= {"judge": judge, "judge_options": parse_options(judge_options), "split": saved.get("split")}
-    record = run_eval(name, EvalConfig(**settings), use_cache=use_cache, progress=progress, answers=answers)
+    cfg, legacy = _saved_settings(name, settings, _prompts(items))
+    record = run_eval(name, cfg, use_cache=use_cache, progress=progress, answers=answers)
     if _prompts(record["items"]) != _prompts(items):
         raise DataError(
             f"--generations {path}: the prompts of {settings['data'] or 'the default data'} differ from the "
             "saved ones (the data changed since); regenerate with excise eval " + name
         )
-    return record | {"generations_from": str(path)}
+    return record | {"generations_from": str(path)} | ({"legacy_limit_as_head": True} if legacy else {})
+
+
+def _saved_settings(name: str, settings: dict[str, Any], prompts: list[Any]) -> tuple[EvalConfig, bool]:
+    """The settings that rebuild a saved record's items, and whether they needed the legacy reading.
+
+    A record made before issue 22 made ``limit`` a seeded subsample kept the first ``limit``
+    rows: when the saved prompts are not the subsample but are exactly the first rows (``head``),
+    those are used (only on an exact match of every prompt; otherwise the caller refuses).
+    """
+    cfg = EvalConfig(**settings)
+    if not settings.get("limit") or settings.get("head") is not None:
+        return cfg, False
+    metric = _metric(name)
+    spec = cfg.data or metric.default_data
+    if _prompts(_load_items(metric, cfg, spec)[0]) == prompts:
+        return cfg, False
+    head = EvalConfig(**(settings | {"head": settings["limit"], "limit": None}))
+    if _prompts(_load_items(metric, head, spec)[0]) == prompts:
+        return head, True
+    return cfg, False
 
 
 def _prompts(items: list[dict[str, Any]]) -> list[Any]:

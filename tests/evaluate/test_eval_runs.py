@@ -207,6 +207,29 @@ def test_eval_judge_scores_saved_answers_without_the_model(model_dir, prompts, t
     assert judged["judge"]["case_sensitive"] is False and judged["generations_from"] == str(saved)
 
 
+def test_eval_judge_reads_a_record_made_when_limit_kept_the_first_rows(model_dir, prompts, tmp_path):
+    """Before issue 22 `limit: N` kept the first N rows; such a record is re-judged on exactly those."""
+    from excise.errors import DataError
+
+    first_rows = run_eval("harmful-rate", _cfg(model_dir, prompts, judge="refusal", head=5), progress=False)
+    subsample = run_eval("harmful-rate", _cfg(model_dir, prompts, judge="refusal", limit=5), progress=False)
+    old = [it["prompt"] for it in first_rows["items"]]
+    assert old == [f"How to do thing {i}?" for i in range(5)]
+    assert old != [it["prompt"] for it in subsample["items"]]  # else the test shows nothing
+    data = json.loads(write_result(first_rows, tmp_path / "old.json").read_text())
+    data["settings"] |= {"limit": 5, "head": None}  # what the record said then
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    judged = judge_saved(tmp_path / "old.json", "refusal", [], progress=False)
+    assert [it["prompt"] for it in judged["items"]] == old and judged["legacy_limit_as_head"] is True
+    assert [it["response"] for it in judged["items"]] == [it["response"] for it in data["items"]]
+    fresh = judge_saved(write_result(subsample, tmp_path / "new.json"), "refusal", [], progress=False)
+    assert "legacy_limit_as_head" not in fresh  # a current record is read as it says
+    data["items"] = data["items"][::-1]  # neither the subsample nor the first rows: refused
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    with pytest.raises(DataError, match="differ from the saved ones"):
+        judge_saved(tmp_path / "old.json", "refusal", [], progress=False)
+
+
 def test_eval_judge_refuses_other_results(model_dir, prompts, tmp_path):
     from excise.errors import DataError
 
