@@ -229,3 +229,16 @@ for argv in json.loads(sys.argv[1]):
         if exit_.code:
             raise
 """
+
+
+def load_script(relative: str):
+    """Import a file of scripts/ or benchmarks/ (not a package) as a module, by its repo-relative path."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module

@@ -3,26 +3,20 @@ file with what the command recorded, and a rerun skips it (resume)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import save_tiny_model
+from tests.conftest import load_script, save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bt():
-    spec = importlib.util.spec_from_file_location("bench_times", ROOT / "benchmarks" / "bench_times.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_times.py")
 
 
 def _data_root(folder: Path) -> Path:
