@@ -1105,8 +1105,9 @@ def sku_likelihood(run: Run) -> str:
     pairs = base["pairs"]
     n_alpaca = (base["alpaca_nll"] or {}).get("n_items")
     n_pku, n_adv = (base["refusal_pku"] or {}).get("n_items"), (base["refusal_advbench"] or {}).get("n_items")
+    sample = "a seeded subsample" if (base["pairs"] or {}).get("limit") else "every held-out pair"
     note = (f"\n{pairs.get('n_pairs')} held-out PKU-SafeRLHF pairs over {pairs.get('n_prompts')} prompts "
-            f"(a seeded subsample; safe = chosen, unsafe = rejected), per-token NLL of each answer in the "
+            f"({sample}; safe = chosen, unsafe = rejected), per-token NLL of each answer in the "
             f"chat template as trained; every Δ is against the base model (the adapter switched off), paired "
             f"answer by answer, intervals clustered by prompt. Alpaca: {n_alpaca} held-out answers. Refusal: "
             f"log p of \"{(base['refusal_pku'] or {}).get('refusal')}\" as the reply's opening, {n_pku} "
