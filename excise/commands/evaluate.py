@@ -52,7 +52,13 @@ _COMMON = [
     ),
     _opt(
         "merge",
-        Annotated[bool, typer.Option("--merge", help="Merge the LoRA into the weights (for LoRAs on many layers; r 8 on q/v saves nothing measurable).")],
+        Annotated[
+            bool,
+            typer.Option(
+                "--merge",
+                help="Merge the LoRA into the weights (for LoRAs on many layers; r 8 on q/v saves nothing).",
+            ),
+        ],
         False,
     ),
     _opt(
