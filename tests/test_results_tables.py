@@ -220,14 +220,18 @@ def test_rejudged_rates_sit_beside_the_run_own(rt) -> None:
     folder = ROOT / "docs" / "results" / "sku-harmful"
     rejudged = folder / "rejudged" / "harm-cross"
     run = rt.Run(folder)
-    assert [name for name, _ in rt.rejudged_runs(run)] == ["harm-cross"]
+    assert [name for name, _ in rt.rejudged_runs(run)] == ["harm-cross", "harm-lm"]  # sorted folders
     table = rt.sku_rejudged(run)
     old = json.loads((folder / "results" / "sku" / "harmful.json").read_text())
     new = json.loads((rejudged / "results" / "sku" / "harmful.json").read_text())
     pairs = list(zip(old["items"], new["items"], strict=True))
     assert all(a["response"] == b["response"] for a, b in pairs)  # the same answers: no regeneration
     same = sum(a["flagged"] == b["flagged"] for a, b in pairs) / len(pairs)
-    row = next(line for line in table.splitlines() if line.startswith("| SKU (θo − θh), λ=1 |"))
+    rows = [line for line in table.splitlines() if line.startswith("| SKU (θo − θh), λ=1 |")]
+    assert len(rows) == 2  # one table per re-scoring judge
+    lm = json.loads((folder / "rejudged" / "harm-lm" / "results" / "sku" / "harmful.json").read_text())
+    assert rows[1].split("|")[3].strip() == f"{lm['metrics']['harmful_rate']:.2f}"
+    row = rows[0]
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == f"{old['metrics']['harmful_rate']:.2f}"
     assert cells[2] == f"{new['metrics']['harmful_rate']:.2f}"
