@@ -77,4 +77,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from excise.errors import ExciseError
+
+    try:
+        main()
+    except ExciseError as err:  # a bad judge spec, run folder or result file: one line, no traceback
+        raise SystemExit(f"error: {err}") from None
