@@ -20,9 +20,11 @@ What makes it fast, with the same numbers:
 2. **A shared prefix computed once.** The longest token prefix common to every row (TruthfulQA's
    6-shot preamble, HaluEval's instruction) is run once; its KV cache is broadcast to every batch,
    so each row only runs its own suffix.
-3. **Length-sorted, left-padded batches** with explicit position ids (pads between the prefix and
-   a short suffix are masked out), and ``logits_to_keep`` so the vocabulary projection runs only on
-   the positions that are scored.
+3. **Length-sorted, padded batches** with explicit position ids, and ``logits_to_keep`` so the
+   vocabulary projection runs only on the positions that are scored. Rows are left-padded; after a
+   shared prefix the suffixes are right-padded instead, so that no pad sits between the prefix and
+   a suffix: a sliding-window layer (Gemma 2/3, Mistral) counts its window in cache slots, pads
+   included, and a row with pads inside would see fewer real tokens than it does alone.
 """
 
 from __future__ import annotations
@@ -158,18 +160,17 @@ def continuation_logliks(
     order = sorted(range(len(rows)), key=lambda j: len(rows[j]), reverse=True)
 
     def score(chunk: list[int]) -> list[tuple[int, Loglik]]:
-        logprobs, logits_start, S = _forward(
+        logprobs, logits_start, starts = _forward(
             model, [rows[j][P:] for j in chunk], P, prefix_kv, reqs, by_row, chunk
         )
         scored = []
         for b, j in enumerate(chunk):
-            suffix_len = len(rows[j]) - P
             for i in by_row[j]:
                 r = reqs[i]
                 n = len(r.targets)
-                # Position p of the row (0-based, prefix included) sits at column S - suffix_len + p - P
+                # Position p of the row (0-based, prefix included) sits at column starts[b] + p - P
                 # of the suffix batch, and at that minus logits_start in the kept logits.
-                first = S - suffix_len + (r.end - n) - P - logits_start
+                first = starts[b] + (r.end - n) - P - logits_start
                 lp = logprobs[b, first : first + n]  # (n, V)
                 target = torch.tensor(r.targets, device=lp.device)
                 picked = lp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (n,)
@@ -238,22 +239,32 @@ def _forward(
     reqs: list[_Request],
     by_row: dict[int, list[int]],
     chunk: list[int],
-) -> tuple[torch.Tensor, int, int]:
-    """Log-softmax of the kept logits of one left-padded batch: ``(B, K, V)``, first kept column, S."""
+) -> tuple[torch.Tensor, int, list[int]]:
+    """Log-softmax of the kept logits of one padded batch: ``(B, K, V)``, the first kept column, and
+    the column each row's suffix starts at.
+
+    Without a shared prefix (``P == 0``) rows are left-padded, pads first. After a shared prefix the
+    suffixes are right-padded: each follows the prefix directly and its pads come last, where no real
+    token attends to them. (Left-padded suffixes put pads between the prefix and the suffix; a
+    sliding-window layer (Gemma 2/3, Mistral) counts its window in cache slots, pads included, so such
+    a row saw fewer real tokens than alone: tests/models/test_gemma_tiny.py.)
+    """
     device = next(model.parameters()).device
     B, S = len(suffixes), max(len(s) for s in suffixes)
     input_ids = torch.zeros((B, S), dtype=torch.long)  # (B, S); pads are masked, any id will do
     mask = torch.zeros((B, P + S), dtype=torch.long)  # (B, P + S)
     mask[:, :P] = 1
     positions = torch.full((B, S), P, dtype=torch.long)  # (B, S)
-    earliest = S
+    earliest, starts = S, []
     for b, (suffix, j) in enumerate(zip(suffixes, chunk, strict=True)):
         n = len(suffix)
-        input_ids[b, S - n :] = torch.tensor(suffix)
-        mask[b, P + S - n :] = 1
-        positions[b, S - n :] = torch.arange(P, P + n)
+        start = 0 if P else S - n  # column of the suffix's first token
+        starts.append(start)
+        input_ids[b, start : start + n] = torch.tensor(suffix)
+        mask[b, P + start : P + start + n] = 1
+        positions[b, start : start + n] = torch.arange(P, P + n)
         for i in by_row[j]:
-            earliest = min(earliest, S - n + reqs[i].end - len(reqs[i].targets) - P)
+            earliest = min(earliest, start + reqs[i].end - len(reqs[i].targets) - P)
     kwargs: dict[str, Any] = {}
     if prefix_kv is not None:
         from transformers import DynamicCache
@@ -268,4 +279,4 @@ def _forward(
         use_cache=prefix_kv is not None,
         **kwargs,
     ).logits  # (B, S - earliest, V)
-    return torch.log_softmax(logits.float(), dim=-1), earliest, S
+    return torch.log_softmax(logits.float(), dim=-1), earliest, starts
