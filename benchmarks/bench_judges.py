@@ -1,6 +1,7 @@
 """Judges and anti-data plumbing, side by side (docs/BENCHMARKS.md, "Judges and endpoint client").
 
     .venv/bin/python benchmarks/bench_judges.py [--n-texts 256] [--n-requests 64] [--latency 0.05]
+        [--n-pairs 128] [--threads 2] [--only encoder|endpoint|anti|harm]
 
 1. Sentence embeddings for the offline probes: our plain-transformers MiniLM pipeline vs
    sentence-transformers' ``encode`` on the same PKU-SafeRLHF responses (same numbers, checked).
@@ -8,6 +9,9 @@
    seconds, one at a time vs ``concurrency`` 8.
 3. ``excise data anti`` through that stub: a first run vs a re-run into a new file, served by
    the reply cache.
+4. Scoring speed of the shipped harm judges (``--n-pairs`` held-out PKU pairs, 2 threads by
+   default): ``harm-lm`` (the default) vs ``harm-cross`` vs ``harm-probe``, pairs per second with
+   the judge already loaded (one warm-up batch first), and the load time apart.
 """
 
 from __future__ import annotations
@@ -87,18 +91,53 @@ def bench_anti_cache(n: int, latency: float) -> None:
     )
 
 
+def bench_harm_judges(n: int) -> None:
+    from excise.evaluate.judges import load_judge
+    from excise.evaluate.judges.probe_training import heldout_pairs
+
+    pairs = heldout_pairs("harm", limit=n)
+    rates = {}
+    for spec in ("harm-lm", "harm-cross", "harm-probe"):
+        load, judge = _timed(lambda spec=spec: load_judge(spec))
+        warm, _ = _timed(lambda judge=judge: judge.score(pairs.prompts[:8], pairs.responses[:8]))
+        seconds, _ = _timed(lambda judge=judge: judge.score(pairs.prompts, pairs.responses))
+        rates[spec] = len(pairs) / seconds
+        print(
+            f"{spec}: {len(pairs)} pairs in {seconds:.1f} s ({rates[spec]:.1f} pairs/s); "
+            f"load + warm-up {load + warm:.1f} s"
+        )
+    print(
+        f"harm-lm is {rates['harm-cross'] / rates['harm-lm']:.1f}x slower than harm-cross, "
+        f"{rates['harm-probe'] / rates['harm-lm']:.1f}x slower than harm-probe"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-texts", type=int, default=256)
     parser.add_argument("--n-requests", type=int, default=64)
     parser.add_argument("--latency", type=float, default=0.05)
+    parser.add_argument("--n-pairs", type=int, default=128, help="held-out PKU pairs each harm judge scores")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--only", choices=("encoder", "endpoint", "anti", "harm"), help="run one section (default: all)"
+    )
     args = parser.parse_args()
     import os
 
-    print(f"load average {os.getloadavg()[0]:.1f}")
-    bench_encoder(args.n_texts)
-    bench_endpoint(args.n_requests, args.latency)
-    bench_anti_cache(args.n_requests, args.latency)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    print(f"load average {os.getloadavg()[0]:.1f}, {args.threads} threads")
+    sections = {
+        "encoder": lambda: bench_encoder(args.n_texts),
+        "endpoint": lambda: bench_endpoint(args.n_requests, args.latency),
+        "anti": lambda: bench_anti_cache(args.n_requests, args.latency),
+        "harm": lambda: bench_harm_judges(args.n_pairs),
+    }
+    for name, run in sections.items():
+        if args.only in (None, name):
+            run()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 - ``excise eval harness``: lm-evaluation-harness tasks (MMLU, GSM8K, BBH, local task files)
   on a base model plus an optional adapter;
-- ``excise eval judge-train``: retrain the offline ``harm-cross`` / ``harm-probe`` / ``toxicity-probe``;
+- ``excise eval judge-train``: retrain the offline ``harm-lm`` / ``harm-cross`` / ``harm-probe`` /
+  ``toxicity-probe``;
 - ``excise eval judge-check``: measure any judge's agreement with labelled data.
 """
 
@@ -22,8 +23,8 @@ JudgeSpec = Annotated[
     str,
     typer.Option(
         "--judge",
-        help="Judge spec: refusal, harm-cross, harm-probe, toxicity-probe, probe:FILE, cross:FILE, "
-        "harm-lm:FOLDER, hf:ID_OR_FOLDER, openai:BASE_URL.",
+        help="Judge spec: refusal, harm-lm, harm-cross, harm-probe, toxicity-probe, probe:FILE, "
+        "cross:FILE, harm-lm:FOLDER, hf:ID_OR_FOLDER, openai:BASE_URL.",
     ),
 ]
 JudgeOptions = Annotated[
@@ -246,7 +247,7 @@ def _train_lm(out: Path, settings: object, data: Path | None, hh: Path | None, l
 
 
 def judge_check(
-    judge: JudgeSpec = "harm-cross",
+    judge: JudgeSpec = "harm-lm",
     judge_option: JudgeOptions = [],  # noqa: B006
     kind: Annotated[
         str | None,

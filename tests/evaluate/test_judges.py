@@ -61,6 +61,17 @@ def test_targeted_kinds_need_a_target():
         if kind.takes_target:
             with pytest.raises(ConfigError, match="needs a target"):
                 load_judge(f"{name}:")
+            if not kind.target_optional:
+                with pytest.raises(ConfigError, match="needs a target"):
+                    load_judge(name)
+
+
+def test_bare_harm_lm_is_the_shipped_folder():
+    from excise.evaluate.judges.lm import LM_SHIPPED
+
+    judge = load_judge("harm-lm")  # reads the metadata only; the reader loads on first score
+    assert judge.path == LM_SHIPPED and judge.name == "harm-lm"
+    assert [k for k, kind in JUDGES.items() if kind.target_optional] == ["harm-lm"]
 
 
 def test_mismatched_pairs_are_data_errors():

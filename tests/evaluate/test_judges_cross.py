@@ -175,10 +175,7 @@ def test_shipped_harm_cross_reproduces_its_recorded_scores_and_claim():
     assert CROSS_SHIPPED.stat().st_size < 3_000_000
 
 
-def test_harm_cross_is_the_harmful_rate_default_and_bad_input_is_one_line(tmp_path):
-    from excise.evaluate.metrics.harmful_rate import METRIC
-
-    assert METRIC.default_judge == "harm-cross"
+def test_harm_cross_stays_selectable_and_bad_input_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match="accepts: name, threshold, batch_size"):
         load_judge("harm-cross", temperature=2)
     with pytest.raises(ModelLoadError, match="judge-train --kind harm-cross"):

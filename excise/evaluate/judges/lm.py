@@ -1,4 +1,4 @@
-"""A causal LM as a harm judge: the ``harm-lm:FOLDER`` candidate (issue 25, item 2).
+"""A causal LM as a harm judge: ``harm-lm``, the shipped default, and ``harm-lm:FOLDER`` (issue 25).
 
 A reader model (default ``smollm2-135m-instruct``; any spec :func:`~excise.models.load_model`
 loads whose decoder is Llama-shaped: ``model.embed_tokens``, ``model.layers``, ``model.norm``,
@@ -16,7 +16,8 @@ The score is calibrated like ``harm-cross`` (:func:`~.cross.judge_scores`: Platt
 ``σ(a·z + c·refuses + b)``, and a terse refusal scores 0). A judge is a folder: the trained
 tensors and the calibration in ``weights.safetensors``, the metadata in ``judge.json`` (reader
 spec and fingerprint, ``lower``, ``top``, LoRA, pooling, data counts, held-out agreement).
-Training: :mod:`.lm_training`.
+Training: :mod:`.lm_training`. The shipped judge (:data:`LM_SHIPPED`) reads
+``smollm2-135m-instruct`` and records its GGUF file's fingerprint (:func:`reader_fingerprint`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from excise.evaluate.judges.refusal import RefusalJudge
 
 __all__ = [
     "DEFAULT_READER",
+    "LM_SHIPPED",
     "LM_TARGETS",
     "METADATA_FILE",
     "POOLINGS",
@@ -45,10 +47,14 @@ __all__ = [
     "LMReader",
     "read_lm_judge",
     "reader_fingerprint",
+    "weights_fingerprint",
     "write_lm_judge",
 ]
 
 DEFAULT_READER = "smollm2-135m-instruct"
+# The shipped default judge (spec ``harm-lm``): trained by ``excise eval judge-train --kind harm-lm
+# --lower 12 --top 4 --epochs 2 --lr 5e-4 --batch-size 8 --hh-weight 1`` (docs/JUDGES.md).
+LM_SHIPPED = Path(__file__).parent / "weights" / "harm_lm"
 WEIGHTS_FILE = "weights.safetensors"
 METADATA_FILE = "judge.json"
 POOLINGS = ("last", "mean")
@@ -258,6 +264,18 @@ class LMReader(TrainedTop, torch.nn.Module):
 
 
 def reader_fingerprint(reader: str) -> str:
+    """What identifies the reader's weights: for an alias or a ``.gguf`` file, ``gguf:`` and the
+    first 16 hex digits of the SHA-256 of the GGUF file it is converted from (the converted folder's
+    bytes depend on the transformers version that wrote it); otherwise :func:`weights_fingerprint`."""
+    from excise.models.loading import gguf_source
+
+    source = gguf_source(reader)
+    if source is not None:
+        return "gguf:" + file_digest(source)[:16]
+    return weights_fingerprint(reader)
+
+
+def weights_fingerprint(reader: str) -> str:
     """The first 16 hex digits of the SHA-256 over the reader's weight files (``*.safetensors``,
     ``*.bin``, in name order), or ``"unknown"`` for a hub id not resolved to a local folder."""
     import hashlib
@@ -272,6 +290,14 @@ def reader_fingerprint(reader: str) -> str:
     for path in files:
         h.update(f"{path.name}\x00{file_digest(path)}\x00".encode())
     return h.hexdigest()[:16] if files else "unknown"
+
+
+def _same_reader(recorded: str, spec: str) -> bool:
+    """Whether ``spec`` loads the weights a judge recorded: by its GGUF source, or, for a judge
+    recorded before sources were fingerprinted, by the converted weights."""
+    if recorded.startswith("gguf:") or recorded == "unknown":
+        return reader_fingerprint(spec) == recorded
+    return weights_fingerprint(spec) == recorded
 
 
 def write_lm_judge(
@@ -378,11 +404,12 @@ class LMJudge(ReaderJudge):
         """The reader with the trained tensors loaded (built on first use; its fingerprint checked)."""
         if self._model is None:
             reader = self.metadata["reader"]
-            recorded, found = reader.get("sha256_16"), reader_fingerprint(reader["spec"])
-            if recorded and found != recorded:
+            recorded = reader.get("sha256_16")
+            if recorded and not _same_reader(recorded, reader["spec"]):
                 raise ModelLoadError(
                     f"harm-lm judge {self.path} was trained on reader {reader['spec']!r} with weights "
-                    f"{recorded}, but that spec now loads weights {found}: retrain the judge"
+                    f"{recorded}, but that spec now loads weights {reader_fingerprint(reader['spec'])}: "
+                    "retrain the judge"
                 )
             model = LMReader(
                 reader["spec"],

@@ -4,17 +4,19 @@ A judge spec is one string (DESIGN.md §3, "judges are pluggable"):
 
 ======================  =================================================================
 ``refusal``             refusal-marker heuristic (GCG test prefixes): flagged = no refusal
-``harm-cross``          offline default for the harmful rate: all-MiniLM-L6-v2 fine-tuned (LoRA)
-                        as a cross-encoder on (prompt, response) pairs of PKU-SafeRLHF ``judge``
-                        prompts, calibrated
+``harm-lm``             offline default for the harmful rate: SmolLM2-135M-Instruct reading the
+                        pair as its chat, LoRA on layers 13-16 and a head trained on PKU-SafeRLHF
+                        train- and judge-side responses and HH-RLHF pairs, calibrated
+``harm-cross``          the earlier default: all-MiniLM-L6-v2 fine-tuned (LoRA) as a cross-encoder
+                        on (prompt, response) pairs of PKU-SafeRLHF ``judge`` prompts, calibrated
 ``harm-probe``          the earlier offline harm judge: a logistic probe on all-MiniLM-L6-v2
                         embeddings, same data (weaker; kept for comparison)
 ``toxicity-probe``      offline default for toxicity: the same kind of probe, trained on
                         RealToxicityPrompts texts with Perspective scores
 ``probe:<file>``        a probe written by ``excise eval judge-train --out FILE``
 ``cross:<file>``        a cross-encoder written by ``excise eval judge-train --kind harm-cross``
-``harm-lm:<folder>``    a causal-LM reader (SmolLM2-135M by default) with a trained top, written
-                        by ``excise eval judge-train --kind harm-lm`` (a candidate, not a default)
+``harm-lm:<folder>``    a causal-LM reader with a trained top, written by ``excise eval
+                        judge-train --kind harm-lm``
 ``hf:<id or folder>``   a Hugging Face sequence classifier (unsafe/toxic label probability) or
                         a Llama-Guard-style causal LM (P("unsafe") of the first token)
 ``openai:<base url>``   an OpenAI-compatible endpoint asked to answer ``safe`` / ``unsafe``
@@ -49,12 +51,14 @@ class JudgeKind:
         make: builds the judge from ``target`` (the text after ``name:``, or ``None``) and options.
         takes_target: whether the spec is ``name:<target>``.
         summary: one line for ``--help`` and docs.
+        target_optional: the bare ``name`` is valid too (``make`` gets ``None``: the shipped one).
     """
 
     name: str
     make: Callable[..., Judge]
     takes_target: bool
     summary: str
+    target_optional: bool = False
 
 
 def _refusal(target: None, **options: Any) -> Judge:
@@ -84,10 +88,10 @@ def _cross_file(target: str, **options: Any) -> Judge:
     return construct_judge(CrossJudge, "cross", options, target)
 
 
-def _lm_folder(target: str, **options: Any) -> Judge:
-    from excise.evaluate.judges.lm import LMJudge
+def _lm_folder(target: str | None, **options: Any) -> Judge:
+    from excise.evaluate.judges.lm import LM_SHIPPED, LMJudge
 
-    return construct_judge(LMJudge, "harm-lm", options, target)
+    return construct_judge(LMJudge, "harm-lm", options, target or LM_SHIPPED)
 
 
 def _probe_file(target: str, **options: Any) -> Judge:
@@ -113,10 +117,18 @@ JUDGES: dict[str, JudgeKind] = {
     for kind in [
         JudgeKind("refusal", _refusal, False, "refusal-marker heuristic (GCG test prefixes)"),
         JudgeKind(
+            "harm-lm",
+            _lm_folder,
+            True,
+            "offline harmful-response judge (SmolLM2-135M reader, LoRA top, PKU-SafeRLHF + HH-RLHF); "
+            "harm-lm:<folder> for one written by `judge-train --kind harm-lm`",
+            target_optional=True,
+        ),
+        JudgeKind(
             "harm-cross",
             _shipped_cross,
             False,
-            "offline harmful-response judge (MiniLM cross-encoder fine-tuned on PKU-SafeRLHF judge side)",
+            "earlier offline harmful-response judge (MiniLM cross-encoder, PKU-SafeRLHF judge side)",
         ),
         JudgeKind(
             "harm-probe",
@@ -134,12 +146,6 @@ JUDGES: dict[str, JudgeKind] = {
         JudgeKind(
             "cross", _cross_file, True, "a cross-encoder file written by `judge-train --kind harm-cross`"
         ),
-        JudgeKind(
-            "harm-lm",
-            _lm_folder,
-            True,
-            "a causal-LM reader with a trained top, written by `judge-train --kind harm-lm`",
-        ),
         JudgeKind("hf", _hf, True, "Hugging Face sequence classifier or Llama-Guard-style causal LM"),
         JudgeKind("openai", _openai, True, "OpenAI-compatible endpoint answering safe/unsafe (model=NAME)"),
     ]
@@ -150,8 +156,9 @@ def load_judge(spec: str, **options: Any) -> Judge:
     """The judge a spec names (see the module docstring), built with ``options``.
 
     Args:
-        spec: ``refusal``, ``harm-cross``, ``harm-probe``, ``toxicity-probe``, ``probe:<file>``,
-            ``cross:<file>``, ``harm-lm:<folder>``, ``hf:<hub id or folder>`` or ``openai:<base url>``.
+        spec: ``refusal``, ``harm-lm``, ``harm-cross``, ``harm-probe``, ``toxicity-probe``,
+            ``probe:<file>``, ``cross:<file>``, ``harm-lm:<folder>``, ``hf:<hub id or folder>`` or
+            ``openai:<base url>``.
         **options: constructor options of that judge (e.g. ``threshold``, ``model``).
 
     Returns:
@@ -165,11 +172,12 @@ def load_judge(spec: str, **options: Any) -> Judge:
     kind = JUDGES.get(name)
     if kind is None:
         raise ConfigError(f"unknown judge {spec!r}; choose one of: {_choices()}")
-    if kind.takes_target and not target.strip():
-        raise ConfigError(f"judge {name!r} needs a target: {name}:<...> ({kind.summary})")
+    if kind.takes_target and not target.strip() and (sep or not kind.target_optional):
+        shipped = f", or just {name!r} for the shipped one" if kind.target_optional else ""
+        raise ConfigError(f"judge {name!r} needs a target: {name}:<...>{shipped} ({kind.summary})")
     if not kind.takes_target and sep:
         raise ConfigError(f"judge {name!r} takes no target; write just {name!r}")
-    return kind.make(target.strip() if kind.takes_target else None, **options)
+    return kind.make((target.strip() or None) if kind.takes_target else None, **options)
 
 
 def judge_identity(spec: str) -> dict[str, Any]:
@@ -191,12 +199,12 @@ def judge_identity(spec: str) -> dict[str, Any]:
         from excise.evaluate.judges.cross import CROSS_SHIPPED
 
         files = [CROSS_SHIPPED]
-    elif name == "harm-lm" and target:
-        from excise.evaluate.judges.lm import METADATA_FILE, WEIGHTS_FILE
+    elif name == "harm-lm":
+        from excise.evaluate.judges.lm import LM_SHIPPED, METADATA_FILE, WEIGHTS_FILE
 
         # The two files that make the judge; a sidecar of measured figures beside them is not part
         # of it. The reader's weights are named by their fingerprint inside judge.json.
-        folder = Path(target).expanduser()
+        folder = Path(target).expanduser() if target else LM_SHIPPED
         files = [folder / WEIGHTS_FILE, folder / METADATA_FILE] if folder.is_dir() else []
         if files:
             identity["sha256"] = {p.name: file_digest(p) for p in files if p.is_file()}
@@ -227,4 +235,9 @@ def _hub_revision(repo: str) -> str | None:
 
 
 def _choices() -> str:
-    return ", ".join(f"{k.name}:<...>" if k.takes_target else k.name for k in JUDGES.values())
+    def shown(kind: JudgeKind) -> str:
+        if not kind.takes_target:
+            return kind.name
+        return f"{kind.name}[:<...>]" if kind.target_optional else f"{kind.name}:<...>"
+
+    return ", ".join(shown(k) for k in JUDGES.values())

@@ -6,7 +6,8 @@ prompt once — never a prompt a module was trained on or the offline judge was 
 file works as it comes: the prompt is read from the first of the columns ``prompt``, ``goal``
 (AdvBench ``harmful_behaviors.csv``), ``behavior`` (HarmBench), ``question``, ``instruction``,
 ``instructions`` (safety-tuned-llamas) that the file has, in any letter case (``--field
-prompt=COLUMN`` picks another). Default judge: the offline ``harm-cross`` (``harm-probe`` stays available).
+prompt=COLUMN`` picks another). Default judge: the offline ``harm-lm`` (``harm-cross`` and
+``harm-probe`` stay selectable; docs/JUDGES.md).
 
 Beside the raw rate, ``harmful_rate_corrected``: the rate corrected for the judge's measured
 sensitivity and specificity (:func:`~excise.evaluate.metrics.base.corrected_rate`; its interval
@@ -63,7 +64,7 @@ METRIC = Metric(
     aliases={"prompt": ("goal", "behavior", "question", "instruction", "instructions")},
     default_data=str(SHARED_DATA / "pku_saferlhf" / "pku_saferlhf_test_safe_unsafe_pairs.json"),
     default_split="eval",
-    default_judge="harm-cross",
+    default_judge="harm-lm",
     prompt_field="prompt",
     dedupe=True,
     summary="Share of answers to held-out harmful prompts that a judge flags (SKU).",
