@@ -1,7 +1,7 @@
-"""`excise train sku|ga|ga-mismatch|llmu|finetune`: SKU acquisition and the unlearning baselines.
+"""`excise train sku|ga|ga-mismatch|llmu|finetune|npo`: SKU acquisition and the unlearning baselines.
 
 :data:`COMMANDS` lists them for the ``train`` group (:mod:`excise.commands.train` mounts
-them). The five commands share their data, LoRA and optimisation flags (:data:`_SHARED`,
+them). The six commands share their data, LoRA and optimisation flags (:data:`_SHARED`,
 appended to each command's own signature by :func:`_with_shared_flags`); each adds its
 method's weights. Flags are the fields of
 :class:`excise.train.unlearning.UnlearnConfig` and its subclasses.
@@ -255,6 +255,21 @@ def finetune(**shared: Any) -> None:
     _baseline("finetune", shared)
 
 
+def npo(
+    beta: Annotated[float, _opt("NPO's inverse temperature β (> 0).")] = 0.1,
+    retain_weight: Annotated[
+        float, _opt("Weight of the NLL of the --normal answers: 0 is NPO, > 0 NPO + RT.")
+    ] = 0.0,
+    normal: Annotated[str | None, _opt(_NORMAL_HELP + " Needed with --retain-weight > 0.")] = None,
+    **shared: Any,
+) -> None:
+    """NPO: −(2/β)·E log σ(−β·log(πθ/πref)) on the harmful answers (arXiv 2404.05868).
+
+    The reference πref is the model with the adapter disabled (a frozen copy with --full).
+    """
+    _baseline("npo", shared, npo_beta=beta, retain_weight=retain_weight, normal=normal)
+
+
 # `excise train VERB`, in --help order.
 COMMANDS: dict[str, Callable[..., None]] = {
     "sku": _with_shared_flags(sku),
@@ -262,4 +277,5 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "ga-mismatch": _with_shared_flags(ga_mismatch),
     "llmu": _with_shared_flags(llmu),
     "finetune": _with_shared_flags(finetune),
+    "npo": _with_shared_flags(npo),
 }

@@ -74,6 +74,7 @@ METHOD_ORDER = [
     "ga",
     "ga_mismatch",
     "llmu",
+    "npo",
 ]
 # Item fields holding a prompt and the model's answer to it, in order of preference.
 _PROMPT_FIELDS = ("prompt", "instruction", "question")

@@ -19,6 +19,11 @@ the TruthfulQA answers of its normal data, to ``get_rand_ans_loss``); SKU's own 
 disassociation draws harmful responses (:mod:`excise.train.sku`). The pool and its source are
 recorded in ``train_config.json`` (``mismatch_pool``, ``mismatch_pool_source``).
 - ``finetune``: supervised fine-tuning on the *safe* responses to the harmful prompts.
+- ``npo``: NPO (Zhang et al., arXiv 2404.05868), the baseline open-unlearning and most
+  2024–2026 unlearning papers compare with: ``−(2/β)·E log σ(−β·log(πθ(y|x)/πref(y|x)))`` on
+  the harmful responses (:func:`~excise.train.losses.npo_loss`; β = 0.1), the reference through
+  the disabled adapter (LoRA) or a frozen copy (``full``); with ``retain_weight`` > 0 plus that
+  weight times the NLL of the normal answers (the paper's NPO + RT).
 
 The plain task-vector baseline is ``excise train sft --format harmful`` followed by
 ``excise ops negate``.
@@ -30,10 +35,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import Field, FiniteFloat, model_validator
+from pydantic import Field, FiniteFloat, PositiveFloat, model_validator
 
 from excise.train.loop import TrainReport
-from excise.train.losses import gradient_ascent_loss, kl_to_reference_loss, sequence_nll
+from excise.train.losses import gradient_ascent_loss, kl_to_reference_loss, npo_loss, sequence_nll
 from excise.train.unlearning import Term, UnlearnConfig, run_objective
 
 __all__ = ["BASELINES", "Baseline", "BaselineConfig", "baseline_terms", "mismatch_pool_of", "run"]
@@ -42,12 +47,16 @@ __all__ = ["BASELINES", "Baseline", "BaselineConfig", "baseline_terms", "mismatc
 class BaselineConfig(UnlearnConfig):
     """Settings of one baseline: the shared ones, the method, and its weights."""
 
-    method: Literal["ga", "ga_mismatch", "llmu", "finetune"] = Field(description="Which baseline.")
+    method: Literal["ga", "ga_mismatch", "llmu", "finetune", "npo"] = Field(description="Which baseline.")
     ga_weight: FiniteFloat | None = Field(
         None, description="Weight of the GA term (default: 1 for ga, 0.5 for ga_mismatch and llmu)."
     )
     mismatch_weight: FiniteFloat = Field(1.0, description="Weight of the mismatch CE (ga_mismatch, llmu).")
     kl_weight: FiniteFloat = Field(1.0, description="Weight of KL(p_θo ‖ p_θ) on normal data (llmu).")
+    npo_beta: PositiveFloat = Field(0.1, description="NPO's inverse temperature β (npo).")
+    retain_weight: FiniteFloat = Field(
+        0.0, ge=0, description="Weight of the NLL of the normal answers (npo: 0 is NPO, > 0 NPO + RT)."
+    )
     mismatch_pool: Literal["harmful", "normal"] | None = Field(
         None,
         description="Mismatched responses from the normal answers or from other harmful prompts (as "
@@ -62,6 +71,14 @@ class BaselineConfig(UnlearnConfig):
             raise ValueError(
                 f"{given} draws its random answers from normal data: pass --normal FILE "
                 "(or --mismatch-pool harmful to draw them from other harmful prompts)"
+            )
+        if self.method != "npo" and (self.retain_weight != 0 or self.npo_beta != 0.1):
+            raise ValueError(
+                f"npo_beta and retain_weight are NPO's settings; {self.method} does not use them"
+            )
+        if self.method == "npo" and self.retain_weight > 0 and self.normal is None:
+            raise ValueError(
+                "npo with retain_weight > 0 (NPO + RT) trains on normal answers: pass --normal FILE"
             )
         return self
 
@@ -101,6 +118,14 @@ def _kl(weight: float) -> Term:
     return Term("kl", "normal", kl_to_reference_loss, weight, uses_reference=True)
 
 
+def _npo(beta: float) -> Term:
+    return Term("npo", "harmful", lambda m, b, ref: npo_loss(m, b, ref, beta=beta), 1.0, uses_reference=True)
+
+
+def _retain(weight: float) -> Term:  # a zero weight drops the term (run_objective)
+    return Term("retain_nll", "normal", lambda m, b, _ref: sequence_nll(m, b), weight)
+
+
 BASELINES: dict[str, Baseline] = {
     row.name: row
     for row in [
@@ -126,6 +151,12 @@ BASELINES: dict[str, Baseline] = {
             lambda cfg, w: [Term("nll", "safe", lambda m, b, _ref: sequence_nll(m, b), 1.0)],
             1.0,
             "SFT on safe responses (arXiv 2402.10058 §5)",
+        ),
+        Baseline(
+            "npo",
+            lambda cfg, w: [_npo(cfg.npo_beta), _retain(cfg.retain_weight)],
+            1.0,
+            "NPO (arXiv 2404.05868); with retain_weight > 0, NPO + RT",
         ),
     ]
 }

@@ -63,6 +63,7 @@ __all__ = [
     "gradient_ascent_loss",
     "guided_distortion_loss",
     "kl_to_reference_loss",
+    "npo_loss",
     "output_head",
     "preservation_divergence_loss",
     "random_disassociation_loss",
@@ -329,3 +330,55 @@ def kl_to_reference_loss(
 ) -> torch.Tensor:
     """LLMU's normal-data term ``+KL(p_θo ‖ p_θ)``: minimised, it keeps the model close to the original."""
     return _kl_reference_to_model(model, batch, reference, chunk_tokens)
+
+
+def npo_loss(
+    model: Any,
+    batch: Batch,
+    reference: Reference | None = None,
+    *,
+    beta: float = 0.1,
+    chunk_tokens: int = CHUNK_TOKENS,
+) -> torch.Tensor:
+    """NPO (Zhang et al. 2024, arXiv 2404.05868) on forget answers:
+    ``L = −(2/β)·mean_rows log σ(−β·(log πθ(y|x) − log πref(y|x)))``.
+
+    ``log π(y|x)`` is the *summed* log-probability of a row's response tokens (the paper's
+    sequence likelihood; open-unlearning's ``compute_batch_nll`` sums too). At the reference
+    (``πθ = πref``) the loss is ``(2/β)·ln 2``; as β → 0 it tends to gradient ascent on the
+    summed NLL (``−2·log πθ`` plus a constant).
+
+    Args:
+        model: the model being trained; a PEFT model unless ``reference`` is given.
+        batch: forget (prompt, answer) rows, labels on the answer tokens.
+        reference: where ``πref`` comes from; default the same PEFT model with its adapter
+            disabled (:func:`adapter_disabled_reference`); for full training a frozen copy.
+        beta: the inverse temperature β > 0.
+        chunk_tokens: response tokens per head chunk.
+
+    Raises:
+        ConfigError: β ≤ 0.
+    """
+    if not beta > 0:
+        raise ConfigError(f"NPO's beta must be > 0, got {beta}")
+    reference = reference or adapter_disabled_reference(model)
+    ref_hidden, ref_head = reference(batch)  # (N, H), no grad
+    hidden, targets, rows = response_hidden(model, batch)  # (N, H), (N,), (N,)
+    head = output_head(model)
+    chunks = _chunks(len(targets), chunk_tokens)
+    token_nll = torch.cat(
+        [checkpoint(_chunk_nll, head, hidden[c], targets[c], use_reentrant=False) for c in chunks]
+        or [hidden.new_zeros(0)]
+    )  # (N,)
+    with torch.no_grad():
+        ref_nll = torch.cat(
+            [_chunk_nll(ref_head, ref_hidden[c], targets[c]) for c in chunks] or [hidden.new_zeros(0)]
+        )
+    n_rows = batch["labels"].shape[0]
+    present = torch.bincount(rows, minlength=n_rows) > 0  # (B,)
+    if not present.any():
+        raise ValueError("the batch holds no response tokens (labels are all -100)")
+    nll = token_nll.new_zeros(n_rows).index_add(0, rows, token_nll)  # (B,): −log πθ(y|x)
+    ref = ref_nll.new_zeros(n_rows).index_add(0, rows, ref_nll)  # (B,): −log πref(y|x)
+    log_ratio = (ref - nll)[present]  # log πθ − log πref, per row
+    return -(2.0 / beta) * F.logsigmoid(-beta * log_ratio).mean()

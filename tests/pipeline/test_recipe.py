@@ -142,7 +142,7 @@ def test_every_problem_at_once(project, tmp_path):
     problems = [p.split(": ", 1)[1] for p in _problems(write_recipe(tmp_path / "r.yaml", recipe))]
     assert problems == [
         "adapters.expert.method: unknown trainer 'sfft' (did you mean sft?); choose one of: sft, sku, ga, "
-        "ga_mismatch, llmu, finetune (or give `path: FOLDER`)",
+        "ga_mismatch, llmu, finetune, npo (or give `path: FOLDER`)",
         "adapters.anti_expert.out: set by `excise run` (the recipe's base, its run folder, resume)",
         "operations.ext_sub.inputs: operator ext_sub takes 2 inputs, got 3 (several anti-experts: op "
         "compose)",

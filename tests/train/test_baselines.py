@@ -35,10 +35,26 @@ def test_registry_weights_follow_the_documented_defaults(tmp_path):
     ]
     assert [t.weight for t in baseline_terms(baseline_config("m", tmp_path, "ga"))] == [1.0]
     assert [t.stream for t in baseline_terms(baseline_config("m", tmp_path, "finetune"))] == ["safe"]
-    assert set(BASELINES) == {"ga", "ga_mismatch", "llmu", "finetune"}
+    assert set(BASELINES) == {"ga", "ga_mismatch", "llmu", "finetune", "npo"}
+    npo = baseline_terms(baseline_config("m", tmp_path, "npo"))
+    assert [(t.name, t.stream, t.weight, t.uses_reference) for t in npo] == [
+        ("npo", "harmful", 1.0, True),
+        ("retain_nll", "normal", 0.0, False),  # weight 0: dropped by run_objective (plain NPO)
+    ]
+    rt = baseline_terms(baseline_config("m", tmp_path, "npo", retain_weight=1.0, npo_beta=0.5))
+    assert [(t.name, t.weight) for t in rt] == [("npo", 1.0), ("retain_nll", 1.0)]
 
 
-@pytest.mark.parametrize("method", ["ga", "ga_mismatch", "llmu", "finetune"])
+def test_npo_settings_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="NPO's settings; ga does not use them"):
+        baseline_config("m", tmp_path, "ga", retain_weight=1.0)
+    with pytest.raises(ValueError, match="greater than 0"):
+        baseline_config("m", tmp_path, "npo", npo_beta=0.0)
+    with pytest.raises(ValueError, match="pass --normal FILE"):
+        baseline_config("m", tmp_path, "npo", retain_weight=1.0, normal=None)
+
+
+@pytest.mark.parametrize("method", ["ga", "ga_mismatch", "llmu", "finetune", "npo"])
 def test_each_baseline_moves_its_objective_the_right_way(method, tiny_model_dir, tmp_path, chat_tokenizer):
     from peft import PeftModel
 
@@ -48,10 +64,16 @@ def test_each_baseline_moves_its_objective_the_right_way(method, tiny_model_dir,
     cfg = baseline_config(tiny_model_dir, tmp_path, method)
     run(cfg, progress=False)
     log = json.loads((cfg.out / "loss_log.json").read_text())
-    terms = baseline_terms(cfg)
+    terms = [t for t in baseline_terms(cfg) if t.weight != 0]  # a zero weight is dropped (npo's retain)
     assert all({t.name for t in terms} | {"loss"} <= set(r) for r in log)
     if method == "llmu":
         assert log[0]["kl"] == 0.0  # the reference is the adapter-disabled model: equal at B = 0
+    if method == "npo":  # at B = 0 the model is its reference: (2/β)·ln 2
+        assert log[0]["npo"] == pytest.approx(2 / 0.1 * np.log(2), rel=1e-6)
+        assert (
+            json.loads((cfg.out / "train_config.json").read_text())["config"]["reference"]
+            == "adapter-disabled"
+        )
     if method in ("ga", "ga_mismatch", "llmu"):
         assert all(r["nll"] > 0 for r in log)  # logged as the NLL it raises, not its negative
 
@@ -69,7 +91,7 @@ def test_each_baseline_moves_its_objective_the_right_way(method, tiny_model_dir,
     with model.disable_adapter():
         before = objective()
     assert after < before - 0.05
-    if method == "ga":  # ascent: the harmful NLL went up
+    if method in ("ga", "npo"):  # ascent: the harmful NLL went up
         with torch.no_grad():
             nll_after = float(sequence_nll(model, batch["harmful"]))
             with model.disable_adapter():

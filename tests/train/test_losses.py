@@ -12,6 +12,7 @@ from excise.train.losses import (
     gradient_ascent_loss,
     guided_distortion_loss,
     kl_to_reference_loss,
+    npo_loss,
     preservation_divergence_loss,
     random_disassociation_loss,
     response_logits,
@@ -277,3 +278,49 @@ def test_a_model_that_rescales_its_logits_is_refused(tiny_llama):
     tiny_llama.config.final_logit_softcapping = 30.0
     with pytest.raises(ConfigError, match="soft-capping"):
         sequence_nll(tiny_llama, _batch())
+
+
+# ----------------------------------------------------------------------------- NPO
+
+
+def _reference_npo(model, ref_model, beta: float) -> torch.Tensor:
+    """NPO written out from its paper (arXiv 2404.05868, eq. 3) row by row, from each row alone:
+    log π(y|x) summed over the response tokens, −(2/β)·mean log σ(−β·(log πθ − log πref))."""
+    per_row = []
+    for p, r in ROWS:
+        target = torch.tensor(r)
+        log_p = -F.cross_entropy(_row_logits(model, p, r), target, reduction="sum")
+        with torch.no_grad():
+            log_ref = -F.cross_entropy(_row_logits(ref_model, p, r), target, reduction="sum")
+        per_row.append(torch.log(torch.sigmoid(-beta * (log_p - log_ref))))
+    return -(2 / beta) * torch.stack(per_row).mean()
+
+
+@pytest.mark.parametrize(("beta", "chunk"), [(0.1, 512), (1.0, 2), (0.01, 1)])
+def test_npo_equals_the_papers_formula_in_value_and_gradient(lora_model, beta, chunk):
+    import copy
+
+    _perturb_lora(lora_model)
+    with torch.no_grad(), lora_model.disable_adapter():
+        frozen = copy.deepcopy(lora_model.get_base_model()).requires_grad_(False)
+    batch = _batch("left")
+    expected = _reference_npo(lora_model, frozen, beta)
+    expected_grads = _grads(lora_model, expected)
+    got = npo_loss(lora_model, batch, beta=beta, chunk_tokens=chunk)  # reference: adapter disabled
+    got_grads = _grads(lora_model, got)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert got_grads.keys() == expected_grads.keys() and got_grads
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, atol=1e-5, rtol=1e-4)
+
+
+def test_npo_at_the_reference_is_2_ln2_over_beta_and_a_frozen_copy_is_the_same(tiny_llama):
+    import copy
+    import math
+
+    batch = _batch("right")
+    ref_model = copy.deepcopy(tiny_llama).requires_grad_(False)
+    value = npo_loss(tiny_llama, batch, frozen_model_reference(ref_model), beta=0.5)
+    assert float(value.detach()) == pytest.approx(2 / 0.5 * math.log(2), rel=1e-6)
+    with pytest.raises(Exception, match="beta must be > 0"):
+        npo_loss(tiny_llama, batch, frozen_model_reference(ref_model), beta=0.0)
