@@ -8,8 +8,9 @@ figure taken from it. The docs' run, and its short version:
     .venv/bin/python benchmarks/bench_times.py --threads 2 --sections train,eval,perplexity,demo
     .venv/bin/python benchmarks/bench_times.py --threads 2 --sections train,eval,perplexity,demo --quick
 
-(``--list`` prints the commands and which are done; ``--sections recipes`` reads the committed
-runs and runs nothing.)
+(``--list`` prints the commands and which are done; ``--match TEXT`` keeps the measurements whose
+label contains TEXT, e.g. with ``--redo`` to repeat one; ``--sections recipes`` reads the
+committed runs and runs nothing.)
 
 Each measurement runs the real CLI in a subprocess, ``/usr/bin/time -f '%e %M' python -m excise
 ...``, with ``--threads N`` and ``OMP_NUM_THREADS=N``, ``HF_HUB_OFFLINE=1``, no GPU
@@ -478,6 +479,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=MODEL, help="model spec (a tiny folder to test the plumbing)")
     parser.add_argument("--data-root", type=Path, default=None, help="data folder (default ../shared/data)")
     parser.add_argument("--list", action="store_true", help="print the commands and whether each is done")
+    parser.add_argument("--match", help="only the measurements whose label contains this text")
     parser.add_argument(
         "--runs", type=Path, nargs="*", help="run folders for `recipes` (default docs/results/*)"
     )
@@ -500,7 +502,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"model {bench.model}, data {show(bench.data)}, results {show(bench.json_path)}")
     if "recipes" in sections:
         print_recipes(args.runs or sorted(p for p in (REPO / "docs" / "results").iterdir() if p.is_dir()))
-    todo = plan(bench, sections, args.quick)
+    todo = [m for m in plan(bench, sections, args.quick) if args.match is None or args.match in m.label]
     if args.list:
         done = {e["command"] for e in bench.entries if e["exit_code"] == 0}
         for m in todo:

@@ -11,7 +11,7 @@ TRL: ``gradient_checkpointing=True``); our losses always run the head in chunks.
 Against TRL (``pip install -e .[bench]``), same rows, batch and steps:
 
 - ``ours``: ``excise train sft`` (:func:`excise.train.sft.run`, the real loop) on Alpaca-GPT4
-  demo rows that fill ``--max-length`` exactly (chat template, the response cut to fit), so
+  demo rows that fill ``--max-length`` exactly (``--template``, default chat; the response cut to fit), so
   every micro-batch is ``batch × max_length`` real tokens with no padding, whatever the order;
 - ``trl``: ``trl.SFTTrainer`` (``SFTConfig``: no packing, completion-only loss) on the very
   same token ids, given pre-tokenized (``input_ids`` + ``completion_mask``) with its own
@@ -142,7 +142,7 @@ def _full_length_rows(args: argparse.Namespace) -> tuple[Any, list[Any]]:
     rows = []
     for example in load_instructions(args.normal):
         try:
-            encoded = encode(tokenizer, example, "chat", max_length=args.max_length)
+            encoded = encode(tokenizer, example, args.template, max_length=args.max_length)
         except DataError:
             continue
         if len(encoded) == args.max_length:
@@ -188,7 +188,7 @@ def _ours(args: argparse.Namespace, checkpointing: bool) -> dict:
         cfg = sft.SftConfig(
             base=args.model, data=str(data), out=Path(tmp) / "out", split="all", steps=args.steps,
             batch_size=args.batch_size, max_length=args.max_length, lr=1e-4, lora_dropout=0.0,
-            schedule="constant", gradient_checkpointing=checkpointing,
+            schedule="constant", gradient_checkpointing=checkpointing, template=args.template,
         )  # fmt: skip
         report = sft.run(cfg, progress=False)
     return {
@@ -385,6 +385,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument(
+        "--template", default="chat", help="prompt template of the SFT rows (a base model: question-answer)"
+    )
+    parser.add_argument(
         "--harmful", default=str(SHARED / "pku_saferlhf/pku_saferlhf_test_safe_unsafe_pairs.json")
     )
     parser.add_argument("--normal", default=str(SHARED / "alpaca_gpt4/alpaca_en_demo.json"))
@@ -415,7 +418,18 @@ def main() -> None:
             f"--{k.replace('_', '-')}={v}"
             for k, v in vars(args).items()
             if k
-            in ("model", "harmful", "normal", "rows", "batch_size", "k", "max_length", "steps", "threads")
+            in (
+                "model",
+                "template",
+                "harmful",
+                "normal",
+                "rows",
+                "batch_size",
+                "k",
+                "max_length",
+                "steps",
+                "threads",
+            )
         ]
         out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
         if out.returncode != 0:

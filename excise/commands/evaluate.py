@@ -143,6 +143,22 @@ _SCORING = [
         True,
     ),
 ]
+
+
+def _template(default: str) -> inspect.Parameter:
+    return _opt(
+        "template",
+        Annotated[
+            str | None,
+            typer.Option(
+                help="Template prompts are rendered in, as training renders them: chat, alpaca, tulu, "
+                f"question-answer, plain (default: {default}); give the one the adapter was trained in."
+            ),
+        ],
+        None,
+    )
+
+
 _GENERATION = [
     _opt("max_new_tokens", Annotated[int, typer.Option(help="Generation length limit.")], 128),
     _opt(
@@ -152,6 +168,7 @@ _GENERATION = [
         ],
         None,
     ),
+    _template("the metric's own: chat, or raw with --no-chat"),
     _opt(
         "system", Annotated[str | None, typer.Option(help="System prompt for chat-templated prompts.")], None
     ),
@@ -169,17 +186,7 @@ _LIKELIHOOD = [
         ],
         None,
     ),
-    _opt(
-        "template",
-        Annotated[
-            str | None,
-            typer.Option(
-                help="Template the answers are scored in: chat, alpaca, tulu, question-answer, plain "
-                "(default: chat, plain with --no-chat); give the one the adapter was trained with."
-            ),
-        ],
-        None,
-    ),
+    _template("chat, plain with --no-chat"),
     _opt("system", Annotated[str | None, typer.Option(help="System prompt (as at training).")], None),
     _opt(
         "reference",
@@ -256,6 +263,9 @@ _EXTRA: dict[str, list[inspect.Parameter]] = {
             ],
             None,
         ),
+        _template(
+            "lm-eval's raw 6-shot primer; any other scores each choice as the answer to the bare question"
+        ),
         _opt(
             "system",
             Annotated[
@@ -279,13 +289,14 @@ _EXTRA: dict[str, list[inspect.Parameter]] = {
             ],
             None,
         ),
+        _template("chat, raw with --no-chat"),
         _opt("system", Annotated[str | None, typer.Option(help="Replace HaluEval's system prompt.")], None),
         *_PAIR_CONTROLS,
         *_SCORING,
     ],
     "toxicity": _GENERATION + _judge("toxicity-probe"),
     "repetition": _GENERATION,
-    "harmful-rate": _GENERATION + _judge("harm-cross"),
+    "harmful-rate": _GENERATION + _judge("harm-lm"),
     "utility": [
         *_GENERATION,
         _opt(

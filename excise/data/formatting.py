@@ -52,10 +52,12 @@ __all__ = [
     "Encoded",
     "Template",
     "collate",
+    "cut_at_next_turn",
     "encode",
     "encode_examples",
     "encode_prompt",
     "get_template",
+    "leading_special_ids",
     "pad_id_of",
 ]
 
@@ -94,12 +96,18 @@ class Encoded:
 
 @dataclass(frozen=True)
 class Template:
-    """A named prompt format: ``render(tokenizer, example, system) -> (prompt text, response text)``."""
+    """A named prompt format: ``render(tokenizer, example, system) -> (prompt text, response text)``.
+
+    ``next_turn``: the markers that open the next turn in this format; a generated answer is cut
+    at the first (:func:`cut_at_next_turn`), since a model that has not learnt to end its answer
+    with EOS (a base model) goes on writing the next exchange.
+    """
 
     name: str
     render: Callable[[PreTrainedTokenizerBase, Example, str | None], tuple[str, str]]
     uses_chat_template: bool
     description: str
+    next_turn: tuple[str, ...] = ()
 
 
 def _user_text(example: Example, joiner: str = "\n\n") -> str:
@@ -162,14 +170,40 @@ TEMPLATES: dict[str, Template] = {
     t.name: t
     for t in [
         Template("chat", _render_chat, True, "the tokenizer's chat template"),
-        Template("alpaca", _render_alpaca, False, "Stanford Alpaca's ### Instruction / ### Response prompt"),
-        Template("tulu", _render_tulu, False, "<|user|> / <|assistant|> (Ext-Sub's training script)"),
         Template(
-            "question-answer", _render_question_answer, False, "### Question: / ### Answer: (SKU's reference)"
+            "alpaca",
+            _render_alpaca,
+            False,
+            "Stanford Alpaca's ### Instruction / ### Response prompt",
+            ("### Instruction:", "### Input:", "### Response:"),
+        ),
+        Template(
+            "tulu",
+            _render_tulu,
+            False,
+            "<|user|> / <|assistant|> (Ext-Sub's training script)",
+            ("<|user|>", "<|assistant|>", "<|system|>"),
+        ),
+        Template(
+            "question-answer",
+            _render_question_answer,
+            False,
+            "### Question: / ### Answer: (SKU's reference)",
+            ("### Question:", "### Answer:"),
         ),
         Template("plain", _render_plain, False, "prompt and response as they are (plain text)"),
     ]
 }
+
+
+def cut_at_next_turn(text: str, template: str | None) -> str:
+    """``text`` up to the first marker of the next turn in ``template`` (unchanged for ``chat``,
+    ``plain``, raw text, or when no marker occurs)."""
+    if template is None:
+        return text
+    for marker in get_template(template).next_turn:
+        text = text.split(marker, 1)[0]
+    return text
 
 
 def get_template(name: str) -> Template:
@@ -187,7 +221,7 @@ def encode_prompt(
     tpl = get_template(template)
     prompt_text, _ = tpl.render(tokenizer, example, system)
     ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    return ids if tpl.uses_chat_template else _leading_specials(tokenizer) + ids
+    return ids if tpl.uses_chat_template else leading_special_ids(tokenizer) + ids
 
 
 def encode(
@@ -324,8 +358,9 @@ def collate(
     }
 
 
-def _leading_specials(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The special ids the tokenizer puts before a text (BOS for Llama and OPT, often none)."""
+def leading_special_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The special ids the tokenizer puts before a text (BOS for Llama, OPT and Gemma; none for
+    GPT-2- and SmolLM2-style tokenizers): what a raw prompt starts with, as at training."""
     with_specials = tokenizer("a", add_special_tokens=True)["input_ids"]
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     for start in range(len(with_specials) - len(plain) + 1):

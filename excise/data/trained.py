@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ __all__ = [
     "file_sha256",
     "recorded_training_data",
     "trained_prompt_keys",
+    "trained_templates",
     "training_data_record",
 ]
 
@@ -65,6 +66,7 @@ def training_data_record(
     max_examples: int | None = None,
     rows: list[int] | None = None,
     pairs: Mapping[str, Any] | None = None,
+    template: str | None = None,
 ) -> dict[str, Any]:
     """The record of one training data file (see the module docstring).
 
@@ -79,6 +81,8 @@ def training_data_record(
             rows of the file it trained on; ``split`` is then ``all`` and applies first.
         pairs: paired data's pair controls (``max_word_ratio``, ``strip_final_period`` of
             :func:`~excise.data.examples.load_paired_qa`), applied before the split.
+        template: the prompt template the examples were rendered in (``excise eval`` warns
+            when it scores a module in another; :func:`trained_templates`).
     """
     path = Path(spec).expanduser()
     local = path.is_file()
@@ -94,7 +98,20 @@ def training_data_record(
         "max_examples": max_examples,
         **({"rows": sorted(rows)} if rows is not None else {}),
         **({"pairs": dict(pairs)} if pairs else {}),
+        **({"template": template} if template else {}),
     }
+
+
+def trained_templates(folders: Sequence[str | Path]) -> list[str]:
+    """The prompt templates the modules in ``folders`` were trained in (their records, through
+    operations too), each once, in order; empty when no record names one (older excise)."""
+    found: list[str] = []
+    for folder in folders:
+        for record in recorded_training_data(folder):
+            template = record.get("template")
+            if isinstance(template, str) and template not in found:
+                found.append(template)
+    return found
 
 
 def trained_prompt_keys(record: Mapping[str, Any]) -> set[str]:

@@ -8,6 +8,7 @@ record everything that made the number, store it in the cache.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -31,7 +32,9 @@ from excise.models import load_tokenizer
 __all__ = [
     "JUDGED",
     "NEEDS_BASE",
+    "NO_TEMPLATE",
     "check_result_path",
+    "check_settings",
     "item_key",
     "judge_saved",
     "load_items",
@@ -40,9 +43,13 @@ __all__ = [
     "resolve_split",
     "run_eval",
     "run_many",
+    "scored_template",
     "subsample_items",
+    "template_mismatch",
     "write_result",
 ]
+
+_log = logging.getLogger(__name__)
 
 # Metrics that compare against the base model's own answers: the adapter must stay switchable.
 # The likelihood metrics take their differences against it (the reference by default).
@@ -94,8 +101,8 @@ def run_eval(
             data cannot be checked) without ``allow_overlap``.
     """
     metric = _metric(name)
-    if metric.check is not None and subject is None:  # a given subject is the caller's to vouch for
-        metric.check(cfg)
+    if subject is None:  # a given subject is the caller's to vouch for
+        check_settings(metric, cfg)
     spec = cfg.data or metric.default_data
     modules = [Path(m) for m in modules or []]
     items, data_summary = _load_items(metric, cfg, spec, modules)
@@ -104,6 +111,9 @@ def run_eval(
     checks, overlap_warnings = check_overlap(
         items, metric.prompt_field, folders, data=spec, allow=cfg.allow_overlap
     )
+    if (mismatch := template_mismatch(metric, cfg, folders)) is not None and is_main():
+        _log.warning("%s", mismatch)
+        overlap_warnings = [*overlap_warnings, mismatch]
     overlap = _overlap_fields(metric, cfg, modules, checks, overlap_warnings)
     judge_spec = (cfg.judge or metric.default_judge) if _uses_judge(metric, cfg) else None
     payload = _payload(metric, cfg, spec, data_summary["split"], judge_spec if judge is None else judge)
@@ -170,6 +180,61 @@ def run_eval(
     if use_cache and is_main():
         write_cached(key, record)
     return record | overlap | {"from_cache": False}
+
+
+# Metrics whose prompts have no template: raw text (perplexity).
+NO_TEMPLATE = frozenset({"perplexity"})
+# Metrics whose default is a raw format of their own, not the chat template.
+RAW_DEFAULT = {"truthfulqa-mc": "lm-eval's raw 6-shot primer", "truthfulqa-gen": "the raw QA primer"}
+
+
+def check_settings(metric: Metric, cfg: EvalConfig) -> None:
+    """Refuse settings a metric cannot honour, before anything loads: an unknown ``--template``, a
+    template for a metric that reads raw text, and the metric's own checks.
+
+    Raises:
+        ConfigError: as above.
+    """
+    from excise.data.formatting import TEMPLATES
+
+    if cfg.template is not None:
+        if metric.name in NO_TEMPLATE:
+            raise ConfigError(f"{metric.name} scores raw text; --template does not apply to it")
+        if cfg.template not in TEMPLATES:
+            raise ConfigError(
+                f"--template {cfg.template!r} is not a template; choose one of: {', '.join(TEMPLATES)}"
+            )
+    if metric.check is not None:
+        metric.check(cfg)
+
+
+def scored_template(metric: Metric, cfg: EvalConfig) -> str:
+    """What a run renders its prompts in: the template's name, or the raw format's description."""
+    if metric.name in NO_TEMPLATE:
+        return "raw text"
+    if cfg.template:
+        return cfg.template
+    if metric.name in RAW_DEFAULT:
+        return "chat" if cfg.chat else RAW_DEFAULT[metric.name]
+    return "raw text" if cfg.chat is False else "chat"
+
+
+def template_mismatch(metric: Metric, cfg: EvalConfig, folders: Sequence[Path]) -> str | None:
+    """A warning when the modules scored were trained in a template other than the one this run
+    renders its prompts in (both named); None when they match or no record names a template."""
+    from excise.data.trained import trained_templates
+
+    if metric.name in NO_TEMPLATE or (metric.name in RAW_DEFAULT and not cfg.template and not cfg.chat):
+        return None  # raw text, or the benchmark's own primer (the papers' protocol, chosen on purpose)
+    trained = trained_templates(folders)
+    scored = scored_template(metric, cfg)
+    if not trained or scored in trained:
+        return None
+    hint = "" if len(trained) > 1 else f"; pass --template {trained[0]} to score in it"
+    return (
+        f"{metric.name}: the model was trained in template {' / '.join(map(repr, trained))} but is scored in "
+        f"{scored!r}{hint}"
+    )
 
 
 def _overlap_fields(
@@ -377,8 +442,7 @@ def plan(name: str, cfg: EvalConfig, *, use_cache: bool = True) -> str:
     from excise.evaluate.report import data_line
 
     metric = _metric(name)
-    if metric.check is not None:
-        metric.check(cfg)
+    check_settings(metric, cfg)
     spec = cfg.data or metric.default_data
     items, summary = _load_items(metric, cfg, spec)
     if not cfg.allow_overlap:  # an overlap is refused before the plan (allowed ones warn in run_eval)

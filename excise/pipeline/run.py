@@ -221,9 +221,11 @@ def plan(recipe: Recipe, *, force: bool = False) -> list[Stage]:
 
     for name, evaluation in recipe.evaluations.items():
         split = _evaluation_split(recipe, evaluation)  # one split for every model: the same items
+        template = _evaluation_template(recipe, evaluation)  # one template too: the trained one
         for model in evaluation.models:
             adapter = recipe.adapter_of(model)
             update: dict[str, Any] = {"adapter": adapter} | ({"split": split} if split else {})
+            update |= {"template": template} if template else {}
             full = recipe.is_full(model)
             if full:  # a full fine-tune (or an operation on them) is a model folder, not an adapter
                 update |= {"model": str(adapter), "adapter": None}
@@ -275,9 +277,40 @@ def _evaluation_split(recipe: Recipe, evaluation: Any) -> str | None:
     spec = cfg.data or metric.default_data
     if cfg.split or metric.default_split != "eval" or spec == metric.default_data:
         return None
-    folders: list[Path] = []
+    folders, configs = _sources(recipe, evaluation.models)
     trained: list[str] = []
-    todo, seen = list(evaluation.models), set()
+    for trainer, config in configs:  # not trained yet: the data its config names
+        keys = TRAINERS[trainer].data_keys
+        trained += [str(v) for k in keys if isinstance(v := getattr(config, k, None), str)]
+    return resolve_split(metric, cfg, spec, folders, trained=trained)
+
+
+def _evaluation_template(recipe: Recipe, evaluation: Any) -> str | None:
+    """The template every model of ``evaluation`` is scored in when it names none (no ``template``,
+    no ``chat``): the one all the modules they are built from were trained in (their configs, or
+    an existing folder's records), where that is not the metric's default ``chat``. None for a
+    metric reading raw text (perplexity) or with a raw format of its own (TruthfulQA's primers,
+    the papers' setting), and when the modules differ (each run then warns)."""
+    from excise.data.trained import trained_templates
+    from excise.evaluate.runner import NO_TEMPLATE, RAW_DEFAULT
+
+    cfg = evaluation.config
+    if cfg.template or cfg.chat is not None or evaluation.metric in NO_TEMPLATE | set(RAW_DEFAULT):
+        return None
+    folders, configs = _sources(recipe, evaluation.models)
+    found = set(trained_templates(folders))
+    for _trainer, config in configs:
+        template = getattr(config, "resolved_template", None) or getattr(config, "template", None)
+        found |= {template} if isinstance(template, str) else set()
+    return found.pop() if len(found) == 1 and found != {"chat"} else None
+
+
+def _sources(recipe: Recipe, models: Any) -> tuple[list[Path], list[tuple[str, Any]]]:
+    """What ``models`` are built from, through operations: the existing adapter folders, and
+    ``(trainer, config)`` of the adapters the recipe trains."""
+    folders: list[Path] = []
+    configs: list[tuple[str, Any]] = []
+    todo, seen = list(models), set()
     while todo:
         model = todo.pop()
         if model in seen:
@@ -289,10 +322,9 @@ def _evaluation_split(recipe: Recipe, evaluation: Any) -> str | None:
             adapter = recipe.adapters[model]
             if adapter.config is None:  # an existing folder: its records
                 folders.append(Path(str(adapter.path)))
-            else:  # not trained yet: the data its config names
-                keys = TRAINERS[str(adapter.trainer)].data_keys
-                trained += [str(v) for k in keys if isinstance(v := getattr(adapter.config, k, None), str)]
-    return resolve_split(metric, cfg, spec, folders, trained=trained)
+            else:
+                configs.append((str(adapter.trainer), adapter.config))
+    return folders, configs
 
 
 def _train_stage(recipe: Recipe, name: str) -> Stage:

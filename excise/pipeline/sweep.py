@@ -756,9 +756,20 @@ def set_delta_scale(model: Any, lam: float) -> int:
 
 
 def _eval_config(cfg: SweepConfig, axis: SweepMetric) -> Any:
+    """The axis's evaluation settings; with no ``template`` (nor ``chat``) of its own, the one the
+    swept modules were all trained in where it is not the metric's default ``chat`` (as
+    ``excise run`` does for evaluations), so every λ is scored in the trained format."""
+    from excise.data.trained import trained_templates
     from excise.evaluate.config import EvalConfig
+    from excise.evaluate.runner import NO_TEMPLATE, RAW_DEFAULT
 
-    return EvalConfig(model=cfg.model, dtype=cfg.dtype, device=cfg.device, **axis.settings)
+    settings = dict(axis.settings)
+    own_format = settings.get("template") is not None or settings.get("chat") is not None
+    if not own_format and axis.metric not in NO_TEMPLATE | set(RAW_DEFAULT):
+        trained = trained_templates([Path(p) for p in cfg.inputs])
+        if len(trained) == 1 and trained[0] != "chat":
+            settings["template"] = trained[0]
+    return EvalConfig(model=cfg.model, dtype=cfg.dtype, device=cfg.device, **settings)
 
 
 def lam_folder(lam: float) -> str:

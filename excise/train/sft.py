@@ -231,6 +231,7 @@ def _data_side(cfg: SftConfig) -> dict[str, Any]:
     return {
         "format": cfg.format, "fields": cfg.fields, "split": cfg.split, "limit": cfg.limit,
         "max_examples": cfg.max_examples, "pairs": cfg.pair_options or None,
+        "template": cfg.resolved_template,
     }  # fmt: skip
 
 

@@ -315,7 +315,12 @@ def prepare_data(
 
 def _training_data(cfg: UnlearnConfig, *, normal: bool) -> list[dict[str, Any]]:
     """The records of the files trained on (excise.data.trained): what `excise eval` checks against."""
-    side = {"split": cfg.split, "limit": cfg.limit, "max_examples": cfg.max_examples}
+    side = {
+        "split": cfg.split,
+        "limit": cfg.limit,
+        "max_examples": cfg.max_examples,
+        "template": cfg.template,
+    }
     records = [training_data_record(cfg.harmful, format="harmful", fields=cfg.harmful_fields, **side)]
     if normal and cfg.normal not in (None, SAFE_AS_NORMAL):
         normal_fields = cfg.normal_fields

@@ -191,7 +191,7 @@ def test_default_is_the_raw_primer_unchanged(chat, monkeypatch):
 
 
 def test_chat_without_a_chat_template_is_a_config_error(monkeypatch):
-    with pytest.raises(ConfigError, match="no chat template; pass --no-chat") as info:
+    with pytest.raises(ConfigError, match=r"no chat template .*--template alpaca.*--no-chat") as info:
         _requests(monkeypatch, llama_style(), chat=True)
     assert "\n" not in str(info.value)
 

@@ -766,38 +766,17 @@ def test_generation_metrics_on_the_chat_gemma(chat_dir, adapters, tmp_path, metr
         assert record["metrics"]["diversity"] == pytest.approx(np.mean(divs))
 
 
-RAW_BOS_MISSING = (
-    "excise/evaluate/metrics/base.py prompt_ids() encodes a prompt with add_special_tokens=False when "
-    "not chat-templated, and truthfulqa_gen.py does the same for its raw QA primer, so under --no-chat "
-    "(the only choice for a base Gemma, which has no chat template) the model sees no <bos>: Gemma is "
-    "trained with <bos> in front of every text, and the likelihood metrics (perplexity, truthfulqa-mc, "
-    "halueval's judgement, the training templates) do put it there"
-)
-
-
 @pytest.mark.parametrize(
     ("metric", "settings"),
     [
         ("truthfulqa-mc", {}),
         ("halueval", {"chat": False}),
         ("answer-nll", {"chat": False}),
-        pytest.param(
-            "halueval",
-            {"chat": False, "protocol": "loss"},
-            marks=pytest.mark.xfail(strict=True, reason=RAW_BOS_MISSING),
-        ),
-        pytest.param(
-            "repetition", {"chat": False}, marks=pytest.mark.xfail(strict=True, reason=RAW_BOS_MISSING)
-        ),
-        pytest.param(
-            "harmful-rate",
-            {"chat": False, "judge": "refusal"},
-            marks=pytest.mark.xfail(strict=True, reason=RAW_BOS_MISSING),
-        ),
-        pytest.param(
-            "utility", {"chat": False}, marks=pytest.mark.xfail(strict=True, reason=RAW_BOS_MISSING)
-        ),
-        pytest.param("truthfulqa-gen", {}, marks=pytest.mark.xfail(strict=True, reason=RAW_BOS_MISSING)),
+        ("halueval", {"chat": False, "protocol": "loss"}),
+        ("repetition", {"chat": False}),
+        ("harmful-rate", {"chat": False, "judge": "refusal"}),
+        ("utility", {"chat": False}),
+        ("truthfulqa-gen", {}),
     ],
 )
 def test_raw_prompts_of_the_base_gemma_start_with_bos(

@@ -55,7 +55,15 @@ class EvalContext:
 
     @property
     def chat(self) -> bool:
+        """Prompts go through the chat template: ``--template chat``, or no template and not ``--no-chat``."""
+        if self.cfg.template:
+            return self.cfg.template == "chat"
         return True if self.cfg.chat is None else self.cfg.chat
+
+    @property
+    def template(self) -> str | None:
+        """The template prompts are rendered in: ``--template``, else ``chat`` (None: raw, ``--no-chat``)."""
+        return self.cfg.template or ("chat" if self.chat else None)
 
 
 @dataclass
@@ -118,18 +126,38 @@ class Metric:
 
 
 def prompt_ids(ctx: EvalContext, text: str, *, system: str | None = None) -> list[int]:
-    """Token ids of one prompt: through the chat template (system prompt ``system``, else
-    ``--system``) or as raw text."""
+    """Token ids of one prompt: in ``ctx.template`` (system prompt ``system``, else ``--system``)
+    exactly as a trainer renders it before the answer, or as raw text."""
     tokenizer = ctx.subject.tokenizer
-    if not ctx.chat:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    template = ctx.template
+    if template is None:  # raw text, after the tokenizer's leading specials (Gemma's BOS) as in training
+        from excise.data.formatting import leading_special_ids
+
+        return leading_special_ids(tokenizer) + tokenizer(text, add_special_tokens=False)["input_ids"]
+    if template == "chat":
+        require_chat_template(tokenizer, ctx.cfg.model)
+        from excise.models.generation import chat_prompt_ids
+
+        return chat_prompt_ids(tokenizer, text, system=system or ctx.cfg.system)
+    from excise.data.examples import Example
+    from excise.data.formatting import encode_prompt
+
+    return encode_prompt(
+        tokenizer, Example(prompt=text, response=""), template, system=system or ctx.cfg.system
+    )
+
+
+def require_chat_template(tokenizer: Any, model: str) -> None:
+    """Refuse the ``chat`` template for a tokenizer without one (a base model), naming the others.
+
+    Raises:
+        ConfigError: the tokenizer has no chat template.
+    """
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(
-            f"tokenizer of {ctx.cfg.model!r} has no chat template; pass --no-chat to use raw prompts"
+            f"tokenizer of {model!r} has no chat template (a base model?); pass --template alpaca, tulu, "
+            "question-answer or plain (the one the adapter was trained in), or --no-chat for raw prompts"
         )
-    from excise.models.generation import chat_prompt_ids
-
-    return chat_prompt_ids(tokenizer, text, system=system or ctx.cfg.system)
 
 
 def generate_answers(
@@ -190,9 +218,12 @@ def _generation_payload(
 
 def answer_field(ctx: EvalContext, field: str, *, desc: str) -> tuple[list[str], list[str]]:
     """``(texts, answers)``: each item's ``field`` as text, and the subject's answer to it as a
-    prompt (:func:`prompt_ids`)."""
+    prompt (:func:`prompt_ids`), cut where a non-chat template's next turn would begin."""
+    from excise.data.formatting import cut_at_next_turn
+
     texts = [str(it[field]) for it in ctx.items]
-    return texts, generate_answers(ctx, [prompt_ids(ctx, text) for text in texts], desc=desc)
+    answers = generate_answers(ctx, [prompt_ids(ctx, text) for text in texts], desc=desc)
+    return texts, [cut_at_next_turn(a, ctx.template) for a in answers]
 
 
 def subject_logliks(

@@ -26,6 +26,7 @@ from excise.evaluate.metrics.base import (
     prompt_ids,
     subject_logliks,
 )
+from excise.evaluate.metrics.likelihood import encode_answer
 from excise.evaluate.scoring import encode_pair
 from excise.evaluate.stats import mean_stderr
 
@@ -76,11 +77,20 @@ def judge_prompt(question: str, answer: str) -> str:
 
 def _judge_requests(ctx: EvalContext, question: str, answer: str) -> list[tuple[list[int], list[int]]]:
     tokenizer = ctx.subject.tokenizer
+    if ctx.template not in (None, "chat"):  # the judgement as a trainer renders an answer (no end token)
+        return [
+            encode_answer(tokenizer, ctx.cfg, judge_prompt(question, answer).rstrip(), w, end=False)
+            for w in ("Yes", "No")
+        ]
     if ctx.chat:
         context = prompt_ids(ctx, judge_prompt(question, answer), system=ctx.cfg.system or SYSTEM)
         return [(context, tokenizer.encode(word, add_special_tokens=False)) for word in ("Yes", "No")]
     text = judge_prompt(question, answer).rstrip()
     return [encode_pair(tokenizer, text, " " + word) for word in ("Yes", "No")]
+
+
+def _answers(item: dict) -> tuple[str, str]:
+    return str(item["right_answer"]), str(item["hallucinated_answer"])
 
 
 def run(ctx: EvalContext) -> MetricResult:
@@ -132,8 +142,11 @@ def _run_loss(ctx: EvalContext) -> MetricResult:
     eos = [end] if end is not None else []
     requests = []
     for it in ctx.items:
+        if ctx.template not in (None, "chat"):  # each answer as the trainer encodes it, end token included
+            requests += [encode_answer(tokenizer, ctx.cfg, str(it["question"]), str(a)) for a in _answers(it)]
+            continue
         context = prompt_ids(ctx, str(it["question"]))
-        for answer in (it["right_answer"], it["hallucinated_answer"]):
+        for answer in _answers(it):
             requests.append((context, tokenizer.encode(str(answer), add_special_tokens=False) + eos))
     scores = subject_logliks(ctx, requests, desc="halueval")
     items = []

@@ -56,7 +56,9 @@ def cut_answer(text: str) -> str:
 
 
 def run(ctx: EvalContext) -> MetricResult:
-    chat = bool(ctx.cfg.chat)  # default: the QA format, raw
+    from excise.data.formatting import leading_special_ids
+
+    chat = bool(ctx.cfg.chat) or ctx.cfg.template is not None  # default: the QA format, raw
     questions = [str(it["question"]).strip() for it in ctx.items]
     refs = []
     for k, it in enumerate(ctx.items):
@@ -72,7 +74,8 @@ def run(ctx: EvalContext) -> MetricResult:
     else:
         tokenizer = ctx.subject.tokenizer
         prompts = [
-            tokenizer(QA_PREAMBLE + "\n\nQ: " + q + "\nA:", add_special_tokens=False)["input_ids"]
+            leading_special_ids(tokenizer)
+            + tokenizer(QA_PREAMBLE + "\n\nQ: " + q + "\nA:", add_special_tokens=False)["input_ids"]
             for q in questions
         ]
     raw = generate_answers(ctx, prompts, desc="truthfulqa-gen")

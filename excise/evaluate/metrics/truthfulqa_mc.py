@@ -34,7 +34,14 @@ import numpy as np
 
 from excise.errors import ConfigError, DataError
 from excise.evaluate.config import EvalConfig
-from excise.evaluate.metrics.base import SHARED_DATA, EvalContext, Metric, MetricResult, subject_logliks
+from excise.evaluate.metrics.base import (
+    SHARED_DATA,
+    EvalContext,
+    Metric,
+    MetricResult,
+    require_chat_template,
+    subject_logliks,
+)
 from excise.evaluate.scoring import encode_pair
 
 __all__ = [
@@ -128,12 +135,34 @@ def mc2_score(logliks: Sequence[float], labels: Sequence[int]) -> float:
     return float(probs[np.array(labels) == 1].sum())
 
 
+def _scored(
+    question: str, choices: list[str], first: int, mc1: tuple, mc2: tuple, scores: Sequence[Any]
+) -> dict:
+    """One question's MC1 and MC2 from the log-likelihoods of its choices (``scores[first:]``)."""
+    (c1, l1), (c2, l2) = mc1, mc2
+    ll = {c: scores[first + i].logprob for i, c in enumerate(choices)}
+    ll1, ll2 = [ll[c] for c in c1], [ll[c] for c in c2]
+    return {
+        "question": question,
+        "mc1": mc1_score(ll1, l1),
+        "mc2": mc2_score(ll2, l2),
+        "mc1_logliks": ll1,
+        "mc2_logliks": ll2,
+        "mc1_labels": l1,
+        "mc2_labels": l2,
+    }
+
+
 def run(ctx: EvalContext) -> MetricResult:
     tokenizer = ctx.subject.tokenizer
-    chat = ctx.cfg.chat is True  # not ctx.chat: the raw primer is this metric's default
+    template = ctx.cfg.template
+    # Not ctx.chat: the raw primer is this metric's default; --template chat is --chat.
+    chat = ctx.cfg.chat is True or template == "chat"
     system = ctx.cfg.system or None
-    if chat and not getattr(tokenizer, "chat_template", None):
-        raise ConfigError(f"tokenizer of {ctx.cfg.model!r} has no chat template; pass --no-chat (raw primer)")
+    if chat:
+        require_chat_template(tokenizer, ctx.cfg.model)
+    if template not in (None, "chat"):
+        return _run_in_template(ctx, template)
     # lm-eval's target delimiter: " " on the raw primer, none after a chat template's generation prompt.
     delimiter = "" if chat else " "
     questions = []
@@ -148,29 +177,45 @@ def run(ctx: EvalContext) -> MetricResult:
         requests += [encode_pair(tokenizer, context, delimiter + c) for c in choices]
         questions.append((item["question"], choices, first, mc1, mc2))
     scores = subject_logliks(ctx, requests, desc="truthfulqa-mc")
-    items = []
-    for question, choices, first, (c1, l1), (c2, l2) in questions:
-        ll = {c: scores[first + i].logprob for i, c in enumerate(choices)}
-        ll1, ll2 = [ll[c] for c in c1], [ll[c] for c in c2]
-        items.append({
-            "question": question,
-            "mc1": mc1_score(ll1, l1),
-            "mc2": mc2_score(ll2, l2),
-            "mc1_logliks": ll1,
-            "mc2_logliks": ll2,
-            "mc1_labels": l1,
-            "mc2_labels": l2,
-        })  # fmt: skip
+    items = [_scored(q, choices, first, mc1, mc2, scores) for q, choices, first, mc1, mc2 in questions]
     n = len(items)
     metrics = {"mc1": sum(i["mc1"] for i in items) / n, "mc2": sum(i["mc2"] for i in items) / n}
     fmt = {"format": "chat template", "system_prompt": system} if chat else {"format": RAW_FORMAT}
     return MetricResult(metrics, items, {"scored_pairs": len(requests), **fmt})
 
 
+def _run_in_template(ctx: EvalContext, template: str) -> MetricResult:
+    """Each choice scored as the answer to the bare question in a training template (the format an
+    adapter trained in ``tulu`` or ``question-answer`` answers in), without the end token."""
+    from excise.evaluate.metrics.likelihood import encode_answer
+
+    tokenizer = ctx.subject.tokenizer
+    questions = []
+    requests: list[tuple[list[int], list[int]]] = []
+    for k, item in enumerate(ctx.items):
+        mc1 = parse_targets(item["mc1_targets"], where=f"item {k} mc1_targets")
+        mc2 = parse_targets(item["mc2_targets"], where=f"item {k} mc2_targets")
+        choices = list(dict.fromkeys(mc1[0] + mc2[0]))
+        first = len(requests)
+        requests += [encode_answer(tokenizer, ctx.cfg, str(item["question"]), c, end=False) for c in choices]
+        questions.append((item["question"], choices, first, mc1, mc2))
+    scores = subject_logliks(ctx, requests, desc="truthfulqa-mc")
+    items = [_scored(q, choices, first, mc1, mc2, scores) for q, choices, first, mc1, mc2 in questions]
+    n = len(items)
+    metrics = {"mc1": sum(i["mc1"] for i in items) / n, "mc2": sum(i["mc2"] for i in items) / n}
+    fmt = {
+        "format": f"template {template}: each choice as the answer to the bare question",
+        "system_prompt": ctx.cfg.system,
+    }
+    return MetricResult(metrics, items, {"scored_pairs": len(requests), **fmt})
+
+
 def check(cfg: EvalConfig) -> None:
     """``--system`` means something only with ``--chat`` (the raw primer has no system turn)."""
-    if cfg.system and cfg.chat is not True:
-        raise ConfigError("truthfulqa-mc: --system needs --chat (the raw primer has no system prompt)")
+    if cfg.system and cfg.chat is not True and cfg.template is None:
+        raise ConfigError(
+            "truthfulqa-mc: --system needs --chat or --template (the raw primer has no system prompt)"
+        )
 
 
 METRIC = Metric(

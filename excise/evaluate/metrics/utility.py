@@ -56,13 +56,18 @@ def check(cfg: EvalConfig) -> None:
 
 
 def run(ctx: EvalContext) -> MetricResult:
+    from excise.data.formatting import cut_at_next_turn
+
     tokenizer = ctx.subject.tokenizer
     texts = [_prompt_text(it) for it in ctx.items]
     prompts = [prompt_ids(ctx, t) for t in texts]
-    answers = generate_answers(ctx, prompts, desc="utility")
+    answers = [cut_at_next_turn(a, ctx.template) for a in generate_answers(ctx, prompts, desc="utility")]
     reference = _reference(ctx)
     if ctx.subject.adapter is not None:
-        base_answers = generate_answers(ctx, prompts, base=True, desc="utility (base)")
+        base_answers = [
+            cut_at_next_turn(a, ctx.template)
+            for a in generate_answers(ctx, prompts, base=True, desc="utility (base)")
+        ]
         original = "base model (adapter off)"
         if reference is None:
             requests = [(p, _ids(tokenizer, a)) for p, a in zip(prompts, answers, strict=True)]
@@ -70,7 +75,10 @@ def run(ctx: EvalContext) -> MetricResult:
                 nll = _nll(ctx, base, requests)
     else:  # check() made sure there is a reference: it answers with its own template
         ref_prompts = [prompt_ids(reference, t) for t in texts]
-        base_answers = generate_answers(reference, ref_prompts, desc="utility (reference)")
+        base_answers = [
+            cut_at_next_turn(a, reference.template)
+            for a in generate_answers(reference, ref_prompts, desc="utility (reference)")
+        ]
         original = f"reference model {ctx.cfg.reference}"
     if reference is not None:
         ref_tok = reference.subject.tokenizer
