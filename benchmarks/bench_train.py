@@ -439,7 +439,7 @@ def main() -> None:
     load_after = os.getloadavg()
 
     print(
-        f"\nSmolLM2-135M ({args.model}), LoRA r 8 / alpha 16 on q/v, fp32, {args.steps} steps per variant, "
+        f"\n{args.model}, LoRA r 8 / alpha 16 on q/v, fp32, {args.steps} steps per variant, "
         f"started {started}. Against TRL: {args.rows} rows × {args.max_length} tokens per step. SKU step: "
         f"{args.batch_size} harmful + {args.batch_size}×{args.k} mismatched + {args.batch_size} normal rows, "
         f"≤ {args.max_length} tokens."

@@ -75,8 +75,11 @@ __all__ = [
 
 IGNORE_INDEX = -100
 # Response tokens per head chunk: the head's logits (and their gradient) never exceed
-# CHUNK_TOKENS × V floats (SmolLM2, V = 49 152: 96 MiB each), whatever the batch.
+# CHUNK_TOKENS × V floats (SmolLM2, V = 49 152: 96 MiB each), whatever the batch; a larger
+# vocabulary gets fewer tokens per chunk, so no chunk exceeds CHUNK_LOGITS floats (Gemma 3,
+# V = 262 144: 96 tokens, 96 MiB, instead of 512 MiB at 512 tokens).
 CHUNK_TOKENS = 512
+CHUNK_LOGITS = CHUNK_TOKENS * 49_152
 Batch = Mapping[str, torch.Tensor]
 # batch → the reference model's final hidden states at the batch's response positions, (N, H),
 # no grad, and the head that turns them into p_θo's logits.
@@ -172,7 +175,12 @@ def response_logits(model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tenso
     return output_head(model)(hidden).float(), targets, rows  # (N, V), (N,), (N,)
 
 
-def _chunks(n: int, chunk_tokens: int) -> list[slice]:
+def _chunks(n: int, chunk_tokens: int, head: torch.nn.Module | None = None) -> list[slice]:
+    """Slices of at most ``chunk_tokens`` tokens, fewer for a head whose vocabulary would make a
+    chunk's logits exceed :data:`CHUNK_LOGITS` floats."""
+    vocabulary = getattr(head, "out_features", None)
+    if isinstance(vocabulary, int) and vocabulary > 0:
+        chunk_tokens = max(1, min(chunk_tokens, CHUNK_LOGITS // vocabulary))
     return [slice(s, min(s + chunk_tokens, n)) for s in range(0, n, chunk_tokens)]
 
 
@@ -188,7 +196,7 @@ def response_token_nll(
     head = output_head(model)
     token_nll = [
         checkpoint(_chunk_nll, head, hidden[c], targets[c], use_reentrant=False)
-        for c in _chunks(len(targets), chunk_tokens)
+        for c in _chunks(len(targets), chunk_tokens, head)
     ]
     return (torch.cat(token_nll) if token_nll else hidden.new_zeros(0)), rows  # (N,), (N,)
 
@@ -300,7 +308,7 @@ def _kl_reference_to_model(
     token_kl = torch.cat(
         [
             checkpoint(_chunk_kl, head, ref_head, hidden[c], ref_hidden[c], use_reentrant=False)
-            for c in _chunks(len(rows), chunk_tokens)
+            for c in _chunks(len(rows), chunk_tokens, head)
         ]
         or [hidden.new_zeros(0)]
     )  # (N,)
@@ -365,7 +373,7 @@ def npo_loss(
     ref_hidden, ref_head = reference(batch)  # (N, H), no grad
     hidden, targets, rows = response_hidden(model, batch)  # (N, H), (N,), (N,)
     head = output_head(model)
-    chunks = _chunks(len(targets), chunk_tokens)
+    chunks = _chunks(len(targets), chunk_tokens, head)
     token_nll = torch.cat(
         [checkpoint(_chunk_nll, head, hidden[c], targets[c], use_reentrant=False) for c in chunks]
         or [hidden.new_zeros(0)]

@@ -324,3 +324,13 @@ def test_npo_at_the_reference_is_2_ln2_over_beta_and_a_frozen_copy_is_the_same(t
     assert float(value.detach()) == pytest.approx(2 / 0.5 * math.log(2), rel=1e-6)
     with pytest.raises(Exception, match="beta must be > 0"):
         npo_loss(tiny_llama, batch, frozen_model_reference(ref_model), beta=0.0)
+
+
+def test_a_large_vocabulary_gets_smaller_chunks_so_no_chunk_exceeds_the_logits_budget():
+    from excise.train.losses import CHUNK_LOGITS, CHUNK_TOKENS, _chunks
+
+    smollm2, gemma = torch.nn.Linear(4, 49_152, bias=False), torch.nn.Linear(4, 262_144, bias=False)
+    assert {c.stop - c.start for c in _chunks(2048, CHUNK_TOKENS, smollm2)} == {512}
+    sizes = [c.stop - c.start for c in _chunks(2048, CHUNK_TOKENS, gemma)]
+    assert max(sizes) == CHUNK_LOGITS // 262_144 == 96 and sum(sizes) == 2048
+    assert [c.stop - c.start for c in _chunks(5, 3, None)] == [3, 2]  # no head known: as asked
