@@ -256,7 +256,7 @@ def finetune(**shared: Any) -> None:
 
 
 def npo(
-    beta: Annotated[float, _opt("NPO's inverse temperature β (> 0).")] = 0.1,
+    npo_beta: Annotated[float, _opt("NPO's inverse temperature β (> 0).")] = 0.1,
     retain_weight: Annotated[
         float, _opt("Weight of the NLL of the --normal answers: 0 is NPO, > 0 NPO + RT.")
     ] = 0.0,
@@ -267,7 +267,7 @@ def npo(
 
     The reference πref is the model with the adapter disabled (a frozen copy with --full).
     """
-    _baseline("npo", shared, npo_beta=beta, retain_weight=retain_weight, normal=normal)
+    _baseline("npo", shared, npo_beta=npo_beta, retain_weight=retain_weight, normal=normal)
 
 
 # `excise train VERB`, in --help order.
