@@ -14,10 +14,13 @@ import yaml
 from excise.pipeline.recipe import default_data_dir, load_recipe
 from excise.pipeline.run import run_recipe
 from tests.conftest import save_tiny_model
+from tests.models.test_gemma_tiny import save_tiny_gemma
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = default_data_dir()
 RESULTS_RECIPES = ["ext-sub-truthfulness", "ext-sub-detox", "compose", "sku-harmful"]
+# The recipes on the pretrained Gemma-3-270M run on a tiny random Gemma 3 without a chat template.
+GEMMA_RECIPES = ["sku-gemma", "ext-sub-gemma"]
 
 pytestmark = [
     pytest.mark.skipif(DATA is None or not DATA.is_dir(), reason="needs the shared data folder"),
@@ -43,10 +46,13 @@ def smoke_overrides(recipe_file: Path, model: Path, out: Path) -> list[str]:
     return over
 
 
-@pytest.mark.parametrize("name", RESULTS_RECIPES)
+@pytest.mark.parametrize("name", RESULTS_RECIPES + GEMMA_RECIPES)
 def test_results_recipe_runs_end_to_end(name, tmp_path, monkeypatch):
     monkeypatch.setenv("EXCISE_CACHE", str(tmp_path / "cache"))
-    model = save_tiny_model(tmp_path / "tiny", max_position_embeddings=2048)
+    if name in GEMMA_RECIPES:
+        model = save_tiny_gemma(tmp_path / "tiny", chat=False)
+    else:
+        model = save_tiny_model(tmp_path / "tiny", max_position_embeddings=2048)
     path = ROOT / "recipes" / f"{name}.yaml"
     out = tmp_path / "run"
     recipe = load_recipe(path, smoke_overrides(path, model, out), data_dir=DATA)
