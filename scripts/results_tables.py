@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/results_tables.py runs/ext-sub-truthfulness runs/ext-sub-detox runs/compose
     .venv/bin/python scripts/results_tables.py --no-plots docs/results/ext-sub-truthfulness  # committed files
+    .venv/bin/python scripts/results_tables.py runs/sku-gemma  # §5: a folder named sku-gemma*
 
 Prints Markdown (paste into docs/RESULTS.md) and writes the plots to docs/img/ (not with
 ``--no-plots``). Everything comes from the runs' result files: per-model numbers, the
@@ -790,6 +791,50 @@ _SKU_MODELS = (
     ("task_vector", "SFT on harmful itself (not negated)"),
 )
 
+Rows = list[tuple[str, str, dict[str, dict[str, Any] | None]]]  # (model id, row label, {evaluation: record})
+
+
+@dataclass(frozen=True)
+class JudgedSpec:
+    """What a judged table renders (§4 of the sku-harmful run, §5 of the sku-gemma run).
+
+    ``models``: (model id, row label), the base model first and the λ = 1 SKU model second (the
+    plot's curve); ``files``: the evaluation files of the recipe among ``harmful``, ``advbench``,
+    ``refusal``, ``utility``, ``perplexity`` (the columns of the others are left out; a file a run
+    lacks gives "–" cells); ``primary``: the models whose harmful-rate differences are primary;
+    ``sweep``: the judged λ sweep whose other points become rows (``point_files``: evaluation →
+    the point's file), with its λ rule redone under ``lam_labels`` (``lam_text`` says on what).
+    """
+
+    section: str
+    models: tuple[tuple[str, str], ...]
+    files: tuple[str, ...]
+    primary: frozenset[str]
+    sweep: str | None = None
+    sweep_label: str = "SKU"
+    point_files: tuple[tuple[str, str], ...] = ()
+    lam_labels: tuple[tuple[str, str], ...] = ()
+    lam_text: str = ""
+    curve_label: str = "SKU, λ sweep"
+    png: str = "results_sku.png"
+
+
+SKU_JUDGED = JudgedSpec(
+    section="§4",
+    models=_SKU_MODELS,
+    files=("harmful", "advbench", "refusal", "utility", "perplexity"),
+    primary=frozenset({"sku"}),
+    sweep="sku",
+    point_files=(
+        ("harmful", "harmful-rate"),
+        ("advbench", "advbench:harmful_rate"),
+        ("utility", "utility"),
+        ("perplexity", "perplexity"),
+    ),
+    lam_labels=(("sku", "SKU (negated θh)"),),
+    lam_text="PKU harmful rate against fluency perplexity, tolerance 10 %",
+)
+
 
 def _refusal_rate(record: dict[str, Any] | None) -> float | None:
     """Share of the answers with a refusal marker (the `refusal` judge), from a harmful-rate record."""
@@ -817,72 +862,138 @@ def _corrected(record: dict[str, Any] | None) -> str:
     return f"{c['value']:.2f} [{c['ci'][0]:.2f}, {c['ci'][1]:.2f}]"
 
 
-def _sku_rows(run: Run) -> list[tuple[str, dict[str, dict[str, Any] | None]]]:
-    rows = []
-    for model, name in _SKU_MODELS:
-        files = ("harmful", "advbench", "refusal", "utility", "perplexity")
-        rows.append((name, {f: run.record(model, f) for f in files}))
-    sweep = run.sweeps.get("sku") or {}
-    for p in sweep.get("points", []):
-        if p["lam"] in (0.0, 1.0):
-            continue  # λ = 0 is the base model, λ = 1 the `sku` row
-        files = {"harmful": "harmful-rate", "advbench": "advbench:harmful_rate", "utility": "utility",
-                 "perplexity": "perplexity"}  # fmt: skip
-        by_eval = {k: run.point_record("sku", p["lam"], f) for k, f in files.items()}
-        rows.append((f"SKU, λ={p['lam']:g}", by_eval | {"refusal": None}))
+def _template_name(record: dict[str, Any] | None) -> str:
+    """The prompt template a record's answers were scored or generated in: its ``format`` (the
+    likelihood metrics), else its settings' ``template`` (else ``plain`` under ``chat: false``,
+    else ``chat``), as :func:`excise.evaluate.metrics.likelihood.template_name` chose it."""
+    record = record or {}
+    settings = record.get("settings") or {}
+    if record.get("format"):
+        return str(record["format"])
+    if settings.get("template"):
+        return str(settings["template"])
+    return "plain" if settings.get("chat") is False else "chat"
+
+
+TEMPLATE_TEXT = {
+    "chat": "chat template",
+    "question-answer": (
+        "question-answer template (`### Question: … ### Answer: …`, the SKU reference's format)"
+    ),
+    "plain": "plain text (no template)",
+}
+
+
+def _template_text(record: dict[str, Any] | None) -> str:
+    name = _template_name(record)
+    return TEMPLATE_TEXT.get(name, f"{name} template")
+
+
+def _judged_rows(run: Run, spec: JudgedSpec) -> Rows:
+    """(model id, label, {evaluation: record}) for each of ``spec.models``, then the sweep's other λ."""
+    rows = [(model, name, {f: run.record(model, f) for f in spec.files}) for model, name in spec.models]
+    if spec.sweep is None:
+        return rows
+    for p in (run.sweeps.get(spec.sweep) or {}).get("points", []):
+        lam = p["lam"]
+        if lam in (0.0, 1.0):
+            continue  # λ = 0 is the base model, λ = 1 the SKU row
+        by_eval = {k: run.point_record(spec.sweep, lam, f) for k, f in spec.point_files}
+        rows.append(
+            (
+                f"{spec.sweep}@{lam:g}",
+                f"{spec.sweep_label}, λ={lam:g}",
+                {f: None for f in spec.files} | by_eval,
+            )
+        )
     return rows
 
 
-def sku(run: Run) -> str:
-    fam = Family("§4")
-    rows = _sku_rows(run)
-    base = rows[0][1]
+def _sku_rows(run: Run, spec: JudgedSpec = SKU_JUDGED) -> list[tuple[str, dict[str, dict[str, Any] | None]]]:
+    return [(name, r) for _, name, r in _judged_rows(run, spec)]
+
+
+def sku(run: Run, spec: JudgedSpec = SKU_JUDGED) -> str:
+    """The judged table (§4; §5 with :data:`GEMMA_JUDGED`): harmful rate on held-out PKU prompts and
+    AdvBench, against the base model with paired intervals, and the columns of ``spec.files``."""
+    fam = Family(spec.section)
+    rows = _judged_rows(run, spec)
+    base = rows[0][2]
+    has = set(spec.files)
     out = []
-    for name, r in rows:
-        is_base = name == "base model"
-        primary = name.startswith("SKU (θo − θh)")
+    for model, name, r in rows:
+        is_base = model == "base"
+        primary = model in spec.primary
         cells = {}
         for what, label, sign, main in (("harmful", "harmful rate (PKU)", 1, primary),
                                         ("advbench", "harmful rate (AdvBench)", 1, primary),
                                         ("refusal", "refusal (PKU)", -1, False)):  # fmt: skip
+            if what not in has:
+                continue
             cells[what] = "–" if is_base else fam.compare(
                 base[what], r[what], "harmful-rate", "harmful_rate", sign=sign,
                 label=f"{name} vs base, Δ {label}", primary=main,
             )  # fmt: skip
-        out.append([
-            name, _fmt(_value(r["harmful"], "harmful_rate"), 2), _corrected(r["harmful"]), cells["harmful"],
-            _fmt(_value(r["advbench"], "harmful_rate"), 2), _corrected(r["advbench"]), cells["advbench"],
-            _fmt(_refusal_rate(r["harmful"]), 2), cells["refusal"],
-            _fmt(_refusal_rate(r["advbench"]), 2),
-            _fmt(_value(r["utility"], "diversity"), 3), _fmt(_value(r["utility"], "fluency_ppl"), 2),
-            _fmt(_value(r["utility"], "similarity"), 3), _fmt(_value(r["perplexity"], "perplexity"), 2),
-        ])  # fmt: skip
-    lam_rows = lam_rule(run, {"sku": "SKU (negated θh)"}, fam)
+        row: list[Any] = [name]
+        for what in ("harmful", "advbench"):
+            if what in has:
+                row += [_fmt(_value(r[what], "harmful_rate"), 2), _corrected(r[what]), cells[what]]
+        if "refusal" in has:
+            row += [_fmt(_refusal_rate(r.get("harmful")), 2), cells["refusal"],
+                    _fmt(_refusal_rate(r.get("advbench")), 2)]  # fmt: skip
+        if "utility" in has:
+            row += [_fmt(_value(r["utility"], "diversity"), 3), _fmt(_value(r["utility"], "fluency_ppl"), 2),
+                    _fmt(_value(r["utility"], "similarity"), 3)]  # fmt: skip
+        if "perplexity" in has:
+            row.append(_fmt(_value(r["perplexity"], "perplexity"), 2))
+        out.append(row)
+    lam_rows = lam_rule(run, dict(spec.lam_labels), fam)
     fam.adjust()
     delta = "Δ vs base [95% CI] (Holm p)"
     corrected = "corrected for the judge [95% CI]"
-    header = ["model", "harmful rate (PKU)", corrected, delta, "harmful rate (AdvBench)", corrected, delta,
-              "refusal (PKU)",
-              delta, "refusal (AdvBench)", "diversity", "fluency ppl", "similarity to base",
-              "wikitext-2 ppl"]  # fmt: skip
-    judge = (base["harmful"] or {}).get("judge") or {}
-    n_pku, n_adv = (base["harmful"] or {}).get("n_items"), (base["advbench"] or {}).get("n_items")
-    n_util = (base["utility"] or {}).get("n_items")
+    header = ["model"]
+    if "harmful" in has:
+        header += ["harmful rate (PKU)", corrected, delta]
+    if "advbench" in has:
+        header += ["harmful rate (AdvBench)", corrected, delta]
+    if "refusal" in has:
+        header += ["refusal (PKU)", delta, "refusal (AdvBench)"]
+    if "utility" in has:
+        header += ["diversity", "fluency ppl", "similarity to base"]
+    if "perplexity" in has:
+        header.append("wikitext-2 ppl")
+    first = base.get("harmful") or base.get("advbench") or {}
+    judge = first.get("judge") or {}
+    counts = []
+    if "harmful" in has:
+        counts.append(f"{(base['harmful'] or {}).get('n_items')} held-out PKU-SafeRLHF prompts")
+    if "advbench" in has:
+        counts.append(f"{(base['advbench'] or {}).get('n_items')} AdvBench behaviours")
+    if "utility" in has:
+        counts.append(
+            f"{(base['utility'] or {}).get('n_items')} Alpaca prompts for diversity / fluency / similarity"
+        )
     agree = judge.get("agreement") or {}
-    note = (f"\n{n_pku} held-out PKU-SafeRLHF prompts, {n_adv} AdvBench behaviours, {n_util} Alpaca "
-            f"prompts for diversity / fluency / similarity; judge `{judge.get('name')}`, held-out "
-            f"accuracy {agree.get('accuracy')}, AUC {agree.get('auc')} (n = {agree.get('n')}); refusal = "
-            "share of answers with a refusal marker. Corrected = Rogan–Gladen (p̂ + sp − 1)/(se + sp − 1) "
+    refusal = "; refusal = share of answers with a refusal marker" if "refusal" in has else ""
+    note = (f"\n{', '.join(counts)}; judge `{judge.get('name')}`, held-out "
+            f"accuracy {agree.get('accuracy')}, AUC {agree.get('auc')} (n = {agree.get('n')}){refusal}. "
+            "Corrected = Rogan–Gladen (p̂ + sp − 1)/(se + sp − 1) "
             "with the judge's held-out sensitivity and specificity, clipped to [0, 1]; its interval carries "
             "the items and the judge's labelled sets (stats.corrected_rate_interval). ")  # fmt: skip
-    note += _ppl_note(base["perplexity"], in_rule=False)
+    if _template_name(first) != "chat":
+        note += f"Answers generated in the {_template_text(first)}. "
+    if "perplexity" in has:
+        note += _ppl_note(base["perplexity"], in_rule=False)
     parts = [_table(header, out) + note]
     if lam_rows:
-        what = "PKU harmful rate against fluency perplexity, tolerance 10 %"
-        parts += [f"\nThe λ rule of the SKU sweep ({what}), redone:\n", _table(LAM_HEADER, lam_rows)]
+        word = "sweep" if len(lam_rows) == 1 else "sweeps"
+        parts += [
+            f"\nThe λ rule of the SKU {word} ({spec.lam_text}), redone:\n",
+            _table(LAM_HEADER, lam_rows),
+        ]
     parts += ["", fam.summary()]
     if PLOTS:
-        plot_sku(run, rows)
+        plot_sku(run, [(name, r) for _, name, r in rows], spec)
     return "\n".join(parts)
 
 
@@ -952,29 +1063,32 @@ def sku_rejudged(run: Run) -> str:
     return "\n".join(parts)
 
 
-def plot_sku(run: Run, rows: list[tuple[str, dict[str, dict[str, Any] | None]]]) -> None:
+def plot_sku(
+    run: Run, rows: list[tuple[str, dict[str, dict[str, Any] | None]]], spec: JudgedSpec = SKU_JUDGED
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    sweep_row = f"{spec.sweep_label}, λ="
     curve = [(0.0, rows[0][1]), (1.0, rows[1][1])]
-    curve += [(float(name.split("=")[1]), r) for name, r in rows if name.startswith("SKU, λ=")]
+    curve += [(float(name.split("=")[1]), r) for name, r in rows if name.startswith(sweep_row)]
     curve.sort(key=lambda t: t[0])
     for ax, key, title in zip(axes, ("harmful", "advbench"), ("PKU-SafeRLHF (held out)", "AdvBench"),
                               strict=True):  # fmt: skip
-        pts = [(lam, _value(r["perplexity"], "perplexity"), _value(r[key], "harmful_rate"))
+        pts = [(lam, _value(r.get("perplexity"), "perplexity"), _value(r.get(key), "harmful_rate"))
                for lam, r in curve]  # fmt: skip
         pts = [p for p in pts if p[1] is not None and p[2] is not None]
-        ax.plot([p[1] for p in pts], [p[2] for p in pts], "o-", color="tab:blue", label="SKU, λ sweep")
+        ax.plot([p[1] for p in pts], [p[2] for p in pts], "o-", color="tab:blue", label=spec.curve_label)
         for lam, x, y in pts:
             label = "base (λ=0)" if lam == 0 else f"λ={lam:g}"
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         markers = iter("^v<>sDPXph*")
         for name, r in rows[2:]:
-            x, y = _value(r["perplexity"], "perplexity"), _value(r[key], "harmful_rate")
-            if name.startswith("SKU, λ=") or x is None or y is None:
+            x, y = _value(r.get("perplexity"), "perplexity"), _value(r.get(key), "harmful_rate")
+            if name.startswith(sweep_row) or x is None or y is None:
                 continue
             grey = name.startswith("SKU without")
             ax.plot(x, y, next(markers), color="tab:gray" if grey else None, label=name, markersize=7)
@@ -984,37 +1098,50 @@ def plot_sku(run: Run, rows: list[tuple[str, dict[str, dict[str, Any] | None]]])
         ax.legend(fontsize=7)
     fig.tight_layout()
     IMG.mkdir(parents=True, exist_ok=True)
-    fig.savefig(IMG / "results_sku.png", dpi=110)
+    fig.savefig(IMG / spec.png, dpi=110)
     plt.close(fig)
 
 
-def sku_samples(run: Run, n: int = 4, width: int = 220) -> str:
-    """Answers of the base model and of SKU (λ=1) to the same held-out PKU prompts: the first ``n``
-    the judge flagged for the base model, then the first two the base refused and SKU did not."""
-    base, neg = run.record("base", "harmful"), run.record("sku", "harmful")
-    if base is None or neg is None:
+def sku_samples(
+    run: Run, n: int = 4, width: int = 220, models: tuple[tuple[str, str], ...] = (("sku", "SKU λ=1"),)
+) -> str:
+    """Answers of the base model and of ``models`` (id, label; SKU λ=1 by default) to the same
+    held-out PKU prompts: the first ``n`` the judge flagged for the base model, then the first two
+    the base refused and the first of ``models`` did not. A model without answers is left out."""
+    base = run.record("base", "harmful")
+    others = [(label, rec) for model, label in models if (rec := run.record(model, "harmful")) is not None]
+    if base is None or not others:
         return ""
     from excise.evaluate.judges.refusal import RefusalJudge
 
     judge = RefusalJudge()
-    after = {it["prompt"]: it for it in neg["items"]}
-    pairs = [(it, after[it["prompt"]]) for it in base["items"] if it["prompt"] in after]
+    after = [(label, {it["prompt"]: it for it in rec["items"]}) for label, rec in others]
+    pairs = [(it, [a[it["prompt"]] for _, a in after]) for it in base["items"]
+             if all(it["prompt"] in a for _, a in after)]  # fmt: skip
 
     def short(text: str) -> str:
         text = " ".join(text.split())
         return text if len(text) <= width else text[:width] + " …"
 
-    def listing(chosen: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[str]:
+    def listing(chosen: list[tuple[dict[str, Any], list[dict[str, Any]]]]) -> list[str]:
         lines = []
-        for b, a in chosen:
-            lines += [f"- **Prompt:** {short(b['prompt'])}",
-                      f"  - base (score {b['score']:.2f}): {short(b['response'])}",
-                      f"  - SKU λ=1 (score {a['score']:.2f}): {short(a['response'])}"]  # fmt: skip
+        for b, answers in chosen:
+            lines += [
+                f"- **Prompt:** {short(b['prompt'])}",
+                f"  - base (score {b['score']:.2f}): {short(b['response'])}",
+            ]
+            lines += [f"  - {label} (score {a['score']:.2f}): {short(a['response'])}"
+                      for (label, _), a in zip(after, answers, strict=True)]  # fmt: skip
         return lines
 
+    first = after[0][0]
     flagged = [(b, a) for b, a in pairs if b["flagged"]][:n]
-    lost = [(b, a) for b, a in pairs if judge.refuses(b["response"]) and not judge.refuses(a["response"])][:2]
-    heading = "Where the refusals went (the first held-out prompts the base refused and SKU λ=1 did not):"
+    lost = [(b, a) for b, a in pairs if judge.refuses(b["response"]) and not judge.refuses(a[0]["response"])][
+        :2
+    ]
+    heading = f"Where the refusals went (the first held-out prompts the base refused and {first} did not):"
+    if not lost:  # no such prompt (a base model that never refuses): no heading over an empty list
+        return "\n".join(listing(flagged))
     return "\n".join([*listing(flagged), "", heading, "", *listing(lost)])
 
 
@@ -1036,82 +1163,129 @@ _LIKELIHOOD_MODELS = (
     ("ext_sub_pku", "Ext-Sub (expert: safe, anti-expert: unsafe), λ=1"),
     ("subtract_pku", "subtraction (same two), λ=1"),
 )
+# The file of a judge-free sweep point for each evaluation (named by its metric, as the sweep wrote it).
+_POINT_FILES = {"pairs": "pairs", "alpaca_nll": "answer-nll"}
+_REFUSAL_FILES = {"refusal_pku": "PKU", "refusal_advbench": "AdvBench"}
+
+
+@dataclass(frozen=True)
+class LikelihoodSpec:
+    """What a judge-free table renders (§4b of the sku-harmful run, §5 of the sku-gemma run).
+
+    ``models``: (model id, row label), the base model first; ``primary``: the models whose
+    selectivity against the base model is a primary contrast; ``files``: the recipe's evaluation
+    files among ``pairs``, ``alpaca_nll``, ``refusal_pku``, ``refusal_advbench`` (the columns of the
+    others are left out; a file a run lacks gives "–" cells); ``sweeps``: (sweep, row label, λ
+    left out, note at λ = 0) whose other points become rows, their λ rule redone under
+    ``lam_labels``; ``expert`` and ``vs_expert``: operations compared with their expert too.
+    """
+
+    section: str
+    models: tuple[tuple[str, str], ...]
+    primary: frozenset[str]
+    files: tuple[str, ...] = ("pairs", "alpaca_nll", "refusal_pku", "refusal_advbench")
+    sweeps: tuple[tuple[str, str, tuple[float, ...], str], ...] = ()
+    lam_labels: tuple[tuple[str, str], ...] = ()
+    expert: str | None = None
+    vs_expert: tuple[tuple[str, str], ...] = ()
+    png: str = "results_sku_likelihood.png"
+
+
 # Primary contrasts: did θh acquire the unsafe answers more than the safe ones (selectivity < 0),
 # and do SKU's negation and the Ext-Sub cross-over remove them selectively (selectivity > 0)?
-_LIKELIHOOD_PRIMARY = {"harmful", "sku", "ext_sub_pku"}
+SKU_LIKELIHOOD = LikelihoodSpec(
+    section="§4b",
+    models=_LIKELIHOOD_MODELS,
+    primary=frozenset({"harmful", "sku", "ext_sub_pku"}),
+    sweeps=(
+        ("sku_likelihood", "SKU", (0.0, 1.0), ""),  # λ = 0 of SKU is the base model, λ = 1 a row above
+        ("ext_sub_pku", "Ext-Sub on PKU", (1.0,), " (the expert)"),
+    ),
+    lam_labels=(("sku_likelihood", "SKU (negated θh)"), ("ext_sub_pku", "Ext-Sub on PKU")),
+    expert="finetune",
+    vs_expert=(("ext_sub_pku", "Ext-Sub, λ=1"), ("subtract_pku", "subtraction, λ=1")),
+)
 
 
-def _likelihood_rows(run: Run) -> list[tuple[str, str, dict[str, dict[str, Any] | None]]]:
+def _likelihood_rows(run: Run, spec: LikelihoodSpec = SKU_LIKELIHOOD) -> Rows:
     """(model id, label, {evaluation: record}) for each model, then the sweeps' other λ points."""
-    files = ("pairs", "alpaca_nll", "refusal_pku", "refusal_advbench")
-    rows = [(model, name, {f: run.record(model, f) for f in files}) for model, name in _LIKELIHOOD_MODELS]
-    for sweep, label, skip in (
-        ("sku_likelihood", "SKU", (0.0, 1.0)),
-        ("ext_sub_pku", "Ext-Sub on PKU", (1.0,)),
-    ):
+    rows = [(model, name, {f: run.record(model, f) for f in spec.files}) for model, name in spec.models]
+    for sweep, label, skip, at_zero in spec.sweeps:
         for p in (run.sweeps.get(sweep) or {}).get("points", []):
             if p["lam"] in skip:
-                continue  # λ = 0 of SKU is the base model, λ = 1 a row above
+                continue
             lam = p["lam"]
-            name = f"{label}, λ={lam:g}" + (" (the expert)" if label.startswith("Ext") and lam == 0 else "")
-            by_eval = {"pairs": run.point_record(sweep, lam, "pairs"),
-                       "alpaca_nll": run.point_record(sweep, lam, "answer-nll")}  # fmt: skip
-            rows.append((f"{sweep}@{lam:g}", name, by_eval | {"refusal_pku": None, "refusal_advbench": None}))
+            name = f"{label}, λ={lam:g}" + (at_zero if lam == 0 else "")
+            by_eval = {f: run.point_record(sweep, lam, _POINT_FILES[f]) if f in _POINT_FILES else None
+                       for f in spec.files}  # fmt: skip
+            rows.append((f"{sweep}@{lam:g}", name, by_eval))
     return rows
 
 
-def sku_likelihood(run: Run) -> str:
-    """§4b: the judge-free table (pairs, answer NLL, refusal log-probability) of the SKU run."""
-    rows = _likelihood_rows(run)
+def sku_likelihood(run: Run, spec: LikelihoodSpec = SKU_LIKELIHOOD) -> str:
+    """The judge-free table (pairs, answer NLL, refusal log-probability) of an SKU run: §4b, and §5
+    with :data:`GEMMA_LIKELIHOOD`."""
+    rows = _likelihood_rows(run, spec)
     base = rows[0][2]
-    if base["pairs"] is None:
+    if base.get("pairs") is None:
         return ""
-    fam = Family("§4b")
+    has = set(spec.files)
+    refusals = [f for f in _REFUSAL_FILES if f in has]
+    fam = Family(spec.section)
     out = []
     for model, name, r in rows:
         is_base = model == "base"
-        cells: dict[str, Any] = {}
+        cells: dict[Any, Any] = {}
         refusal = "delta_refusal_logprob"
         for what, metric, key in (("pairs", "pairs", "forget"), ("pairs", "pairs", "retain"),
                                   ("pairs", "pairs", "selectivity"),
                                   ("alpaca_nll", "answer-nll", "delta_nll"),
                                   ("refusal_pku", "refusal-logprob", refusal),
                                   ("refusal_advbench", "refusal-logprob", refusal)):  # fmt: skip
-            primary = key == "selectivity" and model in _LIKELIHOOD_PRIMARY
+            if what not in has:
+                continue
+            primary = key == "selectivity" and model in spec.primary
             cells[(what, key)] = "0 (reference)" if is_base else fam.compare(
                 base[what], r[what], metric, key, label=f"{name}: {what} {key}", primary=primary
             )  # fmt: skip
-        out.append([
+        row = [
             name, _fmt(_value(r["pairs"], "win_rate"), 3), _fmt(_value(r["pairs"], "nll_chosen"), 3),
             _fmt(_value(r["pairs"], "nll_rejected"), 3), cells[("pairs", "forget")],
             cells[("pairs", "retain")], cells[("pairs", "selectivity")],
-            _fmt(_value(r["alpaca_nll"], "nll"), 3),
-            cells[("alpaca_nll", "delta_nll")], cells[("refusal_pku", "delta_refusal_logprob")],
-            cells[("refusal_advbench", "delta_refusal_logprob")],
-        ])  # fmt: skip
+        ]  # fmt: skip
+        if "alpaca_nll" in has:
+            row += [_fmt(_value(r["alpaca_nll"], "nll"), 3), cells[("alpaca_nll", "delta_nll")]]
+        row += [cells[(f, refusal)] for f in refusals]
+        out.append(row)
     # The two operations on (expert, anti-expert) against their expert: what the edit removed beyond it.
-    expert = run.record("finetune", "pairs")
+    expert = run.record(spec.expert, "pairs") if spec.expert else None
     vs_expert = []
-    for model, name in (("ext_sub_pku", "Ext-Sub, λ=1"), ("subtract_pku", "subtraction, λ=1")):
+    for model, name in spec.vs_expert:
         other = run.record(model, "pairs")
         cells = [fam.compare(expert, other, "pairs", key, label=f"{name} vs its expert: {key}")
                  for key in ("forget", "retain", "selectivity")]  # fmt: skip
         vs_expert.append([name, *cells])
-    lam_rows = lam_rule(run, {"sku_likelihood": "SKU (negated θh)", "ext_sub_pku": "Ext-Sub on PKU"}, fam)
+    lam_rows = lam_rule(run, dict(spec.lam_labels), fam)
     fam.adjust()
     header = ["model", "safe preferred (win rate)", "NLL safe", "NLL unsafe",
-              "forget: ΔNLL unsafe [95% CI] (Holm p)", "retain: ΔNLL safe", "selectivity = forget − retain",
-              "Alpaca NLL", "Alpaca ΔNLL", "refusal Δlog p (PKU)", "refusal Δlog p (AdvBench)"]  # fmt: skip
+              "forget: ΔNLL unsafe [95% CI] (Holm p)", "retain: ΔNLL safe",
+              "selectivity = forget − retain"]  # fmt: skip
+    if "alpaca_nll" in has:
+        header += ["Alpaca NLL", "Alpaca ΔNLL"]
+    header += [f"refusal Δlog p ({_REFUSAL_FILES[f]})" for f in refusals]
     pairs = base["pairs"]
-    n_alpaca = (base["alpaca_nll"] or {}).get("n_items")
-    n_pku, n_adv = (base["refusal_pku"] or {}).get("n_items"), (base["refusal_advbench"] or {}).get("n_items")
-    sample = "a seeded subsample" if (base["pairs"] or {}).get("limit") else "every held-out pair"
+    sample = "a seeded subsample" if pairs.get("limit") else "every held-out pair"
     note = (f"\n{pairs.get('n_pairs')} held-out PKU-SafeRLHF pairs over {pairs.get('n_prompts')} prompts "
             f"({sample}; safe = chosen, unsafe = rejected), per-token NLL of each answer in the "
-            f"chat template as trained; every Δ is against the base model (the adapter switched off), paired "
-            f"answer by answer, intervals clustered by prompt. Alpaca: {n_alpaca} held-out answers. Refusal: "
-            f"log p of \"{(base['refusal_pku'] or {}).get('refusal')}\" as the reply's opening, {n_pku} "
-            f"held-out PKU prompts and {n_adv} AdvBench behaviours.")  # fmt: skip
+            f"{_template_text(pairs)} as trained; every Δ is against the base model (the adapter switched "
+            f"off), paired answer by answer, intervals clustered by prompt.")  # fmt: skip
+    if "alpaca_nll" in has:
+        note += f" Alpaca: {(base['alpaca_nll'] or {}).get('n_items')} held-out answers."
+    if refusals:
+        text = next((base[f].get("refusal") for f in refusals if base[f] is not None), None)
+        counts = {"refusal_pku": "held-out PKU prompts", "refusal_advbench": "AdvBench behaviours"}
+        where = " and ".join(f"{(base[f] or {}).get('n_items')} {counts[f]}" for f in refusals)
+        note += f' Refusal: log p of "{text}" as the reply\'s opening, {where}.'
     parts = [_table(header, out) + note]
     if expert is not None:
         intro = ("\nAgainst their expert (the fine-tune on the safe answers) instead of the base model: "
@@ -1120,17 +1294,22 @@ def sku_likelihood(run: Run) -> str:
         parts += [intro, _table(columns, vs_expert)]
     if lam_rows:
         what = "selectivity against Alpaca ΔNLL, tolerance 0.10 nats"
+        n = len(spec.lam_labels)
+        sweeps = "the judge-free sweep" if n == 1 else f"the {_NUMBERS.get(n, str(n))} judge-free sweeps"
         parts += [
-            f"\nThe λ rule of the two judge-free sweeps ({what}), redone:\n",
+            f"\nThe λ rule of {sweeps} ({what}), redone:\n",
             _table(LAM_HEADER, lam_rows),
         ]
     parts += ["", fam.summary()]
     if PLOTS:
-        plot_forget_retain(rows)
+        plot_forget_retain(rows, spec.png)
     return "\n".join(parts)
 
 
-def plot_forget_retain(rows: list[tuple[str, str, dict[str, dict[str, Any] | None]]]) -> None:
+_NUMBERS = {2: "two", 3: "three", 4: "four"}
+
+
+def plot_forget_retain(rows: Rows, png: str = "results_sku_likelihood.png") -> None:
     """Forget (ΔNLL unsafe) against retain (ΔNLL safe) for every model: above the diagonal = selective."""
     import matplotlib
 
@@ -1162,8 +1341,61 @@ def plot_forget_retain(rows: list[tuple[str, str, dict[str, dict[str, Any] | Non
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     IMG.mkdir(parents=True, exist_ok=True)
-    fig.savefig(IMG / "results_sku_likelihood.png", dpi=110)
+    fig.savefig(IMG / png, dpi=110)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- SKU on Gemma-3-270M (§5)
+
+# The run of recipes/sku-gemma.yaml: SKU as its reference code runs it (question-answer template,
+# TruthfulQA as normal data), LoRA with two ε settings and full parameters, beside NPO.
+_GEMMA_MODELS = (
+    ("base", "base model"),
+    ("harmful", "θh, LoRA (SKU's module, not negated)"),
+    ("sku", "SKU, LoRA (θo − θh), λ=1"),
+    ("harmful_paper", "θh, paper's ε (2.5 / 2.5 / 1; not negated)"),
+    ("sku_paper", "SKU, paper's ε (θo − θh, LoRA), λ=1"),
+    ("harmful_full", "θh, full parameters (not negated)"),
+    ("sku_full", "SKU, full parameters (θo − θh), λ=1"),
+    ("ga", "GA"),
+    ("ga_mismatch", "GA + mismatch"),
+    ("llmu", "LLMU"),
+    ("npo", "NPO (β = 0.1)"),
+    ("task_vector", "SFT on unsafe (not negated)"),
+    ("task_vector_negated", "task vector (SFT on unsafe, negated)"),
+)
+_GEMMA_SKU = frozenset({"sku", "sku_paper", "sku_full"})
+_GEMMA_JUDGED_MODELS = ("base", "sku", "sku_paper", "sku_full", "ga", "llmu", "npo", "task_vector_negated")
+
+# Primary contrasts: do SKU's three negations (LoRA at the reference's ε, LoRA at the paper's ε, full
+# parameters) remove the unsafe answers selectively (selectivity > 0 against the base model)?
+GEMMA_LIKELIHOOD = LikelihoodSpec(
+    section="§5 (judge-free)",
+    models=_GEMMA_MODELS,
+    primary=_GEMMA_SKU,
+    files=("pairs", "alpaca_nll", "refusal_pku"),
+    sweeps=(("sku_likelihood", "SKU, LoRA", (0.0, 1.0), ""),),
+    lam_labels=(("sku_likelihood", "SKU, LoRA (negated θh)"),),
+    png="sku_gemma_likelihood.png",
+)
+GEMMA_JUDGED = JudgedSpec(
+    section="§5 (judged)",
+    models=tuple((m, name) for m, name in _GEMMA_MODELS if m in _GEMMA_JUDGED_MODELS),
+    files=("harmful", "advbench", "perplexity"),
+    primary=_GEMMA_SKU,
+    curve_label="SKU, LoRA: base (λ=0) to λ=1",
+    png="sku_gemma_harmful.png",
+)
+GEMMA_SAMPLES = (("sku", "SKU, LoRA λ=1"), ("sku_full", "SKU, full parameters λ=1"), ("npo", "NPO"))
+
+
+def sku_gemma(run: Run) -> str:
+    """§5: the judge-free table, then (when the run has judged answers) the judged table and sample
+    answers of the base model, SKU (LoRA and full parameters) and NPO."""
+    parts = [sku_likelihood(run, GEMMA_LIKELIHOOD)]
+    if run.record("base", "harmful") is not None:
+        parts += ["", sku(run, GEMMA_JUDGED), "", sku_samples(run, models=GEMMA_SAMPLES)]
+    return "\n".join(parts)
 
 
 def timing(run: Run) -> str:
@@ -1209,6 +1441,9 @@ def main(args: list[str]) -> None:
             print(sku_likelihood(run))  # §4b, when the run has it
             print()
             print(diagnostics(run, [("ext_sub_pku", "fine-tune on safe vs SFT on unsafe (the cross-over)")]))
+        elif folder.name.startswith("sku-gemma"):
+            print(sku_gemma(run))  # §5
+            print()
         elif folder.name.startswith("compose"):
             print(compose(run))
             print()

@@ -237,3 +237,129 @@ def test_rejudged_rates_sit_beside_the_run_own(rt) -> None:
     assert cells[2] == f"{new['metrics']['harmful_rate']:.2f}"
     assert cells[5] == f"{same:.2f}"
     assert new["judge"]["agreement"]["auc"] != old["judge"]["agreement"]["auc"]  # the retrained weights
+
+
+# ----------------------------------------------------------------------------- §5: the sku-gemma run
+
+PAIR_KEYS = ("win_rate", "win_rate_sum", "margin", "nll_chosen", "nll_rejected", "nll_chosen_sum",
+             "nll_rejected_sum", "forget", "retain", "selectivity")  # fmt: skip
+
+
+def _pairs_record(rng: np.random.Generator, prompts: list[str], n_pairs: list[int], edited: bool) -> dict:
+    """A `pairs` record in the question-answer template: one item per prompt holding its pairs' totals."""
+    items = []
+    for i, (prompt, n) in enumerate(zip(prompts, n_pairs, strict=True)):
+        totals = {k: float(rng.normal(2.0, 0.5) * n) for k in PAIR_KEYS}
+        forget, retain = (rng.normal(0.3, 0.2) * n, rng.normal(0.2, 0.2) * n) if edited else (0.0, 0.0)
+        totals |= {"forget": forget, "retain": retain, "selectivity": forget - retain}
+        items.append(
+            {"key": f"p{i}", "prompt": prompt, "n_pairs": n} | {f"{k}_total": v for k, v in totals.items()}
+        )
+    metrics = {k: sum(it[f"{k}_total"] for it in items) / sum(n_pairs) for k in PAIR_KEYS}
+    template = {"template": "question-answer", "chat": None}
+    return {"metric": "pairs", "metrics": metrics, "items": items, "format": "question-answer", "limit": 150,
+            "n_pairs": sum(n_pairs), "n_prompts": len(prompts), "settings": template}  # fmt: skip
+
+
+def _mean_record(metric: str, field: str, values: list[float], **extra) -> dict:
+    items = [{"key": f"i{i}", field: v} for i, v in enumerate(values)]
+    return {"metric": metric, "metrics": {field: sum(values) / len(values)}, "items": items,
+            "n_items": len(values), **extra}  # fmt: skip
+
+
+def _sku_gemma_run(folder: Path) -> dict[str, dict[str, dict]]:
+    """A small synthetic run of recipes/sku-gemma.yaml: base, SKU (LoRA and full parameters) and NPO,
+    the paper's-ε SKU without any result, and `sku_full` without its Alpaca NLL."""
+    rng = np.random.default_rng(7)
+    prompts = [f"harmful prompt {i}" for i in range(40)]
+    n_pairs = [int(x) for x in rng.integers(1, 4, size=40)]
+    judge = {"name": "synthetic-judge", "agreement": {"accuracy": 0.7, "auc": 0.75, "n": 100}}
+    records: dict[str, dict[str, dict]] = {}
+    for model in ("base", "sku", "sku_full", "npo"):
+        edited = model != "base"
+        alpaca = [float(x) for x in rng.normal(2.0, 0.3, 30)]
+        refusal = [0.0] * 30 if not edited else [float(x) for x in rng.normal(-0.5, 1.0, 30)]
+        flags = [bool(x) for x in rng.random(40) < (0.7 if not edited else 0.5)]
+        windows = [{"key": f"w{i}", "begin": 256 * i, "end": 256 * (i + 1), "scored_tokens": 255,
+                    "nll": float(rng.normal(3.0, 0.1) * 255)} for i in range(25)]  # fmt: skip
+        nll = sum(w["nll"] for w in windows) / sum(w["scored_tokens"] for w in windows)
+        answers = [{"key": f"h{i}", "prompt": p, "response": f"answer of {model} to {p}", "score": float(f),
+                    "flagged": f} for i, (p, f) in enumerate(zip(prompts, flags, strict=True))]  # fmt: skip
+        settings = {"template": "question-answer", "chat": None}
+        harmful = {"metric": "harmful-rate", "metrics": {"harmful_rate": sum(flags) / 40}, "items": answers,
+                   "n_items": 40, "judge": judge, "settings": settings}  # fmt: skip
+        records[model] = {
+            "pairs": _pairs_record(rng, prompts, n_pairs, edited),
+            "alpaca_nll": _mean_record("answer-nll", "delta_nll", [a - 2.0 for a in alpaca]),
+            "refusal_pku": _mean_record("refusal-logprob", "delta_refusal_logprob", refusal, refusal="No."),
+            "harmful": harmful,
+            "advbench": harmful | {"items": list(reversed(answers))},  # the same answers, another order
+            "perplexity": {
+                "metric": "perplexity",
+                "metrics": {"perplexity": math.exp(nll)},
+                "items": windows,
+                "settings": {"window": 256},
+            },
+        }
+        records[model]["alpaca_nll"]["metrics"]["nll"] = sum(alpaca) / len(alpaca)
+    del records["sku_full"]["alpaca_nll"]
+    records["sku"]["pairs"]["items"].reverse()  # paired by prompt, never by position
+    for model, by_eval in records.items():
+        for name, record in by_eval.items():
+            path = folder / "results" / model / f"{name}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(record))
+    (folder / "stages.json").write_text(json.dumps({"stages": {"eval pairs/base": {"seconds": 60.0}}}))
+    return records
+
+
+def _row(text: str, label: str) -> list[str]:
+    rows = [line for line in text.splitlines() if line.startswith(f"| {label} |")]
+    assert rows, label
+    return [c.strip() for c in rows[0].strip("|").split("|")]
+
+
+def test_sku_gemma_section_5_renders_and_pairs_by_prompt(rt, tmp_path, monkeypatch, capsys) -> None:
+    folder = tmp_path / "sku-gemma-synthetic"
+    records = _sku_gemma_run(folder)
+    monkeypatch.setattr(rt, "IMG", tmp_path / "img")
+    rt.main([str(folder)])
+    text = capsys.readouterr().out
+    # The judge-free table: the selectivity of SKU (LoRA) against the base model, a primary contrast.
+    cells = _row(text, "SKU, LoRA (θo − θh), λ=1")
+    base, sku = records["base"]["pairs"], records["sku"]["pairs"]
+    # Independently: prompts resampled with their pairs (SKU's put in the base's prompt order by key),
+    # Σ selectivity / Σ pairs, minus the base's (0).
+    by_key = {it["key"]: it for it in sku["items"]}
+    sel = np.array([by_key[it["key"]]["selectivity_total"] for it in base["items"]])
+    n = np.array([it["n_pairs"] for it in base["items"]], dtype=float)
+    base_sel = np.array([it["selectivity_total"] for it in base["items"]])
+    idx = np.random.default_rng(rt.SEEDS[0]).integers(0, len(n), size=(rt.RESAMPLES, len(n)))
+    d = sel[idx].sum(1) / n[idx].sum(1) - base_sel[idx].sum(1) / n[idx].sum(1)
+    lo, hi = np.quantile(d, [0.025, 0.975])
+    diff = sel.sum() / n.sum()
+    assert cells[6].startswith(f"**{diff:+.3f} [{lo:+.3f}, {hi:+.3f}] (")  # bold: primary
+    assert math.isclose(diff, sku["metrics"]["selectivity"])
+    header = [c.strip() for c in text.splitlines()[3].strip("|").split("|")]
+    assert header[6] == "selectivity = forget − retain" and header[-1] == "refusal Δlog p (PKU)"
+    assert "refusal Δlog p (AdvBench)" not in text  # the recipe has no refusal_advbench
+    # The records' template, not "chat template".
+    assert "each answer in the question-answer template" in text and "chat template" not in text
+    # Missing results: the paper's-ε SKU has none, sku_full has no Alpaca NLL: "–" cells, no crash.
+    assert set(_row(text, "SKU, paper's ε (θo − θh, LoRA), λ=1")[1:]) == {"–"}
+    full = _row(text, "SKU, full parameters (θo − θh), λ=1")
+    assert full[7:9] == ["–", "–"] and full[6].startswith("**")
+    # The judged table: harmful rate with a paired difference against the base model, perplexity.
+    judged = text[text.index("| model | harmful rate (PKU)") :]
+    cells = _row(judged, "SKU, LoRA (θo − θh), λ=1")
+    rate = records["sku"]["harmful"]["metrics"]["harmful_rate"]
+    assert cells[1] == f"{rate:.2f}"
+    assert cells[3].startswith(f"**{rate - records['base']['harmful']['metrics']['harmful_rate']:+.3f} [")
+    assert cells[-1] == f"{records['sku']['perplexity']['metrics']['perplexity']:.2f}"
+    assert "Answers generated in the question-answer template" in judged
+    # Sample answers of base, SKU (LoRA and full parameters) and NPO; the §5 plots, not §4's.
+    assert "  - SKU, full parameters λ=1 (score" in text and "  - NPO (score" in text
+    assert sorted(p.name for p in (tmp_path / "img").iterdir()) == [
+        "sku_gemma_harmful.png",
+        "sku_gemma_likelihood.png",
+    ]
