@@ -1309,6 +1309,9 @@ def sku_likelihood(run: Run, spec: LikelihoodSpec = SKU_LIKELIHOOD) -> str:
 _NUMBERS = {2: "two", 3: "three", 4: "four"}
 
 
+OFF_SCALE_NATS = 5.0  # forget / retain beyond this are listed on the plot, not drawn
+
+
 def plot_forget_retain(rows: Rows, png: str = "results_sku_likelihood.png") -> None:
     """Forget (ΔNLL unsafe) against retain (ΔNLL safe) for every model: above the diagonal = selective."""
     import matplotlib
@@ -1317,10 +1320,13 @@ def plot_forget_retain(rows: Rows, png: str = "results_sku_likelihood.png") -> N
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 6))
-    pts = []
+    pts, off_scale = [], []
     for model, name, r in rows:
         x, y = _value(r["pairs"], "retain"), _value(r["pairs"], "forget")
         if x is None or y is None:
+            continue
+        if max(abs(x), abs(y)) > OFF_SCALE_NATS:  # a diverged module would squash every other point
+            off_scale.append(f"{name.split(' (')[0]}: retain {x:+.1f}, forget {y:+.1f}")
             continue
         pts.append((x, y))
         sweep = "@" in model
@@ -1338,6 +1344,9 @@ def plot_forget_retain(rows: Rows, png: str = "results_sku_likelihood.png") -> N
     ax.set_xlabel("retain: ΔNLL of the safe answers, nats/token (lower is better)")
     ax.set_ylabel("forget: ΔNLL of the unsafe answers, nats/token (higher is more removed)")
     ax.set_title("Held-out PKU-SafeRLHF pairs, against the base model")
+    if off_scale:
+        note = f"not drawn (beyond ±{OFF_SCALE_NATS:g} nats): " + "; ".join(off_scale)
+        ax.text(0.99, 0.01, note, transform=ax.transAxes, ha="right", va="bottom", fontsize=6.5)
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     IMG.mkdir(parents=True, exist_ok=True)
