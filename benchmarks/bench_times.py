@@ -35,7 +35,7 @@ the command records itself (a training's per-step seconds, an evaluation's item 
   ``answer-nll`` ``--limit 50`` and ``refusal-logprob`` ``--limit 100``, the recipes' sizes),
   then, unless ``--quick``, at its default size (no ``--limit``; ``perplexity`` has its own
   section). Judge-free metrics are timed without an adapter: an adapter adds the reference pass.
-- ``perplexity`` (≈ 4 min, ≈ 10-25 min more for the whole set): wikitext-2 raw test at the
+- ``perplexity`` (≈ 2 min, ≈ 15 min more for the whole set): wikitext-2 raw test at the
   recipes' setting (a seeded subsample of 120 rows, window 256), at 200 rows (docs/EVALUATION.md's
   table), the old recipe setting (the first 40 rows, window 512) and, unless ``--quick``, the
   whole test set at the defaults (window 1024, stride 512).
