@@ -552,20 +552,20 @@ def test_pairs_on_the_base_gemma_in_a_plain_template(base_dir, tmp_path) -> None
 
 def test_perplexity_on_the_base_gemma_by_hand(base_dir, tmp_path) -> None:
     """Sliding-window perplexity (windows of 16 over a sliding attention of 8) equals the HF guide's
-    loop over the BOS-prefixed token stream."""
+    loop with BOS before every window, each window's first token scored given it."""
     rows = [{"text": "The cat sat on the mat."}, {"text": ""}, {"text": "A dog ran far away, fast.\n"}]
     path = tmp_path / "text.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
     record = run_eval("perplexity", _cfg(base_dir, path, window=16, stride=5), progress=False)
     tok, model = gemma_tokenizer(chat=False), _load(base_dir)
-    ids = [BOS, *_ids(tok, "\n\n".join(r["text"] for r in rows))]
+    ids = _ids(tok, "\n\n".join(r["text"] for r in rows))
     nll, count, prev_end = 0.0, 0, 0
     for begin in range(0, len(ids), 5):
         end = min(begin + 16, len(ids))
         with torch.no_grad():
-            logprobs = torch.log_softmax(model(torch.tensor([ids[begin:end]])).logits[0].double(), -1)
-        for pos in range(max(prev_end, begin + 1), end):
-            nll -= float(logprobs[pos - begin - 1, ids[pos]])
+            logprobs = torch.log_softmax(model(torch.tensor([[BOS, *ids[begin:end]]])).logits[0].double(), -1)
+        for pos in range(max(prev_end, begin), end):  # content position pos is input pos - begin + 1
+            nll -= float(logprobs[pos - begin, ids[pos]])
             count += 1
         prev_end = end
         if end == len(ids):
