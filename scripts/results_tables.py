@@ -3,6 +3,7 @@
     .venv/bin/python scripts/results_tables.py runs/ext-sub-truthfulness runs/ext-sub-detox runs/compose
     .venv/bin/python scripts/results_tables.py --no-plots docs/results/ext-sub-truthfulness  # committed files
     .venv/bin/python scripts/results_tables.py runs/sku-gemma  # §5: a folder named sku-gemma*
+    .venv/bin/python scripts/results_tables.py runs/ext-sub-gemma  # §6: a folder named ext-sub-gemma*
 
 Prints Markdown (paste into docs/RESULTS.md) and writes the plots to docs/img/ (not with
 ``--no-plots``). Everything comes from the runs' result files: per-model numbers, the
@@ -535,63 +536,95 @@ def _vs_first(
     return fam.add(compare_stats(a["items"], b["items"], diff), label, primary)
 
 
-def truthfulness_chat(run: Run) -> str:
-    """§1b: TruthfulQA in the trained chat format beside the raw primer on the same modules, HaluEval
-    pairs per token, perplexity, over λ (sweeps ``ext_sub_chat`` and ``subtract_chat``)."""
-    sweeps = {name: run.sweeps.get(name) for name in ("ext_sub_chat", "subtract_chat")}
+@dataclass(frozen=True)
+class TemplateSpec:
+    """What a trained-format Ext-Sub table renders (§1b of the ext-sub-truthfulness run, §6 of the
+    ext-sub-gemma run): TruthfulQA MC in the trained template (``tqa``) beside the raw primer
+    (``truthfulqa``), HaluEval pairs per token and perplexity, over the Ext-Sub and subtraction
+    sweeps (``sweeps``: Ext-Sub first; its λ = 0 point is the expert). ``fmt`` names the template
+    in headers, ``setting`` describes how the trained-format options are scored."""
+
+    section: str
+    fmt: str
+    tqa: str
+    sweeps: tuple[str, str]
+    setting: str
+
+
+CHAT_TABLE = TemplateSpec(
+    section="§1b",
+    fmt="chat",
+    tqa="truthfulqa_chat",
+    sweeps=("ext_sub_chat", "subtract_chat"),
+    setting="each option scored as the assistant's reply in the chat template with the training system "
+    "prompt (lm-eval --apply_chat_template --system_instruction)",
+)
+GEMMA_TABLE = TemplateSpec(
+    section="§6",
+    fmt="tulu",
+    tqa="truthfulqa_tulu",
+    sweeps=("ext_sub", "subtract"),
+    setting="each option scored as the answer to the bare question in the tulu template "
+    "(`<|user|>\\n{question}\\n<|assistant|>\\n{answer}`), the format the modules were trained in",
+)
+
+
+def truthfulness_chat(run: Run, spec: TemplateSpec = CHAT_TABLE) -> str:
+    """§1b (§6 with :data:`GEMMA_TABLE`): TruthfulQA in the trained format beside the raw primer on
+    the same modules, HaluEval pairs per token, perplexity, over λ (``spec.sweeps``)."""
+    ext_sub, subtract = spec.sweeps
+    sweeps = {name: run.sweeps.get(name) for name in spec.sweeps}
     if not any(sweeps.values()):
         return ""
-    fam = Family("§1b")
+    fmt = spec.fmt
+    fam = Family(spec.section)
     rows = []
     for model, name in (("base", "base model"), ("anti_expert", "anti-expert")):
-        tqa, pairs = run.record(model, "truthfulqa_chat"), run.record(model, "halueval_pairs")
+        tqa, pairs = run.record(model, spec.tqa), run.record(model, "halueval_pairs")
         win, sel = _fmt(_value(pairs, "win_rate"), 3), _fmt(_value(pairs, "selectivity"), 3)
         raw = _fmt(_value(run.record(model, "truthfulqa"), "mc2"))  # the raw primer, where scored
+        ppl = _fmt(_value(run.record(model, "perplexity"), "perplexity"), 2)  # where scored
         rows.append(
-            [name, _fmt(_value(tqa, "mc1")), _fmt(_value(tqa, "mc2")), "–", raw, "–", "–", win, sel, "–"]
+            [name, _fmt(_value(tqa, "mc1")), _fmt(_value(tqa, "mc2")), "–", raw, "–", ppl, win, sel, "–"]
         )
     axes = {
-        "MC2 (chat)": lambda q: q["deficiency"],
+        f"MC2 ({fmt})": lambda q: q["deficiency"],
         "MC2 (raw primer)": lambda q: q["extra"]["truthfulqa:mc2"],
         "HaluEval win rate": lambda q: q["extra"]["halueval_pairs:win_rate"],
     }
-    for sweep, label in (("ext_sub_chat", "Ext-Sub"), ("subtract_chat", "subtraction")):
+    for sweep, label in ((ext_sub, "Ext-Sub"), (subtract, "subtraction")):
         points = (sweeps[sweep] or {}).get("points", [])
         for k, p in enumerate(points):
-            if k == 0 and sweep != "ext_sub_chat":
+            if k == 0 and sweep != ext_sub:
                 continue  # the expert once
             name = "expert (λ = 0)" if k == 0 else f"{label} λ={p['lam']:g}"
-            primary = {
-                what: sweep == "ext_sub_chat" and p["lam"] == 1 and what == "MC2 (chat)" for what in axes
-            }
+            primary = {what: sweep == ext_sub and p["lam"] == 1 and what == f"MC2 ({fmt})" for what in axes}
             cells = {what: _vs_first(fam, points, k, entry_of, f"{name} vs expert, Δ{what}", primary[what])
                      for what, entry_of in axes.items()}  # fmt: skip
             extra = p.get("extra", {})
             rows.append([
-                name, _fmt(extra["truthfulqa_chat:mc1"]["value"]), _fmt(p["deficiency"]["value"]),
-                cells["MC2 (chat)"], _fmt(extra["truthfulqa:mc2"]["value"]), cells["MC2 (raw primer)"],
+                name, _fmt(extra[f"{spec.tqa}:mc1"]["value"]), _fmt(p["deficiency"]["value"]),
+                cells[f"MC2 ({fmt})"], _fmt(extra["truthfulqa:mc2"]["value"]), cells["MC2 (raw primer)"],
                 _fmt(p["utility"]["value"], 2), _fmt(extra["halueval_pairs:win_rate"]["value"], 3),
                 _fmt(extra["halueval_pairs:selectivity"]["value"], 3), cells["HaluEval win rate"],
             ])  # fmt: skip
-    labels = {"ext_sub_chat": "Ext-Sub (chat format)", "subtract_chat": "subtraction (chat format)"}
+    labels = {ext_sub: f"Ext-Sub ({fmt} format)", subtract: f"subtraction ({fmt} format)"}
     lam_rows = lam_rule(run, labels, fam)
     fam.adjust()
     delta = "Δ vs expert [95% CI] (Holm p)"
-    header = ["model", "MC1 (chat)", "MC2 (chat)", delta, "MC2 (raw primer)", delta, "wikitext-2 ppl",
+    header = ["model", f"MC1 ({fmt})", f"MC2 ({fmt})", delta, "MC2 (raw primer)", delta, "wikitext-2 ppl",
               "HaluEval: right preferred (per token)", "HaluEval selectivity", delta]  # fmt: skip
-    base_tqa = run.record("base", "truthfulqa_chat") or {}
+    base_tqa = run.record("base", spec.tqa) or {}
     base_pairs = run.record("base", "halueval_pairs") or {}
-    note = (f"\nTruthfulQA: {base_tqa.get('n_items')} questions (a seeded subsample of the 817), each option "
-            f"scored as the assistant's reply in the chat template with the training system prompt "
-            f"(lm-eval --apply_chat_template --system_instruction), and in lm-eval's raw 6-shot primer, on "
-            f"the same modules. HaluEval: {base_pairs.get('n_pairs')} format-controlled held-out pairs "
-            f"through `eval pairs` (per-token NLL, right answer = chosen; selectivity against the base "
-            f"model). ")  # fmt: skip
-    note += _ppl_note(run.point_record("ext_sub_chat", 0.0, "perplexity"))
+    note = (f"\nTruthfulQA: {base_tqa.get('n_items')} questions (a seeded subsample of the 817), "
+            f"{spec.setting}, and in lm-eval's raw 6-shot primer, on the same modules. HaluEval: "
+            f"{base_pairs.get('n_pairs')} format-controlled held-out pairs through `eval pairs` "
+            f"(per-token NLL, right answer = chosen; selectivity against the base model). ")  # fmt: skip
+    note += _ppl_note(run.point_record(ext_sub, 0.0, "perplexity"))
     parts = [_table(header, rows) + note]
     if lam_rows:
         parts += [
-            "\nThe λ rule (chat-format MC2 against perplexity, tolerance 5 %):\n",
+            f"\nThe λ rule ({fmt}-format MC2 against perplexity, tolerance 5 %):\n",
             _table(LAM_HEADER, lam_rows),
         ]
     parts += ["", fam.summary()]
@@ -1450,6 +1483,9 @@ def main(args: list[str]) -> None:
             print(sku_likelihood(run))  # §4b, when the run has it
             print()
             print(diagnostics(run, [("ext_sub_pku", "fine-tune on safe vs SFT on unsafe (the cross-over)")]))
+        elif folder.name.startswith("ext-sub-gemma"):
+            print(truthfulness_chat(run, GEMMA_TABLE))  # §6
+            print()
         elif folder.name.startswith("sku-gemma"):
             print(sku_gemma(run))  # §5
             print()

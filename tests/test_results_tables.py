@@ -363,3 +363,77 @@ def test_sku_gemma_section_5_renders_and_pairs_by_prompt(rt, tmp_path, monkeypat
         "sku_gemma_harmful.png",
         "sku_gemma_likelihood.png",
     ]
+
+
+# ----------------------------------------------------------------------------- §6: the ext-sub-gemma run
+
+
+def _as_gemma_run(src: Path, dst: Path) -> None:
+    """The committed §1b run rewritten as an ext-sub-gemma run: the sweeps named `ext_sub` and
+    `subtract`, the trained-format TruthfulQA evaluation `truthfulqa_tulu` (the same numbers)."""
+    for path in sorted(src.rglob("*")):
+        rel = str(path.relative_to(src))
+        rel = rel.replace("ext_sub_chat", "ext_sub").replace("subtract_chat", "subtract")
+        rel = rel.replace("truthfulqa_chat", "truthfulqa_tulu")
+        target = dst / rel
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        elif path.suffix == ".json":
+            target.parent.mkdir(parents=True, exist_ok=True)
+            text = path.read_text().replace("truthfulqa_chat", "truthfulqa_tulu")
+            target.write_text(text.replace("ext_sub_chat", "ext_sub").replace("subtract_chat", "subtract"))
+
+
+def test_ext_sub_gemma_section_6_is_section_1b_in_the_tulu_template(
+    rt, tmp_path, monkeypatch, capsys
+) -> None:
+    src = ROOT / "docs" / "results" / "ext-sub-truthfulness-chat"
+    folder = tmp_path / "ext-sub-gemma"
+    _as_gemma_run(src, folder)
+    monkeypatch.setattr(rt, "IMG", tmp_path / "img")
+    rt.main(["--no-plots", str(folder)])
+    text = capsys.readouterr().out
+    assert "MC2 (tulu)" in text and "MC2 (chat)" not in text and "tulu template" in text
+    # Ext-Sub λ = 1 against its expert (λ = 0) on tulu-format MC2, the primary contrast: the point
+    # difference and a bootstrap of the per-question MC2 paired by question (in the expert's order).
+    points = {}
+    for lam in (0.0, 1.0):
+        record = json.loads(
+            (
+                folder / "sweeps" / "ext_sub" / "results" / rt.lam_folder(lam) / "truthfulqa-mc.json"
+            ).read_text()
+        )
+        points[lam] = {it["question"]: it["mc2"] for it in record["items"]}
+    questions = list(points[0.0])
+    a = np.array([points[0.0][q] for q in questions])
+    b = np.array([points[1.0][q] for q in questions])
+    idx = np.random.default_rng(rt.SEEDS[0]).integers(0, len(a), size=(rt.RESAMPLES, len(a)))
+    d = b[idx].mean(1) - a[idx].mean(1)
+    lo, hi = np.quantile(d, [0.025, 0.975])
+    cells = [
+        c.strip()
+        for c in next(line for line in text.splitlines() if line.startswith("| Ext-Sub λ=1 |"))
+        .strip("|")
+        .split("|")
+    ]
+    assert cells[2] == f"{b.mean():.3f}"
+    assert cells[3].startswith(f"**{b.mean() - a.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] (")  # bold: primary
+
+    # The base model's own perplexity shows where the run scored it (§1b's run did not: "–").
+    def base_row() -> list[str]:
+        line = next(
+            line for line in capsys.readouterr().out.splitlines() if line.startswith("| base model |")
+        )
+        return [c.strip() for c in line.strip("|").split("|")]
+
+    rt.main(["--no-plots", str(folder)])
+    assert base_row()[6] == "–"
+    ppl = {
+        "metric": "perplexity",
+        "metrics": {"perplexity": 36.3149},
+        "items": [],
+        "settings": {"window": 256},
+    }
+    (folder / "results" / "base" / "perplexity.json").write_text(json.dumps(ppl))
+    rt.main(["--no-plots", str(folder)])
+    assert base_row()[6] == "36.31"
