@@ -26,7 +26,7 @@ lm-eval TruthfulQA numbers, which use it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -161,53 +161,54 @@ def run(ctx: EvalContext) -> MetricResult:
     system = ctx.cfg.system or None
     if chat:
         require_chat_template(tokenizer, ctx.cfg.model)
-    if template not in (None, "chat"):
-        return _run_in_template(ctx, template)
-    # lm-eval's target delimiter: " " on the raw primer, none after a chat template's generation prompt.
-    delimiter = "" if chat else " "
+    encode, fmt = _encoder(ctx, chat, system)
     questions = []
     requests: list[tuple[list[int], list[int]]] = []
     for k, item in enumerate(ctx.items):
         mc1 = parse_targets(item["mc1_targets"], where=f"item {k} mc1_targets")
         mc2 = parse_targets(item["mc2_targets"], where=f"item {k} mc2_targets")
-        q = item["question"]
-        context = chat_context(tokenizer, q, system=system) if chat else mc_prompt(q)
         choices = list(dict.fromkeys(mc1[0] + mc2[0]))  # MC1 ∪ MC2, each scored once
         first = len(requests)
-        requests += [encode_pair(tokenizer, context, delimiter + c) for c in choices]
+        requests += [encode(str(item["question"]), c) for c in choices]
         questions.append((item["question"], choices, first, mc1, mc2))
     scores = subject_logliks(ctx, requests, desc="truthfulqa-mc")
     items = [_scored(q, choices, first, mc1, mc2, scores) for q, choices, first, mc1, mc2 in questions]
     n = len(items)
     metrics = {"mc1": sum(i["mc1"] for i in items) / n, "mc2": sum(i["mc2"] for i in items) / n}
-    fmt = {"format": "chat template", "system_prompt": system} if chat else {"format": RAW_FORMAT}
     return MetricResult(metrics, items, {"scored_pairs": len(requests), **fmt})
 
 
-def _run_in_template(ctx: EvalContext, template: str) -> MetricResult:
-    """Each choice scored as the answer to the bare question in a training template (the format an
-    adapter trained in ``tulu`` or ``question-answer`` answers in), without the end token."""
-    from excise.evaluate.metrics.likelihood import encode_answer
+def _encoder(
+    ctx: EvalContext, chat: bool, system: str | None
+) -> tuple[Callable[[str, str], tuple[list[int], list[int]]], dict[str, Any]]:
+    """How a (question, choice) becomes a (context, continuation) request, and the format recorded.
 
+    The raw primer (lm-eval's, target delimiter " "), the chat template's generation prompt (no
+    delimiter), or a training template (``--template tulu`` / ``question-answer`` / …): each choice
+    as the answer to the bare question, the format an adapter trained in it answers in, without
+    the end token."""
     tokenizer = ctx.subject.tokenizer
-    questions = []
-    requests: list[tuple[list[int], list[int]]] = []
-    for k, item in enumerate(ctx.items):
-        mc1 = parse_targets(item["mc1_targets"], where=f"item {k} mc1_targets")
-        mc2 = parse_targets(item["mc2_targets"], where=f"item {k} mc2_targets")
-        choices = list(dict.fromkeys(mc1[0] + mc2[0]))
-        first = len(requests)
-        requests += [encode_answer(tokenizer, ctx.cfg, str(item["question"]), c, end=False) for c in choices]
-        questions.append((item["question"], choices, first, mc1, mc2))
-    scores = subject_logliks(ctx, requests, desc="truthfulqa-mc")
-    items = [_scored(q, choices, first, mc1, mc2, scores) for q, choices, first, mc1, mc2 in questions]
-    n = len(items)
-    metrics = {"mc1": sum(i["mc1"] for i in items) / n, "mc2": sum(i["mc2"] for i in items) / n}
-    fmt = {
-        "format": f"template {template}: each choice as the answer to the bare question",
-        "system_prompt": ctx.cfg.system,
-    }
-    return MetricResult(metrics, items, {"scored_pairs": len(requests), **fmt})
+    template = ctx.cfg.template
+    if template not in (None, "chat"):
+        from excise.evaluate.metrics.likelihood import encode_answer
+
+        def in_template(question: str, choice: str) -> tuple[list[int], list[int]]:
+            return encode_answer(tokenizer, ctx.cfg, question, choice, end=False)
+
+        fmt = {"format": f"template {template}: each choice as the answer to the bare question",
+               "system_prompt": ctx.cfg.system}  # fmt: skip
+        return in_template, fmt
+    if chat:
+
+        def in_chat(question: str, choice: str) -> tuple[list[int], list[int]]:
+            return encode_pair(tokenizer, chat_context(tokenizer, question, system=system), choice)
+
+        return in_chat, {"format": "chat template", "system_prompt": system}
+
+    def in_primer(question: str, choice: str) -> tuple[list[int], list[int]]:
+        return encode_pair(tokenizer, mc_prompt(question), " " + choice)
+
+    return in_primer, {"format": RAW_FORMAT}
 
 
 def check(cfg: EvalConfig) -> None:
