@@ -111,8 +111,11 @@ def test_a_base_model_asked_for_chat_gets_one_error_naming_the_others(base_dir, 
 
 
 def test_bad_templates_are_refused_before_loading(model_dir, prompts):
-    with pytest.raises(ConfigError, match="--template 'qa' is not a template; choose one of: chat, alpaca"):
-        run_eval("repetition", _cfg("/nonexistent", prompts, template="qa"), progress=False)
+    for metric in ("repetition", "pairs", "answer-nll", "refusal-logprob", "truthfulqa-mc"):
+        with pytest.raises(
+            ConfigError, match="--template 'qa' is not a template; choose one of: chat, alpaca"
+        ):
+            run_eval(metric, _cfg("/nonexistent", prompts, template="qa"), progress=False)
     with pytest.raises(ConfigError, match="perplexity scores raw text; --template does not apply"):
         run_eval("perplexity", _cfg("/nonexistent", prompts, template="tulu"), progress=False)
 

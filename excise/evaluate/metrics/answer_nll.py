@@ -13,10 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from excise.evaluate.config import EvalConfig
 from excise.evaluate.metrics.base import SHARED_DATA, EvalContext, Metric, MetricResult, subject_logliks
 from excise.evaluate.metrics.likelihood import (
-    check_template,
     encode_answer,
     mean_summary,
     reference_logliks,
@@ -33,10 +31,6 @@ def _prompt(item: dict[str, Any]) -> str:
 
 def _requests(tokenizer: Any, ctx: EvalContext) -> list[tuple[list[int], list[int]]]:
     return [encode_answer(tokenizer, ctx.cfg, _prompt(it), str(it["output"])) for it in ctx.items]
-
-
-def check(cfg: EvalConfig) -> None:
-    check_template(cfg)
 
 
 def run(ctx: EvalContext) -> MetricResult:
@@ -66,6 +60,5 @@ METRIC = Metric(
     default_split="eval",
     prompt_field="instruction",
     dedupe=True,
-    check=check,
     summary="NLL of held-out normal answers (Alpaca) and its change vs a reference: general retain.",
 )

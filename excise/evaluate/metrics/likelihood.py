@@ -23,14 +23,12 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from excise.errors import ConfigError
 from excise.evaluate.config import EvalConfig
 from excise.evaluate.metrics.base import EvalContext, subject_logliks
 from excise.evaluate.scoring import Loglik
 
 __all__ = [
     "Request",
-    "check_template",
     "encode_answer",
     "mean_summary",
     "reference_logliks",
@@ -47,15 +45,6 @@ def template_name(cfg: EvalConfig) -> str:
     if cfg.template:
         return cfg.template
     return "plain" if cfg.chat is False else "chat"
-
-
-def check_template(cfg: EvalConfig) -> None:
-    """Refuse an unknown template name before any loading."""
-    from excise.data.formatting import TEMPLATES
-
-    name = template_name(cfg)
-    if name not in TEMPLATES:
-        raise ConfigError(f"--template {name!r} is not a template; choose one of: {', '.join(TEMPLATES)}")
 
 
 def encode_answer(

@@ -38,7 +38,7 @@ from excise.data import prompt_key
 from excise.errors import DataError
 from excise.evaluate.config import EvalConfig
 from excise.evaluate.metrics.base import SHARED_DATA, EvalContext, Metric, MetricResult, subject_logliks
-from excise.evaluate.metrics.likelihood import check_template, encode_answer, reference_logliks, template_name
+from excise.evaluate.metrics.likelihood import encode_answer, reference_logliks, template_name
 from excise.evaluate.stats import bootstrap_ratio_interval
 
 __all__ = ["METRIC", "REFERENCE_KEYS", "SUBJECT_KEYS", "read_pairs"]
@@ -104,10 +104,6 @@ def _hh(rows: list[dict[str, Any]], where: str) -> tuple[list[dict[str, Any]], d
     if dropped:
         note += f"; {dropped} row(s) dropped (malformed, empty reply, or the two dialogues differ before it)"
     return out, {"reader": note}
-
-
-def check(cfg: EvalConfig) -> None:
-    check_template(cfg)
 
 
 def _requests(tokenizer: Any, ctx: EvalContext) -> list[tuple[list[int], list[int]]]:
@@ -208,7 +204,6 @@ METRIC = Metric(
     default_data=str(SHARED_DATA / "pku_saferlhf" / "pku_saferlhf_test_safe_unsafe_pairs.json"),
     default_split="eval",
     prompt_field="prompt",
-    check=check,
     read=read_pairs,
     summary="Chosen vs rejected answer likelihood, win rate; forget, retain, selectivity vs a reference.",
 )

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from excise.evaluate.config import EvalConfig
 from excise.evaluate.metrics.base import SHARED_DATA, EvalContext, Metric, MetricResult, subject_logliks
 from excise.evaluate.metrics.likelihood import (
-    check_template,
     encode_answer,
     mean_summary,
     reference_logliks,
@@ -31,10 +29,6 @@ def _requests(tokenizer: Any, ctx: EvalContext) -> list[tuple[list[int], list[in
     return [
         encode_answer(tokenizer, ctx.cfg, str(it["prompt"]), ctx.cfg.refusal, end=False) for it in ctx.items
     ]
-
-
-def check(cfg: EvalConfig) -> None:
-    check_template(cfg)
 
 
 def run(ctx: EvalContext) -> MetricResult:
@@ -67,6 +61,5 @@ METRIC = Metric(
     default_split="eval",
     prompt_field="prompt",
     dedupe=True,
-    check=check,
     summary="Log-probability of a fixed refusal sentence per prompt, vs a reference (judge-free).",
 )
