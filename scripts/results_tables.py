@@ -631,6 +631,16 @@ def truthfulness_chat(run: Run, spec: TemplateSpec = CHAT_TABLE) -> str:
     return "\n".join(parts)
 
 
+def _save(fig: Any, png: str) -> None:
+    """Lay ``fig`` out, write it to ``docs/img/<png>`` and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    IMG.mkdir(parents=True, exist_ok=True)
+    fig.savefig(IMG / png, dpi=110)
+    plt.close(fig)
+
+
 def _curves(ax, run: Run, labels: dict[str, str]) -> list[tuple[str, str]]:
     """Each sweep's (utility, deficiency) points as a line with λ marks; the (sweep, colour) drawn."""
     drawn = []
@@ -669,10 +679,7 @@ def plot_truthfulness(run: Run) -> None:
     bx.set_xlabel("λ")
     bx.set_ylabel("4-gram repetition of answers")
     bx.set_title("degeneration over λ")
-    fig.tight_layout()
-    IMG.mkdir(parents=True, exist_ok=True)
-    fig.savefig(IMG / "results_truthfulness.png", dpi=110)
-    plt.close(fig)
+    _save(fig, "results_truthfulness.png")
 
 
 def diagnostics(run: Run, names: list[tuple[str, str]]) -> str:
@@ -801,10 +808,7 @@ def plot_tradeoff(run: Run, first: str, second: str, ylabel: str, png: str) -> N
     ax.set_xlabel("wikitext-2 perplexity")
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    IMG.mkdir(parents=True, exist_ok=True)
-    fig.savefig(IMG / png, dpi=110)
-    plt.close(fig)
+    _save(fig, png)
 
 
 # ----------------------------------------------------------------------------- SKU
@@ -1129,10 +1133,7 @@ def plot_sku(
         ax.set_ylabel("harmful rate (lower is better)")
         ax.set_title(title)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    IMG.mkdir(parents=True, exist_ok=True)
-    fig.savefig(IMG / spec.png, dpi=110)
-    plt.close(fig)
+    _save(fig, spec.png)
 
 
 def sku_samples(
@@ -1381,10 +1382,7 @@ def plot_forget_retain(rows: Rows, png: str = "results_sku_likelihood.png") -> N
         note = f"not drawn (beyond ±{OFF_SCALE_NATS:g} nats): " + "; ".join(off_scale)
         ax.text(0.99, 0.01, note, transform=ax.transAxes, ha="right", va="bottom", fontsize=6.5)
     ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    IMG.mkdir(parents=True, exist_ok=True)
-    fig.savefig(IMG / png, dpi=110)
-    plt.close(fig)
+    _save(fig, png)
 
 
 # ----------------------------------------------------------------------------- SKU on Gemma-3-270M (§5)
