@@ -1484,6 +1484,7 @@ def main(args: list[str]) -> None:
         elif folder.name.startswith("ext-sub-gemma"):
             print(truthfulness_chat(run, GEMMA_TABLE))  # §6
             print()
+            print(diagnostics(run, [("ext_sub", "expert vs anti-expert (both seed 0)")]))
         elif folder.name.startswith("sku-gemma"):
             print(sku_gemma(run))  # §5
             print()
