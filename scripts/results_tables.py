@@ -549,6 +549,7 @@ class TemplateSpec:
     tqa: str
     sweeps: tuple[str, str]
     setting: str
+    png: str | None = None  # the trade-off plot (MC2 in both formats against perplexity), if any
 
 
 CHAT_TABLE = TemplateSpec(
@@ -566,6 +567,7 @@ GEMMA_TABLE = TemplateSpec(
     sweeps=("ext_sub", "subtract"),
     setting="each option scored as the answer to the bare question in the tulu template "
     "(`<|user|>\\n{question}\\n<|assistant|>\\n{answer}`), the format the modules were trained in",
+    png="ext_sub_gemma.png",
 )
 
 
@@ -628,7 +630,42 @@ def truthfulness_chat(run: Run, spec: TemplateSpec = CHAT_TABLE) -> str:
             _table(LAM_HEADER, lam_rows),
         ]
     parts += ["", fam.summary()]
+    if PLOTS and spec.png:
+        plot_template_tradeoff(run, spec)
     return "\n".join(parts)
+
+
+def plot_template_tradeoff(run: Run, spec: TemplateSpec) -> None:
+    """TruthfulQA MC2 in the trained template (left) and in the raw primer (right) against
+    perplexity, over λ for both sweeps, with the base model and the anti-expert as points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    labels = {spec.sweeps[0]: "Ext-Sub", spec.sweeps[1]: "direct subtraction"}
+    for ax, key, title in ((axes[0], None, f"MC2 in the {spec.fmt} template"),
+                           (axes[1], "truthfulqa:mc2", "MC2 in lm-eval's raw primer")):  # fmt: skip
+        for (sweep, label), colour in zip(labels.items(), ("tab:blue", "tab:red"), strict=True):
+            points = (run.sweeps.get(sweep) or {}).get("points", [])
+            x = [q["utility"]["value"] for q in points]
+            y = [(q["extra"][key] if key else q["deficiency"])["value"] for q in points]
+            ax.plot(x, y, "o-", color=colour, label=label)
+            for q, xi, yi in zip(points, x, y, strict=True):
+                ax.annotate(
+                    f"λ={q['lam']:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7
+                )
+        for model, marker in (("base", "s"), ("anti_expert", "v")):
+            tqa = run.record(model, "truthfulqa" if key else spec.tqa)
+            ppl = run.record(model, "perplexity")
+            if tqa and ppl:
+                ax.plot(ppl["metrics"]["perplexity"], tqa["metrics"]["mc2"], marker, color="k", label=model)
+        ax.set_xlabel("wikitext-2 perplexity (lower is better)")
+        ax.set_ylabel("TruthfulQA MC2 (higher is better)")
+        ax.set_title(f"{title} (λ = 0: the expert)", fontsize=10)
+        ax.legend(fontsize=8)
+    _save(fig, spec.png)
 
 
 def _save(fig: Any, png: str) -> None:
