@@ -1442,7 +1442,7 @@ _GEMMA_MODELS = (
     ("task_vector_negated", "task vector (SFT on unsafe, negated)"),
 )
 _GEMMA_SKU = frozenset({"sku", "sku_paper", "sku_full"})
-_GEMMA_JUDGED_MODELS = ("base", "sku", "sku_paper", "sku_full", "ga", "llmu", "npo", "task_vector_negated")
+_GEMMA_JUDGED_MODELS = ("base", "sku", "sku_full", "npo")  # the recipe's `judged` models
 
 # Primary contrasts: do SKU's three negations (LoRA at the reference's ε, LoRA at the paper's ε, full
 # parameters) remove the unsafe answers selectively (selectivity > 0 against the base model)?
