@@ -197,9 +197,13 @@ RESULTS = ROOT / "docs" / "results" / "ext-sub-truthfulness"
 
 # The first ext-sub-truthfulness run's Ext-Sub sweep (docs/results at 41d3dce, before its re-run):
 # λ → (TruthfulQA MC2, wikitext-2 perplexity), and the knee its sweep.json reported.
-FIRST_RUN_POINTS = {0.0: (0.43165816417643255, 32.23392404430479), 0.5: (0.43213673421951876, 32.8939569376208),
-                    1.0: (0.43201436634279355, 33.88981362316746), 2.0: (0.4457286554044395, 37.148774179758476),
-                    3.0: (0.4735276129481773, 42.83606003734415)}  # fmt: skip
+FIRST_RUN_POINTS = {
+    0.0: (0.43165816417643255, 32.23392404430479),
+    0.5: (0.43213673421951876, 32.8939569376208),
+    1.0: (0.43201436634279355, 33.88981362316746),
+    2.0: (0.4457286554044395, 37.148774179758476),
+    3.0: (0.4735276129481773, 42.83606003734415),
+}
 FIRST_RUN_KNEE = 2.0  # by the absolute distance to the chord
 
 
