@@ -169,7 +169,7 @@ def run(ctx: EvalContext) -> MetricResult:
         mc2 = parse_targets(item["mc2_targets"], where=f"item {k} mc2_targets")
         choices = list(dict.fromkeys(mc1[0] + mc2[0]))  # MC1 ∪ MC2, each scored once
         first = len(requests)
-        requests += [encode(str(item["question"]), c) for c in choices]
+        requests += encode(str(item["question"]), choices)
         questions.append((item["question"], choices, first, mc1, mc2))
     scores = subject_logliks(ctx, requests, desc="truthfulqa-mc")
     items = [_scored(q, choices, first, mc1, mc2, scores) for q, choices, first, mc1, mc2 in questions]
@@ -178,35 +178,38 @@ def run(ctx: EvalContext) -> MetricResult:
     return MetricResult(metrics, items, {"scored_pairs": len(requests), **fmt})
 
 
-def _encoder(
-    ctx: EvalContext, chat: bool, system: str | None
-) -> tuple[Callable[[str, str], tuple[list[int], list[int]]], dict[str, Any]]:
-    """How a (question, choice) becomes a (context, continuation) request, and the format recorded.
+Encoder = Callable[[str, Sequence[str]], list[tuple[list[int], list[int]]]]
+
+
+def _encoder(ctx: EvalContext, chat: bool, system: str | None) -> tuple[Encoder, dict[str, Any]]:
+    """How a question's choices become (context, continuation) requests, and the format recorded.
 
     The raw primer (lm-eval's, target delimiter " "), the chat template's generation prompt (no
     delimiter), or a training template (``--template tulu`` / ``question-answer`` / …): each choice
     as the answer to the bare question, the format an adapter trained in it answers in, without
-    the end token."""
+    the end token. The question's context is rendered once for all its choices."""
     tokenizer = ctx.subject.tokenizer
     template = ctx.cfg.template
     if template not in (None, "chat"):
         from excise.evaluate.metrics.likelihood import encode_answer
 
-        def in_template(question: str, choice: str) -> tuple[list[int], list[int]]:
-            return encode_answer(tokenizer, ctx.cfg, question, choice, end=False)
+        def in_template(question: str, choices: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+            return [encode_answer(tokenizer, ctx.cfg, question, c, end=False) for c in choices]
 
         fmt = {"format": f"template {template}: each choice as the answer to the bare question",
                "system_prompt": ctx.cfg.system}  # fmt: skip
         return in_template, fmt
     if chat:
 
-        def in_chat(question: str, choice: str) -> tuple[list[int], list[int]]:
-            return encode_pair(tokenizer, chat_context(tokenizer, question, system=system), choice)
+        def in_chat(question: str, choices: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+            context = chat_context(tokenizer, question, system=system)
+            return [encode_pair(tokenizer, context, c) for c in choices]
 
         return in_chat, {"format": "chat template", "system_prompt": system}
 
-    def in_primer(question: str, choice: str) -> tuple[list[int], list[int]]:
-        return encode_pair(tokenizer, mc_prompt(question), " " + choice)
+    def in_primer(question: str, choices: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+        context = mc_prompt(question)
+        return [encode_pair(tokenizer, context, " " + c) for c in choices]
 
     return in_primer, {"format": RAW_FORMAT}
 
