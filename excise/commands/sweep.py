@@ -106,6 +106,14 @@ def sweep(
     allow_partial: Partial = False,
     overwrite: Overwrite = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    no_cache: Annotated[
+        bool,
+        typer.Option(
+            "--no-cache",
+            help="Recompute every λ point even if a cached result exists (a point is keyed by the "
+            "digests of W0 and D and by λ; λ = 0 by W0 alone, so sweeps from one expert share it).",
+        ),
+    ] = False,
     threads: Threads = None,
 ) -> None:
     """Evaluate an operation over a λ grid with the model loaded once; choose λ by a stated rule.
@@ -156,6 +164,7 @@ def sweep(
         out=out,
         overwrite=overwrite,
         progress=progress,
+        cache=not no_cache,
     )
     from excise.pipeline.sweep import format_table, run_sweep
 

@@ -66,6 +66,7 @@ def run_eval(
     subject: Subject | None = None,
     answers: list[str] | None = None,
     modules: list[Path] | None = None,
+    identity: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``cfg.model`` (+ ``cfg.adapter``) on metric ``name`` and return the result record.
 
@@ -77,11 +78,15 @@ def run_eval(
         progress: show progress bars.
         subject: the model already loaded (:func:`load_subject` of ``cfg``, unmerged), to share
             one load between metrics (:func:`run_many`); or a model built in memory (the λ sweep
-            changes one in place), which its caller evaluates with ``use_cache=False``.
+            changes one in place), which its caller names by ``identity`` (or evaluates with
+            ``use_cache=False``).
         modules: adapter folders ``subject`` was built from (a sweep's inputs): their training
             data is checked against the items too, as ``cfg.adapter``'s is.
         answers: saved answers to judge instead of generating (``excise eval judge``): only the
             tokenizer is loaded.
+        identity: what an in-memory ``subject`` is beyond ``cfg`` (a sweep point: the digests
+            of its ``W0`` and ``D`` and its λ). The result is cached under the usual key plus
+            this; generations are then not cached (their key knows only model and adapter).
 
     Returns:
         The record: ``metrics`` (each a finite number, or ``None`` with its reason in
@@ -119,6 +124,8 @@ def run_eval(
     payload = _payload(metric, cfg, spec, data_summary["split"], judge_spec if judge is None else judge)
     if answers is not None:
         payload["answers_sha256"] = cache_key({"answers": answers})
+    if identity is not None:
+        payload["subject"] = identity
     key = cache_key(payload)
     # The main process's look-up: in a data-parallel run every process computes, or none does.
     if use_cache and (hit := from_main(lambda: read_cached(key))) is not None:
@@ -149,8 +156,9 @@ def run_eval(
             )  # fmt: skip
         load_seconds = time.perf_counter() - clock
         ctx = EvalContext(
-            cfg, subject, items, judge=judge, progress=progress, use_cache=use_cache, saved_answers=answers
-        )
+            cfg, subject, items, judge=judge, progress=progress, use_cache=use_cache and identity is None,
+            saved_answers=answers,
+        )  # fmt: skip
         clock = time.perf_counter()
         outcome = metric.run(ctx)
     record = {

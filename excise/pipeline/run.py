@@ -184,7 +184,7 @@ def run_recipe(
 def plan(recipe: Recipe, *, force: bool = False) -> list[Stage]:
     """The stages of ``recipe`` in the order they run: train, operate, evaluate, sweep, report.
 
-    ``force``: the evaluation stages bypass the evaluation cache (``excise run --force``)."""
+    ``force``: the evaluation and sweep stages bypass the evaluation cache (``excise run --force``)."""
     stages: list[Stage] = []
     for name, adapter in recipe.adapters.items():
         if adapter.config is None:
@@ -252,7 +252,7 @@ def plan(recipe: Recipe, *, force: bool = False) -> list[Stage]:
                 )
             )
     for name in recipe.sweeps:
-        stages.append(_sweep_stage(recipe, name))
+        stages.append(_sweep_stage(recipe, name, use_cache=not force))
     reportable = [s.output for s in stages if s.output.parts[0] in ("results", "sweeps", "diagnostics")]
     if recipe.report and reportable:  # a recipe that only trains has nothing to report
         stages.append(_report_stage(recipe, [s.output for s in stages]))
@@ -414,16 +414,17 @@ def _judge_settings(evaluations: list[tuple[str, str | None]]) -> dict[str, Any]
     return {"judges": judges} if judges else {}
 
 
-def _sweep_stage(recipe: Recipe, name: str) -> Stage:
+def _sweep_stage(recipe: Recipe, name: str, *, use_cache: bool) -> Stage:
     sweep = recipe.sweeps[name]
-    config = sweep.config
+    config = sweep.config.model_copy(update={"cache": use_cache and sweep.config.cache})
 
     def action(_resume: bool) -> None:
         from excise.pipeline.sweep import run_sweep
 
         run_sweep(config)
 
-    settings = _stable(config.model_dump(mode="json", exclude={"inputs", "out", "overwrite", "progress"}))
+    exclude = {"inputs", "out", "overwrite", "progress", "cache"}
+    settings = _stable(config.model_dump(mode="json", exclude=exclude))
     axes = [config.deficiency, config.utility, *config.extra]
     settings |= _judge_settings([(a.metric, a.settings.get("judge")) for a in axes])
     data = [a.settings.get("data") for a in (config.deficiency, config.utility) if a.settings.get("data")]

@@ -58,6 +58,9 @@ SweepConfig fields (YAML keys of a recipe's ``sweep`` stage; ``excise sweep`` fl
 - ``tolerance_on`` (``point`` | ``worst`` | ``best``), ``select_share`` (float, default 0.5).
 - ``bootstrap`` (int, default 10000), ``confidence`` (float, default 0.95), ``seed`` (int).
 - ``out`` (folder, written atomically), ``overwrite`` (bool), ``progress`` (bool).
+- ``cache`` (bool, default true): read and write the evaluation cache, each λ point keyed by
+  :func:`weights_digest` of ``W0`` and ``D`` and by λ (λ = 0 by ``W0`` alone: sweeps from one
+  expert share it); ``excise sweep --no-cache`` and ``excise run --force`` recompute.
 
 Output folder (``run_sweep`` returns it)::
 
@@ -73,6 +76,7 @@ Output folder (``run_sweep`` returns it)::
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -101,6 +105,7 @@ __all__ = [
     "selection_split",
     "set_delta_scale",
     "utility_loss",
+    "weights_digest",
 ]
 
 _OPERATIONS = ("ext_sub", "subtract", "negate", "compose")
@@ -225,6 +230,12 @@ class SweepConfig(BaseModel):
     out: Path = Field(description="Output folder (written atomically).")
     overwrite: bool = Field(False, description="Replace a non-empty output folder.")
     progress: bool = Field(True, description="Show progress bars.")
+    cache: bool = Field(
+        True,
+        description="Read and write the evaluation cache. A λ point is keyed by the digests of W0 and "
+        "D's weights and λ; λ = 0 by W0 alone (D at scale 0 adds exactly nothing), so sweeps over "
+        "the same W0 (Ext-Sub and subtraction from one expert) share their reference point.",
+    )
 
     @field_validator("lams")
     @classmethod
@@ -735,6 +746,28 @@ def _load_swept_model(cfg: SweepConfig, base_dir: Path | None, delta_dir: Path, 
     return Subject(model, plain.tokenizer, cfg.model, delta_dir, merged=False)
 
 
+def weights_digest(folder: Path | None) -> str | None:
+    """SHA-256 of an adapter's config and tensors (names, dtypes, shapes, bytes); None for None.
+
+    Not of its files: a written adapter's metadata carry its creation time and the operation
+    that made it, so the same ``W0`` written by two sweeps has two file digests."""
+    if folder is None:
+        return None
+    import hashlib
+
+    import torch
+    from safetensors import safe_open
+
+    config = json.loads((folder / "adapter_config.json").read_text())
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as weights:
+        for name in sorted(weights.keys()):
+            tensor = weights.get_tensor(name).contiguous()
+            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def set_delta_scale(model: Any, lam: float) -> int:
     """Set ``D``'s LoRA scale to ``lam`` in every layer (its ``alpha = r``: scale 1 × ``lam``).
 
@@ -827,9 +860,16 @@ def run_sweep(cfg: SweepConfig) -> Path:
         judges = {name: load_metric_judge(axes[name].metric, c) for name, c in eval_cfgs.items()}
         load_seconds = time.perf_counter() - clock
 
+        digests = {
+            "w0": weights_digest(base_dir),
+            "delta": weights_digest(delta_dir),
+            "w0_merged": merge_base,
+        }
         points = []
         for lam in cfg.grid:
             set_delta_scale(subject.model, lam)
+            # At λ = 0 D adds exactly zero: the point is W0 alone, whatever D is.
+            identity = {"sweep": digests | ({"delta": None, "lam": 0.0} if lam == 0 else {"lam": lam})}
             clock = time.perf_counter()
             done: dict[tuple[str, str], dict[str, Any]] = {}  # one evaluation per (metric, settings)
             point: dict[str, Any] = {"lam": lam, "results": {}}
@@ -837,7 +877,7 @@ def run_sweep(cfg: SweepConfig) -> Path:
                 run_key = (axis.metric, eval_cfgs[name].model_dump_json())
                 if run_key not in done:
                     record = run_eval(axis.metric, eval_cfgs[name], judge=judges[name], subject=subject,
-                                      modules=list(cfg.inputs), use_cache=False,
+                                      modules=list(cfg.inputs), use_cache=cfg.cache, identity=identity,
                                       progress=cfg.progress)  # fmt: skip
                     record["adapter"] = None
                     record["sweep"] = {

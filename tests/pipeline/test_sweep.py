@@ -641,3 +641,80 @@ def test_an_absolute_tolerance_is_in_the_utilitys_own_units():
     assert absolute["lam"] == 1.0 and absolute["tolerance_kind"] == "absolute"
     assert absolute["utility_loss"] == pytest.approx([0.0, 0.006, 0.22])
     assert absolute["admissible"] == [True, True, False] and "utility's own units" in absolute["rule"]
+
+
+def test_sweeps_from_one_expert_share_their_lam0_point_and_nothing_else(setup, tmp_path, monkeypatch):
+    """λ = 0 is W0 alone: Ext-Sub and subtraction from one expert evaluate it once; every other
+    point, another W0, or `cache=False` is computed."""
+    from excise.evaluate.config import EvalConfig
+    from excise.evaluate.runner import run_eval
+    from excise.pipeline.sweep import run_sweep
+
+    monkeypatch.setenv("EXCISE_CACHE", str(tmp_path / "cache"))
+    model, (expert, anti), mc, text = setup
+
+    def sweep(operation, inputs, out, **kw):
+        cfg = SweepConfig(
+            model=str(model), operation=operation, inputs=inputs, lams=[1.0], device="cpu", progress=False,
+            deficiency={"metric": "truthfulqa-mc", "key": "mc2", "settings": {"data": str(mc)}},
+            utility={"metric": "perplexity", "key": "perplexity",
+                     "settings": {"data": str(text), "window": 8, "stride": 4}},
+            bootstrap=10, out=tmp_path / out, **kw,
+        )  # fmt: skip
+        run_sweep(cfg)
+        summary = json.loads((tmp_path / out / "sweep.json").read_text())
+        return {
+            (p["lam"], metric): json.loads((tmp_path / out / rel).read_text())
+            for p in summary["points"]
+            for metric, rel in p["results"].items()
+        }
+
+    ext_sub = sweep("ext_sub", [expert, anti], "ext_sub")
+    subtract = sweep("subtract", [expert, anti], "subtract")
+    assert not any(r["from_cache"] for r in ext_sub.values())
+    for metric in ("truthfulqa-mc", "perplexity"):
+        assert subtract[0.0, metric]["from_cache"] and not subtract[1.0, metric]["from_cache"]
+        assert subtract[0.0, metric]["metrics"] == ext_sub[0.0, metric]["metrics"]
+        assert subtract[0.0, metric]["sweep"]["operation"] == "subtract"  # its own provenance
+        assert subtract[1.0, metric]["metrics"] != ext_sub[1.0, metric]["metrics"]
+    # Independently: the shared point is the expert, evaluated on its own.
+    alone_cfg = EvalConfig(model=str(model), adapter=expert, data=str(mc), device="cpu")
+    alone = run_eval("truthfulqa-mc", alone_cfg, use_cache=False, progress=False)
+    shared = subtract[0.0, "truthfulqa-mc"]["metrics"]["mc2"]
+    assert shared == pytest.approx(alone["metrics"]["mc2"], rel=1e-5)
+    # The same sweep again reads every point back; the cache off recomputes them, to the same numbers.
+    again = sweep("ext_sub", [expert, anti], "ext_sub", overwrite=True)
+    fresh = sweep("ext_sub", [expert, anti], "ext_sub", overwrite=True, cache=False)
+    assert all(r["from_cache"] for r in again.values()) and not any(r["from_cache"] for r in fresh.values())
+    assert all(fresh[k]["metrics"] == again[k]["metrics"] == ext_sub[k]["metrics"] for k in ext_sub)
+    # Another W0 (the anti-expert as the expert) shares nothing.
+    swapped = sweep("ext_sub", [anti, expert], "swapped")
+    assert not any(r["from_cache"] for r in swapped.values())
+    assert swapped[0.0, "perplexity"]["metrics"] != ext_sub[0.0, "perplexity"]["metrics"]
+
+
+def test_weights_digest_is_of_the_tensors_not_the_file(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from excise.pipeline.sweep import weights_digest
+
+    folders = []
+    for name, metadata in [("a", {"created": "1"}), ("b", {"created": "2"})]:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps({"r": 4, "peft_type": "LORA"}))
+        tensors = {"x.lora_A.weight": torch.arange(6.0).reshape(2, 3), "x.lora_B.weight": torch.ones(3, 2)}
+        save_file(tensors, str(folder / "adapter_model.safetensors"), metadata=metadata)
+        folders.append(folder)
+    a, b = folders
+    assert (a / "adapter_model.safetensors").read_bytes() != (b / "adapter_model.safetensors").read_bytes()
+    assert weights_digest(a) == weights_digest(b) and weights_digest(None) is None
+    tensors = load_file(str(b / "adapter_model.safetensors"))
+    tensors["x.lora_B.weight"][0, 0] = 1.0000001
+    save_file(tensors, str(b / "adapter_model.safetensors"))
+    assert weights_digest(a) != weights_digest(b)
+    (b / "adapter_model.safetensors").unlink()
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(a / "adapter_model.safetensors")).items()},
+              str(b / "adapter_model.safetensors"))  # fmt: skip
+    assert weights_digest(a) != weights_digest(b)  # the same values in another dtype: another model
