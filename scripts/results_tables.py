@@ -443,6 +443,19 @@ PPL_NOTE = (
 )
 
 
+def _items_read(record: dict[str, Any] | None) -> str:
+    """How a record's items were taken from its data file, from its ``data_summary``: ``"200
+    questions (a seeded subsample of the 817)"`` — or ``the first 200`` for a record made before
+    ``limit`` subsampled (it has no ``subsample`` entry), ``all 817`` without a limit."""
+    summary = (record or {}).get("data_summary") or {}
+    n, pool = summary.get("kept"), summary.get("after_split")
+    if n is None or pool is None:
+        return f"{(record or {}).get('n_items')} questions"
+    if "subsample" in summary:
+        return f"{n} questions (a seeded subsample of the {pool})"
+    return f"{n} questions (the first {n} of {pool})" if n < pool else f"all {n} questions"
+
+
 def _ppl_note(record: dict[str, Any] | None, *, in_rule: bool = True) -> str:
     """The caveat for a perplexity on fewer than 20 windows (``in_rule``: it is the λ rule's utility)."""
     if record is None:
@@ -511,8 +524,7 @@ def truthfulness(run: Run) -> str:
     header = ["model", "MC1", "MC2", "ΔMC2 vs its expert [95% CI] (Holm p)", "ΔMC2 vs base [95% CI] (Holm p)",
               "HaluEval acc (raw pairs)", "HaluEval acc (controlled)", "rep-4", "wikitext-2 ppl"]  # fmt: skip
     out = [_table(header, rows)]
-    n = (base or {}).get("n_items")
-    out.append(f"\nTruthfulQA: {n} questions (the first {n} of 817). "
+    out.append(f"\nTruthfulQA: {_items_read(base)}. "
                + _ppl_note(rows_by_name.get("base", {}).get("ppl")))  # fmt: skip
     if lam_rows:
         out += [
@@ -618,7 +630,7 @@ def truthfulness_chat(run: Run, spec: TemplateSpec = CHAT_TABLE) -> str:
               "HaluEval: right preferred (per token)", "HaluEval selectivity", delta]  # fmt: skip
     base_tqa = run.record("base", spec.tqa) or {}
     base_pairs = run.record("base", "halueval_pairs") or {}
-    note = (f"\nTruthfulQA: {base_tqa.get('n_items')} questions (a seeded subsample of the 817), "
+    note = (f"\nTruthfulQA: {_items_read(base_tqa)}, "
             f"{spec.setting}, and in lm-eval's raw 6-shot primer, on the same modules. HaluEval: "
             f"{base_pairs.get('n_pairs')} format-controlled held-out pairs through `eval pairs` "
             f"(per-token NLL, right answer = chosen; selectivity against the base model). ")  # fmt: skip

@@ -447,13 +447,14 @@ def test_ext_sub_gemma_section_6_is_section_1b_in_the_tulu_template(
     assert cells[2] == f"{b.mean():.3f}"
     assert cells[3].startswith(f"**{b.mean() - a.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] (")  # bold: primary
 
-    # The base model's own perplexity shows where the run scored it (§1b's run did not: "–").
+    # The base model's own perplexity shows where the run scored it, "–" where it did not.
     def base_row() -> list[str]:
         line = next(
             line for line in capsys.readouterr().out.splitlines() if line.startswith("| base model |")
         )
         return [c.strip() for c in line.strip("|").split("|")]
 
+    (folder / "results" / "base" / "perplexity.json").unlink(missing_ok=True)  # a run that did not score it
     rt.main(["--no-plots", str(folder)])
     assert base_row()[6] == "–"
     ppl = {
@@ -465,3 +466,18 @@ def test_ext_sub_gemma_section_6_is_section_1b_in_the_tulu_template(
     (folder / "results" / "base" / "perplexity.json").write_text(json.dumps(ppl))
     rt.main(["--no-plots", str(folder)])
     assert base_row()[6] == "36.31"
+
+
+def test_items_read_says_how_the_questions_were_taken(rt) -> None:
+    """The caption comes from the record: a subsample, a prefix (records before issue 22) or all."""
+
+    def record(kept, pool, subsample):
+        summary = {"kept": kept, "after_split": pool}
+        if subsample:
+            summary["subsample"] = {"seed": 0, "n": kept}
+        return {"n_items": kept, "data_summary": summary}
+
+    assert rt._items_read(record(200, 817, True)) == "200 questions (a seeded subsample of the 817)"
+    assert rt._items_read(record(200, 817, False)) == "200 questions (the first 200 of 817)"
+    assert rt._items_read(record(817, 817, False)) == "all 817 questions"
+    assert rt._items_read({"n_items": 5}) == "5 questions"
