@@ -60,6 +60,7 @@ __all__ = [
     "load_adapter",
     "recorded_training_data",
     "save_adapter",
+    "tensor_digest",
     "verified_digest",
 ]
 
@@ -457,6 +458,38 @@ def verified_digest(file: str | Path, algorithm: str = "xxh3_128", *, adapter: A
                 if not _bytes_finite(data[begin:end], code):
                     raise AdapterError(f"{file}: tensor {key} contains NaN or Inf values")
             digest.update(data[position:])
+    return digest.hexdigest()
+
+
+def tensor_digest(file: str | Path, algorithm: str = "sha256") -> str:
+    """Digest of a safetensors file's tensors alone (``sha256`` or ``xxh3_128``, hex).
+
+    Each tensor's name, dtype code, shape and bytes, in name order, read from a memory map:
+    not the header's ``__metadata__`` (a written adapter's carries its creation time and
+    the operation that made it) nor where the tensors lie in the file, so two files that
+    hold the same tensors have one digest, and a tensor that changes by one bit, dtype or
+    shape changes it.
+
+    Raises:
+        ConfigError: an unknown algorithm.
+        AdapterError: not a safetensors file ``safe_open`` can read.
+    """
+    check_digest(algorithm)
+    file = Path(file)
+    try:
+        with safe_open(str(file), framework="numpy"):  # validates the header and the offsets
+            pass
+    except Exception as exc:  # safetensors raises its own error types
+        raise AdapterError(f"{file}: not a readable safetensors file ({first_line(exc)})") from exc
+    digest = DIGESTS[algorithm]()
+    with file.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        start, entries = read_header(view)
+        with memoryview(view) as data:
+            for name in sorted(entries):
+                info = entries[name]
+                begin, end = (start + offset for offset in info["data_offsets"])
+                digest.update(json.dumps([name, info["dtype"], info["shape"], end - begin]).encode())
+                digest.update(data[begin:end])
     return digest.hexdigest()
 
 

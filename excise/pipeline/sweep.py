@@ -747,7 +747,7 @@ def _load_swept_model(cfg: SweepConfig, base_dir: Path | None, delta_dir: Path, 
 
 
 def weights_digest(folder: Path | None) -> str | None:
-    """SHA-256 of an adapter's config and tensors (names, dtypes, shapes, bytes); None for None.
+    """SHA-256 of an adapter's config and tensors (:func:`~excise.pem.io.tensor_digest`); None for None.
 
     Not of its files: a written adapter's metadata carry its creation time and the operation
     that made it, so the same ``W0`` written by two sweeps has two file digests."""
@@ -755,16 +755,11 @@ def weights_digest(folder: Path | None) -> str | None:
         return None
     import hashlib
 
-    import torch
-    from safetensors import safe_open
+    from excise.pem.io import tensor_digest
 
     config = json.loads((folder / "adapter_config.json").read_text())
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as weights:
-        for name in sorted(weights.keys()):
-            tensor = weights.get_tensor(name).contiguous()
-            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-            digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    digest.update(tensor_digest(folder / "adapter_model.safetensors").encode())
     return digest.hexdigest()
 
 

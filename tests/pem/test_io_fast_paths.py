@@ -24,7 +24,7 @@ from safetensors.numpy import save_file as save_np
 from safetensors.torch import load_file as load_pt
 from safetensors.torch import save_file as save_pt
 
-from excise.errors import AdapterError
+from excise.errors import AdapterError, ConfigError
 from excise.pem import io as pem_io
 from excise.pem.apply import apply_operator
 from excise.pem.delta import Adapter, LowRankDelta
@@ -654,6 +654,48 @@ def test_verified_digest_hashes_the_file_and_finds_the_bad_tensor(tmp_path, dtyp
         for algorithm in ("xxh3_128", "sha256"):
             with pytest.raises(AdapterError, match=r"lora_B\.weight contains NaN or Inf"):
                 verified_digest(file, algorithm)
+
+
+def test_tensor_digest_is_of_names_dtypes_shapes_and_bytes_only(tmp_path):
+    from excise.pem.io import tensor_digest
+
+    tensors = {
+        "b.weight": np.arange(12, dtype=np.float32).reshape(3, 4),
+        "a.weight": np.ones((2,), np.float16),
+        "empty": np.zeros((0, 3), np.float32),
+    }
+
+    def expected(arrays: dict[str, np.ndarray], code: dict[str, str]) -> str:  # by hand, in name order
+        digest = hashlib.sha256()
+        for name in sorted(arrays):
+            raw = np.ascontiguousarray(arrays[name]).astype(arrays[name].dtype.newbyteorder("<")).tobytes()
+            digest.update(json.dumps([name, code[name], list(arrays[name].shape), len(raw)]).encode())
+            digest.update(raw)
+        return digest.hexdigest()
+
+    codes = {"b.weight": "F32", "a.weight": "F16", "empty": "F32"}
+    first, second = tmp_path / "first.safetensors", tmp_path / "second.safetensors"
+    save_np(tensors, str(first), metadata={"created": "1"})
+    save_np(dict(reversed(tensors.items())), str(second), metadata={"created": "2", "op": "negate"})
+    assert first.read_bytes() != second.read_bytes()
+    assert tensor_digest(first) == tensor_digest(second) == expected(tensors, codes)
+    assert tensor_digest(first, "xxh3_128") != tensor_digest(first)
+    for change in ("bit", "shape", "dtype"):
+        other = dict(tensors)
+        if change == "bit":
+            other["b.weight"] = tensors["b.weight"].copy()
+            other["b.weight"].view(np.uint32)[1, 2] ^= 1  # one ulp
+        elif change == "shape":
+            other["b.weight"] = tensors["b.weight"].reshape(4, 3)  # the same bytes
+        else:
+            other["b.weight"] = tensors["b.weight"].view(np.int32)  # the same bytes, another dtype
+        save_np(other, str(second))
+        assert tensor_digest(second) != tensor_digest(first), change
+    (tmp_path / "broken.safetensors").write_bytes(b"\x10" + bytes(7) + b"{not json")
+    with pytest.raises(AdapterError, match="not a readable safetensors file"):
+        tensor_digest(tmp_path / "broken.safetensors")
+    with pytest.raises(ConfigError, match="unknown digest"):
+        tensor_digest(first, "md5")
 
 
 def test_verified_digest_of_a_bin_adapter(tmp_path):
