@@ -443,17 +443,26 @@ PPL_NOTE = (
 )
 
 
-def _items_read(record: dict[str, Any] | None) -> str:
-    """How a record's items were taken from its data file, from its ``data_summary``: ``"200
-    questions (a seeded subsample of the 817)"`` — or ``the first 200`` for a record made before
-    ``limit`` subsampled (it has no ``subsample`` entry), ``all 817`` without a limit."""
+def _how_taken(record: dict[str, Any] | None) -> str | None:
+    """How a record's items were taken from its data file, from its ``data_summary``: ``"a
+    seeded subsample of the 817"``, ``"the first 200 of 817"`` for a record made before ``limit``
+    subsampled (it has no ``subsample`` entry), ``"all"`` without a limit; None without a summary."""
     summary = (record or {}).get("data_summary") or {}
     n, pool = summary.get("kept"), summary.get("after_split")
     if n is None or pool is None:
-        return f"{(record or {}).get('n_items')} questions"
+        return None
     if "subsample" in summary:
-        return f"{n} questions (a seeded subsample of the {pool})"
-    return f"{n} questions (the first {n} of {pool})" if n < pool else f"all {n} questions"
+        return f"a seeded subsample of the {pool}"
+    return f"the first {n} of {pool}" if n < pool else "all"
+
+
+def _items_read(record: dict[str, Any] | None) -> str:
+    """``"200 questions (a seeded subsample of the 817)"``, ``"all 817 questions"`` (:func:`_how_taken`)."""
+    how = _how_taken(record)
+    if how is None:
+        return f"{(record or {}).get('n_items')} questions"
+    n = record["data_summary"]["kept"]
+    return f"all {n} questions" if how == "all" else f"{n} questions ({how})"
 
 
 def _ppl_note(record: dict[str, Any] | None, *, in_rule: bool = True) -> str:
@@ -1357,7 +1366,10 @@ def sku_likelihood(run: Run, spec: LikelihoodSpec = SKU_LIKELIHOOD) -> str:
         header += ["Alpaca NLL", "Alpaca ΔNLL"]
     header += [f"refusal Δlog p ({_REFUSAL_FILES[f]})" for f in refusals]
     pairs = base["pairs"]
-    sample = "a seeded subsample" if pairs.get("limit") else "every held-out pair"
+    how = _how_taken(pairs)
+    if how is None:  # a record without a data summary
+        how = "a subsample" if pairs.get("limit") else "all"
+    sample = "every held-out pair" if how == "all" else f"{how} held-out pairs"
     note = (f"\n{pairs.get('n_pairs')} held-out PKU-SafeRLHF pairs over {pairs.get('n_prompts')} prompts "
             f"({sample}; safe = chosen, unsafe = rejected), per-token NLL of each answer in the "
             f"{_template_text(pairs)} as trained; every Δ is against the base model (the adapter switched "

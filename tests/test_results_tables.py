@@ -481,3 +481,5 @@ def test_items_read_says_how_the_questions_were_taken(rt) -> None:
     assert rt._items_read(record(200, 817, False)) == "200 questions (the first 200 of 817)"
     assert rt._items_read(record(817, 817, False)) == "all 817 questions"
     assert rt._items_read({"n_items": 5}) == "5 questions"
+    assert rt._how_taken(record(150, 965, True)) == "a seeded subsample of the 965"  # §4b, §5: pairs
+    assert rt._how_taken(record(965, 965, False)) == "all" and rt._how_taken({}) is None
