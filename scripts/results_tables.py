@@ -750,6 +750,8 @@ def diagnostics(run: Run, names: list[tuple[str, str]]) -> str:
         kinds = ", ".join(f"{k.removesuffix('_proj')} {v:+.2f}" for k, v in s["cos_mean_by_kind"].items())
         rows.append([what, f"{s['cos']['mean']:+.3f}", f"{s['cos']['min']:+.2f} … {s['cos']['max']:+.2f}",
                      f"{s['general_share']['mean']:.3f}", f"{s['removed']['mean']:.3f}", kinds])  # fmt: skip
+    if not rows:  # the run folder holds no diagnostics (e.g. §4's committed files)
+        return ""
     return _table(
         ["pair", "row cosine, mean", "range", "general share", "removed (λ=1)", "mean cosine by module"], rows
     )
