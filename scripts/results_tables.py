@@ -438,8 +438,8 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 PPL_NOTE = (
-    "wikitext-2 perplexity: {n} windows of {w} tokens (the first 40 rows) — too few to resample "
-    "(fewer than 20), so no perplexity interval is printed{rule}. A re-measure on more text is pending."
+    "wikitext-2 perplexity: {n} windows of {w} tokens{rows} — too few to resample (fewer than 20), so "
+    "no perplexity interval is printed{rule}. Score more text (a larger `limit`) for an interval."
 )
 
 
@@ -472,7 +472,9 @@ def _ppl_note(record: dict[str, Any] | None, *, in_rule: bool = True) -> str:
     n = len(record.get("items") or [])
     window = (record.get("settings") or {}).get("window", "?")
     rule = "; the λ rule's tolerance check sees half of them" if in_rule else ""
-    return PPL_NOTE.format(n=n, w=window, rule=rule) if n < 20 else ""
+    how = _how_taken(record)
+    rows = f" ({how} rows)" if how and how != "all" else (" (all rows)" if how == "all" else "")
+    return PPL_NOTE.format(n=n, w=window, rows=rows, rule=rule) if n < 20 else ""
 
 
 # ----------------------------------------------------------------------------- truthfulness

@@ -187,6 +187,8 @@ def test_perplexity_windows_below_twenty_get_no_interval(rt) -> None:
     )
     assert c.ci is None and not c.in_family and "no interval" in str(c)
     assert "4 windows" in rt._ppl_note(ppl([1.0] * 4)) and rt._ppl_note(ppl([1.0] * 20)) == ""
+    prefix = ppl([1.0] * 4) | {"data_summary": {"kept": 40, "after_split": 4358}, "settings": {"window": 512}}
+    assert "4 windows of 512 tokens (the first 40 of 4358 rows)" in rt._ppl_note(prefix)
 
 
 # ----------------------------------------------------------------------------- committed sweeps
