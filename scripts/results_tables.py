@@ -473,7 +473,7 @@ def _ppl_note(record: dict[str, Any] | None, *, in_rule: bool = True) -> str:
     window = (record.get("settings") or {}).get("window", "?")
     rule = "; the λ rule's tolerance check sees half of them" if in_rule else ""
     how = _how_taken(record)
-    rows = f" ({how} rows)" if how and how != "all" else (" (all rows)" if how == "all" else "")
+    rows = f" ({how} rows)" if how else ""
     return PPL_NOTE.format(n=n, w=window, rows=rows, rule=rule) if n < 20 else ""
 
 
